@@ -1,0 +1,94 @@
+"""The ``send_message`` task and the producer helpers partners call.
+
+``enqueue`` validates before it queues (raising ``InvalidRequest``, queuing nothing) and returns
+the message id; sending the same (user, session, template) again returns the same id and queues
+nothing new.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from celery import Task
+
+from worker.celery_app import SEND_TASK, app
+from worker.delivery import deliver
+from worker.records import Envelope
+from worker.runtime import Runtime, get_runtime
+from worker.validation import InvalidRequest, Problem, validate
+
+__all__ = [
+    "Enqueued",
+    "InvalidRequest",
+    "Problem",
+    "enqueue",
+    "enqueue_many",
+    "send_message",
+    "submit",
+]
+
+
+@app.task(name=SEND_TASK, bind=True, acks_late=True, ignore_result=True)
+def send_message(self: Task, *args: Any, **kwargs: Any) -> str:
+    """Attempt delivery of one message (see ``worker.delivery``).
+
+    Takes ``*args, **kwargs`` on purpose: a malformed task must reach our code and be
+    dead-lettered, not fail in Celery's argument check before we can see it.
+    """
+    return deliver(args, kwargs, runtime=get_runtime(), task_id=self.request.id or "")
+
+
+@dataclass(frozen=True, slots=True)
+class Enqueued:
+    """The result of submitting one request."""
+
+    id: str
+    duplicate: bool  # True: the same request was submitted before; nothing new was queued
+    state: str
+
+
+def submit(user_id: str, body: dict[str, Any], *, runtime: Runtime | None = None) -> Enqueued:
+    """Validate a v4 request body for ``user_id`` and queue it; raise ``InvalidRequest``."""
+    rt = runtime or get_runtime()
+    message = validate(user_id, body, rt.allowlist)
+    created, state = rt.store.create(message.id, message.to_wire())
+    if created:
+        rt.publish(Envelope(message.id, 1, message.to_wire()))
+    return Enqueued(message.id, not created, state)
+
+
+def enqueue(
+    user_id: str,
+    session_id: str,
+    template_id: str,
+    url: str | None = None,
+    *,
+    runtime: Runtime | None = None,
+) -> str:
+    """Queue one message to a Concur user and return its id; raise ``InvalidRequest`` if bad."""
+    context: dict[str, Any] = {} if url is None else {"url": url}
+    body = {"sessionId": session_id, "templateId": template_id, "context": context}
+    return submit(user_id, body, runtime=runtime).id
+
+
+def enqueue_many(
+    requests: list[tuple[str, str, str, str | None]], *, runtime: Runtime | None = None
+) -> list[str]:
+    """Queue many ``(user_id, session_id, template_id, url)`` at once; all-or-nothing validation.
+
+    One Redis round trip records them all and one broker connection publishes them, so a
+    producer with a batch pays per batch what ``enqueue`` pays per message.
+    """
+    rt = runtime or get_runtime()
+    messages = []
+    for user_id, session_id, template_id, url in requests:
+        context: dict[str, Any] = {} if url is None else {"url": url}
+        body = {"sessionId": session_id, "templateId": template_id, "context": context}
+        messages.append(validate(user_id, body, rt.allowlist))
+    results = rt.store.create_many([(m.id, m.to_wire()) for m in messages])
+    with app.producer_or_acquire() as producer:
+        for message, (created, _state) in zip(messages, results, strict=True):
+            if created:
+                rt.publish(Envelope(message.id, 1, message.to_wire()), producer=producer)
+    return [message.id for message in messages]

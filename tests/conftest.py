@@ -1,0 +1,204 @@
+"""Test harness: a real Redis, the real sandbox on loopback, and real ``celery worker`` processes.
+
+Redis: ``NOTIFY_TEST_REDIS_URL`` if set; else the server on 127.0.0.1:6379 when it answers (a
+private database number); else an embedded ``redis-server`` started here. The environment is set
+in ``pytest_configure``, before any test imports the app, so the test process and the worker
+subprocesses read the same settings.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from worker.redisserver import EmbeddedRedis, free_port, redis_answers
+from worker.sandbox import Sandbox
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_TOKEN = "test-secret-token-4f1c"
+TEST_DB_URL = "redis://127.0.0.1:6379/13"
+
+ALLOWED_TEMPLATES = "welcome,expense-approved,t-retry,t-dead"
+ALLOWED_DOMAINS = "app.example.com,*.partner.example"
+
+_embedded: EmbeddedRedis | None = None
+SANDBOX: Sandbox | None = None
+
+
+def _pick_redis() -> str:
+    global _embedded
+    explicit = os.environ.get("NOTIFY_TEST_REDIS_URL")
+    if explicit:
+        return explicit
+    if redis_answers(TEST_DB_URL):
+        return TEST_DB_URL
+    _embedded = EmbeddedRedis()
+    return _embedded.start()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global SANDBOX
+    redis_url = _pick_redis()
+    SANDBOX = Sandbox(tokens=[TEST_TOKEN])
+    api_url = SANDBOX.start()
+    os.environ.update(
+        {
+            "NOTIFY_REDIS_URL": redis_url,
+            "NOTIFY_API_BASE_URL": api_url,
+            "NOTIFY_API_TOKEN": TEST_TOKEN,
+            "NOTIFY_QUEUE_NAME": f"notify-test-{os.getpid()}",
+            "NOTIFY_ALLOWED_TEMPLATES": ALLOWED_TEMPLATES,
+            "NOTIFY_ALLOWED_URL_DOMAINS": ALLOWED_DOMAINS,
+            "NOTIFY_MAX_ATTEMPTS": "3",
+            "NOTIFY_BACKOFF_BASE_SECONDS": "0.3",
+            "NOTIFY_BACKOFF_MAX_SECONDS": "1",
+            "NOTIFY_HTTP_CONNECT_TIMEOUT_SECONDS": "1",
+            "NOTIFY_HTTP_TIMEOUT_SECONDS": "1",
+            "NOTIFY_VISIBILITY_TIMEOUT_SECONDS": "30",
+            "NOTIFY_RETRY_POLL_INTERVAL_SECONDS": "0.1",
+            "NOTIFY_WORKER_CONCURRENCY": "16",
+        }
+    )
+    from redis import Redis
+
+    Redis.from_url(redis_url).flushdb()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if SANDBOX is not None:
+        SANDBOX.stop()
+    if _embedded is not None:
+        _embedded.stop()
+
+
+@pytest.fixture(scope="session")
+def sandbox() -> Sandbox:
+    """The loopback stand-in for Concur (shared; tests tell apart their own users)."""
+    assert SANDBOX is not None
+    return SANDBOX
+
+
+@pytest.fixture
+def user_id() -> str:
+    """A user id of this test's own, so the shared sandbox's record can be read per test."""
+    return f"user-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="session")
+def runtime() -> Any:
+    """The test process's runtime (same settings as the workers)."""
+    from worker.runtime import get_runtime
+
+    return get_runtime()
+
+
+def wait_for(
+    condition: Callable[[], Any], timeout: float = 15.0, interval: float = 0.05, what: str = ""
+) -> Any:
+    """Poll ``condition`` until it returns something truthy; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
+
+
+class WorkerProcess:
+    """A real ``celery -A worker worker`` subprocess, logging to a file."""
+
+    def __init__(self, name: str, log_dir: Path, extra_env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self.extra_env = extra_env or {}
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> WorkerProcess:
+        env = {**os.environ, **self.extra_env}
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "worker",
+                "worker",
+                "--loglevel",
+                "INFO",
+                "--hostname",
+                f"{self.name}@%h",
+                "--without-mingle",
+                "--without-gossip",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        wait_for(
+            lambda: self.process.poll() is not None or b" ready." in self.log_path.read_bytes(),
+            timeout=timeout,
+            what=f"worker {self.name} to be ready",
+        )
+        if self.process.poll() is not None:
+            raise RuntimeError(f"worker {self.name} exited:\n{self.log()}")
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if getattr(self, "_log", None):
+            self._log.close()
+
+
+@pytest.fixture(scope="session")
+def worker_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("workers")
+
+
+@pytest.fixture(scope="session")
+def celery_worker_process(worker_logs: Path) -> Iterator[WorkerProcess]:
+    """One real worker for the whole session (the mover runs inside it)."""
+    worker = WorkerProcess("main", worker_logs).start()
+    yield worker
+    worker.stop()
+
+
+@pytest.fixture
+def start_worker(worker_logs: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    """Start extra workers for one test; they are stopped after it."""
+    started: list[WorkerProcess] = []
+
+    def start(name: str | None = None, **env: str) -> WorkerProcess:
+        worker = WorkerProcess(name or f"w{uuid.uuid4().hex[:6]}", worker_logs, env).start()
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+__all__ = ["TEST_TOKEN", "WorkerProcess", "free_port", "wait_for"]

@@ -1,0 +1,82 @@
+"""The Celery application (``celery -A worker worker`` finds it as ``worker.app``).
+
+Settings chosen for an I/O-bound, must-not-lose workload on Redis:
+
+* late acks and reject-on-worker-lost: a message is acknowledged only after its outcome (delivered,
+  retry scheduled, or dead letter) is written to Redis;
+* a threads pool (one shared HTTP client per process, many posts in flight) with a small
+  prefetch multiplier, since each message mostly waits on the network;
+* JSON only, no result backend (outcomes live in our own status records);
+* task events on, so Flower sees tasks from the moment they are sent.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from celery import Celery, signals
+
+from worker.mover import Mover
+from worker.runtime import get_runtime
+from worker.settings import Settings, SettingsError, get_settings
+
+SEND_TASK = "tasks.send_message"
+
+
+def make_app(settings: Settings) -> Celery:
+    """Build the Celery app from the settings."""
+    app = Celery("worker", broker=settings.redis_url, include=["tasks"])
+    app.conf.update(
+        task_default_queue=settings.queue_name,
+        task_routes={SEND_TASK: {"queue": settings.queue_name}},
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        task_ignore_result=True,
+        result_backend=None,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_pool="threads",
+        worker_concurrency=settings.worker_concurrency,
+        worker_prefetch_multiplier=settings.worker_prefetch_multiplier,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        worker_hijack_root_logger=False,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_seconds},
+        worker_enable_remote_control=True,
+        enable_utc=True,
+    )
+    return app
+
+
+app = make_app(get_settings())
+
+
+_mover: Mover | None = None
+
+
+@signals.worker_init.connect
+def _check_configuration(**_: object) -> None:
+    # Fail at start-up, in one line, rather than on the first message.
+    try:
+        get_runtime().tokens.token()
+    except SettingsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+@signals.worker_ready.connect
+def _start_mover(**_: object) -> None:
+    global _mover
+    runtime = get_runtime()
+    _mover = Mover(runtime.store, runtime.publish, runtime.settings.retry_poll_interval_seconds)
+    _mover.start()
+
+
+@signals.worker_shutdown.connect
+def _stop_mover(**_: object) -> None:
+    global _mover
+    if _mover is not None:
+        _mover.stop()
+        _mover = None

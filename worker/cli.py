@@ -1,0 +1,265 @@
+"""The ``notify`` command: send, inspect failed notifications, run the sandbox or the whole stack.
+
+User mistakes (bad settings, invalid requests, unknown ids, Redis not answering) print one
+``error:`` line and exit non-zero; tracebacks are for bugs only.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import click
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from worker.settings import SettingsError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_INVALID = 1
+EXIT_CONFIG = 2
+EXIT_UNAVAILABLE = 3
+EXIT_NOT_FOUND = 4
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def friendly_errors(function: F) -> F:
+    """Turn the errors a user can cause or fix into one line and an exit code."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from worker.validation import InvalidRequest
+
+        try:
+            return function(*args, **kwargs)
+        except SettingsError as error:
+            _fail(str(error), EXIT_CONFIG)
+        except InvalidRequest as error:
+            _fail(f"invalid request: {error}", EXIT_INVALID)
+        except (RedisConnectionError, RedisTimeoutError, OSError) as error:
+            _fail(f"cannot reach Redis or the broker: {error}", EXIT_UNAVAILABLE)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _when(ms: int | None) -> str:
+    if not ms:
+        return "-"
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@click.group()
+def main() -> None:
+    """Deliver partner messages to SAP Concur users, and manage the ones that failed."""
+
+
+@main.command()
+@click.argument("user_id")
+@click.option("--session", "session_id", required=True, help="sessionId of the v4 body")
+@click.option("--template", "template_id", required=True, help="templateId (must be allowed)")
+@click.option("--url", default=None, help="context.url (must be allowed)")
+@friendly_errors
+def send(user_id: str, session_id: str, template_id: str, url: str | None) -> None:
+    """Validate and queue one message; print its id."""
+    import tasks
+
+    body: dict[str, Any] = {
+        "sessionId": session_id,
+        "templateId": template_id,
+        "context": {} if url is None else {"url": url},
+    }
+    result = tasks.submit(user_id, body)
+    if result.duplicate:
+        click.echo(f"already submitted (state: {result.state}); nothing new queued", err=True)
+    click.echo(result.id)
+
+
+@main.command()
+@click.argument("message_id")
+@friendly_errors
+def status(message_id: str) -> None:
+    """Show a message's state and attempts (JSON)."""
+    from worker.runtime import get_runtime
+
+    record = get_runtime().store.status(message_id)
+    if record is None:
+        _fail(f"no message {message_id!r} (unknown, or its status record expired)", EXIT_NOT_FOUND)
+    click.echo(json.dumps(record, indent=2, sort_keys=True))
+
+
+@main.group()
+def failed() -> None:
+    """List, show, replay or delete dead letters (failed notifications)."""
+
+
+def _filters(function: F) -> F:
+    for option in reversed(
+        [
+            click.option("--reason", default=None, help="only this reason code"),
+            click.option("--template", "template_id", default=None, help="only this templateId"),
+            click.option("--user", "user_id", default=None, help="only this userId"),
+        ]
+    ):
+        function = option(function)
+    return function
+
+
+def _selection(reason: str | None, template_id: str | None, user_id: str | None) -> Any:
+    from worker.deadletters import DeadLetterFilter
+
+    return DeadLetterFilter(reason=reason, template_id=template_id, user_id=user_id)
+
+
+@failed.command("list")
+@_filters
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 10_000))
+@click.option("--cursor", default=0, type=click.IntRange(0), help="from a previous page")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@friendly_errors
+def failed_list(
+    reason: str | None,
+    template_id: str | None,
+    user_id: str | None,
+    limit: int,
+    cursor: int,
+    as_json: bool,
+) -> None:
+    """List dead letters, newest first."""
+    from worker.runtime import get_runtime
+
+    page = get_runtime().deadletters.page(
+        _selection(reason, template_id, user_id), cursor=cursor, limit=limit
+    )
+    if as_json:
+        click.echo(
+            json.dumps(
+                {"items": [item.to_dict() for item in page.items], "nextCursor": page.next_cursor},
+                indent=2,
+            )
+        )
+        return
+    if not page.items:
+        click.echo("no failed notifications")
+        return
+    click.echo(f"{'ID':<26} {'FAILED AT':<20} {'REASON':<20} {'STATUS':<6} {'TEMPLATE':<20} USER")
+    for item in page.items:
+        click.echo(
+            f"{item.id:<26} {_when(item.dead_ms):<20} {item.reason:<20} "
+            f"{item.status or '-'!s:<6} {(item.template_id or '-')[:20]:<20} {item.user_id}"
+        )
+    if page.next_cursor is not None:
+        click.echo(f"more: --cursor {page.next_cursor}")
+
+
+@failed.command("show")
+@click.argument("letter_id")
+@friendly_errors
+def failed_show(letter_id: str) -> None:
+    """Show one dead letter in full (JSON)."""
+    from worker.runtime import get_runtime
+
+    letter = get_runtime().deadletters.get(letter_id)
+    if letter is None:
+        _fail(f"no failed notification {letter_id!r}", EXIT_NOT_FOUND)
+    else:
+        click.echo(json.dumps(letter.to_dict(), indent=2))
+
+
+def _ids_or_all(
+    ids: tuple[str, ...],
+    all_: bool,
+    reason: str | None,
+    template_id: str | None,
+    user_id: str | None,
+) -> list[str] | None:
+    if ids and all_:
+        _fail("give ids or --all, not both", EXIT_INVALID)
+    if not ids and not all_:
+        _fail("give one or more ids, or --all (optionally with filters)", EXIT_INVALID)
+    if (reason or template_id or user_id) and not all_:
+        _fail("filters select with --all only", EXIT_INVALID)
+    return list(ids) if ids else None
+
+
+@failed.command("replay")
+@click.argument("ids", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="every dead letter the filters select")
+@_filters
+@friendly_errors
+def failed_replay(
+    ids: tuple[str, ...],
+    all_: bool,
+    reason: str | None,
+    template_id: str | None,
+    user_id: str | None,
+) -> None:
+    """Send dead letters back through the whole pipeline."""
+    from worker.runtime import get_runtime
+
+    store = get_runtime().deadletters
+    chosen = _ids_or_all(ids, all_, reason, template_id, user_id)
+    if chosen is None:
+        replayed = store.replay_many(_selection(reason, template_id, user_id))
+        click.echo(f"replayed {len(replayed)}")
+        return
+    missing = [letter_id for letter_id in chosen if store.replay(letter_id) is None]
+    click.echo(f"replayed {len(chosen) - len(missing)}")
+    if missing:
+        _fail(f"no failed notification {', '.join(map(repr, missing))}", EXIT_NOT_FOUND)
+
+
+@failed.command("delete")
+@click.argument("ids", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="every dead letter the filters select")
+@_filters
+@friendly_errors
+def failed_delete(
+    ids: tuple[str, ...],
+    all_: bool,
+    reason: str | None,
+    template_id: str | None,
+    user_id: str | None,
+) -> None:
+    """Delete dead letters."""
+    from worker.runtime import get_runtime
+
+    store = get_runtime().deadletters
+    chosen = _ids_or_all(ids, all_, reason, template_id, user_id)
+    if chosen is None:
+        deleted = store.delete_many(_selection(reason, template_id, user_id))
+        click.echo(f"deleted {len(deleted)}")
+        return
+    missing = [letter_id for letter_id in chosen if not store.delete(letter_id)]
+    click.echo(f"deleted {len(chosen) - len(missing)}")
+    if missing:
+        _fail(f"no failed notification {', '.join(map(repr, missing))}", EXIT_NOT_FOUND)
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def sandbox(args: tuple[str, ...]) -> None:
+    """Run the local Concur v4 sandbox (see `notify sandbox --help`)."""
+    from worker import sandbox as sandbox_module
+
+    sys.exit(sandbox_module.main(list(args)))
+
+
+@main.command()
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 32))
+@click.option("--sandbox-port", default=8099, show_default=True, type=int)
+@click.option("--sandbox-latency-ms", default=20.0, show_default=True, type=float)
+@friendly_errors
+def dev(workers: int, sandbox_port: int, sandbox_latency_ms: float) -> None:
+    """Run the whole stack locally: Redis (if none answers), sandbox, worker(s)."""
+    from worker.devstack import run_dev
+
+    sys.exit(run_dev(workers=workers, sandbox_port=sandbox_port, latency_ms=sandbox_latency_ms))

@@ -1,0 +1,218 @@
+"""The dead-letter store: list, show, replay and delete messages that failed for good.
+
+Dead letters are written by ``records.MessageStore.dead_letter`` (atomically with the message's
+state, before the broker message is acknowledged); this module reads and manages them. Replay
+sends a letter back through the whole pipeline (validation included) with a new generation and
+a replay count; delete removes it and the message's status record.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any, cast
+
+from redis import Redis
+
+from worker import keys
+from worker.records import Envelope, MessageStore
+
+SCAN_CHUNK = 500
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """One message that failed for good, with everything an operator needs to decide."""
+
+    id: str
+    user_id: str
+    request: dict[str, Any]
+    reason: str
+    detail: str
+    status: int | None
+    errors: list[dict[str, Any]]
+    attempts: int
+    first_attempt_ms: int | None
+    last_attempt_ms: int | None
+    dead_ms: int
+    created_ms: int | None
+    correlation_id: str | None
+    task_id: str | None
+    worker: str | None
+    replays: int
+
+    @property
+    def template_id(self) -> str | None:
+        """The request's template id, when the request had one."""
+        value = self.request.get("templateId")
+        return value if isinstance(value, str) else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (snake_case keys) for the CLI."""
+        return asdict(self)
+
+    @classmethod
+    def from_hash(cls, data: dict[str, str]) -> DeadLetter:
+        """Read the stored hash."""
+        request = _json_object(data.get("req"))
+        errors = _json_list(data.get("errors"))
+        user_id = request.get("userId")
+        return cls(
+            id=data["id"],
+            user_id=user_id if isinstance(user_id, str) else "",
+            request=request,
+            reason=data.get("reason", ""),
+            detail=data.get("detail", ""),
+            status=_int_or_none(data.get("status")),
+            errors=errors,
+            attempts=_int_or_none(data.get("attempts")) or 0,
+            first_attempt_ms=_int_or_none(data.get("first")),
+            last_attempt_ms=_int_or_none(data.get("last")),
+            dead_ms=_int_or_none(data.get("dead")) or 0,
+            created_ms=_int_or_none(data.get("created")),
+            correlation_id=data.get("cid") or None,
+            task_id=data.get("task") or None,
+            worker=data.get("worker") or None,
+            replays=_int_or_none(data.get("replays")) or 0,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterFilter:
+    """Which dead letters an operator means; every field left None matches all."""
+
+    reason: str | None = None
+    template_id: str | None = None
+    user_id: str | None = None
+    since_ms: int | None = None
+
+    def matches(self, letter: DeadLetter) -> bool:
+        """Whether ``letter`` is selected."""
+        return (
+            (self.reason is None or letter.reason == self.reason)
+            and (self.template_id is None or letter.template_id == self.template_id)
+            and (self.user_id is None or letter.user_id == self.user_id)
+            and (self.since_ms is None or letter.dead_ms >= self.since_ms)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of dead letters, newest first, and the cursor of the next page (None at the end)."""
+
+    items: list[DeadLetter]
+    next_cursor: int | None
+
+
+class DeadLetterStore:
+    """Reads and manages dead letters; ``publish`` sends a replayed message to the queue."""
+
+    def __init__(
+        self, redis: Redis, store: MessageStore, publish: Callable[[Envelope], None]
+    ) -> None:
+        self.redis = redis
+        self.store = store
+        self.publish = publish
+
+    def count(self) -> int:
+        """How many dead letters there are."""
+        return int(self.redis.zcard(keys.DEAD_INDEX))
+
+    def get(self, letter_id: str) -> DeadLetter | None:
+        """One dead letter, or None."""
+        data = cast(dict[str, str], self.redis.hgetall(keys.dead_letter(letter_id)))
+        return DeadLetter.from_hash(data) if data else None
+
+    def _scan(self, selection: DeadLetterFilter, cursor: int) -> Iterator[tuple[int, DeadLetter]]:
+        # Walks the index newest first in chunks, yielding (position after, letter) for matches.
+        position = cursor
+        while True:
+            ids = cast(
+                list[str],
+                self.redis.zrevrange(keys.DEAD_INDEX, position, position + SCAN_CHUNK - 1),
+            )
+            if not ids:
+                return
+            pipe = self.redis.pipeline(transaction=False)
+            for letter_id in ids:
+                pipe.hgetall(keys.dead_letter(letter_id))
+            for offset, data in enumerate(pipe.execute()):
+                if not data:
+                    continue
+                letter = DeadLetter.from_hash(data)
+                if selection.matches(letter):
+                    yield position + offset + 1, letter
+            if len(ids) < SCAN_CHUNK:
+                return
+            position += len(ids)
+
+    def page(
+        self, selection: DeadLetterFilter | None = None, *, cursor: int = 0, limit: int = 50
+    ) -> Page:
+        """A page of dead letters, newest first; pass ``next_cursor`` back for the next page."""
+        items: list[DeadLetter] = []
+        last_position = cursor
+        for position, letter in self._scan(selection or DeadLetterFilter(), max(cursor, 0)):
+            if len(items) == limit:
+                return Page(items, last_position)
+            items.append(letter)
+            last_position = position
+        return Page(items, None)
+
+    def select(self, selection: DeadLetterFilter) -> list[str]:
+        """The ids of every dead letter that ``selection`` matches."""
+        return [letter.id for _, letter in self._scan(selection, 0)]
+
+    def replay(self, letter_id: str) -> Envelope | None:
+        """Send one dead letter back through the pipeline; None when it does not exist."""
+        envelope = self.store.replay(letter_id)
+        if envelope is not None:
+            self.publish(envelope)
+        return envelope
+
+    def replay_many(self, selection: DeadLetterFilter) -> list[str]:
+        """Replay every selected dead letter; returns the ids replayed."""
+        return [
+            letter_id for letter_id in self.select(selection) if self.replay(letter_id) is not None
+        ]
+
+    def delete(self, letter_id: str) -> bool:
+        """Remove one dead letter and its message's record; False when it does not exist."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.zrem(keys.DEAD_INDEX, letter_id)
+        pipe.delete(keys.dead_letter(letter_id))
+        # The record stays "failed" only while the letter exists; with it gone the request may
+        # be sent afresh, so drop its status and history too.
+        pipe.delete(keys.message(letter_id), keys.attempts(letter_id))
+        removed, deleted, _ = pipe.execute()
+        return bool(removed or deleted)
+
+    def delete_many(self, selection: DeadLetterFilter) -> list[str]:
+        """Delete every selected dead letter; returns the ids deleted."""
+        return [letter_id for letter_id in self.select(selection) if self.delete(letter_id)]
+
+
+def _int_or_none(value: str | None) -> int | None:
+    if value is None or value == "":
+        return None
+    try:
+        return int(float(value))
+    except ValueError:
+        return None
+
+
+def _json_object(raw: str | None) -> dict[str, Any]:
+    try:
+        value = json.loads(raw) if raw else {}
+    except ValueError:
+        return {"raw": raw}
+    return value if isinstance(value, dict) else {"raw": value}
+
+
+def _json_list(raw: str | None) -> list[dict[str, Any]]:
+    try:
+        value = json.loads(raw) if raw else []
+    except ValueError:
+        return []
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []

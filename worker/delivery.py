@@ -1,0 +1,202 @@
+"""One delivery attempt, as a worker runs it: read → claim → validate → post → classify → record.
+
+``deliver`` returns a short verdict for logs and tests (``delivered``, ``retry``,
+``dead:<reason>``, or why the task did nothing: ``done``, ``stale``, ``busy``). Every path ends
+with the outcome written to Redis before the task returns, so the broker message is acknowledged
+only after that. An unexpected error leaves the message claimed under its lease; the schedule
+hands it out again when the lease ends, so even a bug does not lose it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from worker import outcomes
+from worker.concur import ApiResponse, TransportFailure
+from worker.models import message_id
+from worker.records import AttemptRecord, Claim, Envelope, Failure, now_ms
+from worker.runtime import Runtime
+from worker.validation import InvalidRequest, validate_wire
+
+log = logging.getLogger("notify.delivery")
+
+_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+MAX_RAW_EXCERPT = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Malformed:
+    """A task whose arguments cannot be read as an envelope."""
+
+    id: str
+    detail: str
+    raw: str
+
+
+def parse_envelope(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Envelope | Malformed:
+    """Read a task's arguments: ``({"id", "gen", "req"},)``; anything else is ``Malformed``."""
+    try:
+        raw = json.dumps({"args": args, "kwargs": kwargs}, default=repr, ensure_ascii=False)
+    except (TypeError, ValueError):
+        raw = repr((args, kwargs))
+    raw = raw[:MAX_RAW_EXCERPT]
+
+    def malformed(detail: str) -> Malformed:
+        # The id comes from the raw content, never from a field the message claims, so a
+        # malformed message cannot overwrite another message's record; and it is stable, so a
+        # redelivered copy lands on the same dead letter.
+        digest = hashlib.blake2b(raw.encode("utf-8", "replace"), digest_size=12).hexdigest()
+        return Malformed(f"bad{digest}", detail, raw)
+
+    if kwargs or len(args) != 1 or not isinstance(args[0], dict):
+        return malformed("expected one argument, an object with id, gen and req")
+    envelope = args[0]
+    request = envelope.get("req")
+    if not isinstance(request, dict):
+        return malformed("req is missing or not an object")
+    if "id" not in envelope and "gen" not in envelope:
+        # A hand-made task with only the request: give it the id a producer would have.
+        parts = (request.get("userId"), request.get("sessionId"), request.get("templateId"))
+        if not all(isinstance(part, str) for part in parts):
+            return malformed("req lacks userId, sessionId or templateId")
+        return Envelope(message_id(*parts), 1, request)  # type: ignore[arg-type]
+    ident, gen = envelope.get("id"), envelope.get("gen")
+    if not isinstance(ident, str) or not _ID.match(ident):
+        return malformed("id is not a short URL-safe string")
+    if not isinstance(gen, int) or isinstance(gen, bool) or gen < 1:
+        return malformed("gen is not a positive integer")
+    return Envelope(ident, gen, request)
+
+
+def _attempt_record(
+    claim: Claim, started_ms: int, result: ApiResponse | TransportFailure, outcome: str
+) -> AttemptRecord:
+    if isinstance(result, ApiResponse):
+        return AttemptRecord(
+            claim.attempt,
+            started_ms,
+            outcome,
+            result.status,
+            f"http_{result.status}",
+            int(result.elapsed_seconds * 1000),
+            result.correlation_id,
+        )
+    return AttemptRecord(
+        claim.attempt,
+        started_ms,
+        outcome,
+        None,
+        result.kind,
+        int(result.elapsed_seconds * 1000),
+        None,
+    )
+
+
+def deliver(
+    args: tuple[Any, ...], kwargs: dict[str, Any], *, runtime: Runtime, task_id: str
+) -> str:
+    """Run one attempt for the task's message; see the module docstring."""
+    rt = runtime
+    envelope = parse_envelope(args, kwargs)
+    if isinstance(envelope, Malformed):
+        rt.store.dead_letter(
+            envelope.id,
+            Failure(
+                outcomes.MALFORMED_MESSAGE,
+                envelope.detail,
+                task_id=task_id,
+                worker=rt.worker_name,
+            ),
+            request=json.dumps({"raw": envelope.raw}),
+        )
+        log.warning("dead letter %s: malformed task (%s)", envelope.id, envelope.detail)
+        return f"dead:{outcomes.MALFORMED_MESSAGE}"
+
+    owner = uuid.uuid4().hex
+    claim = rt.store.claim(envelope, owner=owner, worker=rt.worker_name, task_id=task_id)
+    if claim.verdict != "go":
+        log.info("message %s: %s (%s), nothing to do", envelope.id, claim.verdict, claim.state)
+        return claim.verdict
+
+    def dead(failure: Failure, attempt: AttemptRecord | None = None) -> str:
+        rt.store.dead_letter(envelope.id, failure, owner=owner, attempt=attempt)
+        log.warning("dead letter %s: %s (%s)", envelope.id, failure.reason, failure.detail)
+        return f"dead:{failure.reason}"
+
+    if claim.attempt > rt.policy.max_attempts:
+        # Only a worker that died mid-attempt, again and again, gets here: stop handing it out.
+        return dead(
+            Failure(
+                outcomes.RETRIES_EXHAUSTED,
+                f"{claim.attempt - 1} attempts were started and none finished",
+                task_id=task_id,
+                worker=rt.worker_name,
+            )
+        )
+    try:
+        message = validate_wire(claim.request, rt.allowlist)
+    except InvalidRequest as invalid:
+        errors: list[dict[str, str | None]] = [
+            {"errorId": None, "errorCode": p.code, "errorMessage": p.message}
+            for p in invalid.problems
+        ]
+        return dead(
+            Failure(
+                invalid.reason, str(invalid), errors=errors, task_id=task_id, worker=rt.worker_name
+            )
+        )
+
+    started = now_ms()
+    token = rt.tokens.token()
+    result = rt.client.post_message(message, token)
+    outcome = outcomes.classify(result, attempt=claim.attempt, policy=rt.policy)
+    if isinstance(outcome, outcomes.RefreshToken):
+        token = rt.tokens.refresh(token)
+        result = rt.client.post_message(message, token)
+        outcome = outcomes.classify(
+            result, attempt=claim.attempt, policy=rt.policy, token_refreshed=True
+        )
+    correlation_id = result.correlation_id if isinstance(result, ApiResponse) else None
+    status = result.status if isinstance(result, ApiResponse) else None
+
+    if isinstance(outcome, outcomes.Delivered):
+        rt.store.delivered(envelope.id, _attempt_record(claim, started, result, "delivered"))
+        log.info(
+            "delivered %s attempt=%d status=%s cid=%s",
+            envelope.id,
+            claim.attempt,
+            status,
+            correlation_id,
+        )
+        return "delivered"
+    if isinstance(outcome, outcomes.Retry):
+        due = now_ms() + int(outcome.delay_seconds * 1000)
+        rt.store.retry(envelope.id, owner, due, _attempt_record(claim, started, result, "retry"))
+        log.info(
+            "retry %s attempt=%d cause=%s in %.1fs cid=%s",
+            envelope.id,
+            claim.attempt,
+            outcome.cause,
+            outcome.delay_seconds,
+            correlation_id,
+        )
+        return "retry"
+    assert isinstance(outcome, outcomes.DeadLetter)  # RefreshToken was resolved above
+    return dead(
+        Failure(
+            outcome.reason,
+            outcome.detail,
+            status=outcome.status,
+            errors=outcome.errors,
+            correlation_id=correlation_id,
+            task_id=task_id,
+            worker=rt.worker_name,
+        ),
+        _attempt_record(claim, started, result, "dead"),
+    )

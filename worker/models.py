@@ -1,0 +1,90 @@
+"""The seed's shapes at the boundary (pydantic) and the message as the code passes it (dataclass).
+
+``SendRequest`` is Concur's ``NotificationsPartnerRequestBody``; ``ErrorMessage`` is Concur's
+error body. ``Message`` is one validated request plus its stable id.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_ID_LENGTH = 256
+MAX_URL_LENGTH = 2048
+
+_strict = ConfigDict(strict=True, extra="forbid")
+
+
+class Context(BaseModel):
+    """``context`` of the v4 body: the URL applied to the template (optional)."""
+
+    model_config = _strict
+    url: str | None = Field(None, max_length=MAX_URL_LENGTH)
+
+
+class SendRequest(BaseModel):
+    """The seed's ``NotificationsPartnerRequestBody``."""
+
+    model_config = _strict
+    sessionId: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    templateId: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    context: Context
+
+
+class ErrorItem(BaseModel):
+    """One entry of the seed's ``ErrorMessage.errors``."""
+
+    errorId: str | None = None
+    errorCode: str | None = None
+    errorMessage: str | None = None
+
+
+class ErrorMessage(BaseModel):
+    """The seed's error body: ``{"errors": [{errorId, errorCode, errorMessage}]}``."""
+
+    errors: list[ErrorItem] = []
+
+
+def message_id(user_id: str, session_id: str, template_id: str) -> str:
+    """The stable, URL-safe id of a request: the same (user, session, template) gives the same id.
+
+    The id doubles as the idempotency key, so a request sent twice is found, not queued twice.
+    """
+    digest = hashlib.blake2b(
+        "\x1f".join((user_id, session_id, template_id)).encode("utf-8", "surrogatepass"),
+        digest_size=15,
+    ).digest()
+    return base64.b32encode(digest).decode("ascii").lower()
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One validated send request."""
+
+    id: str
+    user_id: str
+    session_id: str
+    template_id: str
+    url: str | None = None
+
+    @classmethod
+    def create(
+        cls, user_id: str, session_id: str, template_id: str, url: str | None = None
+    ) -> Message:
+        """A message with its id derived from the request (see ``message_id``)."""
+        return cls(
+            message_id(user_id, session_id, template_id), user_id, session_id, template_id, url
+        )
+
+    def body(self) -> dict[str, Any]:
+        """Exactly the seed's request body."""
+        context: dict[str, Any] = {} if self.url is None else {"url": self.url}
+        return {"sessionId": self.session_id, "templateId": self.template_id, "context": context}
+
+    def to_wire(self) -> dict[str, Any]:
+        """The request as stored in Redis and carried by a task (user id plus the v4 body)."""
+        return {"userId": self.user_id, **self.body()}

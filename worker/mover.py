@@ -1,0 +1,65 @@
+"""The mover: publishes messages whose next attempt is due (retries, and lost tasks).
+
+Each worker process runs one in a thread; the ``due`` script is atomic, so any number of movers
+share the schedule without publishing a message twice in one grace period (and a second copy
+would be fenced off by ``claim`` anyway).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from worker.records import Envelope, MessageStore
+
+log = logging.getLogger("notify.mover")
+
+BATCH = 500
+
+
+class Mover:
+    """Moves due messages from the schedule to the queue, every ``interval_seconds``."""
+
+    def __init__(
+        self, store: MessageStore, publish: Callable[[Envelope], None], interval_seconds: float
+    ) -> None:
+        self.store = store
+        self.publish = publish
+        self.interval_seconds = interval_seconds
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def run_once(self) -> int:
+        """Publish every message due now; returns how many were published."""
+        moved = 0
+        while True:
+            batch = self.store.due(BATCH)
+            for envelope in batch:
+                self.publish(envelope)
+            moved += len(batch)
+            if len(batch) < BATCH:
+                return moved
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                moved = self.run_once()
+                if moved:
+                    log.info("mover published %d due messages", moved)
+            except Exception:  # a Redis outage must not end the thread; it retries next tick
+                log.exception("mover tick failed")
+            self._stop.wait(self.interval_seconds)
+
+    def start(self) -> None:
+        """Run in a daemon thread until ``stop``."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="notify-mover", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the thread and wait for it."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None

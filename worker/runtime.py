@@ -1,0 +1,141 @@
+"""The per-process parts, built once from the settings: Redis, stores, HTTP client, policy.
+
+Everything with I/O is made here and handed to the pure decisions, so tests can build a
+``Runtime`` of their own with other settings or transports.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from redis import Redis
+
+from worker.allowlist import AllowList
+from worker.concur import ConcurClient
+from worker.deadletters import DeadLetterStore
+from worker.records import Envelope, MessageStore
+from worker.retries import RetryPolicy
+from worker.settings import Settings, SettingsError, get_settings
+from worker.tokens import StaticToken, TokenProvider
+
+
+def make_redis(url: str) -> Redis:
+    """A Redis client (a connection pool) with text replies and bounded waits."""
+    return Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_connect_timeout=5,
+        socket_timeout=30,
+        health_check_interval=30,
+        retry_on_timeout=True,
+    )
+
+
+def make_allowlist(settings: Settings) -> AllowList:
+    """The allow-list the settings describe; a bad entry is a settings error."""
+    try:
+        return AllowList.from_entries(settings.allowed_templates, settings.allowed_url_domains)
+    except ValueError as error:
+        raise SettingsError(f"NOTIFY_ALLOWED_URL_DOMAINS: {error}") from None
+
+
+@dataclass
+class Runtime:
+    """One process's connections and policies."""
+
+    settings: Settings
+    redis: Redis
+    allowlist: AllowList
+    policy: RetryPolicy
+    store: MessageStore
+    transport: httpx.BaseTransport | None = None
+    worker_name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    _client: ConcurClient | None = None
+    _tokens: TokenProvider | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, *, transport: httpx.BaseTransport | None = None
+    ) -> Runtime:
+        """Build every part from ``settings``."""
+        redis = make_redis(settings.redis_url)
+        store = MessageStore(
+            redis,
+            # A queued message not taken within this time is published again (the copy that
+            # arrives second is fenced off), so it must outlast a normal queue wait.
+            publish_grace_seconds=settings.visibility_timeout_seconds,
+            lease_seconds=settings.inflight_lease_seconds,
+            status_ttl_seconds=settings.status_ttl_seconds,
+        )
+        return cls(
+            settings=settings,
+            redis=redis,
+            allowlist=make_allowlist(settings),
+            policy=RetryPolicy.from_settings(settings),
+            store=store,
+            transport=transport,
+        )
+
+    @property
+    def client(self) -> ConcurClient:
+        """The process's one HTTP client, made on first use."""
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    s = self.settings
+                    self._client = ConcurClient(
+                        s.api_base_url,
+                        connect_timeout_seconds=s.http_connect_timeout_seconds,
+                        read_timeout_seconds=s.http_timeout_seconds,
+                        max_connections=s.http_max_connections,
+                        transport=self.transport,
+                    )
+        return self._client
+
+    @property
+    def tokens(self) -> TokenProvider:
+        """The token provider, made on first use."""
+        if self._tokens is None:
+            with self._lock:
+                if self._tokens is None:
+                    self._tokens = StaticToken(self.settings)
+        return self._tokens
+
+    def publish(self, envelope: Envelope, producer: Any = None) -> None:
+        """Put one send task on the queue."""
+        from worker.celery_app import SEND_TASK, app
+
+        app.send_task(
+            SEND_TASK,
+            args=[envelope.to_task()],
+            queue=self.settings.queue_name,
+            producer=producer,
+        )
+
+    @property
+    def deadletters(self) -> DeadLetterStore:
+        """The dead-letter store over this runtime's Redis."""
+        return DeadLetterStore(self.redis, self.store, self.publish)
+
+    def close(self) -> None:
+        """Release connections."""
+        if self._client is not None:
+            self._client.close()
+        self.redis.close()
+
+
+@functools.cache
+def get_runtime() -> Runtime:
+    """The process's runtime, built on first use from the process settings."""
+    return Runtime.from_settings(get_settings())
+
+
+# A forked child must not share its parent's sockets.
+os.register_at_fork(after_in_child=get_runtime.cache_clear)
