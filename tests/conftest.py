@@ -24,7 +24,7 @@ from worker.sandbox import Sandbox
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_TOKEN = "test-secret-token-4f1c"
-TEST_DB_URL = "redis://127.0.0.1:6379/13"
+LOCAL_REDIS = "redis://127.0.0.1:6379"
 
 ALLOWED_TEMPLATES = "welcome,expense-approved,t-retry,t-dead"
 ALLOWED_DOMAINS = "app.example.com,*.partner.example"
@@ -33,13 +33,34 @@ _embedded: EmbeddedRedis | None = None
 SANDBOX: Sandbox | None = None
 
 
+def _claim_database() -> str | None:
+    # Test runs may overlap on one machine; each takes a database number of its own (a lock key
+    # in database 0) so that one run's flush never wipes another's messages.
+    from redis import Redis
+
+    lock_client = Redis.from_url(f"{LOCAL_REDIS}/0")
+    for number in range(15, 0, -1):
+        if lock_client.set(f"notify-test-lock:{number}", os.getpid(), nx=True, ex=3600):
+            return f"{LOCAL_REDIS}/{number}"
+    return None
+
+
+def _release_database(url: str) -> None:
+    from redis import Redis
+
+    number = url.rsplit("/", 1)[1]
+    Redis.from_url(f"{LOCAL_REDIS}/0").delete(f"notify-test-lock:{number}")
+
+
 def _pick_redis() -> str:
     global _embedded
     explicit = os.environ.get("NOTIFY_TEST_REDIS_URL")
     if explicit:
         return explicit
-    if redis_answers(TEST_DB_URL):
-        return TEST_DB_URL
+    if redis_answers(f"{LOCAL_REDIS}/0"):
+        claimed = _claim_database()
+        if claimed:
+            return claimed
     _embedded = EmbeddedRedis()
     return _embedded.start()
 
@@ -77,6 +98,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         SANDBOX.stop()
     if _embedded is not None:
         _embedded.stop()
+    elif os.environ.get("NOTIFY_REDIS_URL", "").startswith(LOCAL_REDIS + "/"):
+        if not os.environ.get("NOTIFY_TEST_REDIS_URL"):
+            _release_database(os.environ["NOTIFY_REDIS_URL"])
 
 
 @pytest.fixture(scope="session")
