@@ -7,7 +7,7 @@ one line that names the setting (``SettingsError``), never a traceback.
 from __future__ import annotations
 
 import functools
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -16,6 +16,8 @@ ENV_PREFIX = "NOTIFY_"
 US_BASE_URL = "https://us.api.concursolutions.com/notifications/v4"
 
 CommaList = Annotated[list[str], NoDecode]
+SecretList = Annotated[list[SecretStr], NoDecode]
+MIN_KEY_LENGTH = 16
 
 
 class SettingsError(Exception):
@@ -58,12 +60,75 @@ class Settings(BaseSettings):
     retry_poll_interval_seconds: float = Field(1.0, gt=0, le=60)
     status_ttl_seconds: int = Field(7 * 24 * 3600, ge=60)
 
+    # The HTTP service (`notify api`): partner keys for the gateway, operator keys for the
+    # failed-notification endpoints. Both are bearer secrets, never logged or echoed.
+    gateway_keys: SecretList = []
+    operator_keys: SecretList = []
+    service_host: str = Field("127.0.0.1", min_length=1)
+    service_port: int = Field(8000, ge=1, le=65535)
+    service_max_body_bytes: int = Field(65536, ge=1024, le=16 * 1024 * 1024)
+    service_public_url: str | None = None
+
+    log_format: Literal["json", "text"] = "json"
+    # Unset: the worker follows celery's --loglevel, the other services log INFO.
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] | None = None
+
+    sentry_dsn: SecretStr | None = None
+    sentry_environment: str = "production"
+    sentry_traces_sample_rate: float = Field(0.0, ge=0, le=1)
+
+    flower_basic_auth: SecretStr | None = None
+    flower_cookie_secret: SecretStr | None = None
+    flower_port: int = Field(5555, ge=1, le=65535)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return value.strip().upper() or None
+        return value
+
+    @field_validator("flower_basic_auth")
+    @classmethod
+    def _user_colon_password(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and value.get_secret_value():
+            for pair in value.get_secret_value().split(","):
+                user, colon, password = pair.partition(":")
+                if not (user and colon and password):
+                    raise ValueError("must be user:password (several: comma-separated)")
+        return value
+
     @field_validator("allowed_templates", "allowed_url_domains", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("gateway_keys", "operator_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        for key in value if isinstance(value, list) else []:
+            text = key.get_secret_value() if isinstance(key, SecretStr) else str(key)
+            printable = text.isascii() and text.isprintable() and " " not in text
+            if len(text) < MIN_KEY_LENGTH or not printable:
+                # Never quote the key itself: this message is printed.
+                raise ValueError(
+                    f"each key must be at least {MIN_KEY_LENGTH} printable ASCII characters, "
+                    "no spaces"
+                )
+        return value
+
+    @field_validator("service_public_url")
+    @classmethod
+    def _public_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        if not value.startswith(("https://", "http://")):
+            raise ValueError("must be an http(s) URL")
+        return value.rstrip("/")
 
     @field_validator("redis_url")
     @classmethod
@@ -115,10 +180,12 @@ def _describe(error: ValidationError) -> str:
     loc = [str(part) for part in first.get("loc", ()) if part != "__root__"]
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     if not loc:
-        return f"invalid settings: {message}"
+        # Cross-field checks name their variables themselves.
+        return message if message.startswith(ENV_PREFIX) else f"invalid settings: {message}"
     name = ENV_PREFIX + loc[0].upper()
     value = first.get("input")
-    shown = "" if isinstance(value, dict) or "TOKEN" in name else f" (got {value!r})"
+    secret = any(word in name for word in ("TOKEN", "DSN", "AUTH", "SECRET", "KEY", "PASSWORD"))
+    shown = "" if isinstance(value, dict) or secret else f" (got {value!r})"
     return f"{name}: {message}{shown}"
 
 

@@ -1,0 +1,81 @@
+"""Waiting retries live in Redis's schedule, not in a worker's memory or the broker."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+import tasks
+from tests.conftest import wait_for
+from worker import keys
+from worker.records import Envelope
+
+pytestmark = pytest.mark.usefixtures("celery_worker_process")
+
+
+def test_thousands_of_waiting_retries_are_held_in_redis_not_in_the_worker(
+    runtime: Any, sandbox: Any, user_id: str
+) -> None:
+    from worker.celery_app import app
+
+    count = 1000
+    # Retry-After of an hour: longer than the broker's visibility timeout (30 s in the tests).
+    sandbox.script([], user_id=user_id, then={"status": 503, "retryAfter": "3600"})
+    ids = tasks.enqueue_many([(user_id, f"s{i}", "welcome", None) for i in range(count)])
+
+    def waiting() -> bool:
+        pipe = runtime.redis.pipeline(transaction=False)
+        for message_id in ids:
+            pipe.hget(keys.message(message_id), "state")
+        return all(state == "retrying" for state in pipe.execute())
+
+    wait_for(waiting, timeout=90, interval=0.5, what="every message to wait for its retry")
+    scores = runtime.redis.zmscore(keys.SCHEDULE, ids)
+    assert all(score is not None and score > (time.time() + 3000) * 1000 for score in scores)
+    # Nothing is held as an ETA task by the worker, nor waits on the broker's queue.
+    inspector = app.control.inspect(timeout=2)
+    held = inspector.scheduled() or {}
+    assert all(not tasks_ for tasks_ in held.values())
+    assert runtime.redis.llen(runtime.settings.queue_name) == 0
+    assert len(sandbox.requests(user_id=user_id)) == count
+    # Leave nothing due for later tests.
+    runtime.redis.zrem(keys.SCHEDULE, *ids)
+
+
+def test_a_task_lost_after_it_was_recorded_is_published_again_by_the_mover(
+    runtime: Any, sandbox: Any, user_id: str
+) -> None:
+    # A producer that dies between recording and publishing: the record exists, no task does.
+    request = {"userId": user_id, "sessionId": "lost", "templateId": "welcome", "context": {}}
+    created, _ = runtime.store.create("lostmessage1", request)
+    assert created
+    # Its grace period is the visibility timeout; bring it forward instead of waiting 30 s.
+    runtime.redis.zadd(keys.SCHEDULE, {"lostmessage1": 0})
+    wait_for(lambda: runtime.store.status("lostmessage1")["state"] == "delivered")
+    assert len(sandbox.requests(user_id=user_id)) == 1
+
+
+def test_a_message_whose_worker_died_mid_attempt_is_taken_over_after_its_lease(
+    runtime: Any, sandbox: Any, user_id: str
+) -> None:
+    request = {"userId": user_id, "sessionId": "orphan", "templateId": "welcome", "context": {}}
+    runtime.store.create("orphanmessage1", request)
+    # A worker claims it and dies before finishing: the claim leaves it in flight under a lease.
+    claim = runtime.store.claim(
+        Envelope("orphanmessage1", 1, request), owner="dead-worker", worker="gone", task_id="t"
+    )
+    assert claim.verdict == "go"
+    # While the lease lasts, a copy of the task is refused (no double post).
+    duplicate = runtime.store.claim(
+        Envelope("orphanmessage1", 1, request), owner="other", worker="w", task_id="t2"
+    )
+    assert duplicate.verdict == "busy"
+    # The lease ends (brought forward here): the mover hands it out and it is delivered.
+    runtime.redis.hset(keys.message("orphanmessage1"), "lease", 0)
+    runtime.redis.zadd(keys.SCHEDULE, {"orphanmessage1": 0})
+    wait_for(lambda: runtime.store.status("orphanmessage1")["state"] == "delivered")
+    record = runtime.store.status("orphanmessage1")
+    assert record["attempt"] == "2"
+    assert len(sandbox.requests(user_id=user_id)) == 1

@@ -1,0 +1,95 @@
+"""Settings: defaults, comma lists, and one-line errors that name the variable."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from worker.settings import SettingsError, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Start each test from the defaults, not from the test suite's own settings."""
+    for name in list(os.environ):
+        if name.startswith("NOTIFY_"):
+            monkeypatch.delenv(name)
+
+
+def test_defaults_follow_concur_advice() -> None:
+    settings = load_settings(_env_file=None, redis_url="redis://localhost:6379/0")
+    assert settings.max_attempts == 8
+    assert settings.backoff_max_seconds == 300
+    assert settings.api_base_url == "https://us.api.concursolutions.com/notifications/v4"
+
+
+def test_comma_separated_lists_are_split_and_trimmed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NOTIFY_ALLOWED_TEMPLATES", " welcome, expense-approved ,,")
+    monkeypatch.setenv("NOTIFY_ALLOWED_URL_DOMAINS", "app.example.com,*.partner.example")
+    settings = load_settings(_env_file=None)
+    assert settings.allowed_templates == ["welcome", "expense-approved"]
+    assert settings.allowed_url_domains == ["app.example.com", "*.partner.example"]
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("NOTIFY_MAX_ATTEMPTS", "lots", "NOTIFY_MAX_ATTEMPTS: Input should be a valid integer"),
+        ("NOTIFY_MAX_ATTEMPTS", "0", "NOTIFY_MAX_ATTEMPTS: Input should be greater than"),
+        ("NOTIFY_REDIS_URL", "http://x", "NOTIFY_REDIS_URL: must start with redis://"),
+        ("NOTIFY_BACKOFF_MAX_SECONDS", "1", "NOTIFY_BACKOFF_MAX_SECONDS (1.0) is below"),
+        ("NOTIFY_VISIBILITY_TIMEOUT_SECONDS", "20", "NOTIFY_VISIBILITY_TIMEOUT_SECONDS (20)"),
+        ("NOTIFY_API_BASE_URL", "ftp://x", "NOTIFY_API_BASE_URL: must be an http(s) URL"),
+    ],
+)
+def test_bad_value_is_one_line_naming_the_setting(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, expected: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError) as caught:
+        load_settings(_env_file=None)
+    assert str(caught.value).startswith(expected)
+    assert "\n" not in str(caught.value)
+
+
+def test_secret_values_are_not_echoed_in_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NOTIFY_API_TOKEN", "s3cret-token")
+    monkeypatch.setenv("NOTIFY_MAX_ATTEMPTS", "x")
+    with pytest.raises(SettingsError) as caught:
+        load_settings(_env_file=None)
+    assert "s3cret-token" not in str(caught.value)
+
+
+def test_worker_with_a_bad_setting_stops_with_one_line() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "worker", "worker", "--loglevel", "INFO"],
+        cwd=ROOT,
+        env={**os.environ, "NOTIFY_MAX_ATTEMPTS": "many"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "NOTIFY_MAX_ATTEMPTS: Input should be a valid integer" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_worker_without_a_token_refuses_to_post_to_a_real_host() -> None:
+    env = dict(os.environ)
+    env["NOTIFY_API_BASE_URL"] = "https://us.api.concursolutions.com/notifications/v4"
+    result = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "worker", "worker", "--loglevel", "INFO"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "NOTIFY_API_TOKEN: not set" in result.stderr
