@@ -98,9 +98,10 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         SANDBOX.stop()
     if _embedded is not None:
         _embedded.stop()
-    elif os.environ.get("NOTIFY_REDIS_URL", "").startswith(LOCAL_REDIS + "/"):
-        if not os.environ.get("NOTIFY_TEST_REDIS_URL"):
-            _release_database(os.environ["NOTIFY_REDIS_URL"])
+    elif os.environ.get("NOTIFY_REDIS_URL", "").startswith(
+        LOCAL_REDIS + "/"
+    ) and not os.environ.get("NOTIFY_TEST_REDIS_URL"):
+        _release_database(os.environ["NOTIFY_REDIS_URL"])
 
 
 @pytest.fixture(scope="session")

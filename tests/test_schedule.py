@@ -40,8 +40,18 @@ def test_thousands_of_waiting_retries_are_held_in_redis_not_in_the_worker(
     assert all(not tasks_ for tasks_ in held.values())
     assert runtime.redis.llen(runtime.settings.queue_name) == 0
     assert len(sandbox.requests(user_id=user_id)) == count
-    # Leave nothing due for later tests.
-    runtime.redis.zrem(keys.SCHEDULE, *ids)
+    # When their hour is (brought forward and) up, the API answers again: all are delivered.
+    sandbox.script([], user_id=user_id, then={"status": 200})
+    runtime.redis.zadd(keys.SCHEDULE, dict.fromkeys(ids, 0))
+
+    def delivered() -> bool:
+        pipe = runtime.redis.pipeline(transaction=False)
+        for message_id in ids:
+            pipe.hget(keys.message(message_id), "state")
+        return all(state == "delivered" for state in pipe.execute())
+
+    wait_for(delivered, timeout=90, interval=0.5, what="every waiting message to be delivered")
+    assert len(sandbox.requests(user_id=user_id)) == 2 * count
 
 
 def test_a_task_lost_after_it_was_recorded_is_published_again_by_the_mover(

@@ -16,6 +16,8 @@ import sys
 
 from celery import Celery, signals
 
+from worker.logs import configure_from_settings
+from worker.monitoring import init_sentry
 from worker.mover import Mover
 from worker.runtime import get_runtime
 from worker.settings import Settings, SettingsError, get_settings
@@ -56,11 +58,25 @@ app = make_app(get_settings())
 _mover: Mover | None = None
 
 
+@signals.setup_logging.connect
+def _setup_logging(loglevel: int | str | None = None, **_: object) -> None:
+    # Connecting here makes Celery leave logging to us: its own lines (``celery.*``) reach the
+    # root handler and come out as JSON like ours. NOTIFY_LOG_LEVEL wins over --loglevel.
+    configure_from_settings(get_settings(), default_level=loglevel or "INFO")
+
+
+@signals.worker_init.connect
+def _init_sentry(**_: object) -> None:
+    init_sentry(get_settings())
+
+
 @signals.worker_init.connect
 def _check_configuration(**_: object) -> None:
-    # Fail at start-up, in one line, rather than on the first message.
+    # Fail at start-up, in one line, rather than on the first message. Building the provider
+    # checks the credentials' settings; an OAuth token is fetched on first use, so a token
+    # endpoint that is down at start-up delays messages instead of stopping the worker.
     try:
-        get_runtime().tokens.token()
+        get_runtime().tokens  # noqa: B018
     except SettingsError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

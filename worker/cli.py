@@ -244,6 +244,39 @@ def failed_delete(
         _fail(f"no failed notification {', '.join(map(repr, missing))}", EXIT_NOT_FOUND)
 
 
+@main.command("stats")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@click.option("--minutes", default=15, show_default=True, type=click.IntRange(1, 120))
+@friendly_errors
+def stats_command(as_json: bool, minutes: int) -> None:
+    """Show queued, in flight, waiting for retry, dead letters by reason, delivered per minute."""
+    from worker.runtime import get_runtime
+    from worker.stats import collect
+
+    snapshot = collect(get_runtime(), minutes=minutes)
+    if as_json:
+        click.echo(json.dumps(snapshot.to_dict(), indent=2))
+        return
+    dead = ", ".join(f"{r} {n}" for r, n in sorted(snapshot.dead_letters.items()) if n)
+    rows = [
+        (f"queued (queue {snapshot.queue})", str(snapshot.queued)),
+        ("reserved by workers", str(snapshot.reserved)),
+        ("in flight", str(snapshot.inflight)),
+        ("waiting for retry", str(snapshot.retry_waiting)),
+        ("dead letters", f"{snapshot.dead_letters_total}" + (f"  ({dead})" if dead else "")),
+        ("delivered, last full minute", str(snapshot.delivered_last_minute)),
+        ("delivered in all", str(snapshot.totals.get("delivered", 0))),
+        ("retries in all", str(snapshot.totals.get("retried", 0))),
+        ("dead-lettered in all", str(snapshot.totals.get("dead_lettered", 0))),
+        ("rate-limit penalty", f"x{snapshot.rate_limit_penalty_factor:g}"),
+    ]
+    for name, value in rows:
+        click.echo(f"{name:<30} {value}")
+    click.echo(f"\ndelivered per minute (UTC, oldest first, last {minutes}):")
+    for minute in snapshot.delivered_per_minute:
+        click.echo(f"  {_when(minute.minute_start_ms)[11:16]}  {minute.delivered}")
+
+
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def sandbox(args: tuple[str, ...]) -> None:
@@ -251,6 +284,41 @@ def sandbox(args: tuple[str, ...]) -> None:
     from worker import sandbox as sandbox_module
 
     sys.exit(sandbox_module.main(list(args)))
+
+
+@main.command()
+@click.option("--host", default=None, help="interface to listen on [NOTIFY_SERVICE_HOST]")
+@click.option("--port", default=None, type=click.IntRange(1, 65535), help="[NOTIFY_SERVICE_PORT]")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64))
+@friendly_errors
+def api(host: str | None, port: int | None, workers: int) -> None:
+    """Run the HTTP service: the v4 gateway, message status, failed notifications."""
+    import uvicorn
+
+    from worker.settings import get_settings
+
+    settings = get_settings()  # a bad setting stops here, with one line
+    for name, keys in (("GATEWAY", settings.gateway_keys), ("OPERATOR", settings.operator_keys)):
+        if not keys:
+            click.echo(f"warning: NOTIFY_{name}_KEYS is empty: its endpoints answer 401", err=True)
+    from worker.logs import configure_from_settings
+    from worker.monitoring import init_sentry
+
+    configure_from_settings(settings)
+    init_sentry(settings)
+    uvicorn.run(
+        "worker.api:create_app",
+        factory=True,
+        host=host or settings.service_host,
+        port=port or settings.service_port,
+        workers=workers,
+        # Access lines hold method, path and status only, never headers (no Authorization).
+        server_header=False,
+        timeout_graceful_shutdown=30,
+        # uvicorn's own handlers would bypass our JSON format and redaction; its loggers
+        # propagate to the root handler configure_from_settings installed.
+        log_config=None,
+    )
 
 
 @main.command()
@@ -263,3 +331,45 @@ def dev(workers: int, sandbox_port: int, sandbox_latency_ms: float) -> None:
     from worker.devstack import run_dev
 
     sys.exit(run_dev(workers=workers, sandbox_port=sandbox_port, latency_ms=sandbox_latency_ms))
+
+
+def flower_command(port: int, address: str | None) -> tuple[list[str], dict[str, str]]:
+    """The argv and environment that run Flower for this app, with auth from the settings.
+
+    The credentials travel in Flower's own environment variables (``FLOWER_BASIC_AUTH``,
+    ``FLOWER_COOKIE_SECRET``), not on the command line, where ``ps`` would show them.
+    """
+    import os
+
+    from worker.settings import get_settings
+
+    settings = get_settings()
+    if settings.flower_basic_auth is None or not settings.flower_basic_auth.get_secret_value():
+        raise SettingsError(
+            "NOTIFY_FLOWER_BASIC_AUTH: not set; Flower shows every message and can stop workers, "
+            "so it needs user:password"
+        )
+    env = dict(os.environ)
+    env["FLOWER_BASIC_AUTH"] = settings.flower_basic_auth.get_secret_value()
+    if settings.flower_cookie_secret is not None:
+        env["FLOWER_COOKIE_SECRET"] = settings.flower_cookie_secret.get_secret_value()
+    argv = [sys.executable, "-m", "celery", "-A", "worker", "flower", f"--port={port}"]
+    if address is not None:
+        argv.append(f"--address={address}")
+    # Scaled-down workers would otherwise be listed as offline forever.
+    argv.append("--purge_offline_workers=300")
+    return argv, env
+
+
+@main.command()
+@click.option("--port", type=click.IntRange(1, 65535), default=None, help="[NOTIFY_FLOWER_PORT]")
+@click.option("--address", default=None, help="interface to listen on (default: all)")
+@friendly_errors
+def flower(port: int | None, address: str | None) -> None:
+    """Run Flower (the Celery dashboard) with basic auth from NOTIFY_FLOWER_BASIC_AUTH."""
+    import os
+
+    from worker.settings import get_settings
+
+    argv, env = flower_command(port or get_settings().flower_port, address)
+    os.execve(argv[0], argv, env)

@@ -179,14 +179,10 @@ class DeadLetterStore:
 
     def delete(self, letter_id: str) -> bool:
         """Remove one dead letter and its message's record; False when it does not exist."""
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.zrem(keys.DEAD_INDEX, letter_id)
-        pipe.delete(keys.dead_letter(letter_id))
         # The record stays "failed" only while the letter exists; with it gone the request may
-        # be sent afresh, so drop its status and history too.
-        pipe.delete(keys.message(letter_id), keys.attempts(letter_id))
-        removed, deleted, _ = pipe.execute()
-        return bool(removed or deleted)
+        # be sent afresh, so its status and history go too. One script, so the operators'
+        # gauges (dead letters by reason) change in the same step.
+        return self.store.forget_dead_letter(letter_id)
 
     def delete_many(self, selection: DeadLetterFilter) -> list[str]:
         """Delete every selected dead letter; returns the ids deleted."""

@@ -1,10 +1,11 @@
 """One delivery attempt, as a worker runs it: read → claim → validate → post → classify → record.
 
 ``deliver`` returns a short verdict for logs and tests (``delivered``, ``retry``,
-``dead:<reason>``, or why the task did nothing: ``done``, ``stale``, ``busy``). Every path ends
-with the outcome written to Redis before the task returns, so the broker message is acknowledged
-only after that. An unexpected error leaves the message claimed under its lease; the schedule
-hands it out again when the lease ends, so even a bug does not lose it.
+``dead:<reason>``, ``deferred`` when the global rate limit had no permit in time (back on the
+schedule, no attempt counted), or why the task did nothing: ``done``, ``stale``, ``busy``).
+Every path ends with the outcome written to Redis before the task returns, so the broker
+message is acknowledged only after that. An unexpected error leaves the message claimed under
+its lease; the schedule hands it out again when the lease ends, so even a bug does not lose it.
 """
 
 from __future__ import annotations
@@ -17,17 +18,19 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from worker import outcomes
+from worker import keys, outcomes, ratelimit
 from worker.concur import ApiResponse, TransportFailure
 from worker.models import message_id
 from worker.records import AttemptRecord, Claim, Envelope, Failure, now_ms
 from worker.runtime import Runtime
+from worker.tokens import TokenUnavailable
 from worker.validation import InvalidRequest, validate_wire
 
 log = logging.getLogger("notify.delivery")
 
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_RAW_EXCERPT = 4096
+TOKEN_UNAVAILABLE = "token_unavailable"  # the cause of an attempt deferred for want of a token
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +101,27 @@ def _attempt_record(
     )
 
 
+def _log_fields(
+    envelope: Envelope,
+    claim: Claim,
+    outcome: str,
+    result: ApiResponse | TransportFailure | None = None,
+    started_ms: int | None = None,
+) -> dict[str, Any]:
+    """The structured fields of an attempt's log line (``extra=``); never the token."""
+    request = claim.request if isinstance(claim.request, dict) else {}
+    return {
+        "message_id": envelope.id,
+        "user_id": request.get("userId"),
+        "template_id": request.get("templateId"),
+        "attempt": claim.attempt,
+        "status": result.status if isinstance(result, ApiResponse) else None,
+        "duration_ms": None if started_ms is None else now_ms() - started_ms,
+        "correlation_id": result.correlation_id if isinstance(result, ApiResponse) else None,
+        "outcome": outcome,
+    }
+
+
 def deliver(
     args: tuple[Any, ...], kwargs: dict[str, Any], *, runtime: Runtime, task_id: str
 ) -> str:
@@ -124,9 +148,22 @@ def deliver(
         log.info("message %s: %s (%s), nothing to do", envelope.id, claim.verdict, claim.state)
         return claim.verdict
 
-    def dead(failure: Failure, attempt: AttemptRecord | None = None) -> str:
+    def dead(
+        failure: Failure, attempt: AttemptRecord | None = None, fields: dict[str, Any] | None = None
+    ) -> str:
         rt.store.dead_letter(envelope.id, failure, owner=owner, attempt=attempt)
-        log.warning("dead letter %s: %s (%s)", envelope.id, failure.reason, failure.detail)
+        # Exhausted retries are an operational alert (ERROR reaches Sentry); a request Concur
+        # refused, or one we refused, is the partner's to fix (WARNING does not).
+        level = logging.ERROR if failure.reason == outcomes.RETRIES_EXHAUSTED else logging.WARNING
+        extra = {**(fields or _log_fields(envelope, claim, "dead")), "reason": failure.reason}
+        log.log(
+            level,
+            "dead letter %s: %s (%s)",
+            envelope.id,
+            failure.reason,
+            failure.detail,
+            extra=extra,
+        )
         return f"dead:{failure.reason}"
 
     if claim.attempt > rt.policy.max_attempts:
@@ -152,16 +189,58 @@ def deliver(
             )
         )
 
+    def deferred(permit: ratelimit.Permit) -> str:
+        # The rate limit is saturated: nothing was posted, so the message waits on the schedule
+        # without spending an attempt (never a dead letter for this).
+        rt.store.defer(envelope.id, owner, now_ms() + int(permit.retry_in_seconds * 1000))
+        log.info(
+            "deferred %s: no rate-limit permit within %.1fs, again in %.1fs",
+            envelope.id,
+            permit.waited_seconds,
+            permit.retry_in_seconds,
+        )
+        return "deferred"
+
+    def waiting_for_token(error: TokenUnavailable) -> str:
+        # A credentials outage is not the message's fault: it waits on the schedule without
+        # spending an attempt, however long the outage lasts (the provider logged the ERROR).
+        delay = rt.policy.backoff_seconds(max(claim.attempt, 1))
+        entry = AttemptRecord(
+            claim.attempt, started, "deferred", None, TOKEN_UNAVAILABLE, now_ms() - started, None
+        )
+        # Appended while this worker still holds the claim, so no other worker's entry for the
+        # message can come before it.
+        rt.redis.rpush(keys.attempts(envelope.id), entry.to_json())
+        rt.store.defer(envelope.id, owner, now_ms() + int(delay * 1000))
+        log.warning("deferred %s: no Concur token (%s), again in %.1fs", envelope.id, error, delay)
+        return "deferred"
+
+    limiter = rt.rate_limiter
+    permit_deadline = limiter.deadline()
     started = now_ms()
-    token = rt.tokens.token()
+    try:
+        token = rt.tokens.token()
+    except TokenUnavailable as error:
+        return waiting_for_token(error)
+    permit = limiter.acquire(permit_deadline)
+    if not permit.granted:
+        return deferred(permit)
     result = rt.client.post_message(message, token)
     outcome = outcomes.classify(result, attempt=claim.attempt, policy=rt.policy)
     if isinstance(outcome, outcomes.RefreshToken):
-        token = rt.tokens.refresh(token)
+        try:
+            token = rt.tokens.refresh(token)
+        except TokenUnavailable as error:
+            return waiting_for_token(error)
+        permit = limiter.acquire(permit_deadline)
+        if not permit.granted:
+            return deferred(permit)
         result = rt.client.post_message(message, token)
         outcome = outcomes.classify(
             result, attempt=claim.attempt, policy=rt.policy, token_refreshed=True
         )
+    if ratelimit.slows_down(outcome):
+        limiter.penalize()  # a 429: every worker slows down for a while
     correlation_id = result.correlation_id if isinstance(result, ApiResponse) else None
     status = result.status if isinstance(result, ApiResponse) else None
 
@@ -173,6 +252,7 @@ def deliver(
             claim.attempt,
             status,
             correlation_id,
+            extra=_log_fields(envelope, claim, "delivered", result, started),
         )
         return "delivered"
     if isinstance(outcome, outcomes.Retry):
@@ -185,6 +265,11 @@ def deliver(
             outcome.cause,
             outcome.delay_seconds,
             correlation_id,
+            extra={
+                **_log_fields(envelope, claim, "retry", result, started),
+                "cause": outcome.cause,
+                "delay_seconds": round(outcome.delay_seconds, 3),
+            },
         )
         return "retry"
     assert isinstance(outcome, outcomes.DeadLetter)  # RefreshToken was resolved above
@@ -199,4 +284,5 @@ def deliver(
             worker=rt.worker_name,
         ),
         _attempt_record(claim, started, result, "dead"),
+        _log_fields(envelope, claim, "dead", result, started),
     )

@@ -5,7 +5,19 @@
 ``notify:schedule``            sorted set: id -> when the message must next be attempted
 ``notify:dead:{id}``           hash: one dead letter
 ``notify:dead``                sorted set: dead-letter id -> when it was dead-lettered (ms)
-``notify:stats:*``             counters for operators
+``notify:stats``               hash: cumulative counters (delivered, retried, deferred, replayed,
+                               ``dead:<reason>``)
+``notify:stats:live``          hash: gauges kept by the same scripts that change a message's state
+                               (``inflight``, ``retrying``, ``dead:<reason>`` = letters held now)
+``notify:stats:delivered:{m}`` counter: deliveries in epoch minute ``m`` (expires after 2 h)
+``notify:ratelimit``           string: the rate limit's theoretical arrival time (µs, GCRA)
+``notify:ratelimit:penalty``   string: interval multiplier after a 429, expiring with the penalty
+``notify:oauth:{client}``      hash: Concur OAuth state of one client id: the refresh token
+                               (encrypted when a key is set), its expiry (ms), the geolocation,
+                               the fingerprint of the configured token it descends from
+``notify:oauth:{client}:lock`` string: the one-refresh-at-a-time lock (a random owner token)
+``notify:oauth:{client}:cooldown`` string: set for a moment after a failed refresh, so the fleet
+                               does not hammer a failing token endpoint
 
 Celery's own broker keys (the queue list, ``unacked``) are Celery's and not listed here.
 """
@@ -18,6 +30,9 @@ SCHEDULE = f"{PREFIX}:schedule"
 DEAD_INDEX = f"{PREFIX}:dead"
 STATS = f"{PREFIX}:stats"
 DELIVERED_PER_MINUTE = f"{PREFIX}:stats:delivered"
+LIVE = f"{PREFIX}:stats:live"
+RATE_LIMIT = f"{PREFIX}:ratelimit"
+RATE_LIMIT_PENALTY = f"{PREFIX}:ratelimit:penalty"
 
 
 def message(message_id: str) -> str:
@@ -33,3 +48,18 @@ def attempts(message_id: str) -> str:
 def dead_letter(message_id: str) -> str:
     """One dead letter."""
     return f"{PREFIX}:dead:{message_id}"
+
+
+def oauth_state(client_id: str) -> str:
+    """The stored OAuth state (refresh token, expiry, geolocation) of one Concur client id."""
+    return f"{PREFIX}:oauth:{client_id}"
+
+
+def oauth_lock(client_id: str) -> str:
+    """The lock that lets one process at a time use (and rotate) the refresh token."""
+    return f"{PREFIX}:oauth:{client_id}:lock"
+
+
+def oauth_cooldown(client_id: str) -> str:
+    """Present for a short while after a failed refresh."""
+    return f"{PREFIX}:oauth:{client_id}:cooldown"

@@ -18,6 +18,13 @@ Two rules make "nothing lost, nothing sent twice" hold with an at-least-once bro
   message's lease end. The mover republishes whatever is overdue. A task lost anywhere (a
   producer crash after create, a worker killed mid-attempt, a broker restart) is therefore
   attempted again; nothing waits in worker memory.
+
+``defer`` puts a claimed message back to ``retrying`` without counting an attempt (the rate
+limit had no permit for it); it is fenced like ``retry`` (owner check, new generation).
+
+Operators' gauges (``keys.LIVE``: messages ``inflight`` and ``retrying`` now, dead letters held
+now by ``dead:<reason>``) are changed by the same scripts that change a state, in the same
+atomic step, so they are exact as long as only these scripts write the records.
 """
 
 from __future__ import annotations
@@ -34,6 +41,15 @@ from worker import keys
 
 DELIVERED_COUNTER_TTL_SECONDS = 2 * 3600
 
+# Prepended to every script that changes a state: keeps the ``keys.LIVE`` gauges in step.
+_GAUGES = """
+local function shift(live, from, to)
+  if from == to then return end
+  if from == 'inflight' or from == 'retrying' then redis.call('HINCRBY', live, from, -1) end
+  if to == 'inflight' or to == 'retrying' then redis.call('HINCRBY', live, to, 1) end
+end
+"""
+
 _CREATE = """
 -- KEYS: record, schedule ; ARGV: id, request json, now ms, grace ms
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -47,7 +63,8 @@ return {1, 'queued', '1'}
 """
 
 _CLAIM = """
--- KEYS: record, schedule ; ARGV: id, gen, now ms, lease ms, owner, worker, task id, request json
+-- KEYS: record, schedule, live
+-- ARGV: id, gen, now ms, lease ms, owner, worker, task id, request json
 local now = tonumber(ARGV[3])
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then
@@ -63,6 +80,7 @@ if state == 'inflight' and tonumber(redis.call('HGET', KEYS[1], 'lease') or 0) >
   return {'busy', state}
 end
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
+shift(KEYS[3], state, 'inflight')
 local lease = now + tonumber(ARGV[4])
 redis.call('HSET', KEYS[1], 'state', 'inflight', 'lease', lease, 'owner', ARGV[5],
            'worker', ARGV[6], 'task', ARGV[7], 'updated', now, 'last', now)
@@ -72,11 +90,12 @@ return {'go', tostring(attempt), redis.call('HGET', KEYS[1], 'req')}
 """
 
 _DELIVERED = """
--- KEYS: record, schedule, attempts, stats, delivered-this-minute
+-- KEYS: record, schedule, attempts, stats, delivered-this-minute, live
 -- ARGV: id, now ms, attempt entry, status, correlation id, ttl s, counter ttl s
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == 'delivered' or state == 'failed' then return 0 end
 -- A 2xx is the truth even if this worker's lease ran out: record it.
+shift(KEYS[6], state, 'delivered')
 redis.call('HSET', KEYS[1], 'state', 'delivered', 'status', ARGV[4], 'cid', ARGV[5],
            'updated', ARGV[2], 'lease', 0)
 redis.call('HDEL', KEYS[1], 'next', 'owner')
@@ -91,7 +110,8 @@ return 1
 """
 
 _RETRY = """
--- KEYS: record, schedule, attempts, stats ; ARGV: id, owner, now ms, due ms, entry, status, cid
+-- KEYS: record, schedule, attempts, stats, live
+-- ARGV: id, owner, now ms, due ms, entry, status, cid
 if redis.call('HGET', KEYS[1], 'state') ~= 'inflight'
    or redis.call('HGET', KEYS[1], 'owner') ~= ARGV[2] then
   return 0  -- this worker lost the message (its lease ran out); the new holder decides
@@ -103,11 +123,12 @@ redis.call('HDEL', KEYS[1], 'owner')
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
 redis.call('RPUSH', KEYS[3], ARGV[5])
 redis.call('HINCRBY', KEYS[4], 'retried', 1)
+shift(KEYS[5], 'inflight', 'retrying')
 return gen
 """
 
 _DEAD = """
--- KEYS: record, schedule, attempts, dead letter, dead index, stats
+-- KEYS: record, schedule, attempts, dead letter, dead index, stats, live
 -- ARGV: id, owner ('' = no owner check), now ms, entry ('' = none), request json (if no record),
 --       reason, detail, status, errors json, cid, task, worker
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -119,6 +140,7 @@ if not state then
   redis.call('HSET', KEYS[1], 'req', ARGV[5], 'gen', 1, 'attempt', 0, 'created', ARGV[3],
              'replays', 0)
 end
+shift(KEYS[7], state, 'failed')
 redis.call('HSET', KEYS[1], 'state', 'failed', 'reason', ARGV[6], 'status', ARGV[8],
            'cid', ARGV[10], 'updated', ARGV[3], 'lease', 0)
 redis.call('HDEL', KEYS[1], 'next', 'owner')
@@ -126,6 +148,8 @@ redis.call('PERSIST', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 if ARGV[4] ~= '' then redis.call('RPUSH', KEYS[3], ARGV[4]) end
 local r = redis.call('HMGET', KEYS[1], 'req', 'attempt', 'first', 'last', 'replays', 'created')
+local replaced = redis.call('HGET', KEYS[4], 'reason')
+if replaced then redis.call('HINCRBY', KEYS[7], 'dead:' .. replaced, -1) end
 redis.call('DEL', KEYS[4])
 redis.call('HSET', KEYS[4], 'id', ARGV[1], 'req', r[1], 'reason', ARGV[6], 'detail', ARGV[7],
            'status', ARGV[8], 'errors', ARGV[9], 'cid', ARGV[10], 'task', ARGV[11],
@@ -133,13 +157,17 @@ redis.call('HSET', KEYS[4], 'id', ARGV[1], 'req', r[1], 'reason', ARGV[6], 'deta
            'replays', r[5] or 0, 'created', r[6] or ARGV[3], 'dead', ARGV[3])
 redis.call('ZADD', KEYS[5], ARGV[3], ARGV[1])
 redis.call('HINCRBY', KEYS[6], 'dead:' .. ARGV[6], 1)
+redis.call('HINCRBY', KEYS[7], 'dead:' .. ARGV[6], 1)
 return 1
 """
 
 _REPLAY = """
--- KEYS: record, schedule, dead letter, dead index, stats ; ARGV: id, now ms, grace ms
+-- KEYS: record, schedule, dead letter, dead index, stats, live ; ARGV: id, now ms, grace ms
 local req = redis.call('HGET', KEYS[3], 'req')
 if not req then return false end
+local reason = redis.call('HGET', KEYS[3], 'reason')
+if reason then redis.call('HINCRBY', KEYS[6], 'dead:' .. reason, -1) end
+shift(KEYS[6], redis.call('HGET', KEYS[1], 'state'), 'queued')
 local replays = tonumber(redis.call('HGET', KEYS[3], 'replays') or 0) + 1
 if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('HSET', KEYS[1], 'req', req, 'gen', 0, 'created', ARGV[2])
@@ -154,6 +182,37 @@ redis.call('DEL', KEYS[3])
 redis.call('ZREM', KEYS[4], ARGV[1])
 redis.call('HINCRBY', KEYS[5], 'replayed', 1)
 return {tostring(gen), req}
+"""
+
+_DEFER = """
+-- KEYS: record, schedule, stats, live ; ARGV: id, owner, now ms, due ms
+if redis.call('HGET', KEYS[1], 'state') ~= 'inflight'
+   or redis.call('HGET', KEYS[1], 'owner') ~= ARGV[2] then
+  return 0  -- this worker lost the message (its lease ran out); the new holder decides
+end
+local gen = redis.call('HINCRBY', KEYS[1], 'gen', 1)
+-- Nothing was posted: give back the attempt the claim counted.
+if redis.call('HINCRBY', KEYS[1], 'attempt', -1) <= 0 then
+  redis.call('HSET', KEYS[1], 'attempt', 0)
+  redis.call('HDEL', KEYS[1], 'first', 'last')
+end
+redis.call('HSET', KEYS[1], 'state', 'retrying', 'next', ARGV[4], 'updated', ARGV[3], 'lease', 0)
+redis.call('HDEL', KEYS[1], 'owner')
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
+redis.call('HINCRBY', KEYS[3], 'deferred', 1)
+shift(KEYS[4], 'inflight', 'retrying')
+return gen
+"""
+
+_FORGET = """
+-- KEYS: record, attempts, dead letter, dead index, live ; ARGV: id
+local reason = redis.call('HGET', KEYS[3], 'reason')
+local removed = redis.call('ZREM', KEYS[4], ARGV[1])
+if reason then redis.call('HINCRBY', KEYS[5], 'dead:' .. reason, -1) end
+shift(KEYS[5], redis.call('HGET', KEYS[1], 'state'), false)
+redis.call('DEL', KEYS[3], KEYS[1], KEYS[2])
+if reason or removed == 1 then return 1 end
+return 0
 """
 
 _DUE = """
@@ -263,12 +322,14 @@ class MessageStore:
         self.lease_ms = int(lease_seconds * 1000)
         self.status_ttl_seconds = status_ttl_seconds
         self._create = redis.register_script(_CREATE)
-        self._claim = redis.register_script(_CLAIM)
-        self._delivered = redis.register_script(_DELIVERED)
-        self._retry = redis.register_script(_RETRY)
-        self._dead = redis.register_script(_DEAD)
-        self._replay = redis.register_script(_REPLAY)
+        self._claim = redis.register_script(_GAUGES + _CLAIM)
+        self._delivered = redis.register_script(_GAUGES + _DELIVERED)
+        self._retry = redis.register_script(_GAUGES + _RETRY)
+        self._dead = redis.register_script(_GAUGES + _DEAD)
+        self._replay = redis.register_script(_GAUGES + _REPLAY)
         self._due = redis.register_script(_DUE)
+        self._defer = redis.register_script(_GAUGES + _DEFER)
+        self._forget = redis.register_script(_GAUGES + _FORGET)
 
     def create(self, message_id: str, request: Mapping[str, Any]) -> tuple[bool, str]:
         """Record a new message as queued; ``(False, state)`` when it exists already."""
@@ -293,7 +354,7 @@ class MessageStore:
     def claim(self, envelope: Envelope, *, owner: str, worker: str, task_id: str) -> Claim:
         """Take the message for one attempt, or say why this task must not attempt it."""
         reply = self._claim(
-            keys=[keys.message(envelope.id), keys.SCHEDULE],
+            keys=[keys.message(envelope.id), keys.SCHEDULE, keys.LIVE],
             args=[
                 envelope.id,
                 envelope.gen,
@@ -324,6 +385,7 @@ class MessageStore:
                     keys.attempts(message_id),
                     keys.STATS,
                     f"{keys.DELIVERED_PER_MINUTE}:{minute}",
+                    keys.LIVE,
                 ],
                 args=[
                     message_id,
@@ -346,6 +408,7 @@ class MessageStore:
                     keys.SCHEDULE,
                     keys.attempts(message_id),
                     keys.STATS,
+                    keys.LIVE,
                 ],
                 args=[
                     message_id,
@@ -382,6 +445,7 @@ class MessageStore:
                     keys.dead_letter(message_id),
                     keys.DEAD_INDEX,
                     keys.STATS,
+                    keys.LIVE,
                 ],
                 args=[
                     message_id,
@@ -409,12 +473,41 @@ class MessageStore:
                 keys.dead_letter(message_id),
                 keys.DEAD_INDEX,
                 keys.STATS,
+                keys.LIVE,
             ],
             args=[message_id, now_ms(), self.publish_grace_ms],
         )
         if not reply:
             return None
         return Envelope(message_id, int(reply[0]), _loads_object(reply[1]))
+
+    def defer(self, message_id: str, owner: str, due_ms: int) -> bool:
+        """Put a claimed message back to ``retrying`` at ``due_ms`` without counting an attempt.
+
+        For a message that was never posted (no rate-limit permit in time). False when this
+        worker no longer holds it.
+        """
+        return bool(
+            self._defer(
+                keys=[keys.message(message_id), keys.SCHEDULE, keys.STATS, keys.LIVE],
+                args=[message_id, owner, now_ms(), due_ms],
+            )
+        )
+
+    def forget_dead_letter(self, message_id: str) -> bool:
+        """Delete a dead letter with its message's record and history; False if there was none."""
+        return bool(
+            self._forget(
+                keys=[
+                    keys.message(message_id),
+                    keys.attempts(message_id),
+                    keys.dead_letter(message_id),
+                    keys.DEAD_INDEX,
+                    keys.LIVE,
+                ],
+                args=[message_id],
+            )
+        )
 
     def due(self, limit: int = 500) -> list[Envelope]:
         """Messages whose next attempt is overdue; each is pushed a grace period ahead."""

@@ -19,6 +19,7 @@ from redis import Redis
 from worker.allowlist import AllowList
 from worker.concur import ConcurClient
 from worker.deadletters import DeadLetterStore
+from worker.ratelimit import RateLimiter, RateLimitPolicy
 from worker.records import Envelope, MessageStore
 from worker.retries import RetryPolicy
 from worker.settings import Settings, SettingsError, get_settings
@@ -105,8 +106,24 @@ class Runtime:
         if self._tokens is None:
             with self._lock:
                 if self._tokens is None:
-                    self._tokens = StaticToken(self.settings)
+                    self._tokens = self._make_tokens()
         return self._tokens
+
+    def _make_tokens(self) -> TokenProvider:
+        if not self.settings.uses_oauth:
+            return StaticToken(self.settings)
+        from worker.oauth import OAuthTokens
+
+        return OAuthTokens.from_settings(
+            self.settings, self.redis, on_geolocation=self._follow_geolocation
+        )
+
+    def _follow_geolocation(self, geolocation: str) -> None:
+        # Concur said where the company lives: posts go there from now on (one str assignment,
+        # so threads posting meanwhile see the old or the new base, never a mix).
+        from worker.oauth import api_base_for
+
+        self.client.base_url = api_base_for(geolocation, self.settings.api_base_url)
 
     def publish(self, envelope: Envelope, producer: Any = None) -> None:
         """Put one send task on the queue."""
@@ -118,6 +135,12 @@ class Runtime:
             queue=self.settings.queue_name,
             producer=producer,
         )
+
+    @functools.cached_property
+    def rate_limiter(self) -> RateLimiter:
+        """The global rate limit shared through Redis (free when the limit is off)."""
+        # No I/O in the constructor, so two threads racing here at first use is harmless.
+        return RateLimiter(self.redis, RateLimitPolicy.from_settings(self.settings))
 
     @property
     def deadletters(self) -> DeadLetterStore:

@@ -35,6 +35,21 @@ Control endpoints (JSON, no auth, always at the server root, never delayed):
 * ``GET /_sandbox/stats`` -> ``{"total", "byStatus", "delivered", "perSecond", "maxPerSecond",
   "hung", "connections", "openConnections"}``
 * ``POST /_sandbox/reset`` clears scripts, records and stats; config stays -> 200
+* ``GET|POST /_sandbox/oauth`` ``{"failures": [503, 503], "accessTtlSeconds": 2,
+  "refreshTtlSeconds", "geolocation", "redirectTo", "clientSecret", "companyId", "authToken",
+  "revokeRefreshTokens": true, "reset": true}`` -> 200 the token endpoint's counters
+
+The token endpoint ``POST /oauth2/v0/token`` (form-encoded, at the server root) plays Concur's
+OAuth2: the password grant (``username`` = company id, ``password`` = auth token,
+``credtype=authtoken``) and the ``refresh_token`` grant, both checking ``client_secret`` (any
+``client_id``). Every success issues a new access token (lifetime ``accessTtlSeconds``, accepted
+by the v4 endpoint besides the configured static tokens) and a NEW refresh token, and retires the
+one presented: a retired, unknown, expired or revoked refresh token is answered
+``400 {"code": 108, ...}`` (a retired one presented again is counted in ``reusedRefreshTokens``).
+``failures`` are statuses answered to the next token requests, one each; ``redirectTo`` answers
+every token request with code 16 and that ``geolocation``; ``geolocation`` is what a success
+reports (default: the sandbox's own root URL). Token requests are counted apart from the v4
+requests (``GET /_sandbox/oauth``), never echoing a secret.
 
 A request is recorded (and counted) when its answer is decided, before any latency: a 200 that
 the client gave up waiting for still counts as delivered, as it would on the real API. A hung
@@ -84,7 +99,23 @@ _PLAN_KEYS = frozenset({"status", "retryAfter", "delayMs", "errors", "body", "co
 _RATE_KEYS = frozenset({"errorRatio", "statuses", "hangRatio", "seed"})
 _SCRIPT_KEYS = frozenset({"match", "responses", "then", "rate"})
 _CONFIG_KEYS = frozenset({"latencyMs", "tokens"})
+_OAUTH_KEYS = frozenset(
+    {
+        "failures",
+        "accessTtlSeconds",
+        "refreshTtlSeconds",
+        "geolocation",
+        "redirectTo",
+        "clientSecret",
+        "companyId",
+        "authToken",
+        "revokeRefreshTokens",
+        "reset",
+    }
+)
 _JSON = "application/json"
+_FORM = "application/x-www-form-urlencoded"
+TOKEN_PATH = "/oauth2/v0/token"
 
 # Codes the seed uses where HTTPStatus' own name would differ from what clients match on.
 _ERROR_CODES = {
@@ -409,6 +440,47 @@ async def _wait_for_eof(reader: asyncio.StreamReader) -> None:
         pass
 
 
+@dataclass(slots=True)
+class _OAuth:
+    """The token endpoint's configuration and what it has issued."""
+
+    client_secret: str = "sandbox-client-secret"
+    company_id: str = "sandbox-company"
+    auth_token: str = "sandbox-auth-token"
+    access_ttl_s: float = 3600.0
+    refresh_ttl_s: float = 180 * 86400.0
+    geolocation: str | None = None
+    redirect_to: str | None = None
+    failures: deque[int] = field(default_factory=deque)
+    access: dict[str, float] = field(default_factory=dict)  # token -> expires (epoch s)
+    refresh: dict[str, tuple[str, float]] = field(default_factory=dict)  # -> (client, expires)
+    retired: set[str] = field(default_factory=set)
+    issued: list[str] = field(default_factory=list)
+    grants: dict[str, int] = field(default_factory=dict)
+    codes: dict[int, int] = field(default_factory=dict)
+    statuses: dict[int, int] = field(default_factory=dict)
+    reused: int = 0
+    log: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _positive(doc: dict[str, Any], key: str) -> float | None:
+    value = doc.get(key)
+    if value is None:
+        return None
+    if not _is_number(value) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{key} must be a positive number")
+    return float(value)
+
+
+def _url_or_none(doc: dict[str, Any], key: str) -> str | None:
+    value = doc.get(key)
+    if value is not None and (
+        not isinstance(value, str) or not value.startswith(("http://", "https://"))
+    ):
+        raise ValueError(f"{key} must be an http(s) URL or null")
+    return value.rstrip("/") if value else None
+
+
 class Sandbox:
     """The fake Notifications v4 API. Methods are safe to call from any thread."""
 
@@ -445,6 +517,7 @@ class Sandbox:
         self._stop_event: asyncio.Event | None = None
         self._bound_port: int | None = None
         self._startup_error: BaseException | None = None
+        self._oauth = _OAuth()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -768,6 +841,8 @@ class Sandbox:
     ) -> _Answer:
         if self._is_control(target):
             return self._control(method, target, body)
+        if target.partition("?")[0] == TOKEN_PATH:
+            return self._token_endpoint(method, headers, body)
         return self._api(conn_id, method, target, headers, body)
 
     # -- the Notifications v4 endpoint -------------------------------------------------------
@@ -794,7 +869,7 @@ class Sandbox:
         elif method != "POST":
             answer = _error_answer(405, f"method {method} is not allowed; use POST")
             answer.headers.append(("allow", "POST"))
-        elif token is None or token not in self._tokens:
+        elif not self._token_ok(token):
             answer = _error_answer(401, "missing or invalid bearer token")
             answer.headers.append(("www-authenticate", "Bearer"))
         elif headers.get("content-type", "").partition(";")[0].strip().lower() != _JSON:
@@ -873,7 +948,7 @@ class Sandbox:
         now = time.time()
         with self._lock:
             latency = self._latency_s
-            authorized = token is not None and token in self._tokens
+            authorized = self._token_ok(token)
             token_sha: str | None = None
             if token is not None:
                 token_sha = self._sha_cache.get(token)
@@ -932,6 +1007,10 @@ class Sandbox:
             "/_sandbox/requests": {"GET": lambda: self._get_requests(query)},
             "/_sandbox/stats": {"GET": lambda: _json_answer(200, self.stats())},
             "/_sandbox/reset": {"POST": lambda: self._post_reset()},
+            "/_sandbox/oauth": {
+                "GET": lambda: _json_answer(200, self.oauth_stats()),
+                "POST": lambda: self._post_oauth(body),
+            },
         }
         handlers = routes.get(path)
         if handlers is None:
@@ -977,6 +1056,222 @@ class Sandbox:
     def _post_reset(self) -> _Answer:
         self.reset()
         return _json_answer(200, {"reset": True})
+
+    # -- the OAuth2 token endpoint -------------------------------------------------------------
+
+    def _token_ok(self, token: str | None) -> bool:
+        if token is None:
+            return False
+        if token in self._tokens:
+            return True
+        expires = self._oauth.access.get(token)
+        return expires is not None and expires > time.time()
+
+    def configure_oauth(
+        self,
+        *,
+        failures: Iterable[int] | None = None,
+        access_ttl_seconds: float | None = None,
+        refresh_ttl_seconds: float | None = None,
+        geolocation: str | None = None,
+        redirect_to: str | None = None,
+        client_secret: str | None = None,
+        company_id: str | None = None,
+        auth_token: str | None = None,
+        revoke_refresh_tokens: bool = False,
+        reset: bool = False,
+    ) -> None:
+        """Change the token endpoint; ``reset`` first forgets every token, counter and setting.
+
+        Arguments left None keep their value (``reset=True`` returns all to the defaults).
+        """
+        doc: dict[str, Any] = {
+            "failures": None if failures is None else list(failures),
+            "accessTtlSeconds": access_ttl_seconds,
+            "refreshTtlSeconds": refresh_ttl_seconds,
+            "geolocation": geolocation,
+            "redirectTo": redirect_to,
+            "clientSecret": client_secret,
+            "companyId": company_id,
+            "authToken": auth_token,
+            "revokeRefreshTokens": revoke_refresh_tokens,
+            "reset": reset,
+        }
+        self._apply_oauth({key: value for key, value in doc.items() if value is not None})
+
+    def _apply_oauth(self, doc: dict[str, Any]) -> None:
+        unknown = sorted(set(doc) - _OAUTH_KEYS)
+        if unknown:
+            raise ValueError(f"oauth has unknown keys: {', '.join(unknown)}")
+        failures = doc.get("failures")
+        if failures is not None and (
+            not isinstance(failures, list)
+            or not all(
+                isinstance(f, int) and not isinstance(f, bool) and 400 <= f <= 599 for f in failures
+            )
+        ):
+            raise ValueError("failures must be a list of integers 400-599")
+        access_ttl = _positive(doc, "accessTtlSeconds")
+        refresh_ttl = _positive(doc, "refreshTtlSeconds")
+        geolocation = _url_or_none(doc, "geolocation")
+        redirect_to = _url_or_none(doc, "redirectTo")
+        texts = {}
+        for key in ("clientSecret", "companyId", "authToken"):
+            value = doc.get(key)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{key} must be a non-empty string")
+            texts[key] = value
+        with self._lock:
+            if doc.get("reset"):
+                self._oauth = _OAuth()
+            o = self._oauth
+            if failures is not None:
+                o.failures = deque(failures)
+            if access_ttl is not None:
+                o.access_ttl_s = access_ttl
+            if refresh_ttl is not None:
+                o.refresh_ttl_s = refresh_ttl
+            if "geolocation" in doc:
+                o.geolocation = geolocation
+            if "redirectTo" in doc:
+                o.redirect_to = redirect_to
+            o.client_secret = texts["clientSecret"] or o.client_secret
+            o.company_id = texts["companyId"] or o.company_id
+            o.auth_token = texts["authToken"] or o.auth_token
+            if doc.get("revokeRefreshTokens"):
+                o.retired.update(o.refresh)
+                o.refresh.clear()
+
+    def issue_refresh_token(self, client_id: str) -> str:
+        """A valid refresh token for ``client_id``, as Concur's tools hand one to an admin."""
+        token = f"sbx-rt-{uuid.uuid4().hex}"
+        with self._lock:
+            o = self._oauth
+            o.refresh[token] = (client_id, time.time() + o.refresh_ttl_s)
+            o.issued.append(token)
+        return token
+
+    def issued_tokens(self) -> list[str]:
+        """Every access and refresh token issued (in-process only: never over HTTP)."""
+        with self._lock:
+            return list(self._oauth.issued)
+
+    def oauth_stats(self) -> dict[str, Any]:
+        """The token endpoint's counters and request log (no secret in them)."""
+        now = time.time()
+        with self._lock:
+            o = self._oauth
+            return {
+                "grants": dict(o.grants),
+                "codes": {str(k): v for k, v in sorted(o.codes.items())},
+                "byStatus": {str(k): v for k, v in sorted(o.statuses.items())},
+                "reusedRefreshTokens": o.reused,
+                "failuresLeft": len(o.failures),
+                "liveAccessTokens": sum(1 for t in o.access.values() if t > now),
+                "liveRefreshTokens": len(o.refresh),
+                "accessTtlSeconds": o.access_ttl_s,
+                "requests": list(o.log),
+            }
+
+    def _post_oauth(self, body: bytes) -> _Answer:
+        doc = self._json_doc(body)
+        if not isinstance(doc, dict):
+            raise ValueError("oauth must be an object")
+        self._apply_oauth(doc)
+        return _json_answer(200, self.oauth_stats())
+
+    def _token_endpoint(self, method: str, headers: dict[str, str], body: bytes) -> _Answer:
+        if method != "POST":
+            answer = _json_answer(
+                405, {"error": "invalid_request", "error_description": "use POST"}
+            )
+            answer.headers.append(("allow", "POST"))
+            return answer
+        content_type = headers.get("content-type", "").partition(";")[0].strip().lower()
+        if content_type != _FORM:
+            return _json_answer(
+                400,
+                {"error": "invalid_request", "error_description": f"Content-Type must be {_FORM}"},
+            )
+        try:
+            parsed = parse_qs(body.decode("utf-8"), keep_blank_values=True)
+        except UnicodeDecodeError:
+            parsed = {}
+        form = {key: values[-1] for key, values in parsed.items()}
+        with self._lock:
+            return self._grant(form, time.time())
+
+    def _grant(self, form: dict[str, str], now: float) -> _Answer:
+        o = self._oauth
+        grant_type = form.get("grant_type", "")
+        client_id = form.get("client_id", "")
+
+        def done(status: int, doc: dict[str, Any]) -> _Answer:
+            code = doc.get("code")
+            if isinstance(code, int):
+                o.codes[code] = o.codes.get(code, 0) + 1
+            o.statuses[status] = o.statuses.get(status, 0) + 1
+            o.log.append({"at": now, "grantType": grant_type, "status": status, "code": code})
+            return _json_answer(status, doc)
+
+        def refused(status: int, error: str, description: str, code: int | None = None) -> _Answer:
+            doc: dict[str, Any] = {"error": error, "error_description": description}
+            if code is not None:
+                doc["code"] = code
+            return done(status, doc)
+
+        if o.failures:
+            status = o.failures.popleft()
+            return refused(status, "server_error", f"scripted {status}")
+        if o.redirect_to:
+            return done(
+                400,
+                {
+                    "code": 16,
+                    "error": "invalid_grant",
+                    "error_description": "the principal lives in another geolocation",
+                    "geolocation": o.redirect_to,
+                },
+            )
+        if not client_id or form.get("client_secret") != o.client_secret:
+            return refused(401, "invalid_client", "unknown client or wrong secret")
+        if grant_type == "password":
+            if (
+                form.get("credtype") != "authtoken"
+                or form.get("username") != o.company_id
+                or form.get("password") != o.auth_token
+            ):
+                return refused(400, "invalid_grant", "bad company id or auth token")
+        elif grant_type == "refresh_token":
+            presented = form.get("refresh_token", "")
+            entry = o.refresh.get(presented)
+            if entry is None or entry[0] != client_id or entry[1] <= now:
+                if presented in o.retired:
+                    o.reused += 1
+                return refused(400, "invalid_grant", "bad or expired refresh token", 108)
+            del o.refresh[presented]
+            o.retired.add(presented)
+        else:
+            return refused(400, "unsupported_grant_type", "use password or refresh_token")
+        access = f"sbx-at-{uuid.uuid4().hex}"
+        refresh = f"sbx-rt-{uuid.uuid4().hex}"
+        o.access[access] = now + o.access_ttl_s
+        o.refresh[refresh] = (client_id, now + o.refresh_ttl_s)
+        o.issued.extend((access, refresh))
+        o.grants[grant_type] = o.grants.get(grant_type, 0) + 1
+        return done(
+            200,
+            {
+                "expires_in": f"{o.access_ttl_s:g}",
+                "scope": "notifications.messages.writeonly",
+                "token_type": "Bearer",
+                "access_token": access,
+                "refresh_token": refresh,
+                "refresh_expires_in": int(now + o.refresh_ttl_s),
+                "geolocation": o.geolocation or self.root_url,
+                "id_token": "sandbox-id-token",
+            },
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

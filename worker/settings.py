@@ -14,6 +14,24 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "NOTIFY_"
 US_BASE_URL = "https://us.api.concursolutions.com/notifications/v4"
+API_PATH = "/notifications/v4"
+# Concur's base hosts by geolocation name (developer docs, "Base URIs"); usg and the -impl
+# hosts follow the same naming and are the best-known form, not confirmed from a response.
+GEOLOCATIONS = {
+    "us": "https://us.api.concursolutions.com",
+    "us2": "https://us2.api.concursolutions.com",
+    "emea": "https://emea.api.concursolutions.com",
+    "eu": "https://emea.api.concursolutions.com",
+    "eu2": "https://eu2.api.concursolutions.com",
+    "cn": "https://cn.api.concurcdc.cn",
+    "usg": "https://usg.api.concursolutions.com",
+    "us-impl": "https://us-impl.api.concursolutions.com",
+    "emea-impl": "https://emea-impl.api.concursolutions.com",
+}
+
+# The longest one attempt waits for rate-limit permits before the message is put back on the
+# schedule instead (the lease covers it, so it is a constant rather than a setting).
+RATE_LIMIT_MAX_WAIT_SECONDS = 5.0
 
 CommaList = Annotated[list[str], NoDecode]
 SecretList = Annotated[list[SecretStr], NoDecode]
@@ -41,6 +59,15 @@ class Settings(BaseSettings):
     api_base_url: str = US_BASE_URL
     api_token: SecretStr | None = None
 
+    # Concur company OAuth (worker/oauth.py); when set, these win over NOTIFY_API_TOKEN.
+    oauth_client_id: str | None = None
+    oauth_client_secret: SecretStr | None = None
+    oauth_company_id: str | None = None
+    oauth_company_auth_token: SecretStr | None = None
+    oauth_refresh_token: SecretStr | None = None
+    oauth_token_url: str | None = None
+    token_encryption_key: SecretStr | None = None
+
     allowed_templates: CommaList = []
     allowed_url_domains: CommaList = []
 
@@ -59,6 +86,11 @@ class Settings(BaseSettings):
     visibility_timeout_seconds: int = Field(3600, ge=10)
     retry_poll_interval_seconds: float = Field(1.0, gt=0, le=60)
     status_ttl_seconds: int = Field(7 * 24 * 3600, ge=60)
+
+    # The global rate limit (worker/ratelimit.py), shared by every worker through Redis.
+    rate_limit_per_second: float = Field(0.0, ge=0, le=100_000)  # 0: off
+    rate_limit_burst: int | None = Field(None, ge=1, le=100_000)  # unset: one second's worth
+    rate_limit_penalty_seconds: float = Field(60.0, ge=0, le=3600)  # half pace after a 429
 
     # The HTTP service (`notify api`): partner keys for the gateway, operator keys for the
     # failed-notification endpoints. Both are bearer secrets, never logged or echoed.
@@ -140,10 +172,53 @@ class Settings(BaseSettings):
     @field_validator("api_base_url")
     @classmethod
     def _api_url(cls, value: str) -> str:
-        value = value.rstrip("/")
+        value = value.strip().rstrip("/")
+        if value.lower() in GEOLOCATIONS:
+            return GEOLOCATIONS[value.lower()] + API_PATH
+        if not value.startswith(("https://", "http://")):
+            raise ValueError(
+                "must be an http(s) URL or a geolocation name (" + ", ".join(GEOLOCATIONS) + ")"
+            )
+        return value
+
+    @field_validator("oauth_token_url")
+    @classmethod
+    def _token_url(cls, value: str | None) -> str | None:
+        if not value or not value.strip():
+            return None
         if not value.startswith(("https://", "http://")):
             raise ValueError("must be an http(s) URL")
-        return value
+        return value.strip()
+
+    @field_validator("oauth_client_id", "oauth_company_id", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: Any) -> Any:
+        return value.strip() or None if isinstance(value, str) else value
+
+    @field_validator(
+        "oauth_client_secret", "oauth_company_auth_token", "oauth_refresh_token", mode="before"
+    )
+    @classmethod
+    def _blank_secret_is_unset(cls, value: Any) -> Any:
+        return value or None if isinstance(value, str) else value
+
+    @field_validator("token_encryption_key", mode="before")
+    @classmethod
+    def _fernet_key(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip():
+            from cryptography.fernet import Fernet
+
+            try:
+                Fernet(value.strip().encode())
+            except (ValueError, TypeError):
+                # Never quote the key: this message is printed.
+                raise ValueError(
+                    "must be a Fernet key (URL-safe base64 of 32 bytes); make one with "
+                    "`python -c 'from cryptography.fernet import Fernet; "
+                    "print(Fernet.generate_key().decode())'`"
+                ) from None
+            return value.strip()
+        return None if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
@@ -158,21 +233,58 @@ class Settings(BaseSettings):
                 f"exceed the longest attempt ({self.inflight_lease_seconds:.0f} s, from the HTTP "
                 "timeouts), or a slow attempt would be handed to a second worker"
             )
+        self._check_oauth()
         return self
+
+    def _check_oauth(self) -> None:
+        p = ENV_PREFIX + "OAUTH_"
+        if not self.uses_oauth:
+            if self.oauth_client_secret or self.oauth_company_id or self.oauth_refresh_token:
+                raise ValueError(f"{p}CLIENT_ID: not set, but other {p}* settings are")
+            return
+        if self.oauth_client_secret is None:
+            raise ValueError(f"{p}CLIENT_SECRET: required with {p}CLIENT_ID")
+        if (self.oauth_company_id is None) != (self.oauth_company_auth_token is None):
+            missing = "COMPANY_ID" if self.oauth_company_id is None else "COMPANY_AUTH_TOKEN"
+            raise ValueError(f"{p}{missing}: required with the other company setting")
+        if self.oauth_company_id is None and self.oauth_refresh_token is None:
+            raise ValueError(
+                f"{p}REFRESH_TOKEN: set it, or {p}COMPANY_ID and {p}COMPANY_AUTH_TOKEN, with "
+                f"{p}CLIENT_ID"
+            )
 
     @property
     def inflight_lease_seconds(self) -> float:
         """How long a claimed message belongs to one worker before another may take it over.
 
         Covers the worst attempt: two posts (a 401 is retried once with a fresh token), each
-        bounded by the connect and read timeouts, plus a margin for Redis and scheduling.
+        bounded by the connect and read timeouts, plus a margin for Redis and scheduling, plus
+        the longest wait for a rate-limit permit when the limit is on.
         """
-        return 2 * (self.http_connect_timeout_seconds + self.http_timeout_seconds) + 10
+        rate_wait = RATE_LIMIT_MAX_WAIT_SECONDS if self.rate_limit_per_second > 0 else 0.0
+        # With OAuth an attempt may also fetch a token twice (before the post, after a 401).
+        token_wait = 2 * self.token_fetch_budget_seconds if self.uses_oauth else 0.0
+        return (
+            2 * (self.http_connect_timeout_seconds + self.http_timeout_seconds)
+            + 10
+            + rate_wait
+            + token_wait
+        )
+
+    @property
+    def token_fetch_budget_seconds(self) -> float:
+        """The longest one OAuth token fetch may take, waiting for the lock included."""
+        return 2 * (self.http_connect_timeout_seconds + self.http_timeout_seconds)
+
+    @property
+    def uses_oauth(self) -> bool:
+        """True when Concur OAuth client credentials are configured."""
+        return self.oauth_client_id is not None
 
     @property
     def uses_sandbox(self) -> bool:
         """True when no Concur credential is configured (posts go to the local sandbox)."""
-        return self.api_token is None
+        return self.api_token is None and not self.uses_oauth
 
 
 def _describe(error: ValidationError) -> str:

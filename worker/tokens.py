@@ -3,6 +3,7 @@
 ``StaticToken`` serves ``NOTIFY_API_TOKEN``; a refresh (after a 401) re-reads the settings, so an
 operator can rotate the token without restarting workers. With no token configured the sandbox's
 token is used, but only for a loopback API URL: nothing reaches a real host without credentials.
+``worker.oauth.OAuthTokens`` serves Concur OAuth company tokens instead when they are configured.
 """
 
 from __future__ import annotations
@@ -17,11 +18,19 @@ SANDBOX_TOKEN = "sandbox-token"
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
+class TokenUnavailable(Exception):
+    """No usable token can be had now (token endpoint down, credentials refused).
+
+    A credentials outage, not a fault of the message: delivery schedules the message for a
+    later attempt instead of dead-lettering it. The text never contains a secret.
+    """
+
+
 class TokenProvider(Protocol):
     """Gives the current access token, and a fresh one after the API refused ``refused``."""
 
     def token(self) -> str:
-        """The token to use now."""
+        """The token to use now; raises ``TokenUnavailable`` when none can be had."""
         ...
 
     def refresh(self, refused: str) -> str:

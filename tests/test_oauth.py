@@ -1,0 +1,434 @@
+"""Concur OAuth company tokens: the provider, the sandbox's token endpoint and real workers.
+
+These tests run in a Redis database of their own (not the session's), so the session worker's
+mover never republishes their messages to the static-token queue, and their workers post to a
+sandbox of their own that accepts only the access tokens it issued.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from redis import Redis
+
+from tests.conftest import LOCAL_REDIS, WorkerProcess, _claim_database, _release_database, wait_for
+from worker import keys
+from worker.celery_app import make_app
+from worker.oauth import OAuthTokens, fingerprint
+from worker.records import Envelope
+from worker.runtime import Runtime
+from worker.sandbox import Sandbox
+from worker.settings import GEOLOCATIONS, Settings, SettingsError, load_settings
+from worker.tokens import TokenUnavailable
+from worker.validation import validate
+
+CLIENT_SECRET = "sandbox-client-secret"
+COMPANY_ID = "sandbox-company"
+AUTH_TOKEN = "sandbox-auth-token"
+FERNET_KEY = "k2y0Ue3MSn3kQ1Yv2c0Jv8wH8d7c3mB0s9J0b1zR6dE="
+
+
+@pytest.fixture(scope="module")
+def oauth_redis_url() -> Iterator[str]:
+    """A Redis database for this module alone (see the module docstring)."""
+    base = os.environ["NOTIFY_REDIS_URL"]
+    claimed: str | None = None
+    if base.startswith(LOCAL_REDIS + "/") and not os.environ.get("NOTIFY_TEST_REDIS_URL"):
+        claimed = _claim_database()
+    if claimed is None:
+        # An embedded server is this run's alone: any other database number is free.
+        root, _, number = base.rpartition("/")
+        claimed = f"{root}/{(int(number or 0) + 1) % 16}"
+    Redis.from_url(claimed).flushdb()
+    yield claimed
+    Redis.from_url(claimed).flushdb()
+    if claimed.startswith(LOCAL_REDIS + "/") and claimed != base:
+        _release_database(claimed)
+
+
+@pytest.fixture(scope="module")
+def token_sandbox() -> Iterator[Sandbox]:
+    """A sandbox accepting no static token: only access tokens from its token endpoint."""
+    sandbox = Sandbox(tokens=[f"static-{uuid.uuid4().hex}"])
+    sandbox.start()
+    yield sandbox
+    sandbox.stop()
+
+
+@pytest.fixture
+def oauth(token_sandbox: Sandbox, oauth_redis_url: str) -> OAuthCase:
+    """A fresh token endpoint, a client id and a queue of this test's own."""
+    token_sandbox.reset()
+    token_sandbox.configure_oauth(reset=True)
+    return OAuthCase(token_sandbox, oauth_redis_url)
+
+
+class OAuthCase:
+    """Settings, env and helpers for one test."""
+
+    def __init__(self, sandbox: Sandbox, redis_url: str) -> None:
+        self.sandbox = sandbox
+        self.redis_url = redis_url
+        self.client_id = f"client-{uuid.uuid4().hex[:10]}"
+        self.queue = f"notify-oauth-{uuid.uuid4().hex[:8]}"
+        self.redis = Redis.from_url(redis_url, decode_responses=True)
+
+    def values(self, **overrides: str) -> dict[str, str]:
+        """The settings as environment variables (without the prefix, lower case)."""
+        values = {
+            "redis_url": self.redis_url,
+            "queue_name": self.queue,
+            "api_base_url": self.sandbox.url,
+            "oauth_client_id": self.client_id,
+            "oauth_client_secret": CLIENT_SECRET,
+            "oauth_company_id": COMPANY_ID,
+            "oauth_company_auth_token": AUTH_TOKEN,
+        }
+        values.update(overrides)
+        return {k: v for k, v in values.items() if v != ""}
+
+    def settings(self, **overrides: str) -> Settings:
+        values = self.values(**overrides)
+        # Unset company credentials must not come back from the session's environment.
+        return load_settings(
+            **{
+                "oauth_company_id": None,
+                "oauth_company_auth_token": None,
+                "oauth_refresh_token": None,
+                **values,
+            }
+        )
+
+    def provider(self, **overrides: str) -> OAuthTokens:
+        return OAuthTokens.from_settings(self.settings(**overrides), self.redis)
+
+    def env(self, **overrides: str) -> dict[str, str]:
+        return {f"NOTIFY_{k.upper()}": v for k, v in self.values(**overrides).items()}
+
+    def stored(self) -> dict[str, str]:
+        return self.redis.hgetall(keys.oauth_state(self.client_id))
+
+    def grants(self) -> dict[str, int]:
+        return dict(self.sandbox.oauth_stats()["grants"])
+
+    def runtime(self) -> Runtime:
+        return Runtime.from_settings(self.settings())
+
+    def send(self, rt: Runtime, user_id: str, count: int = 1) -> list[str]:
+        """Queue ``count`` messages on this test's queue and broker."""
+        app = make_app(rt.settings)
+        ids = []
+        with app.producer_or_acquire() as producer:
+            for _ in range(count):
+                body = {
+                    "sessionId": f"s-{uuid.uuid4().hex[:8]}",
+                    "templateId": "welcome",
+                    "context": {"url": "https://app.example.com/r/1"},
+                }
+                message = validate(user_id, body, rt.allowlist)
+                created, _ = rt.store.create(message.id, message.to_wire())
+                assert created
+                rt.publish(Envelope(message.id, 1, message.to_wire()), producer=producer)
+                ids.append(message.id)
+        return ids
+
+
+def _state(rt: Runtime, message_id: str) -> str | None:
+    record = rt.store.status(message_id)
+    return record["state"] if record else None
+
+
+def _all_finished(rt: Runtime, ids: list[str], timeout: float = 40.0) -> list[dict[str, Any]]:
+    wait_for(
+        lambda: all(_state(rt, i) in ("delivered", "failed") for i in ids),
+        timeout=timeout,
+        what=f"{len(ids)} messages to finish",
+    )
+    return [rt.store.status(i) or {} for i in ids]
+
+
+def _secrets_absent(text: str, sandbox: Sandbox) -> None:
+    for secret in [CLIENT_SECRET, AUTH_TOKEN, *sandbox.issued_tokens()]:
+        assert secret not in text
+
+
+# -- settings ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "url"),
+    [
+        ("us", "https://us.api.concursolutions.com/notifications/v4"),
+        ("us2", "https://us2.api.concursolutions.com/notifications/v4"),
+        ("EMEA", "https://emea.api.concursolutions.com/notifications/v4"),
+        ("eu", "https://emea.api.concursolutions.com/notifications/v4"),
+        ("eu2", "https://eu2.api.concursolutions.com/notifications/v4"),
+        ("cn", "https://cn.api.concurcdc.cn/notifications/v4"),
+        ("usg", "https://usg.api.concursolutions.com/notifications/v4"),
+        ("us-impl", "https://us-impl.api.concursolutions.com/notifications/v4"),
+        ("emea-impl", "https://emea-impl.api.concursolutions.com/notifications/v4"),
+    ],
+)
+def test_api_base_url_accepts_a_geolocation_name(name, url):
+    assert load_settings(api_base_url=name).api_base_url == url
+    assert len(GEOLOCATIONS) == 9
+
+
+def test_api_base_url_that_is_neither_url_nor_geolocation_names_the_variable():
+    with pytest.raises(SettingsError, match=r"^NOTIFY_API_BASE_URL: .*geolocation name"):
+        load_settings(api_base_url="mars")
+
+
+@pytest.mark.parametrize(
+    ("values", "named"),
+    [
+        ({"oauth_client_id": "c"}, "NOTIFY_OAUTH_CLIENT_SECRET"),
+        (
+            {"oauth_client_id": "c", "oauth_client_secret": "s", "oauth_company_id": "x"},
+            "NOTIFY_OAUTH_COMPANY_AUTH_TOKEN",
+        ),
+        ({"oauth_client_id": "c", "oauth_client_secret": "s"}, "NOTIFY_OAUTH_REFRESH_TOKEN"),
+        ({"oauth_client_secret": "s"}, "NOTIFY_OAUTH_CLIENT_ID"),
+        ({"token_encryption_key": "not-a-key"}, "NOTIFY_TOKEN_ENCRYPTION_KEY"),
+    ],
+)
+def test_incomplete_oauth_settings_name_the_variable_and_never_the_secret(values, named):
+    base = {"oauth_company_id": None, "oauth_company_auth_token": None}
+    with pytest.raises(SettingsError) as error:
+        load_settings(**{**base, **values})
+    message = str(error.value)
+    assert message.startswith(named)
+    assert "not-a-key" not in message and "'s'" not in message
+
+
+def test_oauth_credentials_mean_no_sandbox_and_a_longer_lease(oauth):
+    plain = load_settings(api_token=None)
+    with_oauth = oauth.settings()
+    assert plain.uses_sandbox and not with_oauth.uses_sandbox
+    assert with_oauth.inflight_lease_seconds > plain.inflight_lease_seconds
+
+
+# -- the provider, in this process ----------------------------------------------------------
+
+
+def test_password_grant_first_then_refresh_grant_with_the_rotated_token(oauth):
+    oauth.sandbox.configure_oauth(access_ttl_seconds=2)
+    tokens = oauth.provider()
+    first = tokens.token()
+    assert oauth.grants() == {"password": 1}
+    assert tokens.token() == first  # kept in memory, not fetched per call
+    stored_first = oauth.stored()
+    assert stored_first["geolocation"] == oauth.sandbox.root_url
+    assert int(stored_first["refresh_expires"]) > time.time() * 1000 + 100 * 86400 * 1000
+
+    second = wait_for(lambda: (t := tokens.token()) != first and t, timeout=5)
+    assert oauth.grants() == {"password": 1, "refresh_token": 1}
+    stats = oauth.sandbox.oauth_stats()
+    assert stats["reusedRefreshTokens"] == 0 and stats["codes"] == {}
+    # The rotated refresh token is what is stored now (the old one is retired by the sandbox).
+    assert oauth.stored()["refresh"] != stored_first["refresh"]
+    assert second in oauth.sandbox.issued_tokens()
+
+
+def test_access_token_is_never_written_to_redis(oauth):
+    access = oauth.provider().token()
+    for key in oauth.redis.scan_iter(f"notify:oauth:{oauth.client_id}*"):
+        kind = oauth.redis.type(key)
+        values = oauth.redis.hvals(key) if kind == "hash" else [oauth.redis.get(key) or ""]
+        assert all(access not in value for value in values)
+
+
+def test_refresh_token_is_encrypted_at_rest_when_a_key_is_set(oauth):
+    oauth.provider(token_encryption_key=FERNET_KEY).token()
+    raw = oauth.stored()
+    issued_refresh = [t for t in oauth.sandbox.issued_tokens() if t.startswith("sbx-rt-")]
+    assert raw["refresh"].startswith("f1:")
+    assert all(token not in value for token in issued_refresh for value in raw.values())
+    # Another process with the same key reads it back and uses it: a refresh, not a password.
+    oauth.provider(token_encryption_key=FERNET_KEY).token()
+    assert oauth.grants() == {"password": 1, "refresh_token": 1}
+
+
+def test_without_a_key_the_refresh_token_is_stored_plainly_and_marked_so(oauth):
+    oauth.provider().token()
+    assert oauth.stored()["refresh"].startswith("p:sbx-rt-")
+
+
+def test_configured_refresh_token_is_used_once_then_the_rotated_one(oauth):
+    seed = oauth.sandbox.issue_refresh_token(oauth.client_id)
+    values = {"oauth_company_id": "", "oauth_company_auth_token": "", "oauth_refresh_token": seed}
+    oauth.provider(**values).token()
+    oauth.provider(**values).token()  # a restart with the same settings
+    assert oauth.grants() == {"refresh_token": 2}
+    assert oauth.sandbox.oauth_stats()["codes"] == {}  # the spent seed was not presented again
+    assert oauth.stored()["seed"] == fingerprint(seed)
+
+
+def test_code_108_falls_back_to_the_password_grant(oauth):
+    tokens = oauth.provider()
+    old = tokens.token()
+    oauth.sandbox.configure_oauth(revoke_refresh_tokens=True)
+    new = tokens.refresh(old)
+    assert new != old
+    assert oauth.grants() == {"password": 2}
+    assert oauth.sandbox.oauth_stats()["codes"] == {"108": 1}
+
+
+def test_code_108_without_company_credentials_is_a_clear_error_and_no_secret(oauth):
+    seed = oauth.sandbox.issue_refresh_token(oauth.client_id)
+    tokens = oauth.provider(
+        oauth_company_id="", oauth_company_auth_token="", oauth_refresh_token=seed
+    )
+    old = tokens.token()
+    oauth.sandbox.configure_oauth(revoke_refresh_tokens=True)
+    with pytest.raises(TokenUnavailable) as error:
+        tokens.refresh(old)
+    assert "108" in str(error.value) and "NOTIFY_OAUTH_REFRESH_TOKEN" in str(error.value)
+    _secrets_absent(str(error.value), oauth.sandbox)
+
+
+def test_code_16_retries_at_the_named_geolocation_and_stores_it(oauth):
+    with Sandbox(tokens=["x-unused"]) as elsewhere:
+        oauth.sandbox.configure_oauth(redirect_to=elsewhere.root_url)
+        moved: list[str] = []
+        tokens = OAuthTokens.from_settings(
+            oauth.settings(), oauth.redis, on_geolocation=moved.append
+        )
+        tokens.token()
+        assert oauth.sandbox.oauth_stats()["codes"] == {"16": 1}
+        assert elsewhere.oauth_stats()["grants"] == {"password": 1}
+        assert oauth.stored()["geolocation"] == elsewhere.root_url
+        assert moved == [elsewhere.root_url]
+
+
+def test_token_endpoint_down_raises_token_unavailable_and_logs_an_error(oauth, caplog):
+    oauth.sandbox.configure_oauth(failures=[503])
+    tokens = oauth.provider()
+    with caplog.at_level("ERROR", logger="notify.tokens"), pytest.raises(TokenUnavailable):
+        tokens.token()
+    assert any(r.name == "notify.tokens" and r.levelname == "ERROR" for r in caplog.records)
+    # The whole fleet waits a moment before asking again, then it works.
+    assert oauth.redis.exists(keys.oauth_cooldown(oauth.client_id))
+    assert wait_for(lambda: _try(tokens.token), timeout=10)
+
+
+def _try(call: Callable[[], str]) -> str | None:
+    try:
+        return call()
+    except TokenUnavailable:
+        return None
+
+
+# -- real workers -----------------------------------------------------------------------------
+
+
+def _oauth_worker(start_worker: Callable[..., WorkerProcess], oauth: OAuthCase, **env: str):
+    return start_worker(**oauth.env(**env))
+
+
+@pytest.mark.slow
+def test_access_token_is_replaced_before_it_expires(oauth, start_worker, user_id):
+    oauth.sandbox.configure_oauth(access_ttl_seconds=3)
+    _oauth_worker(start_worker, oauth)
+    rt = oauth.runtime()
+    ids: list[str] = []
+    for _ in range(8):
+        ids += oauth.send(rt, user_id, 2)
+        time.sleep(0.75)
+    records = _all_finished(rt, ids)
+    assert {r["state"] for r in records} == {"delivered"}
+    statuses = [r["status"] for r in oauth.sandbox.requests(user_id=user_id)]
+    assert statuses == [200] * len(ids)  # never a 401: each token was replaced in time
+    assert oauth.grants().get("refresh_token", 0) >= 1
+
+
+@pytest.mark.slow
+def test_two_workers_refresh_one_at_a_time_and_never_reuse_a_refresh_token(
+    oauth, start_worker, user_id
+):
+    oauth.sandbox.configure_oauth(access_ttl_seconds=2)
+    _oauth_worker(start_worker, oauth, worker_concurrency="8")
+    _oauth_worker(start_worker, oauth, worker_concurrency="8")
+    rt = oauth.runtime()
+    ids: list[str] = []
+    for _ in range(10):
+        ids += oauth.send(rt, user_id, 6)
+        time.sleep(0.5)
+    records = _all_finished(rt, ids)
+    assert {r["state"] for r in records} == {"delivered"}
+    assert len({r["worker"] for r in records}) == 2  # both workers did deliver
+    stats = oauth.sandbox.oauth_stats()
+    assert stats["grants"]["password"] == 1  # the second worker reused what the first stored
+    assert stats["grants"]["refresh_token"] >= 3
+    assert stats["reusedRefreshTokens"] == 0
+    assert stats["codes"] == {}
+    assert "401" not in oauth.sandbox.stats()["byStatus"]
+
+
+@pytest.mark.slow
+def test_a_401_refreshes_the_token_once_and_posts_again(oauth, start_worker, user_id):
+    _oauth_worker(start_worker, oauth)
+    rt = oauth.runtime()
+    oauth.sandbox.script([{"status": 401}], user_id=user_id)
+    [message_id] = oauth.send(rt, user_id)
+    [record] = _all_finished(rt, [message_id])
+    assert record["state"] == "delivered"
+    seen = oauth.sandbox.requests(user_id=user_id)
+    assert [r["status"] for r in seen] == [401, 200]
+    assert seen[0]["tokenSha256"] != seen[1]["tokenSha256"]
+    assert oauth.grants() == {"password": 1, "refresh_token": 1}
+
+
+@pytest.mark.slow
+def test_token_endpoint_outage_defers_messages_until_it_recovers(oauth, start_worker, user_id):
+    # Five failures, one every 2 s at most (the fleet-wide cool-down): about 10 s of outage,
+    # far longer than NOTIFY_MAX_ATTEMPTS=3 retries with 0.3-1 s backoff would survive.
+    oauth.sandbox.configure_oauth(failures=[503, 503, 502, 503, 504])
+    worker = _oauth_worker(start_worker, oauth)
+    rt = oauth.runtime()
+    ids = oauth.send(rt, user_id, 4)
+    records = _all_finished(rt, ids, timeout=60)
+    assert {r["state"] for r in records} == {"delivered"}
+    assert rt.deadletters.count() == 0
+    deferrals = [
+        sum(1 for a in r["attempts"] if a["cause"] == "token_unavailable") for r in records
+    ]
+    assert max(deferrals) > rt.settings.max_attempts
+    assert [a["outcome"] for a in records[0]["attempts"]][-1] == "delivered"
+    assert oauth.sandbox.oauth_stats()["failuresLeft"] == 0
+    log = worker.log()
+    assert "Concur token refresh failed" in log and "ERROR" in log
+    _secrets_absent(log, oauth.sandbox)
+
+
+@pytest.mark.slow
+def test_code_16_moves_posts_to_the_geolocation_concur_names(oauth, start_worker, user_id):
+    with Sandbox(tokens=["x-unused"]) as elsewhere:
+        oauth.sandbox.configure_oauth(redirect_to=elsewhere.root_url)
+        _oauth_worker(start_worker, oauth)
+        rt = oauth.runtime()
+        [message_id] = oauth.send(rt, user_id)
+        [record] = _all_finished(rt, [message_id])
+        assert record["state"] == "delivered"
+        assert oauth.sandbox.requests(user_id=user_id) == []
+        assert [r["status"] for r in elsewhere.requests(user_id=user_id)] == [200]
+
+
+@pytest.mark.slow
+def test_no_secret_reaches_the_worker_log(oauth, start_worker, user_id):
+    oauth.sandbox.configure_oauth(access_ttl_seconds=2, failures=[503])
+    worker = _oauth_worker(start_worker, oauth, token_encryption_key=FERNET_KEY)
+    rt = oauth.runtime()
+    ids = oauth.send(rt, user_id, 3)
+    time.sleep(2.5)
+    ids += oauth.send(rt, user_id, 3)
+    assert {r["state"] for r in _all_finished(rt, ids)} == {"delivered"}
+    log = worker.log()
+    assert "token" in log.lower()  # the log did talk about tokens
+    _secrets_absent(log, oauth.sandbox)
+    assert FERNET_KEY not in log

@@ -1,0 +1,301 @@
+"""The global rate limit: the policy, the Lua script on real Redis, two real workers sharing it."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis import Redis
+
+import tasks
+from tests.conftest import WorkerProcess, free_port, wait_for
+from worker import keys, outcomes
+from worker.ratelimit import (
+    POLL_CAP_SECONDS,
+    RateLimiter,
+    RateLimitPolicy,
+    Reservation,
+    next_step,
+    slows_down,
+)
+from worker.runtime import Runtime
+from worker.settings import load_settings
+
+RATE = 20
+BURST = 5
+
+
+@pytest.fixture
+def limiter_keys(runtime: Any) -> Iterator[tuple[str, str]]:
+    """Keys of this test's own for the script tests, removed afterwards."""
+    names = (f"test:rl:{uuid.uuid4().hex}", f"test:rl-penalty:{uuid.uuid4().hex}")
+    yield names
+    runtime.redis.delete(*names)
+
+
+def test_policy_defaults_to_off_and_burst_to_one_seconds_worth() -> None:
+    off = RateLimitPolicy.from_settings(load_settings())
+    assert not off.enabled
+    assert off.interval_us == 0
+    on = RateLimitPolicy.from_settings(load_settings(rate_limit_per_second=12.5))
+    assert on.enabled and on.burst == 13 and on.interval_us == 80_000
+    strict = RateLimitPolicy.from_settings(
+        load_settings(rate_limit_per_second=20, rate_limit_burst=1, rate_limit_penalty_seconds=7)
+    )
+    assert (strict.burst, strict.penalty_seconds) == (1, 7)
+
+
+def test_bad_rate_limit_settings_name_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker.settings import SettingsError
+
+    monkeypatch.setenv("NOTIFY_RATE_LIMIT_PER_SECOND", "-3")
+    with pytest.raises(SettingsError, match="NOTIFY_RATE_LIMIT_PER_SECOND"):
+        load_settings()
+    monkeypatch.setenv("NOTIFY_RATE_LIMIT_PER_SECOND", "5")
+    monkeypatch.setenv("NOTIFY_RATE_LIMIT_BURST", "0")
+    with pytest.raises(SettingsError, match="NOTIFY_RATE_LIMIT_BURST"):
+        load_settings()
+
+
+def test_waiting_policy_sleeps_for_a_reserved_slot_polls_briefly_then_defers() -> None:
+    go = next_step(Reservation(True, 0.3), remaining_seconds=4.0)
+    assert (go.action, go.seconds) == ("go", 0.3)
+    poll = next_step(Reservation(False, 30.0), 4.0)
+    assert poll.action == "poll" and poll.seconds == POLL_CAP_SECONDS  # never a long sleep
+    assert next_step(Reservation(False, 30.0), 0.2).seconds == pytest.approx(0.2)
+    defer = next_step(Reservation(False, 30.0), 0.0)
+    assert (defer.action, defer.seconds) == ("defer", 30.0)
+
+
+def test_only_a_429_slows_everyone_down() -> None:
+    assert slows_down(outcomes.Retry(1.0, "http_429", 429))
+    assert slows_down(outcomes.DeadLetter(outcomes.RETRIES_EXHAUSTED, "x", 429))
+    assert not slows_down(outcomes.Retry(1.0, "http_503", 503))
+    assert not slows_down(outcomes.Retry(1.0, "timeout"))
+    assert not slows_down(outcomes.Delivered(200))
+
+
+def test_limit_off_never_touches_redis() -> None:
+    # A client for a port where nothing listens: any round trip would raise.
+    nowhere = Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=0.2)
+    limiter = RateLimiter(nowhere, RateLimitPolicy(per_second=0))
+    for _ in range(1000):
+        assert limiter.acquire(limiter.deadline()).granted
+    limiter.penalize()
+
+
+def test_script_reserves_burst_at_once_then_one_slot_per_interval(
+    runtime: Any, limiter_keys: tuple[str, str]
+) -> None:
+    limiter = RateLimiter(
+        runtime.redis,
+        RateLimitPolicy(per_second=RATE, burst=BURST),
+        key=limiter_keys[0],
+        penalty_key=limiter_keys[1],
+    )
+    started = time.monotonic()
+    waits = [limiter.reserve(10.0).wait_seconds for _ in range(BURST + 10)]
+    elapsed = time.monotonic() - started
+    assert waits[:BURST] == [0.0] * BURST
+    for n, wait in enumerate(waits[BURST:], start=1):
+        assert n / RATE - elapsed - 0.005 <= wait <= n / RATE + 0.005
+    # A slot further away than the caller may wait is not taken: asking twice gives the same slot.
+    first = limiter.reserve(0.0)
+    second = limiter.reserve(0.0)
+    assert not first.reserved and not second.reserved
+    assert second.wait_seconds == pytest.approx(first.wait_seconds, abs=0.05)
+
+
+def test_permits_granted_per_second_stay_within_rate_plus_burst(
+    runtime: Any, limiter_keys: tuple[str, str]
+) -> None:
+    policy = RateLimitPolicy(per_second=RATE, burst=BURST)
+    granted: list[float] = []
+    lock = threading.Lock()
+
+    def take_permits() -> None:
+        # Each thread has its own limiter, as each worker process would.
+        limiter = RateLimiter(
+            runtime.redis, policy, key=limiter_keys[0], penalty_key=limiter_keys[1]
+        )
+        stop = time.monotonic() + 2.0
+        while time.monotonic() < stop:
+            if limiter.acquire(limiter.deadline()).granted:
+                with lock:
+                    granted.append(time.monotonic())
+
+    threads = [threading.Thread(target=take_permits) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    granted.sort()
+    # Any window of one second (a sliding one, stricter than the sandbox's epoch seconds).
+    busiest = max(sum(1 for t in granted[i:] if t < start + 1.0) for i, start in enumerate(granted))
+    assert busiest <= RATE + BURST
+    assert len(granted) >= 2 * RATE * 0.8  # and the limit is not starving anyone either
+
+
+def test_penalty_halves_the_pace_until_it_expires(
+    runtime: Any, limiter_keys: tuple[str, str]
+) -> None:
+    limiter = RateLimiter(
+        runtime.redis,
+        RateLimitPolicy(per_second=RATE, burst=1, penalty_seconds=0.5),
+        key=limiter_keys[0],
+        penalty_key=limiter_keys[1],
+    )
+    limiter.penalize()
+    assert limiter.penalty_factor() == 2.0
+    first, second = limiter.reserve(10.0), limiter.reserve(10.0)
+    assert second.penalty_factor == 2.0
+    assert second.wait_seconds - first.wait_seconds == pytest.approx(2 / RATE, abs=0.01)
+    wait_for(lambda: limiter.penalty_factor() == 1.0, timeout=3, what="the penalty to expire")
+
+
+# -- two real workers sharing one limit ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def paced(worker_logs: Path) -> Iterator[Runtime]:
+    """Two real workers at 20/s (burst 5) on a queue of their own; a producer runtime for it.
+
+    A queue of their own: when the whole suite runs, the session's unlimited worker is alive
+    too, and must not take these messages.
+    """
+    queue = f"notify-test-paced-{uuid.uuid4().hex[:8]}"
+    env = {
+        "NOTIFY_QUEUE_NAME": queue,
+        "NOTIFY_RATE_LIMIT_PER_SECOND": str(RATE),
+        "NOTIFY_RATE_LIMIT_BURST": str(BURST),
+        "NOTIFY_RATE_LIMIT_PENALTY_SECONDS": "30",
+    }
+    workers = [WorkerProcess(name, worker_logs, env) for name in ("paced-a", "paced-b")]
+    starters = [threading.Thread(target=worker.start) for worker in workers]
+    for starter in starters:
+        starter.start()
+    for starter in starters:
+        starter.join()
+    producer = Runtime.from_settings(load_settings(queue_name=queue))
+    producer.redis.delete(keys.RATE_LIMIT, keys.RATE_LIMIT_PENALTY)
+    yield producer
+    producer.redis.delete(keys.RATE_LIMIT, keys.RATE_LIMIT_PENALTY)
+    producer.close()
+    for worker in workers:
+        worker.stop()
+
+
+def _states(runtime: Runtime, ids: list[str]) -> list[dict[str, str]]:
+    pipe = runtime.redis.pipeline(transaction=False)
+    for message_id in ids:
+        pipe.hgetall(keys.message(message_id))
+    return list(pipe.execute())
+
+
+def _all_finished(runtime: Runtime, ids: list[str]) -> bool:
+    return all(r.get("state") in ("delivered", "failed") for r in _states(runtime, ids))
+
+
+def _per_second_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {
+        second: n - before.get(second, 0)
+        for second, n in after.items()
+        if n > before.get(second, 0)
+    }
+
+
+def test_two_workers_together_stay_within_the_limit_and_deliver_everything(
+    paced: Runtime, sandbox: Any
+) -> None:
+    before = dict(sandbox.stats()["perSecond"])
+    batch = f"rl-{uuid.uuid4().hex[:6]}"
+    requests = [
+        (f"{batch}-u{n}", f"s-{n}", "welcome", "https://app.example.com/x") for n in range(240)
+    ]
+    started = time.monotonic()
+    ids = tasks.enqueue_many(requests, runtime=paced)
+    wait_for(lambda: _all_finished(paced, ids), timeout=45, what="240 paced messages")
+    took = time.monotonic() - started
+
+    records = _states(paced, ids)
+    assert Counter(r["state"] for r in records) == {"delivered": 240}
+    assert not any(paced.deadletters.get(message_id) for message_id in ids)
+    assert len({r["worker"] for r in records}) == 2  # both workers took part
+    per_second = _per_second_delta(before, dict(sandbox.stats()["perSecond"]))
+    assert sum(per_second.values()) == 240
+    assert max(per_second.values()) <= RATE + BURST, per_second
+    assert took >= (240 - BURST) / RATE - 1  # ~12 s: paced, not flooded
+
+
+def test_a_429_halves_the_pace_of_every_worker(paced: Runtime, sandbox: Any, user_id: str) -> None:
+    sandbox.script([{"status": 429}], user_id=user_id)
+    first = tasks.enqueue(user_id, "s-429", "welcome", None, runtime=paced)
+    wait_for(
+        lambda: paced.redis.get(keys.RATE_LIMIT_PENALTY) is not None,
+        timeout=15,
+        what="the 429 penalty",
+    )
+    assert float(paced.redis.get(keys.RATE_LIMIT_PENALTY) or 0) == 2.0
+
+    before = dict(sandbox.stats()["perSecond"])
+    batch = f"slow-{uuid.uuid4().hex[:6]}"
+    ids = tasks.enqueue_many(
+        [(f"{batch}-u{n}", f"s-{n}", "welcome", None) for n in range(60)], runtime=paced
+    )
+    wait_for(lambda: _all_finished(paced, [*ids, first]), timeout=30, what="60 slowed messages")
+    records = _states(paced, ids)
+    assert all(r["state"] == "delivered" for r in records)
+    assert len({r["worker"] for r in records}) == 2
+    seen = sorted(
+        request["at"]
+        for n in range(60)
+        for request in sandbox.requests(user_id=f"{batch}-u{n}")
+        if request["status"] == 200
+    )
+    assert len(seen) == 60
+    # At 20/s the 60 would take ~3 s; at half pace ~5.5 s (after the burst of 5).
+    assert seen[-1] - seen[0] >= 4.0
+    per_second = _per_second_delta(before, dict(sandbox.stats()["perSecond"]))
+    assert max(per_second.values()) <= RATE // 2 + BURST, per_second
+    # The message that got the 429 was retried (an attempt spent), not dead-lettered.
+    assert paced.store.status(first)["state"] == "delivered"  # type: ignore[index]
+
+
+def test_a_message_without_a_permit_in_time_waits_on_the_schedule_without_spending_an_attempt(
+    paced: Runtime, sandbox: Any, user_id: str
+) -> None:
+    from worker.stats import collect
+
+    # Someone else holds the next 8 s of slots: the worker can wait 5 s at most.
+    hog = RateLimiter(paced.redis, RateLimitPolicy(per_second=RATE, burst=BURST))
+    for _ in range(8 * RATE):
+        assert hog.reserve(60.0).reserved
+    deferred_before = collect(paced).totals.get("deferred", 0)
+    message_id = tasks.enqueue(user_id, "s-later", "welcome", None, runtime=paced)
+    try:
+        wait_for(
+            lambda: (paced.store.status(message_id) or {}).get("state") == "retrying",
+            timeout=15,
+            what="the message to go back on the schedule",
+        )
+        record = paced.store.status(message_id)
+        assert record is not None and record["attempt"] == "0" and record["attempts"] == []
+        assert sandbox.requests(user_id=user_id) == []  # nothing was posted
+        assert collect(paced).totals["deferred"] == deferred_before + 1
+        wait_for(
+            lambda: (paced.store.status(message_id) or {}).get("state") == "delivered",
+            timeout=20,
+            what="the deferred message to be delivered",
+        )
+        record = paced.store.status(message_id)
+        assert record is not None and record["attempt"] == "1"
+        assert [a["outcome"] for a in record["attempts"]] == ["delivered"]
+        assert paced.deadletters.get(message_id) is None
+    finally:
+        paced.redis.delete(keys.RATE_LIMIT)

@@ -1,0 +1,608 @@
+"""The HTTP service (``notify api``): a Concur v4 gateway for partner apps, message status, and
+the failed-notification endpoints for operators; an ASGI app on Starlette, served by uvicorn.
+
+* ``POST /messages/{userId}/session`` takes exactly Concur's v4 request and queues it (202).
+* ``GET /messages/{id}`` shows a message's status and attempts.
+* ``GET /notifications?status=failed`` and ``GET|DELETE /notifications/{id}``,
+  ``POST /notifications/{id}/replay``, ``POST /notifications/replay`` serve the dead letters in
+  the shape of Concur's "Get Notifications by Status" (JSON or XML by ``Accept``).
+* ``/healthz``, ``/readyz``, ``/openapi.json``.
+
+Every error is the seed's ``ErrorMessage``. Redis calls block, so they run in the thread pool.
+Keys arrive only in the ``Authorization`` header, which no log line carries.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import json
+import logging
+import re
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlencode
+
+from kombu.exceptions import OperationalError as BrokerError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from worker import notifications
+from worker.deadletters import DeadLetterFilter
+from worker.openapi import openapi_document
+from worker.runtime import Runtime, get_runtime
+from worker.settings import Settings, get_settings
+from worker.validation import InvalidRequest, Problem
+
+log = logging.getLogger(__name__)
+
+# Stable errorCodes of our own (validation.py defines those of a bad request body).
+UNAUTHORIZED = "UNAUTHORIZED"
+FORBIDDEN = "FORBIDDEN"
+NOT_FOUND = "NOT_FOUND"
+METHOD_NOT_ALLOWED = "METHOD_NOT_ALLOWED"
+NOT_ACCEPTABLE = "NOT_ACCEPTABLE"
+PAYLOAD_TOO_LARGE = "PAYLOAD_TOO_LARGE"
+UNSUPPORTED_MEDIA_TYPE = "UNSUPPORTED_MEDIA_TYPE"
+INVALID_HEADER = "INVALID_HEADER"
+INVALID_PARAMETER = "INVALID_PARAMETER"
+UNSUPPORTED_STATUS = "UNSUPPORTED_STATUS"
+SERVICE_UNAVAILABLE = "SERVICE_UNAVAILABLE"
+INTERNAL_ERROR = "INTERNAL_ERROR"
+
+PARTNER = "partner"
+OPERATOR = "operator"
+
+DEFAULT_PAGE_LIMIT = 50
+MAX_PAGE_LIMIT = 1000
+# Message and dead-letter ids are short URL-safe strings (see models.message_id and the
+# malformed-task ids); anything else cannot exist and must not reach a Redis key name.
+_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_AUTH_SCHEMES = ("bearer", "oauth")  # OAuth: the scheme in Concur's legacy examples
+JSON_TYPE = "application/json"
+XML_TYPE = "application/xml"
+
+# state in Redis -> the status a client sees. An attempt in progress is still "queued" from
+# the client's view (it may yet be retried); the raw state is shown alongside.
+STATUS_OF_STATE = {
+    "queued": "queued",
+    "inflight": "queued",
+    "retrying": "retrying",
+    "delivered": "delivered",
+    "failed": "failed",
+}
+
+
+class ApiError(Exception):
+    """An answer in the seed's error schema: HTTP status, one or more (code, message)."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        headers: dict[str, str] | None = None,
+        problems: list[Problem] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.items = [(p.code, p.message) for p in problems] if problems else [(code, message)]
+        self.headers = headers or {}
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePolicy:
+    """What the HTTP service needs from the settings: keys, body limit, public URL."""
+
+    gateway_keys: tuple[bytes, ...]
+    operator_keys: tuple[bytes, ...]
+    max_body_bytes: int
+    public_url: str | None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ServicePolicy:
+        """Read the service's part of the settings."""
+        return cls(
+            gateway_keys=tuple(k.get_secret_value().encode() for k in settings.gateway_keys),
+            operator_keys=tuple(k.get_secret_value().encode() for k in settings.operator_keys),
+            max_body_bytes=settings.service_max_body_bytes,
+            public_url=settings.service_public_url,
+        )
+
+
+# -- pure helpers --------------------------------------------------------------------------------
+
+
+def presented_key(authorization: str | None) -> bytes | None:
+    """The key in an ``Authorization: Bearer <key>`` (or ``OAuth <key>``) header, else None."""
+    if not authorization:
+        return None
+    scheme, _, key = authorization.strip().partition(" ")
+    key = key.strip()
+    if scheme.lower() not in _AUTH_SCHEMES or not key:
+        return None
+    return key.encode("utf-8", "surrogateescape")
+
+
+def _any_matches(given: bytes, keys: tuple[bytes, ...]) -> bool:
+    # Compares with every key, without stopping at a match, in constant time per key.
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(given, key)
+    return matched
+
+
+def roles_of(given: bytes | None, policy: ServicePolicy) -> frozenset[str]:
+    """The roles a presented key grants (none, partner, operator or both)."""
+    if given is None:
+        return frozenset()
+    roles = set()
+    if _any_matches(given, policy.gateway_keys):
+        roles.add(PARTNER)
+    if _any_matches(given, policy.operator_keys):
+        roles.add(OPERATOR)
+    return frozenset(roles)
+
+
+def negotiate(accept: str | None) -> str | None:
+    """``"json"`` or ``"xml"`` for an ``Accept`` header (JSON when absent), None if neither."""
+    if accept is None or not accept.strip():
+        return "json"
+    offers = (
+        ("json", "application", "json"),
+        ("xml", "application", "xml"),
+        ("xml", "text", "xml"),
+    )
+    ranges: list[tuple[str, str, float]] = []
+    for part in accept.split(","):
+        media, *params = part.split(";")
+        kind, _, sub = media.strip().lower().partition("/")
+        quality = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    quality = float(value.strip())
+                except ValueError:
+                    quality = 0.0
+                quality = quality if 0.0 <= quality <= 1.0 else 0.0  # also rejects NaN
+        if kind:
+            ranges.append((kind, sub.strip(), quality))
+    best: tuple[float, int, int, str] | None = None
+    for order, (name, kind, sub) in enumerate(offers):
+        # The most specific range that matches the offer decides its quality.
+        chosen: tuple[int, float, int] | None = None
+        for index, (r_kind, r_sub, quality) in enumerate(ranges):
+            if (r_kind, r_sub) == (kind, sub):
+                specificity = 2
+            elif r_kind == kind and r_sub == "*":
+                specificity = 1
+            elif (r_kind, r_sub) == ("*", "*"):
+                specificity = 0
+            else:
+                continue
+            if chosen is None or specificity > chosen[0]:
+                chosen = (specificity, quality, index)
+        if chosen is None or chosen[1] <= 0:
+            continue
+        score = (chosen[1], -chosen[2], -order, name)
+        if best is None or score[:3] > best[:3]:
+            best = score
+    return best[3] if best else None
+
+
+def parse_since(value: str) -> int:
+    """An ISO-8601 date or date-time as epoch milliseconds (UTC when no offset is given)."""
+    moment = datetime.fromisoformat(value.strip())
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp() * 1000)
+
+
+def _iso_ms(ms: Any) -> str | None:
+    try:
+        number = int(float(ms))
+    except (TypeError, ValueError):
+        return None
+    if number <= 0:
+        return None
+    moment = datetime.fromtimestamp(number / 1000, UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{number % 1000:03d}Z"
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def message_view(message_id: str, record: dict[str, Any], base_url: str) -> dict[str, Any]:
+    """A status record (``MessageStore.status``) as the ``GET /messages/{id}`` body."""
+    try:
+        request = json.loads(record.get("req") or "{}")
+    except ValueError:
+        request = {}
+    request = request if isinstance(request, dict) else {}
+    context = request.get("context")
+    state = str(record.get("state", ""))
+    view: dict[str, Any] = {
+        "id": message_id,
+        "status": STATUS_OF_STATE.get(state, "queued"),
+        "state": state,
+        "userId": request.get("userId"),
+        "sessionId": request.get("sessionId"),
+        "templateId": request.get("templateId"),
+        "context": context if isinstance(context, dict) else {},
+        "attempts": [
+            {
+                "number": entry.get("n"),
+                "at": _iso_ms(entry.get("at")),
+                "outcome": entry.get("outcome"),
+                "httpStatus": entry.get("status"),
+                "cause": entry.get("cause"),
+                "durationMs": entry.get("ms"),
+                "correlationId": entry.get("cid"),
+            }
+            for entry in record.get("attempts", [])
+            if isinstance(entry, dict)
+        ],
+        "correlationId": record.get("cid") or None,
+        "lastHttpStatus": _int_or_none(record.get("status")),
+        "createdAt": _iso_ms(record.get("created")),
+        "updatedAt": _iso_ms(record.get("updated")),
+        "nextAttemptAt": _iso_ms(record.get("next")) if state == "retrying" else None,
+        "replays": _int_or_none(record.get("replays")) or 0,
+        "reason": record.get("reason") or None,
+        "notificationUri": (
+            notifications.notification_uri(base_url, message_id) if state == "failed" else None
+        ),
+    }
+    return view
+
+
+# -- responses -----------------------------------------------------------------------------------
+
+
+def json_response(
+    content: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    """A JSON response; ASCII-escaped, so any string (even a lone surrogate) encodes."""
+    body = json.dumps(content, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
+    return Response(body.encode("ascii"), status, headers, media_type=JSON_TYPE)
+
+
+def error_response(error: ApiError) -> Response:
+    """The seed's ``ErrorMessage``, one entry per problem, each with a fresh ``errorId``."""
+    body = {
+        "errors": [
+            {"errorId": str(uuid.uuid4()), "errorCode": code, "errorMessage": message}
+            for code, message in error.items
+        ]
+    }
+    return json_response(body, error.status, error.headers)
+
+
+def _xml_response(
+    body: bytes, status: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    return Response(body, status, headers, media_type=f"{XML_TYPE}; charset=utf-8")
+
+
+# -- the app -------------------------------------------------------------------------------------
+
+
+class Service:
+    """The endpoints, over one runtime and one policy."""
+
+    def __init__(self, policy: ServicePolicy, runtime: Runtime) -> None:
+        self.policy = policy
+        self.runtime = runtime
+
+    # helpers
+
+    def _base_url(self, request: Request) -> str:
+        return self.policy.public_url or str(request.base_url).rstrip("/")
+
+    def _require(self, request: Request, role: str, *, also: str | None = None) -> None:
+        roles = roles_of(presented_key(request.headers.get("authorization")), self.policy)
+        if role in roles or (also is not None and also in roles):
+            return
+        if roles:
+            raise ApiError(403, FORBIDDEN, f"this key does not grant the {role} role")
+        raise ApiError(
+            401,
+            UNAUTHORIZED,
+            "a valid key is required: Authorization: Bearer <key>",
+            headers={"WWW-Authenticate": 'Bearer realm="notify"'},
+        )
+
+    @staticmethod
+    def _id(request: Request, name: str = "id") -> str:
+        value = str(request.path_params[name])
+        if not _ID.match(value):
+            raise ApiError(404, NOT_FOUND, "no such id")
+        return value
+
+    def _check_json_content_type(self, request: Request) -> None:
+        raw = request.headers.get("content-type")
+        if raw is None:
+            raise ApiError(415, UNSUPPORTED_MEDIA_TYPE, "Content-Type: application/json required")
+        media, *params = raw.split(";")
+        if media.strip().lower() != JSON_TYPE:
+            raise ApiError(415, UNSUPPORTED_MEDIA_TYPE, "Content-Type: application/json required")
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "charset" and value.strip().strip('"').lower() not in (
+                "utf-8",
+                "utf8",
+            ):
+                raise ApiError(415, UNSUPPORTED_MEDIA_TYPE, "the body must be UTF-8 JSON")
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.policy.max_body_bytes
+        too_large = ApiError(413, PAYLOAD_TOO_LARGE, f"the body is larger than {limit} bytes")
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not declared.strip().isdigit():
+                raise ApiError(400, INVALID_HEADER, "Content-Length is not a number")
+            if int(declared) > limit:
+                raise too_large
+        # The declared length may be absent (chunked) or wrong: count what actually arrives.
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _format(self, request: Request) -> str:
+        chosen = negotiate(request.headers.get("accept"))
+        if chosen is None:
+            raise ApiError(
+                406, NOT_ACCEPTABLE, "supported Accept types: application/json, application/xml"
+            )
+        return chosen
+
+    @staticmethod
+    def _status_param(request: Request, *, required: bool) -> None:
+        status = request.query_params.get("status")
+        if status is None and not required:
+            return
+        if status not in notifications.SUPPORTED_STATUSES:
+            supported = ", ".join(notifications.SUPPORTED_STATUSES)
+            raise ApiError(
+                400, UNSUPPORTED_STATUS, f"status must be one of: {supported} (got {status!r})"
+            )
+
+    @staticmethod
+    def _filter(request: Request) -> DeadLetterFilter:
+        query = request.query_params
+        since = query.get("since")
+        since_ms = None
+        if since is not None:
+            try:
+                since_ms = parse_since(since)
+            except (ValueError, OverflowError, OSError):
+                raise ApiError(
+                    400, INVALID_PARAMETER, "since must be an ISO-8601 date-time"
+                ) from None
+        return DeadLetterFilter(
+            reason=query.get("reason") or None,
+            template_id=query.get("template") or None,
+            user_id=query.get("user") or None,
+            since_ms=since_ms,
+        )
+
+    @staticmethod
+    def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
+        raw = request.query_params.get(name)
+        if raw is None:
+            return default
+        if not raw.isascii() or not raw.isdigit() or not low <= int(raw) <= high:
+            raise ApiError(400, INVALID_PARAMETER, f"{name} must be an integer {low}..{high}")
+        return int(raw)
+
+    # gateway
+
+    async def submit(self, request: Request) -> Response:
+        """``POST /messages/{userId}/session``: validate and queue a v4 request."""
+        import tasks
+
+        self._require(request, PARTNER)
+        self._check_json_content_type(request)
+        raw = await self._read_body(request)
+        try:
+            body = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as error:
+            what = "UTF-8" if isinstance(error, UnicodeDecodeError) else "valid JSON"
+            raise ApiError(400, "INVALID_JSON", f"the body is not {what}") from None
+        user_id = str(request.path_params["userId"])
+        try:
+            result = await run_in_threadpool(tasks.submit, user_id, body, runtime=self.runtime)
+        except InvalidRequest as error:
+            raise ApiError(400, "", "", problems=error.problems) from None
+        status = "queued" if not result.duplicate else STATUS_OF_STATE.get(result.state, "queued")
+        return json_response(
+            {"id": result.id, "status": status, "duplicate": result.duplicate},
+            202,
+            {"Location": f"/messages/{result.id}"},
+        )
+
+    async def message_status(self, request: Request) -> Response:
+        """``GET /messages/{id}``: the message's status and attempts."""
+        self._require(request, PARTNER, also=OPERATOR)
+        message_id = self._id(request)
+        record = await run_in_threadpool(self.runtime.store.status, message_id)
+        if record is None:
+            raise ApiError(404, NOT_FOUND, "no such message (unknown, or its status expired)")
+        return json_response(message_view(message_id, record, self._base_url(request)))
+
+    # failed notifications
+
+    async def list_notifications(self, request: Request) -> Response:
+        """``GET /notifications?status=failed``: a page of dead letters, newest first."""
+        self._require(request, OPERATOR)
+        fmt = self._format(request)
+        self._status_param(request, required=True)
+        selection = self._filter(request)
+        limit = self._int_param(request, "limit", DEFAULT_PAGE_LIMIT, 1, MAX_PAGE_LIMIT)
+        cursor = self._int_param(request, "cursor", 0, 0, 10**12)
+        store = self.runtime.deadletters
+        page = await run_in_threadpool(
+            functools.partial(store.page, selection, cursor=cursor, limit=limit)
+        )
+        base = self._base_url(request)
+        headers: dict[str, str] = {}
+        if page.next_cursor is not None:
+            query = {key: value for key, value in request.query_params.items() if key != "cursor"}
+            query.update(cursor=str(page.next_cursor), limit=str(limit))
+            headers["Link"] = f'<{base}/notifications?{urlencode(query)}>; rel="next"'
+            headers["X-Next-Cursor"] = str(page.next_cursor)
+        if fmt == "xml":
+            return _xml_response(
+                notifications.notification_list_xml(page.items, base), 200, headers
+            )
+        return json_response(
+            [notifications.notification_dict(item, base) for item in page.items], 200, headers
+        )
+
+    async def show_notification(self, request: Request) -> Response:
+        """``GET /notifications/{id}``: one failed notification."""
+        self._require(request, OPERATOR)
+        fmt = self._format(request)
+        letter_id = self._id(request)
+        letter = await run_in_threadpool(self.runtime.deadletters.get, letter_id)
+        if letter is None:
+            raise ApiError(404, NOT_FOUND, "no such failed notification")
+        base = self._base_url(request)
+        if fmt == "xml":
+            return _xml_response(notifications.notification_xml(letter, base))
+        return json_response(notifications.notification_dict(letter, base))
+
+    async def delete_notification(self, request: Request) -> Response:
+        """``DELETE /notifications/{id}``: remove one failed notification (204)."""
+        self._require(request, OPERATOR)
+        letter_id = self._id(request)
+        if not await run_in_threadpool(self.runtime.deadletters.delete, letter_id):
+            raise ApiError(404, NOT_FOUND, "no such failed notification")
+        return Response(status_code=204)
+
+    async def replay_notification(self, request: Request) -> Response:
+        """``POST /notifications/{id}/replay``: send it back through the pipeline (202)."""
+        self._require(request, OPERATOR)
+        letter_id = self._id(request)
+        envelope = await run_in_threadpool(self.runtime.deadletters.replay, letter_id)
+        if envelope is None:
+            raise ApiError(404, NOT_FOUND, "no such failed notification")
+        return json_response(
+            {"id": letter_id, "status": "queued", "duplicate": False},
+            202,
+            {"Location": f"/messages/{letter_id}"},
+        )
+
+    async def replay_many(self, request: Request) -> Response:
+        """``POST /notifications/replay?<filters>``: replay every selected one (202)."""
+        self._require(request, OPERATOR)
+        self._status_param(request, required=False)
+        selection = self._filter(request)
+        ids = await run_in_threadpool(self.runtime.deadletters.replay_many, selection)
+        return json_response({"count": len(ids), "ids": ids}, 202)
+
+    # operations
+
+    async def healthz(self, request: Request) -> Response:
+        """``GET /healthz``: the process is up."""
+        return json_response({"status": "ok"})
+
+    async def readyz(self, request: Request) -> Response:
+        """``GET /readyz``: Redis answers a PING."""
+        try:
+            await run_in_threadpool(self.runtime.redis.ping)
+        except Exception:  # any failure to PING means "not ready", whatever its kind
+            raise ApiError(503, SERVICE_UNAVAILABLE, "Redis does not answer") from None
+        return json_response({"status": "ready"})
+
+    async def openapi(self, request: Request) -> Response:
+        """``GET /openapi.json``: this service's OpenAPI 3 document."""
+        return json_response(openapi_document(self._base_url(request)))
+
+
+def _handle(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[..., Any]:
+    # Turns ApiError into the error schema; Redis or broker outages into 503.
+    @functools.wraps(endpoint)
+    async def wrapped(request: Request) -> Response:
+        try:
+            return await endpoint(request)
+        except ApiError as error:
+            return error_response(error)
+        except (RedisConnectionError, RedisTimeoutError, BrokerError) as error:
+            log.warning("503: Redis or the broker is unavailable (%s)", type(error).__name__)
+            return error_response(
+                ApiError(503, SERVICE_UNAVAILABLE, "the queue is unavailable; try again later")
+            )
+
+    return wrapped
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {404: NOT_FOUND, 405: METHOD_NOT_ALLOWED}.get(exc.status_code, INVALID_PARAMETER)
+    headers = dict(exc.headers) if exc.headers else None
+    return error_response(ApiError(exc.status_code, code, str(exc.detail), headers=headers))
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    return error_response(ApiError(500, INTERNAL_ERROR, "internal error"))
+
+
+def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> Starlette:
+    """The ASGI app; by default over the process settings and runtime."""
+    if settings is None:
+        settings = get_settings()
+    if runtime is None:
+        runtime = get_runtime() if settings is get_settings() else Runtime.from_settings(settings)
+    service = Service(ServicePolicy.from_settings(settings), runtime)
+    routes = [
+        Route("/messages/{userId}/session", _handle(service.submit), methods=["POST"]),
+        Route("/messages/{id}", _handle(service.message_status), methods=["GET"]),
+        Route("/notifications", _handle(service.list_notifications), methods=["GET"]),
+        Route("/notifications/replay", _handle(service.replay_many), methods=["POST"]),
+        Route("/notifications/{id}", _handle(service.show_notification), methods=["GET"]),
+        Route("/notifications/{id}", _handle(service.delete_notification), methods=["DELETE"]),
+        Route("/notifications/{id}/replay", _handle(service.replay_notification), methods=["POST"]),
+        Route("/healthz", _handle(service.healthz), methods=["GET"]),
+        Route("/readyz", _handle(service.readyz), methods=["GET"]),
+        Route("/openapi.json", _handle(service.openapi), methods=["GET"]),
+    ]
+    app = Starlette(
+        routes=routes,
+        exception_handlers={HTTPException: _http_error, Exception: _server_error},
+    )
+    # A trailing slash is a 404 in the error schema, not a redirect a POST cannot follow.
+    app.router.redirect_slashes = False
+    return app
+
+
+@functools.cache
+def _default_app() -> Starlette:
+    return create_app()
+
+
+def __getattr__(name: str) -> Any:
+    # ``uvicorn worker.api:app`` works, yet importing this module reads no settings.
+    if name == "app":
+        return _default_app()
+    raise AttributeError(name)

@@ -1,0 +1,584 @@
+"""Concur company OAuth tokens: ``OAuthTokens``, a ``TokenProvider`` shared safely by a fleet.
+
+Concur's token endpoint is ``POST {geolocation}/oauth2/v0/token`` (form-encoded). A company gets
+its first tokens from the password grant (``username=<companyId>``, ``password=<auth token>``,
+``credtype=authtoken``) and later ones from the ``refresh_token`` grant. Access tokens live an
+hour, refresh tokens six months; any answer may carry a new refresh token and a new
+``geolocation`` (base host), and the latest of both is what counts.
+
+Where things live:
+
+* the access token only in this process's memory (Concur asks that it not be stored), replaced
+  shortly before it expires (``REFRESH_MARGIN_SECONDS`` early, at most half its lifetime);
+* the refresh token, its expiry and the geolocation in Redis (``keys.oauth_state``), the refresh
+  token Fernet-encrypted when ``NOTIFY_TOKEN_ENCRYPTION_KEY`` is set.
+
+One refresh at a time across every worker: a process takes a Redis lock (``SET NX PX`` with a
+random owner, released by a compare-and-delete script), reads the latest refresh token, runs its
+own grant and stores what came back before letting go. So a rotated refresh token is never
+presented twice, and each process still gets an access token of its own.
+
+Errors: ``code`` 16 names the right geolocation (the request is repeated there once); code 108
+is a bad or expired refresh token (the password grant takes over when company credentials are
+configured). Anything else that leaves no usable token (endpoint down, 5xx, timeout, a refused
+credential, the lock not free in time) raises ``TokenUnavailable`` and is logged at ERROR on
+``notify.tokens``; messages then wait for a later attempt instead of being dead-lettered. No
+secret ever enters a log line or an exception text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+from cryptography.fernet import Fernet, InvalidToken
+from redis import Redis
+
+from worker import keys
+from worker.settings import Settings
+from worker.tokens import TokenUnavailable
+
+log = logging.getLogger("notify.tokens")
+
+TOKEN_PATH = "/oauth2/v0/token"
+REFRESH_MARGIN_SECONDS = 300.0
+FAILURE_COOLDOWN_SECONDS = 2.0
+LOCK_POLL_SECONDS = 0.05
+CODE_WRONG_GEOLOCATION = 16
+CODE_BAD_REFRESH_TOKEN = 108
+# refresh_expires_in above this is a Unix time (Concur's form), below it a lifetime in seconds.
+EPOCH_THRESHOLD_SECONDS = 1_000_000_000
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class OAuthConfig:
+    """What the OAuth provider needs from the settings (secrets as plain text, kept here only)."""
+
+    client_id: str
+    client_secret: str = ""
+    company_id: str | None = None
+    company_auth_token: str | None = None
+    initial_refresh_token: str | None = None
+    token_url: str | None = None
+    geolocation: str = "https://us.api.concursolutions.com"
+    encryption_key: str | None = None
+    connect_timeout_seconds: float = 5.0
+    read_timeout_seconds: float = 30.0
+    fetch_budget_seconds: float = 70.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> OAuthConfig:
+        """The OAuth part of the settings; ``settings.uses_oauth`` must be true."""
+        assert settings.oauth_client_id is not None
+
+        def secret(value: Any) -> str | None:
+            return None if value is None else str(value.get_secret_value())
+
+        return cls(
+            client_id=settings.oauth_client_id,
+            client_secret=secret(settings.oauth_client_secret) or "",
+            company_id=settings.oauth_company_id,
+            company_auth_token=secret(settings.oauth_company_auth_token),
+            initial_refresh_token=secret(settings.oauth_refresh_token),
+            token_url=settings.oauth_token_url,
+            geolocation=geolocation_of(settings.api_base_url),
+            encryption_key=secret(settings.token_encryption_key),
+            connect_timeout_seconds=settings.http_connect_timeout_seconds,
+            read_timeout_seconds=settings.http_timeout_seconds,
+            fetch_budget_seconds=settings.token_fetch_budget_seconds,
+        )
+
+    @property
+    def has_password_grant(self) -> bool:
+        """Whether company credentials for the password grant are configured."""
+        return bool(self.company_id and self.company_auth_token)
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """A successful token answer."""
+
+    access_token: str
+    expires_in_seconds: float
+    refresh_token: str | None
+    refresh_expires_at_ms: int | None
+    geolocation: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredState:
+    """What Redis holds for one client id."""
+
+    refresh_token: str | None = None
+    refresh_expires_at_ms: int | None = None
+    geolocation: str | None = None
+    seed: str | None = None  # fingerprint of the configured refresh token this one descends from
+
+
+class TokenEndpointError(Exception):
+    """The token endpoint answered with an error body ``{code, error, error_description}``."""
+
+    def __init__(
+        self, status: int, code: int | None, error: str, description: str, geolocation: str | None
+    ) -> None:
+        super().__init__(f"token endpoint answered {status} code={code} {error}: {description}")
+        self.status = status
+        self.code = code
+        self.error = error
+        self.geolocation = geolocation
+
+
+def geolocation_of(url: str) -> str:
+    """The base host (``scheme://host[:port]``) of a URL."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def api_base_for(geolocation: str, configured_api_base: str) -> str:
+    """The v4 base URL on ``geolocation``, keeping the configured URL's path."""
+    path = urlsplit(configured_api_base).path.rstrip("/")
+    return geolocation.rstrip("/") + path
+
+
+def token_url_for(geolocation: str) -> str:
+    """Concur's token endpoint on one geolocation."""
+    return geolocation.rstrip("/") + TOKEN_PATH
+
+
+def fingerprint(secret: str) -> str:
+    """A short one-way tag of a secret, safe to store and compare."""
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()[:16]
+
+
+def refresh_delay_seconds(expires_in_seconds: float) -> float:
+    """How long an access token is used before it is replaced: its lifetime less a margin.
+
+    The margin is ``REFRESH_MARGIN_SECONDS`` but never more than half the lifetime, so even a
+    short-lived token is used for a while.
+    """
+    lifetime = max(0.0, expires_in_seconds)
+    return lifetime - min(REFRESH_MARGIN_SECONDS, lifetime / 2)
+
+
+def _number(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def parse_grant(document: Any, now: float) -> Grant:
+    """Read a token answer; ``ValueError`` when it holds no usable access token."""
+    if not isinstance(document, dict):
+        raise ValueError("token answer is not a JSON object")
+    access = document.get("access_token")
+    if not isinstance(access, str) or not access:
+        raise ValueError("token answer has no access_token")
+    expires_in = _number(document.get("expires_in"))
+    refresh = document.get("refresh_token")
+    refresh_expires = _number(document.get("refresh_expires_in"))
+    refresh_at_ms: int | None = None
+    if refresh_expires is not None:
+        at = refresh_expires if refresh_expires > EPOCH_THRESHOLD_SECONDS else now + refresh_expires
+        refresh_at_ms = int(at * 1000)
+    geolocation = document.get("geolocation")
+    return Grant(
+        access_token=access,
+        expires_in_seconds=3600.0 if expires_in is None else expires_in,
+        refresh_token=refresh if isinstance(refresh, str) and refresh else None,
+        refresh_expires_at_ms=refresh_at_ms,
+        geolocation=geolocation.rstrip("/")
+        if isinstance(geolocation, str) and geolocation.startswith(("https://", "http://"))
+        else None,
+    )
+
+
+def parse_error(status: int, content: bytes) -> TokenEndpointError | None:
+    """The error body of a refused token request, or None when the body is not one."""
+    try:
+        document = json.loads(content)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(document, dict) or not ({"code", "error"} & set(document)):
+        return None
+    code = _number(document.get("code"))
+    geolocation = document.get("geolocation")
+    return TokenEndpointError(
+        status,
+        None if code is None else int(code),
+        str(document.get("error") or "")[:100],
+        str(document.get("error_description") or "")[:300],
+        geolocation.rstrip("/")
+        if isinstance(geolocation, str) and geolocation.startswith(("https://", "http://"))
+        else None,
+    )
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+class Cipher:
+    """Encrypts stored secrets with Fernet when a key is configured; else stores them plainly.
+
+    Stored values carry a prefix (``f1:`` encrypted, ``p:`` plain) so turning encryption on
+    later still reads what was stored before, and a changed key is noticed, not misread.
+    """
+
+    def __init__(self, key: str | None) -> None:
+        self._fernet = Fernet(key.encode()) if key else None
+
+    def seal(self, text: str) -> str:
+        """The stored form of ``text``."""
+        if self._fernet is None:
+            return "p:" + text
+        return "f1:" + self._fernet.encrypt(text.encode("utf-8")).decode("ascii")
+
+    def open(self, stored: str) -> str:
+        """``text`` back; ``ValueError`` when it cannot be read with this key."""
+        if stored.startswith("p:"):
+            return stored[2:]
+        if stored.startswith("f1:"):
+            if self._fernet is None:
+                raise ValueError("the stored refresh token is encrypted and no key is set")
+            try:
+                return self._fernet.decrypt(stored[3:].encode("ascii")).decode("utf-8")
+            except InvalidToken:
+                raise ValueError(
+                    "the stored refresh token does not decrypt with this key"
+                ) from None
+        raise ValueError("the stored refresh token has an unknown form")
+
+
+class TokenStateStore:
+    """The Redis hash of one client id's refresh token, its expiry and geolocation."""
+
+    def __init__(self, redis: Redis, client_id: str, cipher: Cipher) -> None:
+        self.redis = redis
+        self.key = keys.oauth_state(client_id)
+        self.cipher = cipher
+
+    def load(self) -> StoredState:
+        """What is stored; an unreadable refresh token is logged and treated as absent."""
+        raw = {_text(k): _text(v) for k, v in self.redis.hgetall(self.key).items()}
+        refresh: str | None = None
+        if raw.get("refresh"):
+            try:
+                refresh = self.cipher.open(raw["refresh"])
+            except ValueError as error:
+                log.error("stored OAuth refresh token ignored: %s", error)
+        expires = raw.get("refresh_expires")
+        return StoredState(
+            refresh_token=refresh,
+            refresh_expires_at_ms=int(expires) if expires and expires.isdigit() else None,
+            geolocation=raw.get("geolocation") or None,
+            seed=raw.get("seed") or None,
+        )
+
+    def save(self, state: StoredState) -> None:
+        """Store the latest state (fields that are None are removed)."""
+        fields = {
+            "refresh": self.cipher.seal(state.refresh_token) if state.refresh_token else None,
+            "refresh_expires": state.refresh_expires_at_ms,
+            "geolocation": state.geolocation,
+            "seed": state.seed,
+            "updated": int(time.time() * 1000),
+        }
+        pipe = self.redis.pipeline(transaction=True)
+        present: dict[Any, Any] = {
+            name: value for name, value in fields.items() if value is not None
+        }
+        absent = [name for name, value in fields.items() if value is None]
+        pipe.hset(self.key, mapping=present)
+        if absent:
+            pipe.hdel(self.key, *absent)
+        pipe.execute()
+
+
+class RedisLock:
+    """A lock across processes: ``SET NX PX`` with a random owner, compare-and-delete release."""
+
+    def __init__(self, redis: Redis, key: str, ttl_seconds: float) -> None:
+        self.redis = redis
+        self.key = key
+        self.ttl_ms = max(1, int(ttl_seconds * 1000))
+        self._release = redis.register_script(_RELEASE)
+
+    def acquire(self, deadline: float) -> str | None:
+        """Wait until ``deadline`` (monotonic) for the lock; its owner token, or None."""
+        owner = uuid.uuid4().hex
+        while True:
+            if self.redis.set(self.key, owner, nx=True, px=self.ttl_ms):
+                return owner
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(LOCK_POLL_SECONDS)
+
+    def release(self, owner: str) -> None:
+        """Let go, unless the lock expired and someone else holds it now."""
+        self._release(keys=[self.key], args=[owner])
+
+
+class TokenEndpoint:
+    """Posts grants to Concur's token endpoint; follows a code-16 geolocation once."""
+
+    def __init__(self, config: OAuthConfig, http: httpx.Client | None = None) -> None:
+        self.config = config
+        self.http = http or httpx.Client(
+            headers={"Accept": "application/json", "User-Agent": "partner-notify/0.1"},
+            follow_redirects=False,
+        )
+
+    def request(self, url: str, form: dict[str, str], deadline: float) -> tuple[Grant, str]:
+        """Run one grant at ``url``; the grant and the URL that answered it.
+
+        Raises ``TokenEndpointError`` for an error answer, ``TokenUnavailable`` when there was
+        no usable answer at all.
+        """
+        try:
+            return self._post(url, form, deadline), url
+        except TokenEndpointError as error:
+            moved = error.geolocation
+            if error.code != CODE_WRONG_GEOLOCATION or not moved or token_url_for(moved) == url:
+                raise
+            log.warning("token endpoint: the company lives at %s; asking there", moved)
+            there = token_url_for(moved)
+            return self._post(there, form, deadline), there
+
+    def _post(self, url: str, form: dict[str, str], deadline: float) -> Grant:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TokenUnavailable("no time left for the token request")
+        timeout = httpx.Timeout(
+            min(self.config.read_timeout_seconds, remaining),
+            connect=min(self.config.connect_timeout_seconds, remaining),
+        )
+        try:
+            response = self.http.post(url, data=form, timeout=timeout)
+        except httpx.HTTPError as error:
+            raise TokenUnavailable(
+                f"token endpoint {url} unreachable ({type(error).__name__})"
+            ) from None
+        if response.status_code >= 500 or response.status_code == 429:
+            raise TokenUnavailable(f"token endpoint {url} answered {response.status_code}")
+        if response.is_success:
+            try:
+                return parse_grant(response.json(), time.time())
+            except ValueError as error:
+                raise TokenUnavailable(f"token endpoint {url}: {error}") from None
+        refused = parse_error(response.status_code, response.content)
+        if refused is None:
+            raise TokenUnavailable(f"token endpoint {url} answered {response.status_code}")
+        raise refused
+
+    def close(self) -> None:
+        """Close the pooled connections."""
+        self.http.close()
+
+
+class _CoolingDown(TokenUnavailable):
+    """A refresh failed moments ago (in any worker); this one is not tried yet."""
+
+
+class OAuthTokens:
+    """A ``TokenProvider`` for a Concur company token; see the module docstring."""
+
+    def __init__(
+        self,
+        config: OAuthConfig,
+        redis: Redis,
+        *,
+        on_geolocation: Callable[[str], None] | None = None,
+        http: httpx.Client | None = None,
+    ) -> None:
+        self.config = config
+        self.redis = redis
+        self.state = TokenStateStore(redis, config.client_id, Cipher(config.encryption_key))
+        self.endpoint = TokenEndpoint(config, http)
+        self.lock = RedisLock(redis, keys.oauth_lock(config.client_id), config.fetch_budget_seconds)
+        self._on_geolocation = on_geolocation
+        self._mutex = threading.Lock()
+        self._access: str | None = None
+        self._expires_at = 0.0  # monotonic: the token is refused after this
+        self._renew_at = 0.0  # monotonic: a new token is fetched from this moment on
+        self._geolocation: str | None = None
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        redis: Redis,
+        *,
+        on_geolocation: Callable[[str], None] | None = None,
+    ) -> OAuthTokens:
+        """The provider the settings describe."""
+        return cls(OAuthConfig.from_settings(settings), redis, on_geolocation=on_geolocation)
+
+    @property
+    def geolocation(self) -> str | None:
+        """The geolocation the last token came from."""
+        return self._geolocation
+
+    def token(self) -> str:
+        """The access token to use now, fetching a new one when it is due."""
+        now = time.monotonic()
+        current = self._access
+        if current is not None and now < self._renew_at:
+            return current
+        valid = current is not None and now < self._expires_at
+        # While the old token is still valid, one thread renews it and the others keep using it.
+        if not self._mutex.acquire(blocking=not valid):
+            assert current is not None
+            return current
+        try:
+            if self._access is not None and time.monotonic() < self._renew_at:
+                return self._access
+            try:
+                return self._fetch()
+            except TokenUnavailable:
+                if self._access is not None and time.monotonic() < self._expires_at:
+                    return self._access
+                raise
+        finally:
+            self._mutex.release()
+
+    def refresh(self, refused: str) -> str:
+        """A new access token after the API refused ``refused`` (a 401)."""
+        with self._mutex:
+            if self._access is not None and self._access != refused:
+                return self._access  # another thread already replaced it
+            self._access = None
+            return self._fetch()
+
+    def close(self) -> None:
+        """Close the token endpoint's connections."""
+        self.endpoint.close()
+
+    def _fetch(self) -> str:
+        try:
+            return self._fetch_under_lock()
+        except _CoolingDown:
+            raise  # the failure itself was reported when it happened
+        except TokenUnavailable as error:
+            log.error("Concur token refresh failed: %s", error, exc_info=True)
+            raise
+
+    def _fetch_under_lock(self) -> str:
+        cooldown = keys.oauth_cooldown(self.config.client_id)
+        if self.redis.exists(cooldown):
+            raise _CoolingDown("a token refresh failed moments ago; waiting before the next")
+        deadline = time.monotonic() + self.config.fetch_budget_seconds
+        owner = self.lock.acquire(deadline)
+        if owner is None:
+            raise TokenUnavailable("another worker held the token refresh lock for too long")
+        try:
+            grant, geolocation = self._grant(deadline)
+        except TokenUnavailable:
+            self.redis.set(cooldown, "1", px=int(FAILURE_COOLDOWN_SECONDS * 1000))
+            raise
+        finally:
+            self.lock.release(owner)
+        now = time.monotonic()
+        self._access = grant.access_token
+        self._expires_at = now + grant.expires_in_seconds
+        self._renew_at = now + refresh_delay_seconds(grant.expires_in_seconds)
+        if geolocation != self._geolocation:
+            self._geolocation = geolocation
+            if self._on_geolocation is not None:
+                self._on_geolocation(geolocation)
+        return grant.access_token
+
+    def _grant(self, deadline: float) -> tuple[Grant, str]:
+        """Run the right grant while holding the lock and store what it returned."""
+        stored = self.state.load()
+        config = self.config
+        seed = fingerprint(config.initial_refresh_token) if config.initial_refresh_token else None
+        refresh_token = stored.refresh_token
+        if config.initial_refresh_token and stored.seed != seed:
+            # A refresh token put in the settings that this store has not seen yet wins: it is
+            # how an operator hands over new credentials. Once used, the stored one is used.
+            refresh_token = config.initial_refresh_token
+        expired = (
+            stored.refresh_expires_at_ms is not None
+            and stored.refresh_expires_at_ms <= time.time() * 1000
+            and refresh_token == stored.refresh_token
+        )
+        geolocation = stored.geolocation or (
+            geolocation_of(config.token_url) if config.token_url else config.geolocation
+        )
+        url = (
+            config.token_url
+            if config.token_url and not stored.geolocation
+            else token_url_for(geolocation)
+        )
+        grant: Grant | None = None
+        answered = url
+        if refresh_token and not expired:
+            try:
+                grant, answered = self.endpoint.request(
+                    url,
+                    {
+                        "grant_type": "refresh_token",
+                        "client_id": config.client_id,
+                        "client_secret": config.client_secret,
+                        "refresh_token": refresh_token,
+                    },
+                    deadline,
+                )
+            except TokenEndpointError as error:
+                if error.code != CODE_BAD_REFRESH_TOKEN:
+                    raise TokenUnavailable(f"refresh grant refused: {error}") from None
+                log.warning("Concur refused the refresh token (code 108: bad or expired)")
+                self.state.save(StoredState(None, None, stored.geolocation, seed))
+        if grant is None:
+            if not config.has_password_grant:
+                raise TokenUnavailable(
+                    "the refresh token is bad or expired (Concur code 108) and no company "
+                    "credentials are set: put a new one in NOTIFY_OAUTH_REFRESH_TOKEN, or set "
+                    "NOTIFY_OAUTH_COMPANY_ID and NOTIFY_OAUTH_COMPANY_AUTH_TOKEN"
+                )
+            refresh_token = None
+            try:
+                grant, answered = self.endpoint.request(
+                    url,
+                    {
+                        "grant_type": "password",
+                        "client_id": config.client_id,
+                        "client_secret": config.client_secret,
+                        "username": config.company_id or "",
+                        "password": config.company_auth_token or "",
+                        "credtype": "authtoken",
+                    },
+                    deadline,
+                )
+            except TokenEndpointError as error:
+                raise TokenUnavailable(f"password grant refused: {error}") from None
+        latest_geolocation = grant.geolocation or geolocation_of(answered)
+        self.state.save(
+            StoredState(
+                refresh_token=grant.refresh_token or refresh_token,
+                refresh_expires_at_ms=grant.refresh_expires_at_ms
+                if grant.refresh_token or grant.refresh_expires_at_ms
+                else stored.refresh_expires_at_ms,
+                geolocation=latest_geolocation,
+                # The configured token counts as used from now on, whichever grant ran.
+                seed=seed,
+            )
+        )
+        return grant, latest_geolocation

@@ -1,0 +1,273 @@
+"""Counts an operator needs without Flower: backlog, retries, dead letters, deliveries.
+
+``collect(runtime)`` reads everything in one pipelined round trip and ``build`` (pure) turns the
+raw replies into a ``Stats``; ``render_prometheus`` renders it in the Prometheus text format for
+``/metrics``, and ``notify stats`` prints it.
+
+Where each number comes from, and what it costs:
+
+* ``queued``: the Celery queue's length in the broker (``LLEN`` of the queue's list and of its
+  priority sub-lists). Messages a worker has already prefetched are not in it; they are
+  ``reserved`` (kombu's ``unacked`` hash, ``HLEN``: every queue on this Redis database).
+* ``inflight``, ``retry_waiting`` and ``dead_letters`` by reason: gauges in ``keys.LIVE`` that
+  the Lua scripts of ``worker/records.py`` change in the same atomic step as the message's
+  state, so reading them is O(1) and exact, rather than a scan of the schedule or the dead-letter
+  index (O(n) per scrape). ``retry_waiting`` includes messages the rate limit put back. Only
+  records written by this version are counted: records from before it (an upgrade with messages
+  waiting) are not, which is why a gauge is shown as 0 rather than negative while they drain.
+  ``dead_letters_total`` is the index's ``ZCARD``, exact whatever happened before.
+* ``delivered_per_minute``: the per-minute counters the delivery script increments (kept two
+  hours), oldest first, the last one being the current, partial minute.
+* ``totals``: cumulative counters since the database was created (``keys.STATS``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from kombu.transport.redis import PRIORITY_STEPS, Channel
+
+from worker import keys, outcomes
+from worker.records import DELIVERED_COUNTER_TTL_SECONDS, now_ms
+from worker.runtime import Runtime
+
+DEFAULT_MINUTES = 15
+MAX_MINUTES = DELIVERED_COUNTER_TTL_SECONDS // 60
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# Cumulative counters in ``keys.STATS`` (besides ``dead:<reason>``), as (field, metric, help).
+_COUNTERS = (
+    ("delivered", "notify_delivered_total", "Messages the API accepted (2xx)."),
+    (
+        "retried",
+        "notify_retries_total",
+        "Attempts that failed for a passing reason and were scheduled again.",
+    ),
+    (
+        "deferred",
+        "notify_rate_limit_deferred_total",
+        "Messages put back on the schedule because "
+        "the global rate limit had no permit in time (no attempt counted).",
+    ),
+    ("replayed", "notify_replayed_total", "Dead letters sent back through the pipeline."),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class MinuteCount:
+    """Deliveries in one wall-clock minute."""
+
+    minute_start_ms: int
+    delivered: int
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """A snapshot of the counts, taken at ``at_ms``."""
+
+    at_ms: int
+    queue: str
+    queued: int
+    reserved: int
+    inflight: int
+    retry_waiting: int
+    dead_letters_total: int
+    dead_letters: Mapping[str, int]
+    delivered_per_minute: Sequence[MinuteCount]
+    totals: Mapping[str, int]
+    dead_lettered_total: Mapping[str, int] = field(default_factory=dict)
+    rate_limit_penalty_factor: float = 1.0
+
+    @property
+    def delivered_last_minute(self) -> int:
+        """Deliveries in the last complete minute (0 when fewer than two minutes are kept)."""
+        if len(self.delivered_per_minute) < 2:
+            return 0
+        return self.delivered_per_minute[-2].delivered
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (snake_case keys), as ``notify stats --json`` prints it."""
+        data = asdict(self)
+        data["dead_letters"] = dict(self.dead_letters)
+        data["dead_lettered_total"] = dict(self.dead_lettered_total)
+        data["totals"] = dict(self.totals)
+        data["delivered_last_minute"] = self.delivered_last_minute
+        return data
+
+
+def queue_lists(queue: str) -> list[str]:
+    """The Redis lists kombu keeps one queue in: the queue itself and its priority sub-lists."""
+    return [queue] + [f"{queue}{Channel.sep}{step}" for step in PRIORITY_STEPS if step]
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _float(value: Any, default: float) -> float:
+    try:
+        parsed = float(value)
+    except (TypeError, ValueError):
+        return default
+    return parsed if math.isfinite(parsed) else default
+
+
+def build(
+    *,
+    at_ms: int,
+    queue: str,
+    queue_lengths: Sequence[Any],
+    reserved: Any,
+    live: Mapping[str, str],
+    totals: Mapping[str, str],
+    dead_index_size: Any,
+    minute_counts: Sequence[tuple[int, Any]],
+    penalty: Any,
+) -> Stats:
+    """Turn the raw Redis replies into ``Stats`` (pure)."""
+    dead_now = {reason: 0 for reason in outcomes.REASONS}
+    dead_ever = {reason: 0 for reason in outcomes.REASONS}
+    for name, value in live.items():
+        if name.startswith("dead:"):
+            dead_now[name.removeprefix("dead:")] = max(0, _int(value))
+    plain: dict[str, int] = {name: 0 for name, _, _ in _COUNTERS}
+    for name, value in totals.items():
+        if name.startswith("dead:"):
+            dead_ever[name.removeprefix("dead:")] = _int(value)
+        else:
+            plain[name] = _int(value)
+    plain["dead_lettered"] = sum(dead_ever.values())
+    return Stats(
+        at_ms=at_ms,
+        queue=queue,
+        queued=sum(_int(length) for length in queue_lengths),
+        reserved=_int(reserved),
+        inflight=max(0, _int(live.get("inflight"))),
+        retry_waiting=max(0, _int(live.get("retrying"))),
+        dead_letters_total=_int(dead_index_size),
+        dead_letters=dead_now,
+        delivered_per_minute=tuple(
+            MinuteCount(minute * 60_000, _int(count)) for minute, count in minute_counts
+        ),
+        totals=plain,
+        dead_lettered_total=dead_ever,
+        rate_limit_penalty_factor=max(1.0, _float(penalty, 1.0)),
+    )
+
+
+def collect(runtime: Runtime, *, minutes: int = DEFAULT_MINUTES) -> Stats:
+    """Read every count in one pipelined round trip; ``minutes`` of per-minute deliveries."""
+    minutes = max(1, min(minutes, MAX_MINUTES))
+    at = now_ms()
+    current = at // 60_000
+    minute_numbers = list(range(current - minutes + 1, current + 1))
+    queue = runtime.settings.queue_name
+    lists = queue_lists(queue)
+    pipe = runtime.redis.pipeline(transaction=False)
+    for name in lists:
+        pipe.llen(name)
+    pipe.hlen(Channel.unacked_key)
+    pipe.hgetall(keys.LIVE)
+    pipe.hgetall(keys.STATS)
+    pipe.zcard(keys.DEAD_INDEX)
+    pipe.mget([f"{keys.DELIVERED_PER_MINUTE}:{minute}" for minute in minute_numbers])
+    pipe.get(keys.RATE_LIMIT_PENALTY)
+    replies = pipe.execute()
+    lengths, rest = replies[: len(lists)], replies[len(lists) :]
+    reserved, live, totals, dead_size, counts, penalty = rest
+    return build(
+        at_ms=at,
+        queue=queue,
+        queue_lengths=lengths,
+        reserved=reserved,
+        live=live,
+        totals=totals,
+        dead_index_size=dead_size,
+        minute_counts=list(zip(minute_numbers, counts, strict=True)),
+        penalty=penalty,
+    )
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _metric(
+    lines: list[str], name: str, kind: str, text: str, samples: Sequence[tuple[str, float]]
+) -> None:
+    lines.append(f"# HELP {name} {text}")
+    lines.append(f"# TYPE {name} {kind}")
+    for labels, value in samples:
+        number = repr(float(value)) if isinstance(value, float) else str(value)
+        lines.append(f"{name}{labels} {number}")
+
+
+def render_prometheus(stats: Stats) -> str:
+    """The Prometheus text exposition (format 0.0.4) of ``stats``, for ``/metrics``."""
+    lines: list[str] = []
+    queue = f'{{queue="{_label(stats.queue)}"}}'
+    _metric(
+        lines,
+        "notify_queued",
+        "gauge",
+        "Messages waiting in the broker queue for a worker.",
+        [(queue, stats.queued)],
+    )
+    _metric(
+        lines,
+        "notify_reserved",
+        "gauge",
+        "Messages workers have taken from the broker and not yet acknowledged.",
+        [("", stats.reserved)],
+    )
+    _metric(
+        lines,
+        "notify_inflight",
+        "gauge",
+        "Messages claimed by a worker for an attempt now.",
+        [("", stats.inflight)],
+    )
+    _metric(
+        lines,
+        "notify_retry_waiting",
+        "gauge",
+        "Messages waiting on the schedule for their next attempt.",
+        [("", stats.retry_waiting)],
+    )
+    _metric(
+        lines,
+        "notify_dead_letters",
+        "gauge",
+        "Dead letters held now, by reason.",
+        [(f'{{reason="{_label(r)}"}}', n) for r, n in sorted(stats.dead_letters.items())],
+    )
+    _metric(
+        lines,
+        "notify_dead_lettered_total",
+        "counter",
+        "Messages dead-lettered since the start, by reason.",
+        [(f'{{reason="{_label(r)}"}}', n) for r, n in sorted(stats.dead_lettered_total.items())],
+    )
+    for field_name, metric, text in _COUNTERS:
+        _metric(lines, metric, "counter", text, [("", stats.totals.get(field_name, 0))])
+    _metric(
+        lines,
+        "notify_delivered_last_minute",
+        "gauge",
+        "Messages delivered in the last complete wall-clock minute.",
+        [("", stats.delivered_last_minute)],
+    )
+    _metric(
+        lines,
+        "notify_rate_limit_penalty_factor",
+        "gauge",
+        "How many times slower than the configured rate workers post now (1 = no 429 penalty).",
+        [("", stats.rate_limit_penalty_factor)],
+    )
+    return "\n".join(lines) + "\n"
