@@ -8,7 +8,7 @@ import pytest
 
 from worker import outcomes
 from worker.concur import ApiResponse, TransportFailure, parse_errors, parse_retry_after
-from worker.delivery import Malformed, parse_envelope
+from worker.delivery import Malformed, parse_task
 from worker.models import Message, message_id
 from worker.outcomes import DeadLetter, Delivered, RefreshToken, Retry, classify
 from worker.records import Envelope
@@ -127,15 +127,23 @@ def test_message_body_is_exactly_the_seed_shape() -> None:
     assert Message.create("u", "s", "t").body()["context"] == {}
 
 
-def test_envelope_is_read_from_a_well_formed_task() -> None:
+def test_envelopes_are_read_from_a_well_formed_task() -> None:
     request = {"userId": "u", "sessionId": "s", "templateId": "t", "context": {}}
-    assert parse_envelope(({"id": "abc", "gen": 2, "req": request},), {}) == Envelope(
-        "abc", 2, request
-    )
+    assert parse_task(({"id": "abc", "gen": 2, "req": request},), {}) == [
+        Envelope("abc", 2, request)
+    ]
     # A hand-made task with only the request gets the producer's id.
-    assert parse_envelope(({"req": request},), {}) == Envelope(
-        message_id("u", "s", "t"), 1, request
+    assert parse_task(({"req": request},), {}) == [Envelope(message_id("u", "s", "t"), 1, request)]
+
+
+def test_a_batch_task_yields_one_envelope_or_malformed_per_argument() -> None:
+    request = {"userId": "u", "sessionId": "s", "templateId": "t", "context": {}}
+    parsed = parse_task(
+        ({"id": "a", "gen": 1, "req": request}, "junk", {"id": "b", "gen": 3, "req": request}), {}
     )
+    assert parsed[0] == Envelope("a", 1, request)
+    assert isinstance(parsed[1], Malformed)
+    assert parsed[2] == Envelope("b", 3, request)
 
 
 @pytest.mark.parametrize(
@@ -152,7 +160,7 @@ def test_envelope_is_read_from_a_well_formed_task() -> None:
     ],
 )
 def test_malformed_tasks_get_a_stable_id_of_their_own(args: tuple, kwargs: dict) -> None:
-    first = parse_envelope(args, kwargs)
+    (first,) = parse_task(args, kwargs)
     assert isinstance(first, Malformed)
     assert first.id.startswith("bad")
-    assert parse_envelope(args, kwargs) == first
+    assert parse_task(args, kwargs) == [first]

@@ -164,7 +164,7 @@ def test_worker_dead_letters_what_the_producer_would_refuse_and_never_sends_it(
 ):
     # Straight onto the queue, bypassing the producer: the queue is not trusted.
     message_id = f"raw{uuid.uuid4().hex[:16]}"
-    runtime.publish(Envelope(message_id, 1, {"userId": user_id, **request_}))
+    runtime.publish([Envelope(message_id, 1, {"userId": user_id, **request_})])
     _finished(runtime, message_id)
     letter = runtime.deadletters.get(message_id)
     assert letter.reason == reason
@@ -200,7 +200,7 @@ def test_redelivered_task_of_a_delivered_message_is_not_posted_again(runtime, sa
     _finished(runtime, message_id)
     wire = runtime.store.status(message_id)["req"]
     for _ in range(3):  # the broker hands the same task out again
-        runtime.publish(Envelope(message_id, 1, json.loads(wire)))
+        runtime.publish([Envelope(message_id, 1, json.loads(wire))])
     canary = _send(user_id, session="after")  # queued behind the copies
     _finished(runtime, canary)
     sessions = [r["body"]["sessionId"] for r in sandbox.requests(user_id=user_id)]

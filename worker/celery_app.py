@@ -47,6 +47,8 @@ def make_app(settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         broker_transport_options={"visibility_timeout": settings.visibility_timeout_seconds},
         worker_enable_remote_control=True,
+        # Celery drops a message it cannot decode or run; ours dead-letters it first.
+        worker_consumer="worker.undecodable:DeadLetteringConsumer",
         enable_utc=True,
     )
     return app

@@ -19,6 +19,7 @@ from urllib.parse import quote
 import httpx
 
 from worker.models import Message
+from worker.transport import PooledTransport
 
 CORRELATION_HEADER = "concur-correlationid"
 MAX_KEPT_ERRORS = 10
@@ -112,7 +113,7 @@ class ConcurClient:
             limits=httpx.Limits(
                 max_connections=max_connections, max_keepalive_connections=max_connections
             ),
-            transport=transport,
+            transport=transport or PooledTransport(max_connections),
             headers={"Accept": "application/json", "User-Agent": "partner-notify/0.1"},
             follow_redirects=False,
         )

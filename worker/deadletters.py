@@ -109,7 +109,7 @@ class DeadLetterStore:
     """Reads and manages dead letters; ``publish`` sends a replayed message to the queue."""
 
     def __init__(
-        self, redis: Redis, store: MessageStore, publish: Callable[[Envelope], None]
+        self, redis: Redis, store: MessageStore, publish: Callable[[list[Envelope]], None]
     ) -> None:
         self.redis = redis
         self.store = store
@@ -168,14 +168,20 @@ class DeadLetterStore:
         """Send one dead letter back through the pipeline; None when it does not exist."""
         envelope = self.store.replay(letter_id)
         if envelope is not None:
-            self.publish(envelope)
+            self.publish([envelope])
         return envelope
 
     def replay_many(self, selection: DeadLetterFilter) -> list[str]:
         """Replay every selected dead letter; returns the ids replayed."""
-        return [
-            letter_id for letter_id in self.select(selection) if self.replay(letter_id) is not None
+        envelopes = [
+            envelope
+            for envelope in map(self.store.replay, self.select(selection))
+            if envelope is not None
         ]
+        # Published after all are marked queued: a crash in between leaves them on the schedule,
+        # which hands them out after the grace period.
+        self.publish(envelopes)
+        return [envelope.id for envelope in envelopes]
 
     def delete(self, letter_id: str) -> bool:
         """Remove one dead letter and its message's record; False when it does not exist."""

@@ -42,39 +42,50 @@ class Malformed:
     raw: str
 
 
-def parse_envelope(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Envelope | Malformed:
-    """Read a task's arguments: ``({"id", "gen", "req"},)``; anything else is ``Malformed``."""
+def _malformed(raw_value: Any, detail: str) -> Malformed:
     try:
-        raw = json.dumps({"args": args, "kwargs": kwargs}, default=repr, ensure_ascii=False)
+        raw = json.dumps(raw_value, default=repr, ensure_ascii=False)
     except (TypeError, ValueError):
-        raw = repr((args, kwargs))
+        raw = repr(raw_value)
     raw = raw[:MAX_RAW_EXCERPT]
+    # The id comes from the raw content, never from a field the message claims, so a malformed
+    # message cannot overwrite another message's record; and it is stable, so a redelivered
+    # copy lands on the same dead letter.
+    digest = hashlib.blake2b(raw.encode("utf-8", "replace"), digest_size=12).hexdigest()
+    return Malformed(f"bad{digest}", detail, raw)
 
-    def malformed(detail: str) -> Malformed:
-        # The id comes from the raw content, never from a field the message claims, so a
-        # malformed message cannot overwrite another message's record; and it is stable, so a
-        # redelivered copy lands on the same dead letter.
-        digest = hashlib.blake2b(raw.encode("utf-8", "replace"), digest_size=12).hexdigest()
-        return Malformed(f"bad{digest}", detail, raw)
 
-    if kwargs or len(args) != 1 or not isinstance(args[0], dict):
-        return malformed("expected one argument, an object with id, gen and req")
-    envelope = args[0]
-    request = envelope.get("req")
+def parse_envelope(value: Any) -> Envelope | Malformed:
+    """Read one task argument ``{"id", "gen", "req"}``; anything else is ``Malformed``."""
+    if not isinstance(value, dict):
+        return _malformed(value, "an envelope must be an object with id, gen and req")
+    request = value.get("req")
     if not isinstance(request, dict):
-        return malformed("req is missing or not an object")
-    if "id" not in envelope and "gen" not in envelope:
+        return _malformed(value, "req is missing or not an object")
+    if "id" not in value and "gen" not in value:
         # A hand-made task with only the request: give it the id a producer would have.
         parts = (request.get("userId"), request.get("sessionId"), request.get("templateId"))
         if not all(isinstance(part, str) for part in parts):
-            return malformed("req lacks userId, sessionId or templateId")
+            return _malformed(value, "req lacks userId, sessionId or templateId")
         return Envelope(message_id(*parts), 1, request)  # type: ignore[arg-type]
-    ident, gen = envelope.get("id"), envelope.get("gen")
+    ident, gen = value.get("id"), value.get("gen")
     if not isinstance(ident, str) or not _ID.match(ident):
-        return malformed("id is not a short URL-safe string")
+        return _malformed(value, "id is not a short URL-safe string")
     if not isinstance(gen, int) or isinstance(gen, bool) or gen < 1:
-        return malformed("gen is not a positive integer")
+        return _malformed(value, "gen is not a positive integer")
     return Envelope(ident, gen, request)
+
+
+def parse_task(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Envelope | Malformed]:
+    """Read a task's arguments: one envelope per positional argument, no keyword arguments."""
+    if kwargs or not args:
+        return [
+            _malformed(
+                {"args": args, "kwargs": kwargs},
+                "expected one or more envelopes as positional arguments, and nothing else",
+            )
+        ]
+    return [parse_envelope(value) for value in args]
 
 
 def _attempt_record(
@@ -122,12 +133,28 @@ def _log_fields(
     }
 
 
-def deliver(
+def deliver_task(
     args: tuple[Any, ...], kwargs: dict[str, Any], *, runtime: Runtime, task_id: str
 ) -> str:
-    """Run one attempt for the task's message; see the module docstring."""
+    """Run one attempt for each message the task carries, in turn; a summary verdict.
+
+    Each message is claimed only when its turn comes, so its lease covers its own attempt; a
+    message still waiting in a task whose worker dies is handed out again by the schedule.
+    """
+    verdicts = [
+        deliver(item, runtime=runtime, task_id=task_id) for item in parse_task(args, kwargs)
+    ]
+    if len(verdicts) == 1:
+        return verdicts[0]
+    counts: dict[str, int] = {}
+    for verdict in verdicts:
+        counts[verdict] = counts.get(verdict, 0) + 1
+    return " ".join(f"{verdict}={count}" for verdict, count in sorted(counts.items()))
+
+
+def deliver(envelope: Envelope | Malformed, *, runtime: Runtime, task_id: str) -> str:
+    """Run one attempt for one message; see the module docstring."""
     rt = runtime
-    envelope = parse_envelope(args, kwargs)
     if isinstance(envelope, Malformed):
         rt.store.dead_letter(
             envelope.id,

@@ -22,7 +22,10 @@ class Mover:
     """Moves due messages from the schedule to the queue, every ``interval_seconds``."""
 
     def __init__(
-        self, store: MessageStore, publish: Callable[[Envelope], None], interval_seconds: float
+        self,
+        store: MessageStore,
+        publish: Callable[[list[Envelope]], None],
+        interval_seconds: float,
     ) -> None:
         self.store = store
         self.publish = publish
@@ -35,8 +38,8 @@ class Mover:
         moved = 0
         while True:
             batch = self.store.due(BATCH)
-            for envelope in batch:
-                self.publish(envelope)
+            if batch:
+                self.publish(batch)
             moved += len(batch)
             if len(batch) < BATCH:
                 return moved

@@ -104,8 +104,17 @@ class EmbeddedRedis:
         self.stop()
         raise RuntimeError("redis-server did not answer in time")
 
-    def stop(self) -> None:
-        """Stop it (and remove its folder if it made one)."""
+    def restart(self, down_seconds: float = 0.0, timeout_seconds: float = 10.0) -> str:
+        """Stop the server and start it again on the same port and folder; returns its URL.
+
+        As a container restart does: SIGTERM makes Redis write its AOF before it exits, and the
+        new process loads it, so clients see a dropped connection and then the same data.
+        """
+        self._terminate()
+        time.sleep(down_seconds)
+        return self.start(timeout_seconds)
+
+    def _terminate(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
@@ -114,6 +123,10 @@ class EmbeddedRedis:
                 self.process.kill()
                 self.process.wait()
         self.process = None
+
+    def stop(self) -> None:
+        """Stop it (and remove its folder if it made one)."""
+        self._terminate()
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None

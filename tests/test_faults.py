@@ -1,0 +1,654 @@
+"""Faults with real processes: every accepted request ends exactly once, delivered or dead-lettered.
+
+Each scenario runs real ``celery worker`` subprocesses on a Redis database and queue of its own
+(``tests/isolated.py``; the Redis-restart scenario on a private ``redis-server``), against a
+sandbox of its own, sends a few hundred requests, causes its fault mid-run, waits for the system
+to settle and then ``reconcile``s: the sandbox's record against the status records and dead
+letters. Nothing missing, nothing delivered twice, every dead letter once with the expected reason.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from redis import Redis
+
+from tests.conftest import ROOT, TEST_TOKEN, WorkerProcess, free_port, wait_for
+from tests.isolated import Isolated, isolated
+from worker import keys
+from worker.deadletters import DeadLetterFilter
+from worker.models import message_id
+from worker.redisserver import EmbeddedRedis
+from worker.runtime import Runtime
+from worker.sandbox import Sandbox
+from worker.settings import load_settings
+
+__all__ = ["isolated"]  # the fixture
+
+URL = "https://app.example.com/r/1"
+REFUSED = "api_rejected"
+FLAPPING = {"errorRatio": 0.3, "statuses": [500, 503, 504], "hangRatio": 0.02}
+GATEWAY_KEY = "faults-gateway-" + uuid.uuid4().hex
+OPERATOR_KEY = "faults-operator-" + uuid.uuid4().hex
+
+# Short waits so a fault and its recovery fit in seconds; the visibility timeout must exceed the
+# in-flight lease (2 x (1 + 1) + 10 = 14 s with these timeouts).
+FAST = {
+    "NOTIFY_BACKOFF_BASE_SECONDS": "0.2",
+    "NOTIFY_BACKOFF_MAX_SECONDS": "1",
+    "NOTIFY_HTTP_CONNECT_TIMEOUT_SECONDS": "1",
+    "NOTIFY_HTTP_TIMEOUT_SECONDS": "1",
+    "NOTIFY_VISIBILITY_TIMEOUT_SECONDS": "20",
+    "NOTIFY_RETRY_POLL_INTERVAL_SECONDS": "0.2",
+    "NOTIFY_MAX_ATTEMPTS": "8",
+    "NOTIFY_WORKER_CONCURRENCY": "16",
+}
+
+Request = tuple[str, str, str, str | None]
+
+
+# -- the shared reconciliation --------------------------------------------------------------------
+
+
+@dataclass
+class Reconciliation:
+    """What became of each request, by the sandbox's record and by our own records."""
+
+    delivered: set[str] = field(default_factory=set)
+    dead: dict[str, str] = field(default_factory=dict)  # id -> reason
+    missing: dict[str, str | None] = field(default_factory=dict)  # id -> state
+    duplicated: dict[str, int] = field(default_factory=dict)  # id -> 2xx posts
+    excused: dict[str, int] = field(default_factory=dict)  # duplicates a SIGKILL explains
+    wrong: list[str] = field(default_factory=list)  # human-readable problems
+
+    def summary(self) -> str:
+        return (
+            f"delivered={len(self.delivered)} dead={len(self.dead)} missing={len(self.missing)} "
+            f"duplicated={len(self.duplicated)} excused={len(self.excused)} "
+            f"problems={self.wrong[:10]}"
+        )
+
+
+def states(runtime: Runtime, ids: list[str]) -> list[str | None]:
+    """Each message's state, in one pipelined round trip."""
+    pipe = runtime.redis.pipeline(transaction=False)
+    for ident in ids:
+        pipe.hget(keys.message(ident), "state")
+    return list(pipe.execute())
+
+
+def settle(runtime: Runtime, ids: list[str], timeout: float, what: str = "") -> None:
+    """Wait until every message is delivered or failed."""
+
+    def finished() -> bool:
+        return all(state in ("delivered", "failed") for state in states(runtime, ids))
+
+    try:
+        wait_for(finished, timeout=timeout, interval=0.5, what=what or f"{len(ids)} to finish")
+    except AssertionError:
+        counts = collections.Counter(states(runtime, ids))
+        raise AssertionError(f"not settled after {timeout}s: {dict(counts)}") from None
+
+
+def reconcile(
+    runtime: Runtime,
+    sandbox: Sandbox,
+    requests: list[Request],
+    expected_dead: Mapping[str, set[str]] | None = None,
+    *,
+    killed_at: list[float] | None = None,
+) -> Reconciliation:
+    """Check every request ended once: delivered (one 2xx) or dead-lettered with a right reason.
+
+    ``expected_dead`` maps a message id to the reasons its dead letter may carry; a message not
+    in it must be delivered. A second 2xx is a failure unless ``killed_at`` explains it: its first
+    2xx was answered before a SIGKILL and never reached our records (the at-least-once window
+    README documents), which ``excused`` counts.
+    """
+    expected_dead = expected_dead or {}
+    result = Reconciliation()
+    ok_posts: dict[tuple[str, str, str], list[dict[str, Any]]] = collections.defaultdict(list)
+    for record in sandbox.requests():
+        status = record["status"]
+        body = record["body"] if isinstance(record["body"], dict) else {}
+        if status is not None and 200 <= status < 300:
+            key = (record["userId"], body.get("sessionId"), body.get("templateId"))
+            ok_posts[key].append(record)
+    ids = {message_id(u, s, t): (u, s, t) for u, s, t, _ in requests}
+    if len(ids) != len(requests):
+        result.wrong.append("the test sent the same request twice")
+    strangers = set(ok_posts) - set(ids.values())
+    if strangers:
+        result.wrong.append(f"{len(strangers)} delivered requests nobody sent")
+    dead_index = set(runtime.redis.zrange(keys.DEAD_INDEX, 0, -1))
+    for ident, key in ids.items():
+        record = runtime.store.status(ident)
+        state = record["state"] if record else None
+        posts = ok_posts.get(key, [])
+        letter = runtime.deadletters.get(ident)
+        if state == "delivered":
+            result.delivered.add(ident)
+            if ident in expected_dead and not expected_dead[ident] & {"delivered"}:
+                result.wrong.append(f"{ident} delivered, expected {sorted(expected_dead[ident])}")
+            if letter is not None or ident in dead_index:
+                result.wrong.append(f"{ident} delivered and also a dead letter")
+            if not posts:
+                result.wrong.append(f"{ident} recorded delivered, no 2xx in the sandbox")
+            elif len(posts) > 1:
+                if _explained_by_kill(record or {}, posts, killed_at):
+                    result.excused[ident] = len(posts)
+                else:
+                    result.duplicated[ident] = len(posts)
+                    result.wrong.append(
+                        f"{ident} posted {len(posts)}x: "
+                        + repr([(p["at"], p["correlationId"][:8]) for p in posts])
+                        + f" attempts {record['attempts'] if record else None} kills {killed_at}"
+                    )
+        elif state == "failed":
+            reason = letter.reason if letter else "?"
+            result.dead[ident] = reason
+            if letter is None or ident not in dead_index:
+                result.wrong.append(f"{ident} failed without its dead letter")
+            if reason not in expected_dead.get(ident, set()):
+                result.wrong.append(f"{ident} dead-lettered {reason}, not expected")
+            if posts:
+                result.wrong.append(f"{ident} dead-lettered after a 2xx")
+        else:
+            result.missing[ident] = state
+    for reason in {r for rs in expected_dead.values() for r in rs} - {"delivered"}:
+        held = runtime.deadletters.select(DeadLetterFilter(reason=reason))
+        foreign = set(held) - set(ids)
+        if foreign:
+            result.wrong.append(f"{len(foreign)} {reason} dead letters of no request sent")
+    return result
+
+
+def _explained_by_kill(
+    record: dict[str, Any], posts: list[dict[str, Any]], killed_at: list[float] | None
+) -> bool:
+    if not killed_at:
+        return False
+    recorded = {attempt.get("cid") for attempt in record.get("attempts", [])}
+    # Every 2xx but the last must have been answered before a kill and be unknown to our records.
+    return all(
+        post["correlationId"] not in recorded and any(post["at"] <= k for k in killed_at)
+        for post in posts[:-1]
+    )
+
+
+def assert_all_accounted(result: Reconciliation, *, excused_at_most: int = 0) -> None:
+    """Nothing missing, nothing duplicated, nothing wrong (see ``reconcile``)."""
+    assert not result.wrong, result.summary()
+    assert not result.missing, result.summary()
+    assert not result.duplicated, result.summary()
+    assert len(result.excused) <= excused_at_most, result.summary()
+
+
+# -- fixtures and helpers -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def api() -> Iterator[Sandbox]:
+    """A sandbox of this test's own: its record holds only this test's posts."""
+    with Sandbox(tokens=[TEST_TOKEN]) as sandbox:
+        yield sandbox
+
+
+def workers_env(isolated: Isolated, api: Sandbox, **extra: str) -> dict[str, str]:
+    """The environment of this test's workers."""
+    return {**isolated.env, **FAST, "NOTIFY_API_BASE_URL": api.url, **extra}
+
+
+def requests_for(count: int, users: int = 10, *, prefix: str = "u") -> list[Request]:
+    """``count`` distinct requests spread over ``users`` users."""
+    run = uuid.uuid4().hex[:8]
+    names = [f"{prefix}-{run}-{n}" for n in range(users)]
+    return [(names[n % users], f"s-{n}", "welcome", URL) for n in range(count)]
+
+
+def refused_requests(api: Sandbox, count: int) -> list[Request]:
+    """Requests of a user the API answers 400: each must end as an ``api_rejected`` letter."""
+    user = f"refused-{uuid.uuid4().hex[:8]}"
+    api.script([], user_id=user, then={"status": 400})
+    return [(user, f"s-{n}", "welcome", URL) for n in range(count)]
+
+
+def ids_of(requests: list[Request]) -> list[str]:
+    return [message_id(u, s, t) for u, s, t, _ in requests]
+
+
+def expect(requests: list[Request], *reasons: str) -> dict[str, set[str]]:
+    return {ident: set(reasons) for ident in ids_of(requests)}
+
+
+def delivered_count(runtime: Runtime, ids: list[str]) -> int:
+    return sum(state == "delivered" for state in states(runtime, ids))
+
+
+def sigkill(worker: WorkerProcess) -> float:
+    """Kill a worker at once; returns when (epoch seconds, as the sandbox records)."""
+    assert worker.process is not None
+    at = time.time()
+    worker.process.kill()
+    worker.process.wait(timeout=10)
+    return at
+
+
+def restart(worker: WorkerProcess) -> WorkerProcess:
+    """Start the same worker (name, environment) again."""
+    worker.stop()
+    return worker.start()
+
+
+# -- 1. SIGKILL ------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sigkilled_worker_messages_are_finished_by_the_others_exactly_once(
+    start_worker, isolated: Isolated, api: Sandbox
+):
+    # Some answers hang past the timeout, so the killed worker holds posts in flight as well as
+    # prefetched tasks when it dies.
+    api.script(rate={"errorRatio": 0.0, "statuses": [503], "hangRatio": 0.05})
+    env = workers_env(isolated, api)
+    doomed = start_worker("kill-a", **env)
+    start_worker("kill-b", **env)
+    good = requests_for(360)
+    refused = refused_requests(api, 40)
+    sent = good + refused
+    ids = isolated.enqueue_many(sent)
+    wait_for(lambda: delivered_count(isolated.runtime, ids) >= 60, timeout=60, what="deliveries")
+    killed = [sigkill(doomed)]
+    assert delivered_count(isolated.runtime, ids) < len(good), "everything finished before the kill"
+    restart(doomed)
+    settle(isolated.runtime, ids, timeout=120)
+    result = reconcile(isolated.runtime, api, sent, expect(refused, REFUSED), killed_at=killed)
+    # A post answered 2xx in the instant before the kill, whose answer the worker never
+    # recorded, is posted again after its lease: at most one per thread of the killed worker.
+    assert_all_accounted(result, excused_at_most=int(FAST["NOTIFY_WORKER_CONCURRENCY"]))
+    assert len(result.dead) == len(refused)
+
+
+# -- 2. SIGTERM ------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sigterm_mid_flight_finishes_or_hands_back_every_message_exactly_once(
+    start_worker, isolated: Isolated, api: Sandbox
+):
+    # Slow answers keep posts in flight when the signal lands; a warm shutdown finishes them.
+    api.script([], then={"status": 200, "delayMs": 300})
+    env = workers_env(isolated, api)
+    stopping = start_worker("term-a", **env)
+    good = requests_for(300)
+    refused = refused_requests(api, 30)
+    sent = good + refused
+    ids = isolated.enqueue_many(sent)
+    wait_for(lambda: delivered_count(isolated.runtime, ids) >= 40, timeout=60, what="deliveries")
+    stopping.signal(signal.SIGTERM)
+    assert stopping.process is not None
+    stopping.process.wait(timeout=60)
+    assert delivered_count(isolated.runtime, ids) < len(good), "everything finished first"
+    assert "Warm shutdown" in stopping.log()
+    start_worker("term-b", **env)
+    settle(isolated.runtime, ids, timeout=120)
+    result = reconcile(isolated.runtime, api, sent, expect(refused, REFUSED))
+    assert_all_accounted(result)
+    assert len(result.dead) == len(refused)
+
+
+# -- 3. Redis restart ------------------------------------------------------------------------------
+
+
+class ApiService:
+    """``notify api`` in a subprocess, logging to a file."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop)
+        notify = Path(sys.executable).with_name("notify")
+        self.process = subprocess.Popen(
+            [str(notify), "api", "--port", str(self.port)],
+            cwd=ROOT,
+            env={
+                **os.environ,
+                **env,
+                "NOTIFY_GATEWAY_KEYS": GATEWAY_KEY,
+                "NOTIFY_OPERATOR_KEYS": OPERATOR_KEY,
+            },
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        wait_for(self.ready, timeout=30, what="notify api to answer")
+
+    def ready(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def send(self, requests: list[Request]) -> list[int]:
+        """POST each request through the gateway; returns the statuses."""
+        statuses = []
+        with httpx.Client(
+            base_url=self.url, timeout=10, headers={"Authorization": f"Bearer {GATEWAY_KEY}"}
+        ) as client:
+            for user, session, template, url in requests:
+                body = {"sessionId": session, "templateId": template, "context": {"url": url}}
+                statuses.append(client.post(f"/messages/{user}/session", json=body).status_code)
+        return statuses
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def private_redis() -> Iterator[EmbeddedRedis]:
+    """A ``redis-server`` of this test's own (AOF on), which it may restart."""
+    server = EmbeddedRedis(port=free_port())
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.slow
+def test_redis_restart_loses_nothing_and_workers_and_service_reconnect(
+    start_worker, api: Sandbox, private_redis: EmbeddedRedis, worker_logs: Path
+):
+    url = private_redis.url
+    chosen = Isolated(url)
+    try:
+        env = workers_env(chosen, api)
+        # Queued, waiting for retry and in flight at the restart: slow answers hold posts in
+        # flight, one user in three is answered 503 twice first, and the queue is long.
+        api.configure(latency_ms=50)
+        start_worker("redis-a", **env)
+        start_worker("redis-b", **env)
+        service = ApiService(env, worker_logs / "redis-api.log")
+        try:
+            good = requests_for(300, users=30)
+            for user in sorted({r[0] for r in good})[::3]:
+                api.script([{"status": 503}, {"status": 503}], user_id=user)
+            before, after = good[:150], good[150:]
+            ids = chosen.enqueue_many(before[:100])
+            assert set(service.send(before[100:])) == {202}
+            wait_for(
+                lambda: delivered_count(chosen.runtime, ids) >= 20, timeout=60, what="deliveries"
+            )
+            states_then = collections.Counter(states(chosen.runtime, ids_of(before)))
+            private_redis.restart(down_seconds=3)
+            # The service answers 503 while Redis is away and recovers by itself.
+            wait_for(service.ready, timeout=60, what="the service to be ready again")
+            assert set(service.send(after)) == {202}
+            settle(chosen.runtime, ids_of(good), timeout=150)
+            result = reconcile(chosen.runtime, api, good)
+            assert_all_accounted(result)
+            assert states_then["delivered"] < len(before), f"nothing was pending: {states_then}"
+        finally:
+            service.stop()
+    finally:
+        chosen.runtime.close()
+
+
+# -- 4. the API flaps ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_flapping_api_with_hangs_delivers_everything_once(
+    start_worker, isolated: Isolated, api: Sandbox
+):
+    api.script(rate=FLAPPING)
+    env = workers_env(isolated, api)
+    start_worker("flap-a", **env)
+    start_worker("flap-b", **env)
+    good = requests_for(360)
+    refused = refused_requests(api, 40)
+    sent = good + refused
+    ids = isolated.enqueue_many(sent)
+    settle(isolated.runtime, ids, timeout=150)
+    # Eight attempts at 32 % failure each: exhausting them is possible (about 1 in 10 000).
+    result = reconcile(
+        isolated.runtime,
+        api,
+        sent,
+        {**expect(good, "delivered", "retries_exhausted"), **expect(refused, REFUSED)},
+    )
+    assert_all_accounted(result)
+    by_status = api.stats()["byStatus"]
+    assert {"500", "503", "504"} <= set(by_status), by_status
+    assert api.stats()["hung"] > 0
+
+
+# -- 5. the API down for longer than the retry window ----------------------------------------------
+
+
+@pytest.mark.slow
+def test_api_down_past_the_retry_window_dead_letters_all_then_bulk_replay_delivers_all(
+    start_worker, isolated: Isolated, api: Sandbox
+):
+    api.script([], then={"status": 503})
+    env = workers_env(isolated, api, NOTIFY_MAX_ATTEMPTS="3")
+    start_worker("down-a", **env)
+    sent = requests_for(300)
+    ids = isolated.enqueue_many(sent)
+    settle(isolated.runtime, ids, timeout=120)
+    exhausted = reconcile(isolated.runtime, api, sent, expect(sent, "retries_exhausted"))
+    assert_all_accounted(exhausted)
+    assert len(exhausted.dead) == len(sent)
+    assert api.stats()["byStatus"] == {"503": 3 * len(sent)}
+
+    api.clear_scripts()
+    replayed = isolated.runtime.deadletters.replay_many(
+        DeadLetterFilter(reason="retries_exhausted")
+    )
+    assert sorted(replayed) == sorted(ids)
+    settle(isolated.runtime, ids, timeout=120)
+    result = reconcile(isolated.runtime, api, sent)
+    assert_all_accounted(result)
+    assert len(result.delivered) == len(sent)
+    assert isolated.runtime.deadletters.count() == 0
+
+
+# -- 6. the token endpoint fails -------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_token_endpoint_outage_defers_messages_and_dead_letters_none(
+    start_worker, isolated: Isolated
+):
+    # Only access tokens from the sandbox's token endpoint are accepted. Six failures, one per
+    # cool-down (2 s): about 12 s without a token, far past 3 attempts at 0.2-1 s backoff.
+    with Sandbox(tokens=[f"static-{uuid.uuid4().hex}"]) as api:
+        api.configure_oauth(failures=[503, 503, 502, 503, 504, 503])
+        env = workers_env(
+            isolated,
+            api,
+            NOTIFY_MAX_ATTEMPTS="3",
+            NOTIFY_VISIBILITY_TIMEOUT_SECONDS="30",  # the lease covers two token fetches
+            NOTIFY_API_TOKEN="",
+            NOTIFY_OAUTH_CLIENT_ID=f"client-{uuid.uuid4().hex[:8]}",
+            NOTIFY_OAUTH_CLIENT_SECRET="sandbox-client-secret",
+            NOTIFY_OAUTH_COMPANY_ID="sandbox-company",
+            NOTIFY_OAUTH_COMPANY_AUTH_TOKEN="sandbox-auth-token",
+        )
+        worker = start_worker("token-a", **env)
+        sent = requests_for(300)
+        ids = isolated.enqueue_many(sent)
+        settle(isolated.runtime, ids, timeout=150)
+        result = reconcile(isolated.runtime, api, sent)
+        assert_all_accounted(result)
+        assert isolated.runtime.deadletters.count() == 0
+        deferred = [
+            sum(
+                a["cause"] == "token_unavailable"
+                for a in (isolated.runtime.store.status(i) or {}).get("attempts", [])
+            )
+            for i in ids
+        ]
+        assert max(deferred) > 3, "no message waited longer than its retries would have"
+        assert api.oauth_stats()["failuresLeft"] == 0
+        log = worker.log()
+        for secret in ["sandbox-client-secret", "sandbox-auth-token", *api.issued_tokens()]:
+            assert secret not in log
+
+
+# -- 7. poison messages ----------------------------------------------------------------------------
+
+
+def raw_broker_message(isolated: Isolated, args: Any, kwargs: Any, task: str | None = None) -> dict:
+    """A message exactly as kombu puts it on a Redis list, made by Celery itself."""
+    from worker.celery_app import SEND_TASK, make_app
+
+    scratch = f"scratch-{uuid.uuid4().hex[:8]}"
+    app = make_app(load_settings(redis_url=isolated.env["NOTIFY_REDIS_URL"], queue_name=scratch))
+    app.send_task(task or SEND_TASK, args=args, kwargs=kwargs, queue=scratch)
+    raw = isolated.runtime.redis.rpop(scratch)
+    assert raw is not None
+    return json.loads(raw)
+
+
+def push_raw(isolated: Isolated, message: dict | bytes) -> None:
+    """LPUSH straight onto the worker's queue list, as a broken producer would."""
+    data = message if isinstance(message, bytes) else json.dumps(message).encode()
+    isolated.runtime.redis.lpush(isolated.env["NOTIFY_QUEUE_NAME"], data)
+
+
+def with_body(message: dict, body: bytes) -> dict:
+    """The same message carrying another (base64-encoded) body."""
+    return {**message, "body": base64.b64encode(body).decode()}
+
+
+def letters_with(runtime: Runtime, marker: str) -> list[Any]:
+    return [
+        letter
+        for letter in map(runtime.deadletters.get, runtime.deadletters.select(DeadLetterFilter()))
+        if letter is not None and marker in json.dumps(letter.request)
+    ]
+
+
+POISON: dict[str, Callable[[Isolated, str], dict | bytes]] = {
+    "undecodable_json_body": lambda iso, m: with_body(
+        raw_broker_message(iso, [{}], {}), f'[[{{"{m}": '.encode() + b"\xff\xfe not json"
+    ),
+    "body_not_utf8": lambda iso, m: with_body(
+        raw_broker_message(iso, [{}], {}), m.encode() + b"\xc3\x28\xa0\xa1"
+    ),
+    "wrong_types": lambda iso, m: raw_broker_message(iso, [{"id": 5, "gen": "1", "req": [m]}], {}),
+    "unknown_task_arguments": lambda iso, m: raw_broker_message(iso, [m], {"surprise": m}),
+    "not_an_object": lambda iso, m: raw_broker_message(iso, [m, 7, None], {}),
+    "unknown_task_name": lambda iso, m: raw_broker_message(iso, [m], {}, task="tasks.nope"),
+    "huge_fields": lambda iso, m: raw_broker_message(
+        iso,
+        [
+            {
+                "req": {
+                    "userId": m,
+                    "sessionId": "s" * 1_000_000,
+                    "templateId": "welcome",
+                    "context": {"url": "https://app.example.com/" + "x" * 1_000_000},
+                }
+            }
+        ],
+        {},
+    ),
+}
+
+
+@pytest.mark.slow
+def test_poison_messages_on_the_queue_are_dead_lettered_and_the_worker_keeps_going(
+    start_worker, isolated: Isolated, api: Sandbox
+):
+    worker = start_worker("poison-a", **workers_env(isolated, api))
+    first = requests_for(150)
+    ids = isolated.enqueue_many(first)
+    markers = {name: f"poison-{name}-{uuid.uuid4().hex[:8]}" for name in POISON}
+    for name, make in POISON.items():
+        push_raw(isolated, make(isolated, markers[name]))
+    then = requests_for(150)
+    ids += isolated.enqueue_many(then)
+    settle(isolated.runtime, ids, timeout=90)
+    assert_all_accounted(reconcile(isolated.runtime, api, first + then))
+    expected = {
+        "huge_fields": "invalid_request",
+    }
+    for name, marker in markers.items():
+        letters = wait_for(
+            lambda marker=marker: letters_with(isolated.runtime, marker),
+            timeout=30,
+            what=f"the dead letter of {name}",
+        )
+        assert len(letters) == 1, name
+        assert letters[0].reason == expected.get(name, "malformed_message"), name
+    assert worker.process is not None and worker.process.poll() is None
+    # Nothing is left on the queue or unacknowledged.
+    assert isolated.runtime.redis.llen(isolated.env["NOTIFY_QUEUE_NAME"]) == 0
+
+
+# -- secrets ---------------------------------------------------------------------------------------
+
+
+def test_no_secret_reaches_any_worker_or_service_log(
+    start_worker, isolated: Isolated, api: Sandbox, worker_logs: Path
+):
+    # A 401 makes the worker fetch the token again; bad keys and a partner key on operator
+    # endpoints make the service refuse: the paths most likely to echo a secret.
+    env = workers_env(isolated, api)
+    start_worker("secrets-a", **env)
+    user = f"u-{uuid.uuid4().hex[:8]}"
+    api.script([{"status": 401}], user_id=user)
+    ids = isolated.enqueue_many([(user, "s-1", "welcome", URL)])
+    service = ApiService(env, worker_logs / "secrets-api.log")
+    try:
+        with httpx.Client(base_url=service.url, timeout=10) as client:
+            for key in (GATEWAY_KEY, OPERATOR_KEY + "x", "not-a-key"):
+                answer = client.get("/notifications", headers={"Authorization": f"Bearer {key}"})
+                assert answer.status_code in (401, 403)
+                assert GATEWAY_KEY not in answer.text and OPERATOR_KEY not in answer.text
+            assert client.get("/notifications").status_code == 401
+            bad = client.post(
+                f"/messages/{user}/session",
+                headers={"Authorization": f"Bearer {OPERATOR_KEY}"},
+                content=b"{",
+            )
+            assert bad.status_code == 403 and OPERATOR_KEY not in bad.text
+        settle(isolated.runtime, ids, timeout=30)
+    finally:
+        service.stop()
+    logs = sorted(worker_logs.glob("*.log"))
+    assert logs
+    for path in logs:
+        text = path.read_text(errors="replace")
+        for secret in (TEST_TOKEN, GATEWAY_KEY, OPERATOR_KEY):
+            assert secret not in text, f"a secret in {path.name}"
+
+
+def test_private_redis_restart_keeps_data_on_the_same_port(private_redis: EmbeddedRedis):
+    client = Redis.from_url(private_redis.url)
+    client.set("kept", "yes")
+    port = private_redis.port
+    private_redis.restart()
+    assert private_redis.port == port
+    assert Redis.from_url(private_redis.url).get("kept") == b"yes"
