@@ -185,6 +185,8 @@ def main() -> int:
     parser.add_argument("--steady-rate", type=int, default=500)
     parser.add_argument("--steady-seconds", type=int, default=20)
     parser.add_argument("--backlog", type=int, default=100_000)
+    parser.add_argument("--api-workers", type=int, default=2, help="`notify api --workers`")
+    parser.add_argument("--connections", type=int, default=32, help="gateway load connections")
     parser.add_argument(
         "--only",
         default="drain,baseline,steady,gateway,backlog",
@@ -353,7 +355,7 @@ def main() -> int:
             )
 
         if "gateway" in only:
-            rows.append(gateway_scenario(env, sandbox))
+            rows.append(gateway_scenario(env, sandbox, args.api_workers, args.connections))
 
         if "backlog" in only:
             rows.append(backlog_scenario(runtime, ours_cmd, env, args.backlog))
@@ -378,15 +380,24 @@ def main() -> int:
     return 0
 
 
-def gateway_scenario(env: dict[str, str], sandbox: Sandbox) -> Row:
+def gateway_scenario(
+    env: dict[str, str], sandbox: Sandbox, api_workers: int, connections: int
+) -> Row:
     """HTTP ingestion through `notify api`, load from bench/load.py in another process."""
     if not (ROOT / "worker" / "api.py").exists():
         return Row("gateway", {"skipped": "no HTTP service"})
     port = free_port()
-    key = "bench-partner-key"
-    api_env = {**env, "NOTIFY_GATEWAY_KEYS": key, "NOTIFY_OPERATOR_KEYS": "bench-operator"}
+    key = "bench-partner-key-0001"
+    api_env = {**env, "NOTIFY_GATEWAY_KEYS": key, "NOTIFY_OPERATOR_KEYS": "bench-operator-key-0001"}
     server = subprocess.Popen(
-        [sys.executable, "-m", "worker.cli", "api", "--host", "127.0.0.1", "--port", str(port)],
+        [
+            str(Path(sys.executable).parent / "notify"),
+            "api",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
         cwd=ROOT,
         env=api_env,
         stdout=subprocess.DEVNULL,
@@ -422,7 +433,7 @@ def gateway_scenario(env: dict[str, str], sandbox: Sandbox) -> Row:
             timeout=120,
         )
         figures = json.loads(result.stdout.strip().splitlines()[-1])
-        return Row("gateway", figures)
+        return Row(f"gateway {api_workers}p/{connections}c", figures)
     finally:
         server.terminate()
         server.wait(timeout=15)
@@ -438,43 +449,35 @@ def backlog_scenario(runtime: Any, command: list[str], env: dict[str, str], coun
     before = int(redis.info("memory")["used_memory"])
     due = now_ms() + 3_600_000
     run = uuid.uuid4().hex[:6]
-    for start in range(0, count, 2000):
-        chunk = range(start, min(count, start + 2000))
-        items = [
-            (
-                f"bk{run}{i}",
-                {
-                    "userId": f"u{i}",
-                    "sessionId": f"s{i}",
-                    "templateId": TEMPLATE,
-                    "context": {"url": "https://app.example.com/reports/1"},
-                },
-            )
-            for i in chunk
-        ]
-        store.create_many(items)
-        pipe = redis.pipeline(transaction=False)
-        for message_id, request in items:
-            store._claim(
-                keys=[f"notify:msg:{message_id}", "notify:schedule"],
-                args=[message_id, 1, now_ms(), 60000, "o", "bench", "t", json.dumps(request)],
-                client=pipe,
-            )
-        pipe.execute()
-        pipe = redis.pipeline(transaction=False)
-        for message_id, _ in items:
-            attempt = AttemptRecord(1, now_ms(), "retry", 503, "http_503", 20, "cid-" + message_id)
-            store._retry(
-                keys=[
-                    f"notify:msg:{message_id}",
-                    "notify:schedule",
-                    f"notify:msg:{message_id}:attempts",
-                    "notify:stats",
-                ],
-                args=[message_id, "o", attempt.at_ms, due, attempt.to_json(), 503, "cid"],
-                client=pipe,
-            )
-        pipe.execute()
+    from concurrent.futures import ThreadPoolExecutor
+
+    from worker.records import Envelope
+
+    def wait_for_retry(message_id: str, request: dict[str, Any]) -> None:
+        # What a worker does when the API answers 503: claim, then schedule the retry.
+        claim = store.claim(
+            Envelope(message_id, 1, request), owner="o", worker="bench", task_id="t"
+        )
+        attempt = AttemptRecord(1, now_ms(), "retry", 503, "http_503", 20, "cid-" + message_id)
+        store.retry(message_id, "o", due, attempt)
+        assert claim.verdict == "go"
+
+    with ThreadPoolExecutor(16) as pool:
+        for start in range(0, count, 2000):
+            items = [
+                (
+                    f"bk{run}{i}",
+                    {
+                        "userId": f"u{i}",
+                        "sessionId": f"s{i}",
+                        "templateId": TEMPLATE,
+                        "context": {"url": "https://app.example.com/reports/1"},
+                    },
+                )
+                for i in range(start, min(count, start + 2000))
+            ]
+            store.create_many(items)
+            list(pool.map(lambda item: wait_for_retry(*item), items))
     used = int(redis.info("memory")["used_memory"]) - before
     waiting = redis.zcard("notify:schedule")
     fleet = Fleet(command, env, 1)

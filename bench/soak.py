@@ -182,7 +182,8 @@ def _reconcile(
             if len(ok) > 1:
                 cids = {a.get("cid") for a in record.get("attempts", [])}
                 window = all(
-                    p["correlationId"] not in cids and any(p["at"] <= k for k in killed)
+                    # A post the dying worker had sent may reach the sandbox a moment later.
+                    p["correlationId"] not in cids and any(p["at"] <= k + 2.0 for k in killed)
                     for p in ok[:-1]
                 )
                 counts["re-posted after the SIGKILL" if window else "duplicated"] += 1

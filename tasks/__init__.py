@@ -54,7 +54,7 @@ def submit(user_id: str, body: dict[str, Any], *, runtime: Runtime | None = None
     message = validate(user_id, body, rt.allowlist)
     created, state = rt.store.create(message.id, message.to_wire())
     if created:
-        rt.publish([Envelope(message.id, 1, message.to_wire())])
+        rt.publisher.submit(Envelope(message.id, 1, message.to_wire()))
     return Enqueued(message.id, not created, state)
 
 

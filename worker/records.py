@@ -350,6 +350,7 @@ class MessageStore:
         created, state, _gen = self._create(
             keys=[keys.message(message_id), keys.SCHEDULE],
             args=[message_id, _dumps(request), now_ms(), self.publish_grace_ms],
+            client=self._conn(),
         )
         return bool(int(created)), str(state)
 

@@ -20,6 +20,7 @@ from redis import Redis
 from worker.allowlist import AllowList
 from worker.concur import ConcurClient
 from worker.deadletters import DeadLetterStore
+from worker.publisher import Publisher
 from worker.ratelimit import RateLimiter, RateLimitPolicy
 from worker.records import Envelope, MessageStore
 from worker.retries import RetryPolicy
@@ -154,6 +155,11 @@ class Runtime:
                     queue=self.settings.queue_name,
                     producer=producer,
                 )
+
+    @functools.cached_property
+    def publisher(self) -> Publisher:
+        """Publishes single submissions in the background, batched (see ``worker.publisher``)."""
+        return Publisher(self.publish, self.settings.batch_size)
 
     @functools.cached_property
     def rate_limiter(self) -> RateLimiter:
