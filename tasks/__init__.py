@@ -36,7 +36,20 @@ def send_message(self: Task, *args: Any, **kwargs: Any) -> str:
     Takes ``*args, **kwargs`` on purpose: a malformed task must reach our code and be
     dead-lettered, not fail in Celery's argument check before we can see it.
     """
-    return deliver_task(args, kwargs, runtime=get_runtime(), task_id=self.request.id or "")
+    return deliver_task(
+        args,
+        kwargs,
+        runtime=get_runtime(),
+        task_id=self.request.id or "",
+        stopping=_worker_is_stopping,
+    )
+
+
+def _worker_is_stopping() -> bool:
+    # Celery sets this on a warm shutdown (SIGTERM); 0 (EX_OK) is a value, not "unset".
+    from celery.worker import state
+
+    return state.should_stop is not None and state.should_stop is not False
 
 
 @dataclass(frozen=True, slots=True)

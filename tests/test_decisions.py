@@ -164,3 +164,11 @@ def test_malformed_tasks_get_a_stable_id_of_their_own(args: tuple, kwargs: dict)
     assert isinstance(first, Malformed)
     assert first.id.startswith("bad")
     assert parse_task(args, kwargs) == [first]
+
+
+def test_an_oversized_request_is_malformed_before_it_is_stored_anywhere() -> None:
+    request = {"userId": "u", "sessionId": "s" * 20_000, "templateId": "t", "context": {}}
+    (parsed,) = parse_task(({"id": "abc", "gen": 1, "req": request},), {})
+    assert isinstance(parsed, Malformed)
+    assert "larger than" in parsed.detail
+    assert len(parsed.raw) <= 4096

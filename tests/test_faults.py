@@ -59,6 +59,7 @@ FAST = {
 }
 
 Request = tuple[str, str, str, str | None]
+KILL_MARGIN_SECONDS = 2.0
 
 
 # -- the shared reconciliation --------------------------------------------------------------------
@@ -183,9 +184,12 @@ def _explained_by_kill(
     if not killed_at:
         return False
     recorded = {attempt.get("cid") for attempt in record.get("attempts", [])}
-    # Every 2xx but the last must have been answered before a kill and be unknown to our records.
+    # Every 2xx but the last must be unknown to our records and answered around a kill: a post
+    # the dying worker had sent may still sit in the sandbox's socket buffer for a moment (the
+    # sandbox shares this process with the test), so "around" allows KILL_MARGIN_SECONDS after.
     return all(
-        post["correlationId"] not in recorded and any(post["at"] <= k for k in killed_at)
+        post["correlationId"] not in recorded
+        and any(post["at"] <= k + KILL_MARGIN_SECONDS for k in killed_at)
         for post in posts[:-1]
     )
 
@@ -291,8 +295,9 @@ def test_sigterm_mid_flight_finishes_or_hands_back_every_message_exactly_once(
     start_worker, isolated: Isolated, api: Sandbox
 ):
     # Slow answers keep posts in flight when the signal lands; a warm shutdown finishes them.
+    # Few threads, so most tasks are still waiting (prefetched or queued) and are handed back.
     api.script([], then={"status": 200, "delayMs": 300})
-    env = workers_env(isolated, api)
+    env = workers_env(isolated, api, NOTIFY_WORKER_CONCURRENCY="4")
     stopping = start_worker("term-a", **env)
     good = requests_for(300)
     refused = refused_requests(api, 30)
@@ -592,7 +597,8 @@ def test_poison_messages_on_the_queue_are_dead_lettered_and_the_worker_keeps_goi
     settle(isolated.runtime, ids, timeout=90)
     assert_all_accounted(reconcile(isolated.runtime, api, first + then))
     expected = {
-        "huge_fields": "invalid_request",
+        # Refused by size before it is stored anywhere (delivery.MAX_REQUEST_BYTES).
+        "huge_fields": "malformed_message",
     }
     for name, marker in markers.items():
         letters = wait_for(

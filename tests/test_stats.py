@@ -135,13 +135,16 @@ def test_a_message_being_posted_counts_as_in_flight(runtime: Any, sandbox: Any) 
     wait_for(lambda: _gauges_match_a_full_scan(runtime), what="in flight back to the truth")
 
 
-def test_queued_is_the_broker_queue_length() -> None:
-    # A queue no worker consumes: what is published stays in the broker's list.
-    idle = Runtime.from_settings(load_settings(queue_name=f"notify-test-idle-{uuid.uuid4().hex}"))
+def test_queued_is_the_broker_queue_length_in_tasks() -> None:
+    # A queue no worker consumes: what is published stays in the broker's list. Messages
+    # published together travel together, up to NOTIFY_BATCH_SIZE to a task.
+    idle = Runtime.from_settings(
+        load_settings(queue_name=f"notify-test-idle-{uuid.uuid4().hex}", batch_size=2)
+    )
     try:
         assert collect(idle).queued == 0
         tasks.enqueue_many(
-            [(f"stats-q-{uuid.uuid4().hex[:6]}", f"s-{n}", "welcome", None) for n in range(3)],
+            [(f"stats-q-{uuid.uuid4().hex[:6]}", f"s-{n}", "welcome", None) for n in range(5)],
             runtime=idle,
         )
         assert collect(idle).queued == 3

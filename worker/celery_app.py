@@ -29,6 +29,8 @@ def make_app(settings: Settings) -> Celery:
     """Build the Celery app from the settings."""
     app = Celery("worker", broker=settings.redis_url, include=["tasks"])
     app.conf.update(
+        # kombu's Redis transport, surviving a Redis restart (worker/broker.py); rediss:// too.
+        broker_transport="worker.broker:Transport",
         task_default_queue=settings.queue_name,
         task_routes={SEND_TASK: {"queue": settings.queue_name}},
         task_serializer="json",
@@ -47,8 +49,9 @@ def make_app(settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         broker_transport_options={"visibility_timeout": settings.visibility_timeout_seconds},
         worker_enable_remote_control=True,
-        # Celery drops a message it cannot decode or run; ours dead-letters it first.
-        worker_consumer="worker.undecodable:DeadLetteringConsumer",
+        # Celery drops a message it cannot decode or run, and exits on a Redis restart; ours
+        # dead-letters the message first and reconnects (worker/consumer.py).
+        worker_consumer="worker.consumer:DeadLetteringConsumer",
         enable_utc=True,
     )
     return app

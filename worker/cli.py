@@ -325,12 +325,24 @@ def api(host: str | None, port: int | None, workers: int) -> None:
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 32))
 @click.option("--sandbox-port", default=8099, show_default=True, type=int)
 @click.option("--sandbox-latency-ms", default=20.0, show_default=True, type=float)
+@click.option("--api-port", default=8000, show_default=True, type=int)
+@click.option("--flower-port", default=5555, show_default=True, type=int)
 @friendly_errors
-def dev(workers: int, sandbox_port: int, sandbox_latency_ms: float) -> None:
-    """Run the whole stack locally: Redis (if none answers), sandbox, worker(s)."""
+def dev(
+    workers: int, sandbox_port: int, sandbox_latency_ms: float, api_port: int, flower_port: int
+) -> None:
+    """Run the whole stack locally: Redis (if none answers), sandbox, worker(s), API, Flower."""
     from worker.devstack import run_dev
 
-    sys.exit(run_dev(workers=workers, sandbox_port=sandbox_port, latency_ms=sandbox_latency_ms))
+    sys.exit(
+        run_dev(
+            workers=workers,
+            sandbox_port=sandbox_port,
+            latency_ms=sandbox_latency_ms,
+            api_port=api_port,
+            flower_port=flower_port,
+        )
+    )
 
 
 def flower_command(port: int, address: str | None) -> tuple[list[str], dict[str, str]]:

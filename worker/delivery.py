@@ -10,13 +10,19 @@ its lease; the schedule hands it out again when the lease ends, so even a bug do
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import re
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker import keys, outcomes, ratelimit
 from worker.concur import ApiResponse, TransportFailure
@@ -30,6 +36,10 @@ log = logging.getLogger("notify.delivery")
 
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_RAW_EXCERPT = 4096
+# A valid request is a few kilobytes at most (ids of 256 characters, a URL of 2048); anything far
+# larger is refused before it is stored anywhere.
+MAX_REQUEST_BYTES = 16 * 1024
+REDIS_PATIENCE_SECONDS = 60.0
 TOKEN_UNAVAILABLE = "token_unavailable"  # the cause of an attempt deferred for want of a token
 
 
@@ -62,6 +72,8 @@ def parse_envelope(value: Any) -> Envelope | Malformed:
     request = value.get("req")
     if not isinstance(request, dict):
         return _malformed(value, "req is missing or not an object")
+    if len(json.dumps(request, default=repr)) > MAX_REQUEST_BYTES:
+        return _malformed(value, f"req is larger than {MAX_REQUEST_BYTES} bytes")
     if "id" not in value and "gen" not in value:
         # A hand-made task with only the request: give it the id a producer would have.
         parts = (request.get("userId"), request.get("sessionId"), request.get("templateId"))
@@ -133,23 +145,67 @@ def _log_fields(
     }
 
 
+def _never() -> bool:
+    return False
+
+
 def deliver_task(
-    args: tuple[Any, ...], kwargs: dict[str, Any], *, runtime: Runtime, task_id: str
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    runtime: Runtime,
+    task_id: str,
+    stopping: Callable[[], bool] = _never,
 ) -> str:
     """Run one attempt for each message the task carries, in turn; a summary verdict.
 
     Each message is claimed only when its turn comes, so its lease covers its own attempt; a
     message still waiting in a task whose worker dies is handed out again by the schedule.
+    Once ``stopping()`` says the worker is shutting down, the messages not yet begun are
+    published again for another worker instead of holding up the shutdown.
     """
-    verdicts = [
-        deliver(item, runtime=runtime, task_id=task_id) for item in parse_task(args, kwargs)
-    ]
+    verdicts: list[str] = []
+    handed_back: list[Envelope] = []
+    for item in parse_task(args, kwargs):
+        if isinstance(item, Envelope) and stopping():
+            handed_back.append(item)
+            continue
+        verdicts.append(
+            _patiently(functools.partial(deliver, item, runtime=runtime, task_id=task_id))
+        )
+    if handed_back:
+        # Same generation: whichever copy a worker claims first wins; the other is refused.
+        runtime.publish(handed_back)
+        verdicts.extend(["handed_back"] * len(handed_back))
     if len(verdicts) == 1:
         return verdicts[0]
     counts: dict[str, int] = {}
     for verdict in verdicts:
         counts[verdict] = counts.get(verdict, 0) + 1
     return " ".join(f"{verdict}={count}" for verdict, count in sorted(counts.items()))
+
+
+def _patiently(attempt: Callable[[], str]) -> str:
+    """Run ``attempt``, waiting out a Redis outage of up to ``REDIS_PATIENCE_SECONDS``.
+
+    Without this a task that meets a Redis restart fails, is acknowledged, and its messages wait
+    for the schedule's grace period. Running an attempt again is safe: a message it had already
+    claimed is refused as ``busy`` and comes back after its lease.
+    """
+    delay = 0.25
+    waited = 0.0
+    while True:
+        try:
+            return attempt()
+        except (RedisConnectionError, RedisTimeoutError) as error:
+            if waited >= REDIS_PATIENCE_SECONDS:
+                raise
+            log.warning(
+                "Redis unavailable (%s); trying again in %.2fs", type(error).__name__, delay
+            )
+            time.sleep(delay)
+            waited += delay
+            delay = min(delay * 2, 5.0)
 
 
 def deliver(envelope: Envelope | Malformed, *, runtime: Runtime, task_id: str) -> str:

@@ -2,16 +2,19 @@
 
 Starts Redis when none answers at ``NOTIFY_REDIS_URL`` (on that port if it is free), the local
 sandbox when no Concur token is configured (so nothing reaches the real host by accident), demo
-allow-lists when none are set, and the workers; stops them all on Ctrl-C or SIGTERM.
+allow-lists when none are set, the workers, the HTTP service and Flower (with fresh keys and a
+Flower password when none are set, printed once); stops them all on Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from types import FrameType
 from urllib.parse import urlsplit
 
@@ -27,7 +30,14 @@ def _say(line: str) -> None:
     print(f"[notify dev] {line}", flush=True)
 
 
-def run_dev(*, workers: int = 1, sandbox_port: int = 8099, latency_ms: float = 20.0) -> int:
+def run_dev(
+    *,
+    workers: int = 1,
+    sandbox_port: int = 8099,
+    latency_ms: float = 20.0,
+    api_port: int = 8000,
+    flower_port: int = 5555,
+) -> int:
     """Run until interrupted; returns the exit code."""
     settings = load_settings()
     env = dict(os.environ)
@@ -59,6 +69,25 @@ def run_dev(*, workers: int = 1, sandbox_port: int = 8099, latency_ms: float = 2
         env["NOTIFY_ALLOWED_TEMPLATES"] = DEMO_TEMPLATES
         env.setdefault("NOTIFY_ALLOWED_URL_DOMAINS", DEMO_DOMAINS)
         _say(f"no allow-list set: allowing template {DEMO_TEMPLATES!r}, URLs on {DEMO_DOMAINS}")
+
+    # The HTTP service and Flower need keys; a local stack gets fresh ones, printed below.
+    generated: dict[str, str] = {}
+    for name in ("NOTIFY_GATEWAY_KEYS", "NOTIFY_OPERATOR_KEYS"):
+        if not getattr(settings, name.removeprefix("NOTIFY_").lower()):
+            generated[name] = env[name] = f"dev-{secrets.token_urlsafe(18)}"
+    if settings.flower_basic_auth is None:
+        generated["NOTIFY_FLOWER_BASIC_AUTH"] = env["NOTIFY_FLOWER_BASIC_AUTH"] = (
+            f"admin:{secrets.token_urlsafe(12)}"
+        )
+    notify = str(Path(sys.executable).parent / "notify")
+    children.append(
+        subprocess.Popen([notify, "api", "--host", "127.0.0.1", "--port", str(api_port)], env=env)
+    )
+    children.append(
+        subprocess.Popen(
+            [notify, "flower", "--address", "127.0.0.1", "--port", str(flower_port)], env=env
+        )
+    )
 
     for number in range(1, workers + 1):
         children.append(
@@ -95,6 +124,11 @@ def run_dev(*, workers: int = 1, sandbox_port: int = 8099, latency_ms: float = 2
         "--url https://app.example.com/x".strip()
     )
     _say(f"  {exports} notify failed list".strip())
+    _say(f"HTTP service: http://127.0.0.1:{api_port} (OpenAPI at /openapi.json)")
+    _say(f"Flower:       http://127.0.0.1:{flower_port}")
+    for name, value in generated.items():
+        # Printed once so a developer can use them; they live only as long as this stack.
+        _say(f"  {name}={value}")
 
     stopping = False
 

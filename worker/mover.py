@@ -11,11 +11,15 @@ import logging
 import threading
 from collections.abc import Callable
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
 from worker.records import Envelope, MessageStore
 
 log = logging.getLogger("notify.mover")
 
 BATCH = 500
+MAX_PAUSE_SECONDS = 10.0
 
 
 class Mover:
@@ -45,14 +49,20 @@ class Mover:
                 return moved
 
     def _loop(self) -> None:
+        pause = self.interval_seconds
         while not self._stop.is_set():
             try:
                 moved = self.run_once()
                 if moved:
                     log.info("mover published %d due messages", moved)
-            except Exception:  # a Redis outage must not end the thread; it retries next tick
+                pause = self.interval_seconds
+            except (RedisConnectionError, RedisTimeoutError) as error:
+                # An outage is expected to pass: one short line per try, trying less often.
+                log.warning("mover: Redis unavailable (%s); next try in %.1fs", error, pause)
+                pause = min(pause * 2, MAX_PAUSE_SECONDS)
+            except Exception:  # a bug must not end the thread either; it is reported in full
                 log.exception("mover tick failed")
-            self._stop.wait(self.interval_seconds)
+            self._stop.wait(pause)
 
     def start(self) -> None:
         """Run in a daemon thread until ``stop``."""

@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker import keys
 
@@ -333,6 +335,27 @@ class MessageStore:
         self._forget = redis.register_script(_GAUGES + _FORGET)
         self._local = threading.local()
 
+    def _persist(
+        self, script: Any, *, keys: list[str], args: list[Any], client: Redis | None = None
+    ) -> Any:
+        """Run an outcome script, waiting out a short Redis outage (a restart) to do so.
+
+        An outcome not written leaves the message in flight until its lease ends, and then it is
+        attempted again: after a 2xx, that would post it twice. So a connection error is retried
+        for up to half the lease. The scripts are safe to repeat: each checks the state (and the
+        owner) first, so a write that landed but whose reply was lost changes nothing again.
+        """
+        deadline = time.monotonic() + self.lease_ms / 2000
+        pause = 0.1
+        while True:
+            try:
+                return script(keys=keys, args=args, client=client)
+            except (RedisConnectionError, RedisTimeoutError):
+                if time.monotonic() + pause > deadline:
+                    raise
+                time.sleep(pause)
+                pause = min(pause * 2, 1.0)
+
     def _conn(self) -> Redis:
         # One connection per thread for the per-message scripts: with dozens of threads on one
         # pool, taking and returning a pooled connection cost a worker more CPU than the
@@ -394,7 +417,8 @@ class MessageStore:
         """Record a 2xx; False when the message had already finished."""
         minute = attempt.at_ms // 60000
         return bool(
-            self._delivered(
+            self._persist(
+                self._delivered,
                 keys=[
                     keys.message(message_id),
                     keys.SCHEDULE,
@@ -419,7 +443,8 @@ class MessageStore:
     def retry(self, message_id: str, owner: str, due_ms: int, attempt: AttemptRecord) -> bool:
         """Schedule the next attempt at ``due_ms``; False when this worker no longer holds it."""
         return bool(
-            self._retry(
+            self._persist(
+                self._retry,
                 keys=[
                     keys.message(message_id),
                     keys.SCHEDULE,
@@ -455,7 +480,8 @@ class MessageStore:
         """
         stored_request = request if isinstance(request, str) else _dumps(request or {})
         return bool(
-            self._dead(
+            self._persist(
+                self._dead,
                 keys=[
                     keys.message(message_id),
                     keys.SCHEDULE,
@@ -507,7 +533,8 @@ class MessageStore:
         worker no longer holds it.
         """
         return bool(
-            self._defer(
+            self._persist(
+                self._defer,
                 keys=[keys.message(message_id), keys.SCHEDULE, keys.STATS, keys.LIVE],
                 args=[message_id, owner, now_ms(), due_ms],
                 client=self._conn(),

@@ -1,9 +1,17 @@
-"""Broker messages Celery cannot turn into a task: dead-lettered as ``malformed_message``.
+"""The worker's Celery consumer: nothing it receives vanishes, and a broker restart is survived.
 
+Broker messages Celery cannot turn into a task are dead-lettered as ``malformed_message``:
 Celery's consumer acknowledges and drops a message whose body does not decode (``on_decode_error``)
 and rejects, without requeue, one naming an unknown task or with broken headers. Either way the
 message would vanish with only a log line. ``DeadLetteringConsumer`` (set as ``worker_consumer``)
 first keeps it as a dead letter, so an operator sees it with ``notify failed list``.
+
+When Redis restarts, Celery 5.7 closes the broken connection after ``collect()`` has detached its
+transport; kombu's restore of unacknowledged messages on close then fails with an AttributeError
+that Celery does not expect, and the worker exits ("Unrecoverable error") instead of
+reconnecting. ``DeadLetteringConsumer`` lets it reconnect: the unacknowledged messages stay in
+Redis (kombu's ``unacked`` hash), restored after the visibility timeout, and the mover
+republishes their messages when their lease or grace period ends.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from worker import outcomes
 from worker.records import Failure
 from worker.runtime import get_runtime
 
-log = logging.getLogger("notify.undecodable")
+log = logging.getLogger("notify.consumer")
 
 MAX_RAW_EXCERPT = 4096
 
@@ -69,6 +77,16 @@ def keep(message: Any, detail: str) -> None:
 
 class DeadLetteringConsumer(Consumer):  # type: ignore[misc]
     """Celery's consumer, except that a message it cannot run is kept as a dead letter first."""
+
+    def on_connection_error_after_connected(self, exc: Exception) -> None:
+        """Clean up after a lost broker connection; kombu's restore must not end the worker."""
+        try:
+            super().on_connection_error_after_connected(exc)
+        except AttributeError:
+            log.warning(
+                "broker connection lost; unacknowledged messages stay in Redis and are restored "
+                "after the visibility timeout"
+            )
 
     def on_decode_error(self, message: Any, exc: Exception) -> None:
         """Dead-letter the undecodable body, then let Celery log and acknowledge it."""

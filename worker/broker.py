@@ -1,0 +1,50 @@
+"""The Redis broker transport: kombu's, with channels that survive their connection's close.
+
+When Redis restarts, Celery (5.7) detaches the broken connection's transport from its client
+before it has finished with the connection's channels: restoring unacknowledged messages on
+close, and acknowledging tasks that finish during the reconnect, then read the client's host and
+port from ``None`` and raise an AttributeError that nothing expects, and the worker exits
+("Unrecoverable error") instead of reconnecting. These channels remember the client they were
+opened with, so such late calls reach the same Redis (and an acknowledgement made after the
+reconnect still removes the message from kombu's ``unacked`` hash, sparing a redelivery).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kombu.transport import redis as kombu_redis
+
+
+class _Detached:
+    """A stand-in for a transport whose client was taken away: the remembered client."""
+
+    def __init__(self, transport: Any, client: Any) -> None:
+        self.client = client
+        self.default_port = transport.default_port
+
+
+class Channel(kombu_redis.Channel):
+    """kombu's Redis channel, remembering the connection details it was opened with."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._opened_with = args[0].client if args else None
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+
+    def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
+        transport = self.connection
+        if transport is None or transport.client is not None or self._opened_with is None:
+            return dict(super()._connparams(asynchronous))  # type: ignore[no-untyped-call]
+        # Read the details through a stand-in rather than reattaching the client to the
+        # transport, which Celery is tearing down.
+        self.connection = _Detached(transport, self._opened_with)
+        try:
+            return dict(super()._connparams(asynchronous))  # type: ignore[no-untyped-call]
+        finally:
+            self.connection = transport
+
+
+class Transport(kombu_redis.Transport):
+    """kombu's Redis transport with the channel above (``broker_transport``)."""
+
+    Channel = Channel
