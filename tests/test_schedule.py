@@ -25,13 +25,13 @@ def test_thousands_of_waiting_retries_are_held_in_redis_not_in_the_worker(
     sandbox.script([], user_id=user_id, then={"status": 503, "retryAfter": "3600"})
     ids = tasks.enqueue_many([(user_id, f"s{i}", "welcome", None) for i in range(count)])
 
-    def waiting() -> bool:
+    def all_in(state: str) -> bool:
         pipe = runtime.redis.pipeline(transaction=False)
         for message_id in ids:
             pipe.hget(keys.message(message_id), "state")
-        return all(state == "retrying" for state in pipe.execute())
+        return all(found == state for found in pipe.execute())
 
-    wait_for(waiting, timeout=90, interval=0.5, what="every message to wait for its retry")
+    wait_for(lambda: all_in("retrying"), timeout=90, interval=0.5, what="all waiting to retry")
     scores = runtime.redis.zmscore(keys.SCHEDULE, ids)
     assert all(score is not None and score > (time.time() + 3000) * 1000 for score in scores)
     # Nothing is held as an ETA task by the worker, nor waits on the broker's queue.
@@ -44,13 +44,7 @@ def test_thousands_of_waiting_retries_are_held_in_redis_not_in_the_worker(
     sandbox.script([], user_id=user_id, then={"status": 200})
     runtime.redis.zadd(keys.SCHEDULE, dict.fromkeys(ids, 0))
 
-    def delivered() -> bool:
-        pipe = runtime.redis.pipeline(transaction=False)
-        for message_id in ids:
-            pipe.hget(keys.message(message_id), "state")
-        return all(state == "delivered" for state in pipe.execute())
-
-    wait_for(delivered, timeout=90, interval=0.5, what="every waiting message to be delivered")
+    wait_for(lambda: all_in("delivered"), timeout=90, interval=0.5, what="all delivered")
     assert len(sandbox.requests(user_id=user_id)) == 2 * count
 
 
