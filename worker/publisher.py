@@ -17,6 +17,7 @@ import atexit
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 
 from worker.records import Envelope
@@ -60,6 +61,7 @@ class Publisher:
     def _run(self) -> None:
         while True:
             item = self._queue.get()
+            deadline = time.monotonic() + LINGER_SECONDS
             batch: list[Envelope] = []
             markers: list[threading.Event] = []
             while True:
@@ -70,9 +72,9 @@ class Publisher:
                 if len(batch) >= self._batch_size:
                     break
                 try:
-                    # A moment's linger lets a burst gather into one task; idle, it costs a
-                    # single message at most LINGER_SECONDS of latency.
-                    item = self._queue.get(timeout=LINGER_SECONDS)
+                    # A moment's linger, counted from the batch's first message, lets a burst
+                    # gather into one task; no message waits longer than LINGER_SECONDS.
+                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
                     break
             if batch:

@@ -1,0 +1,61 @@
+"""The background publisher: batches what arrives together, bounds the wait, loses nothing."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from worker.publisher import LINGER_SECONDS, Publisher
+from worker.records import Envelope
+
+
+def _envelope(number: int) -> Envelope:
+    return Envelope(f"m{number}", 1, {"userId": "u", "sessionId": f"s{number}"})
+
+
+def test_a_burst_travels_in_batches_of_at_most_batch_size_and_all_arrive() -> None:
+    batches: list[list[Envelope]] = []
+    publisher = Publisher(batches.append, batch_size=20)
+    for number in range(95):
+        publisher.submit(_envelope(number))
+    assert publisher.flush()
+    assert all(len(batch) <= 20 for batch in batches)
+    assert [e.id for batch in batches for e in batch] == [f"m{n}" for n in range(95)]
+    assert len(batches) < 95  # they did travel together
+
+
+def test_a_steady_trickle_is_not_held_back_waiting_for_a_full_batch() -> None:
+    published_at: dict[str, float] = {}
+    lock = threading.Lock()
+
+    def publish(batch: list[Envelope]) -> None:
+        with lock:
+            for envelope in batch:
+                published_at[envelope.id] = time.monotonic()
+
+    publisher = Publisher(publish, batch_size=20)
+    submitted_at = {}
+    for number in range(40):  # one every millisecond: faster than the linger
+        submitted_at[f"m{number}"] = time.monotonic()
+        publisher.submit(_envelope(number))
+        time.sleep(0.001)
+    assert publisher.flush()
+    waits = [published_at[key] - submitted_at[key] for key in submitted_at]
+    # Bounded by the linger plus scheduling noise, not by 20 arrivals.
+    assert max(waits) < LINGER_SECONDS + 0.05
+
+
+def test_a_failed_publish_is_logged_and_the_thread_keeps_going() -> None:
+    calls: list[int] = []
+
+    def publish(batch: list[Envelope]) -> None:
+        calls.append(len(batch))
+        if len(calls) == 1:
+            raise ConnectionError("broker down")
+
+    publisher = Publisher(publish, batch_size=5)
+    publisher.submit(_envelope(1))
+    assert publisher.flush()
+    publisher.submit(_envelope(2))
+    assert publisher.flush()
+    assert len(calls) == 2
