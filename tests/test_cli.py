@@ -101,6 +101,13 @@ def test_failed_list_show_replay_delete(runtime, sandbox, user_id):
     )
     assert {paged["items"][0]["id"], rest["items"][0]["id"]} == set(ids)
 
+    def listed_since(when: str) -> set[str]:
+        result = notify("failed", "list", "--json", "--user", user_id, "--since", when)
+        return {item["id"] for item in json.loads(result.stdout)["items"]}
+
+    assert listed_since("2000-01-01") == set(ids)
+    assert listed_since("2999-01-01T00:00:00") == set()
+
     table = notify("failed", "list", "--user", user_id).stdout
     assert ids[0] in table and "api_rejected" in table
 

@@ -102,21 +102,42 @@ def failed() -> None:
 
 
 def _filters(function: F) -> F:
+    """Add --reason, --template, --user and --since; pass them on as one ``selection``."""
+
+    @functools.wraps(function)
+    def wrapper(
+        *args: Any,
+        reason: str | None,
+        template_id: str | None,
+        user_id: str | None,
+        since: datetime | None,
+        **kwargs: Any,
+    ) -> Any:
+        from worker.deadletters import DeadLetterFilter
+
+        since_ms = None
+        if since is not None:
+            aware = since if since.tzinfo else since.replace(tzinfo=UTC)
+            since_ms = int(aware.timestamp() * 1000)
+        chosen = (reason, template_id, user_id, since_ms)
+        selection = None if chosen == (None,) * 4 else DeadLetterFilter(*chosen)
+        return function(*args, selection=selection, **kwargs)
+
     for option in reversed(
         [
             click.option("--reason", default=None, help="only this reason code"),
             click.option("--template", "template_id", default=None, help="only this templateId"),
             click.option("--user", "user_id", default=None, help="only this userId"),
+            click.option(
+                "--since",
+                default=None,
+                type=click.DateTime(["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M:%S%z"]),
+                help="only those that failed at or after this time (UTC unless an offset is given)",
+            ),
         ]
     ):
-        function = option(function)
-    return function
-
-
-def _selection(reason: str | None, template_id: str | None, user_id: str | None) -> Any:
-    from worker.deadletters import DeadLetterFilter
-
-    return DeadLetterFilter(reason=reason, template_id=template_id, user_id=user_id)
+        wrapper = option(wrapper)
+    return wrapper  # type: ignore[return-value]
 
 
 @failed.command("list")
@@ -125,20 +146,11 @@ def _selection(reason: str | None, template_id: str | None, user_id: str | None)
 @click.option("--cursor", default=0, type=click.IntRange(0), help="from a previous page")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 @friendly_errors
-def failed_list(
-    reason: str | None,
-    template_id: str | None,
-    user_id: str | None,
-    limit: int,
-    cursor: int,
-    as_json: bool,
-) -> None:
+def failed_list(selection: Any, limit: int, cursor: int, as_json: bool) -> None:
     """List dead letters, newest first."""
     from worker.runtime import get_runtime
 
-    page = get_runtime().deadletters.page(
-        _selection(reason, template_id, user_id), cursor=cursor, limit=limit
-    )
+    page = get_runtime().deadletters.page(selection, cursor=cursor, limit=limit)
     if as_json:
         click.echo(
             json.dumps(
@@ -174,18 +186,12 @@ def failed_show(letter_id: str) -> None:
         click.echo(json.dumps(letter.to_dict(), indent=2))
 
 
-def _ids_or_all(
-    ids: tuple[str, ...],
-    all_: bool,
-    reason: str | None,
-    template_id: str | None,
-    user_id: str | None,
-) -> list[str] | None:
+def _ids_or_all(ids: tuple[str, ...], all_: bool, selection: Any) -> list[str] | None:
     if ids and all_:
         _fail("give ids or --all, not both", EXIT_INVALID)
     if not ids and not all_:
         _fail("give one or more ids, or --all (optionally with filters)", EXIT_INVALID)
-    if (reason or template_id or user_id) and not all_:
+    if selection is not None and not all_:
         _fail("filters select with --all only", EXIT_INVALID)
     return list(ids) if ids else None
 
@@ -195,20 +201,15 @@ def _ids_or_all(
 @click.option("--all", "all_", is_flag=True, help="every dead letter the filters select")
 @_filters
 @friendly_errors
-def failed_replay(
-    ids: tuple[str, ...],
-    all_: bool,
-    reason: str | None,
-    template_id: str | None,
-    user_id: str | None,
-) -> None:
+def failed_replay(ids: tuple[str, ...], all_: bool, selection: Any) -> None:
     """Send dead letters back through the whole pipeline."""
+    from worker.deadletters import DeadLetterFilter
     from worker.runtime import get_runtime
 
     store = get_runtime().deadletters
-    chosen = _ids_or_all(ids, all_, reason, template_id, user_id)
+    chosen = _ids_or_all(ids, all_, selection)
     if chosen is None:
-        replayed = store.replay_many(_selection(reason, template_id, user_id))
+        replayed = store.replay_many(selection or DeadLetterFilter())
         click.echo(f"replayed {len(replayed)}")
         return
     missing = [letter_id for letter_id in chosen if store.replay(letter_id) is None]
@@ -222,20 +223,15 @@ def failed_replay(
 @click.option("--all", "all_", is_flag=True, help="every dead letter the filters select")
 @_filters
 @friendly_errors
-def failed_delete(
-    ids: tuple[str, ...],
-    all_: bool,
-    reason: str | None,
-    template_id: str | None,
-    user_id: str | None,
-) -> None:
+def failed_delete(ids: tuple[str, ...], all_: bool, selection: Any) -> None:
     """Delete dead letters."""
+    from worker.deadletters import DeadLetterFilter
     from worker.runtime import get_runtime
 
     store = get_runtime().deadletters
-    chosen = _ids_or_all(ids, all_, reason, template_id, user_id)
+    chosen = _ids_or_all(ids, all_, selection)
     if chosen is None:
-        deleted = store.delete_many(_selection(reason, template_id, user_id))
+        deleted = store.delete_many(selection or DeadLetterFilter())
         click.echo(f"deleted {len(deleted)}")
         return
     missing = [letter_id for letter_id in chosen if not store.delete(letter_id)]

@@ -99,6 +99,9 @@ def init_sentry(settings: Settings) -> bool:
         environment=settings.sentry_environment,
         traces_sample_rate=settings.sentry_traces_sample_rate,
         send_default_pii=False,
+        # Frame locals can hold a token under any name (an OAuth response, a header dict);
+        # scrubbing by key name and known value cannot promise to catch them all.
+        include_local_variables=False,
     )
     return True
 
