@@ -632,6 +632,21 @@ def test_healthz_and_readyz_answer_without_a_key(http):
     assert http.get("/readyz").json() == {"status": "ready"}
 
 
+def test_metrics_serve_the_operators_counts_in_prometheus_format(http):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    answer = http.get("/metrics")
+    assert answer.status_code == 200
+    assert answer.headers["content-type"].startswith("text/plain; version=0.0.4")
+    names = {family.name for family in text_string_to_metric_families(answer.text)}
+    assert {
+        "notify_queued",
+        "notify_inflight",
+        "notify_retry_waiting",
+        "notify_dead_letters",
+    } <= names
+
+
 def test_redis_down_gives_503_with_the_error_schema_and_not_ready():
     dead = _settings(redis_url=f"redis://127.0.0.1:{free_port()}/0")
     app = create_app(dead, Runtime.from_settings(dead))

@@ -6,7 +6,7 @@ the failed-notification endpoints for operators; an ASGI app on Starlette, serve
 * ``GET /notifications?status=failed`` and ``GET|DELETE /notifications/{id}``,
   ``POST /notifications/{id}/replay``, ``POST /notifications/replay`` serve the dead letters in
   the shape of Concur's "Get Notifications by Status" (JSON or XML by ``Accept``).
-* ``/healthz``, ``/readyz``, ``/openapi.json``.
+* ``/healthz``, ``/readyz``, ``/metrics`` (Prometheus; no key, like Flower's), ``/openapi.json``.
 
 Every error is the seed's ``ErrorMessage``. Redis calls block, so they run in the thread pool.
 Keys arrive only in the ``Authorization`` header, which no log line carries.
@@ -38,9 +38,12 @@ from starlette.routing import Route
 
 from worker import notifications
 from worker.deadletters import DeadLetterFilter
+from worker.logs import configure_from_settings
+from worker.monitoring import init_sentry
 from worker.openapi import openapi_document
 from worker.runtime import Runtime, get_runtime
 from worker.settings import Settings, get_settings
+from worker.stats import PROMETHEUS_CONTENT_TYPE, collect, render_prometheus
 from worker.validation import InvalidRequest, Problem
 
 log = logging.getLogger(__name__)
@@ -535,6 +538,11 @@ class Service:
             raise ApiError(503, SERVICE_UNAVAILABLE, "Redis does not answer") from None
         return json_response({"status": "ready"})
 
+    async def metrics(self, request: Request) -> Response:
+        """``GET /metrics``: the operators' counts in the Prometheus text format."""
+        snapshot = await run_in_threadpool(collect, self.runtime)
+        return Response(render_prometheus(snapshot), media_type=PROMETHEUS_CONTENT_TYPE)
+
     async def openapi(self, request: Request) -> Response:
         """``GET /openapi.json``: this service's OpenAPI 3 document."""
         return json_response(openapi_document(self._base_url(request)))
@@ -572,6 +580,10 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     """The ASGI app; by default over the process settings and runtime."""
     if settings is None:
         settings = get_settings()
+        # Each `notify api --workers N` child builds its app here: give it the same JSON logs and
+        # Sentry as the parent (both are idempotent).
+        configure_from_settings(settings)
+        init_sentry(settings)
     if runtime is None:
         runtime = get_runtime() if settings is get_settings() else Runtime.from_settings(settings)
     service = Service(ServicePolicy.from_settings(settings), runtime)
@@ -585,6 +597,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         Route("/notifications/{id}/replay", _handle(service.replay_notification), methods=["POST"]),
         Route("/healthz", _handle(service.healthz), methods=["GET"]),
         Route("/readyz", _handle(service.readyz), methods=["GET"]),
+        Route("/metrics", _handle(service.metrics), methods=["GET"]),
         Route("/openapi.json", _handle(service.openapi), methods=["GET"]),
     ]
     app = Starlette(

@@ -394,6 +394,20 @@ def openapi_document(server_url: str) -> dict[str, Any]:
                     },
                 }
             },
+            "/metrics": {
+                "get": {
+                    "operationId": "metrics",
+                    "summary": "Operators' counts in the Prometheus text format",
+                    "security": [],
+                    "responses": {
+                        "200": {
+                            "description": "Prometheus text exposition",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        },
+                        "503": _error("Redis does not answer"),
+                    },
+                }
+            },
             "/openapi.json": {
                 "get": {
                     "operationId": "openapi",
