@@ -14,6 +14,7 @@ from celery import Task
 
 from worker.celery_app import SEND_TASK, app
 from worker.delivery import deliver_task
+from worker.models import request_body
 from worker.records import Envelope
 from worker.runtime import Runtime, get_runtime
 from worker.validation import InvalidRequest, Problem, validate
@@ -79,10 +80,12 @@ def enqueue(
     *,
     runtime: Runtime | None = None,
 ) -> str:
-    """Queue one message to a Concur user and return its id; raise ``InvalidRequest`` if bad."""
-    context: dict[str, Any] = {} if url is None else {"url": url}
-    body = {"sessionId": session_id, "templateId": template_id, "context": context}
-    return submit(user_id, body, runtime=runtime).id
+    """Queue one message to a Concur user and return its id; raise ``InvalidRequest`` if bad.
+
+    It returns once the message is recorded in Redis; a background thread publishes it to the
+    queue moments later (see ``worker.publisher``).
+    """
+    return submit(user_id, request_body(session_id, template_id, url), runtime=runtime).id
 
 
 def enqueue_many(
@@ -97,9 +100,7 @@ def enqueue_many(
     rt = runtime or get_runtime()
     messages = []
     for user_id, session_id, template_id, url in requests:
-        context: dict[str, Any] = {} if url is None else {"url": url}
-        body = {"sessionId": session_id, "templateId": template_id, "context": context}
-        messages.append(validate(user_id, body, rt.allowlist))
+        messages.append(validate(user_id, request_body(session_id, template_id, url), rt.allowlist))
     results = rt.store.create_many([(m.id, m.to_wire()) for m in messages])
     rt.publish(
         [

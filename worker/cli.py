@@ -71,12 +71,9 @@ def main() -> None:
 def send(user_id: str, session_id: str, template_id: str, url: str | None) -> None:
     """Validate and queue one message; print its id."""
     import tasks
+    from worker.models import request_body
 
-    body: dict[str, Any] = {
-        "sessionId": session_id,
-        "templateId": template_id,
-        "context": {} if url is None else {"url": url},
-    }
+    body = request_body(session_id, template_id, url)
     result = tasks.submit(user_id, body)
     if result.duplicate:
         click.echo(f"already submitted (state: {result.state}); nothing new queued", err=True)

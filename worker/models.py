@@ -61,6 +61,12 @@ def message_id(user_id: str, session_id: str, template_id: str) -> str:
     return base64.b32encode(digest).decode("ascii").lower()
 
 
+def request_body(session_id: Any, template_id: Any, url: Any = None) -> dict[str, Any]:
+    """The seed's v4 body from its parts (``context`` is ``{}`` without a URL); not validated."""
+    context: dict[str, Any] = {} if url is None else {"url": url}
+    return {"sessionId": session_id, "templateId": template_id, "context": context}
+
+
 @dataclass(frozen=True, slots=True)
 class Message:
     """One validated send request."""
@@ -82,8 +88,7 @@ class Message:
 
     def body(self) -> dict[str, Any]:
         """Exactly the seed's request body."""
-        context: dict[str, Any] = {} if self.url is None else {"url": self.url}
-        return {"sessionId": self.session_id, "templateId": self.template_id, "context": context}
+        return request_body(self.session_id, self.template_id, self.url)
 
     def to_wire(self) -> dict[str, Any]:
         """The request as stored in Redis and carried by a task (user id plus the v4 body)."""
