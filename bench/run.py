@@ -58,20 +58,11 @@ def _proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
-def _proc_peak_rss_mb(pid: int) -> float:
+def _proc_memory_mb(pid: int, field: str) -> float:
+    """A memory figure of /proc/PID/status in MB: ``VmRSS`` now, ``VmHWM`` its peak."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
-def _proc_rss_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
@@ -103,7 +94,7 @@ class Fleet:
 
     def sample(self) -> None:
         self.cpu_seconds = sum(_proc_cpu_seconds(c.pid) for c in self.children)
-        self.peak_rss_mb = [_proc_peak_rss_mb(c.pid) for c in self.children]
+        self.peak_rss_mb = [_proc_memory_mb(c.pid, "VmHWM") for c in self.children]
 
     def stop(self) -> None:
         self.sample()
@@ -483,7 +474,7 @@ def backlog_scenario(runtime: Any, command: list[str], env: dict[str, str], coun
     fleet = Fleet(command, env, 1)
     fleet.start()
     time.sleep(15)  # the mover polls the schedule meanwhile
-    rss = _proc_rss_mb(fleet.children[0].pid)
+    rss = _proc_memory_mb(fleet.children[0].pid, "VmRSS")
     fleet.stop()
     return Row(
         f"backlog {count:,}",
