@@ -24,7 +24,7 @@ from typing import Any
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from worker import keys, outcomes, ratelimit
+from worker import outcomes, ratelimit
 from worker.concur import ApiResponse, TransportFailure
 from worker.models import message_id
 from worker.records import AttemptRecord, Claim, Envelope, Failure, now_ms
@@ -291,10 +291,7 @@ def deliver(envelope: Envelope | Malformed, *, runtime: Runtime, task_id: str) -
         entry = AttemptRecord(
             claim.attempt, started, "deferred", None, TOKEN_UNAVAILABLE, now_ms() - started, None
         )
-        # Appended while this worker still holds the claim, so no other worker's entry for the
-        # message can come before it.
-        rt.redis.rpush(keys.attempts(envelope.id), entry.to_json())
-        rt.store.defer(envelope.id, owner, now_ms() + int(delay * 1000))
+        rt.store.defer(envelope.id, owner, now_ms() + int(delay * 1000), entry)
         log.warning("deferred %s: no Concur token (%s), again in %.1fs", envelope.id, error, delay)
         return "deferred"
 

@@ -188,11 +188,13 @@ return {tostring(gen), req}
 """
 
 _DEFER = """
--- KEYS: record, schedule, stats, live ; ARGV: id, owner, now ms, due ms
+-- KEYS: record, schedule, stats, live, attempts
+-- ARGV: id, owner, now ms, due ms, attempt entry ('' = none)
 if redis.call('HGET', KEYS[1], 'state') ~= 'inflight'
    or redis.call('HGET', KEYS[1], 'owner') ~= ARGV[2] then
   return 0  -- this worker lost the message (its lease ran out); the new holder decides
 end
+if ARGV[5] ~= '' then redis.call('RPUSH', KEYS[5], ARGV[5]) end
 local gen = redis.call('HINCRBY', KEYS[1], 'gen', 1)
 -- Nothing was posted: give back the attempt the claim counted.
 if redis.call('HINCRBY', KEYS[1], 'attempt', -1) <= 0 then
@@ -526,17 +528,26 @@ class MessageStore:
             return None
         return Envelope(message_id, int(reply[0]), _loads_object(reply[1]))
 
-    def defer(self, message_id: str, owner: str, due_ms: int) -> bool:
+    def defer(
+        self, message_id: str, owner: str, due_ms: int, attempt: AttemptRecord | None = None
+    ) -> bool:
         """Put a claimed message back to ``retrying`` at ``due_ms`` without counting an attempt.
 
-        For a message that was never posted (no rate-limit permit in time). False when this
+        For a message that was never posted (no rate-limit permit, or no token, in time);
+        ``attempt``, when given, is added to its history in the same step. False when this
         worker no longer holds it.
         """
         return bool(
             self._persist(
                 self._defer,
-                keys=[keys.message(message_id), keys.SCHEDULE, keys.STATS, keys.LIVE],
-                args=[message_id, owner, now_ms(), due_ms],
+                keys=[
+                    keys.message(message_id),
+                    keys.SCHEDULE,
+                    keys.STATS,
+                    keys.LIVE,
+                    keys.attempts(message_id),
+                ],
+                args=[message_id, owner, now_ms(), due_ms, attempt.to_json() if attempt else ""],
                 client=self._conn(),
             )
         )
