@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -35,6 +34,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from worker.processes import stop_processes  # noqa: E402
 from worker.redisserver import EmbeddedRedis, free_port, redis_answers  # noqa: E402
 
 TOKEN = "bench-token"
@@ -98,13 +98,7 @@ class Fleet:
 
     def stop(self) -> None:
         self.sample()
-        for child in self.children:
-            child.send_signal(signal.SIGTERM)
-        for child in self.children:
-            try:
-                child.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                child.kill()
+        stop_processes(self.children)
         self.children = []
 
 

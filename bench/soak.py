@@ -22,7 +22,6 @@ import asyncio
 import collections
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from worker import keys  # noqa: E402
 from worker.models import message_id  # noqa: E402
+from worker.processes import stop_processes  # noqa: E402
 from worker.redisserver import EmbeddedRedis, free_port  # noqa: E402
 from worker.runtime import Runtime  # noqa: E402
 from worker.sandbox import Sandbox  # noqa: E402
@@ -107,13 +107,7 @@ class Worker:
         return at
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_processes([self.process])
 
 
 async def _send(
@@ -282,11 +276,7 @@ def main() -> int:
             print(f"{name:<{width}}  {value}")
         return 1 if counts["lost"] or counts["duplicated"] else 0
     finally:
-        service.send_signal(signal.SIGTERM)
-        try:
-            service.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            service.kill()
+        stop_processes([service])
         service_log.close()
         for worker in workers:
             worker.stop()

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from worker.processes import stop_processes
 from worker.redisserver import EmbeddedRedis, free_port, redis_answers
 from worker.sandbox import Sandbox
 
@@ -187,13 +188,7 @@ class WorkerProcess:
         self.process.send_signal(signum)
 
     def stop(self, timeout: float = 30.0) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_processes([self.process], grace_seconds=timeout)
         if getattr(self, "_log", None):
             self._log.close()
 

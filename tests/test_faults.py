@@ -32,6 +32,7 @@ from tests.isolated import Isolated, isolated
 from worker import keys
 from worker.deadletters import DeadLetterFilter
 from worker.models import message_id
+from worker.processes import stop_processes
 from worker.redisserver import EmbeddedRedis
 from worker.runtime import Runtime
 from worker.sandbox import Sandbox
@@ -360,13 +361,7 @@ class ApiService:
         return statuses
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_processes([self.process], grace_seconds=20)
         self._log.close()
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from tests.conftest import ROOT, free_port, wait_for
 from tests.isolated import Isolated, isolated
+from worker.processes import stop_processes
 
 __all__ = ["isolated"]  # the fixture
 
@@ -52,13 +53,7 @@ class Flower:
             return False
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_processes([self.process], grace_seconds=15)
         self._log.close()
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from types import FrameType
 from urllib.parse import urlsplit
 
+from worker.processes import stop_processes
 from worker.redisserver import EmbeddedRedis, redis_answers
 from worker.sandbox import Sandbox
 from worker.settings import load_settings
@@ -148,14 +149,7 @@ def run_dev(
                     stopping = True
             time.sleep(0.5)
     finally:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)  # warm shutdown: finish what it holds
-        for child in children:
-            try:
-                child.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                child.kill()
+        stop_processes(children, grace_seconds=60)  # workers: a warm shutdown first
         for part in reversed(started):
             part.stop()
     return code

@@ -17,6 +17,8 @@ from pathlib import Path
 from redis import Redis
 from redis.exceptions import RedisError
 
+from worker.processes import stop_processes
+
 
 def redis_answers(url: str, timeout_seconds: float = 0.5) -> bool:
     """Whether a Redis server answers PING at ``url``."""
@@ -115,13 +117,7 @@ class EmbeddedRedis:
         return self.start(timeout_seconds)
 
     def _terminate(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_processes([self.process], grace_seconds=10)
         self.process = None
 
     def stop(self) -> None:
