@@ -11,6 +11,7 @@ no I/O, no settings, no mutable globals.
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from collections.abc import Iterable
@@ -163,6 +164,26 @@ def _is_plain_idna(raw_host: str, normalised: str) -> bool:
     except (idna.IDNAError, UnicodeError):
         return False
     return plain == normalised
+
+
+@functools.lru_cache(maxsize=4096)
+def _checked_host(host_text: str) -> str | Refusal:
+    """The normalised host name in a URL's authority, or why it is refused.
+
+    Pure, and the costliest step of a check (IDNA twice), so verdicts are cached: partners send
+    the same few hosts again and again. The cache is bounded, so odd hosts cannot grow it.
+    """
+    try:
+        host = normalise_host(host_text)
+    except _IpLikeHostError:
+        return _url_refusal("the context URL must not use an IP address as host")
+    except ValueError:
+        return _url_refusal("the context URL host is not a valid DNS host name")
+    if not _is_plain_idna(host_text, host):
+        return _url_refusal(
+            "the context URL host uses characters that only some clients map to a host name"
+        )
+    return host
 
 
 def _is_forbidden_char(ch: str) -> bool:
@@ -341,16 +362,9 @@ class AllowList:
         ):
             return _url_refusal("the context URL is ambiguous and could not be parsed safely")
 
-        try:
-            host = normalise_host(host_text)
-        except _IpLikeHostError:
-            return _url_refusal("the context URL must not use an IP address as host")
-        except ValueError:
-            return _url_refusal("the context URL host is not a valid DNS host name")
-        if not _is_plain_idna(host_text, host):
-            return _url_refusal(
-                "the context URL host uses characters that only some clients map to a host name"
-            )
+        host = _checked_host(host_text)
+        if isinstance(host, Refusal):
+            return host
 
         if self._host_allowed(host, port):
             return None

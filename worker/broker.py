@@ -7,6 +7,11 @@ port from ``None`` and raise an AttributeError that nothing expects, and the wor
 ("Unrecoverable error") instead of reconnecting. These channels remember the client they were
 opened with, so such late calls reach the same Redis (and an acknowledgement made after the
 reconnect still removes the message from kombu's ``unacked`` hash, sparing a redelivery).
+
+They also reuse one ``redis.Redis`` client over their connection pool. kombu builds a new one
+for every acknowledgement, event and publish, and a redis-py client's constructor (its table of
+response callbacks) was the largest single cost of a worker's event loop (py-spy); a client is
+only a handle on the pool and is safe to share between threads.
 """
 
 from __future__ import annotations
@@ -29,7 +34,18 @@ class Channel(kombu_redis.Channel):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._opened_with = args[0].client if args else None
+        self._shared_client: Any = None
         super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+
+    def _create_client(self, asynchronous: bool = False) -> Any:
+        if asynchronous:
+            return super()._create_client(asynchronous=True)  # type: ignore[no-untyped-call]
+        client = self._shared_client
+        # A reconnect replaces the pool; a client of the old one must not outlive it.
+        if client is None or client.connection_pool is not self.pool:
+            client = super()._create_client()  # type: ignore[no-untyped-call]
+            self._shared_client = client
+        return client
 
     def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
         transport = self.connection

@@ -1,9 +1,14 @@
-"""The HTTP client for Concur's Notifications v4 API: one pooled ``httpx.Client`` per process.
+"""The HTTP client for Concur's Notifications v4 API: one pooled ``httpx`` transport per process.
 
 ``post_message`` never raises for network trouble: it returns an ``ApiResponse`` (any status) or
 a ``TransportFailure`` (timeout, refused connection, broken protocol), and ``outcomes.classify``
 decides what either means. The transport is injectable so tests can run the real client against
 the loopback sandbox or any ``httpx`` transport.
+
+It hands each ``httpx.Request`` straight to the transport rather than through an
+``httpx.Client``: this client needs none of what the Client adds (cookies, redirects, auth flows,
+event hooks, proxy mounts from the environment), and those layers cost 130 us of the 300 us of
+CPU a post took (measured with ``bench/run.py`` and py-spy).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from worker.models import Message
 from worker.transport import PooledTransport
 
 CORRELATION_HEADER = "concur-correlationid"
+USER_AGENT = "partner-notify/0.1"
 MAX_KEPT_ERRORS = 10
 MAX_ERROR_TEXT = 500
 
@@ -104,19 +110,14 @@ class ConcurClient:
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
-        self._client = httpx.Client(
-            timeout=httpx.Timeout(
-                read_timeout_seconds,
-                connect=connect_timeout_seconds,
-                pool=connect_timeout_seconds + read_timeout_seconds,
-            ),
-            limits=httpx.Limits(
-                max_connections=max_connections, max_keepalive_connections=max_connections
-            ),
-            transport=transport or PooledTransport(max_connections),
-            headers={"Accept": "application/json", "User-Agent": "partner-notify/0.1"},
-            follow_redirects=False,
-        )
+        self._transport = transport or PooledTransport(max_connections)
+        # The per-request timeout extension httpx transports read (as httpx.Timeout builds it).
+        self._timeouts = {
+            "connect": connect_timeout_seconds,
+            "read": read_timeout_seconds,
+            "write": read_timeout_seconds,
+            "pool": connect_timeout_seconds + read_timeout_seconds,
+        }
 
     def message_url(self, user_id: str) -> str:
         """The v4 URL for one user; the id is one path segment, whatever it contains."""
@@ -126,11 +127,23 @@ class ConcurClient:
         """Send one message; return the answer or why there was none."""
         started = time.perf_counter()
         try:
-            response = self._client.post(
+            request = httpx.Request(
+                "POST",
                 self.message_url(message.user_id),
-                json=message.body(),
-                headers={"Authorization": f"Bearer {token}"},
+                headers={
+                    "Accept": "application/json",
+                    "User-Agent": USER_AGENT,
+                    "Content-Type": "application/json",
+                    "Authorization": f"Bearer {token}",
+                },
+                content=json.dumps(message.body(), separators=(",", ":")).encode(),
+                extensions={"timeout": self._timeouts},
             )
+            response = self._transport.handle_request(request)
+            try:
+                response.read()
+            finally:
+                response.close()
         except httpx.TimeoutException as error:
             return TransportFailure("timeout", type(error).__name__, time.perf_counter() - started)
         except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError) as error:
@@ -149,4 +162,4 @@ class ConcurClient:
 
     def close(self) -> None:
         """Close the pooled connections."""
-        self._client.close()
+        self._transport.close()
