@@ -7,6 +7,7 @@ nothing new.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +15,7 @@ from celery import Task
 
 from worker.celery_app import SEND_TASK, app
 from worker.delivery import deliver_task
-from worker.models import request_body
+from worker.models import Message, request_body
 from worker.records import Envelope
 from worker.runtime import Runtime, get_runtime
 from worker.validation import InvalidRequest, Problem, validate
@@ -25,6 +26,7 @@ __all__ = [
     "Problem",
     "enqueue",
     "enqueue_many",
+    "record",
     "send_message",
     "submit",
 ]
@@ -66,10 +68,24 @@ def submit(user_id: str, body: dict[str, Any], *, runtime: Runtime | None = None
     """Validate a v4 request body for ``user_id`` and queue it; raise ``InvalidRequest``."""
     rt = runtime or get_runtime()
     message = validate(user_id, body, rt.allowlist)
-    created, state = rt.store.create(message.id, message.to_wire())
-    if created:
-        rt.publisher.submit(Envelope(message.id, 1, message.to_wire()))
+    [(created, state)] = record([message], runtime=rt)
     return Enqueued(message.id, not created, state)
+
+
+def record(
+    messages: Sequence[Message], *, runtime: Runtime | None = None
+) -> list[tuple[bool, str]]:
+    """Record validated messages in one round trip and hand the new ones to the publisher.
+
+    Returns ``(created, state)`` per message; a duplicate is not published again. The HTTP
+    gateway calls this for each group of requests (``worker.intake``), ``submit`` for one.
+    """
+    rt = runtime or get_runtime()
+    results = rt.store.create_many([(message.id, message.to_wire()) for message in messages])
+    for message, (created, _state) in zip(messages, results, strict=True):
+        if created:
+            rt.publisher.submit(Envelope(message.id, 1, message.to_wire()))
+    return results
 
 
 def enqueue(

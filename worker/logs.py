@@ -39,9 +39,7 @@ _DSN_AUTH = re.compile(r"(\b[a-z][a-z0-9+.-]*://)([^/@\s:]*:)?[^/@\s]+@")
 # What each rule above needs to find before it can match. Almost no line holds any of these, and
 # one scan for them costs a fraction of running every rule (the per-attempt line is logged for
 # every message, with eight fields, so this is on the hot path).
-_SUSPECT = re.compile(
-    r"(?i)bearer|access_token|refresh_token|id_token|password|client_secret|://"
-)
+_SUSPECT = re.compile(r"(?i)bearer|access_token|refresh_token|id_token|password|client_secret|://")
 
 # The attributes every LogRecord has; anything else on a record came from ``extra=``.
 # (uvicorn's ``color_message`` repeats the message with terminal colour codes.)
