@@ -173,3 +173,95 @@ def test_https_with_a_verified_certificate_and_keep_alive(tmp_path: Path) -> Non
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+class _RawServer:
+    """Answers each request on a connection with the next canned bytes, then closes if told."""
+
+    def __init__(self, answers: list[bytes], close_after: bool = False) -> None:
+        import socket
+
+        self.answers = answers
+        self.close_after = close_after
+        self.received: list[bytes] = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        connection, _ = self.listener.accept()
+        with connection:
+            for answer in self.answers:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += connection.recv(65536)
+                head, _, rest = data.partition(b"\r\n\r\n")
+                length = int(
+                    next(
+                        line.split(b":")[1]
+                        for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"content-length")
+                    )
+                )
+                while len(rest) < length:
+                    rest += connection.recv(65536)
+                self.received.append(head + b"\r\n\r\n" + rest)
+                connection.sendall(answer)
+            if self.close_after:
+                connection.shutdown(2)
+
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/messages/u/session"
+
+
+def test_chunked_interim_and_close_delimited_answers_are_read_whole() -> None:
+    server = _RawServer(
+        [
+            # An interim 100 Continue, then a chunked answer with an extension and a trailer.
+            b"HTTP/1.1 100 Continue\r\n\r\n"
+            b"HTTP/1.1 503 Service Unavailable\r\nTransfer-Encoding: chunked\r\n"
+            b"Retry-After: 7\r\n\r\n"
+            b'5;ext=1\r\n{"err\r\n4\r\nors"\r\n4\r\n:[]}\r\n0\r\nX-Trailer: 1\r\n\r\n',
+            # No length at all: the body runs to the close, and the connection is not reused.
+            b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n{"ok":true}',
+        ],
+        close_after=True,
+    )
+    with _client(PooledTransport(2)) as client:
+        first = client.post(server.url(), content=b"one")
+        assert (first.status_code, first.content) == (503, b'{"errors":[]}')
+        assert first.headers["retry-after"] == "7"
+        second = client.post(server.url(), content=b"two")
+        assert (second.status_code, second.json()) == (200, {"ok": True})
+    assert server.received[0].startswith(b"POST /messages/u/session HTTP/1.1\r\n")
+    assert server.received[0].endswith(b"\r\n\r\none")
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/2 200 OK\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 2000 OK\r\nContent-Length: 0\r\n\r\n",
+        b"garbage\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nabc",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"HTTP/1.1 200 OK\r\n bad header\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\n" + b"X: " + b"a" * 70_000 + b"\r\n\r\n",
+    ],
+    ids=["http2", "status", "garbage", "short-body", "two-lengths", "chunk-size", "header", "long"],
+)
+def test_a_malformed_answer_is_a_protocol_error(answer: bytes) -> None:
+    server = _RawServer([answer], close_after=True)
+    with _client(PooledTransport(2)) as client, pytest.raises(httpx.RemoteProtocolError):
+        client.post(server.url(), content=b"x")
+
+
+def test_a_header_that_would_split_the_request_is_refused_before_sending() -> None:
+    server = _RawServer([b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"])
+    request = httpx.Request(
+        "POST", server.url(), headers={"Authorization": "Bearer a\r\nX-Evil: 1"}, content=b"x"
+    )
+    with pytest.raises(httpx.LocalProtocolError):
+        PooledTransport(2).handle_request(request)
+    assert server.received == []
