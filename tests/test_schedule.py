@@ -83,3 +83,24 @@ def test_a_message_whose_worker_died_mid_attempt_is_taken_over_after_its_lease(
     record = runtime.store.status("orphanmessage1")
     assert record["attempt"] == "2"
     assert len(sandbox.requests(user_id=user_id)) == 1
+
+
+def test_scripts_redis_forgot_are_loaded_again_and_the_outcome_is_recorded(runtime: Any) -> None:
+    # What a Redis restart does to the script cache: the next claim and outcome still work,
+    # on the same per-thread connection that speaks to Redis directly.
+    from worker.records import MessageStore
+
+    store = MessageStore(
+        runtime.redis, publish_grace_seconds=3600, lease_seconds=60, status_ttl_seconds=600
+    )
+    message_id = f"flush-{time.time_ns()}"
+    request = {"userId": "u", "sessionId": "s", "templateId": "welcome", "context": {}}
+    assert store.create(message_id, request) == (True, "queued")
+    runtime.redis.script_flush()
+    claim = store.claim(Envelope(message_id, 1, request), owner="me", worker="w", task_id="t")
+    assert (claim.verdict, claim.attempt) == ("go", 1)
+    runtime.redis.script_flush()
+    from worker.records import AttemptRecord, now_ms
+
+    assert store.delivered(message_id, AttemptRecord(1, now_ms(), "delivered", 200, None, 5, "c"))
+    assert store.status(message_id)["state"] == "delivered"
