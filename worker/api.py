@@ -8,7 +8,8 @@ the failed-notification endpoints for operators; an ASGI app on Starlette, serve
   the shape of Concur's "Get Notifications by Status" (JSON or XML by ``Accept``).
 * ``/healthz``, ``/readyz``, ``/metrics`` (Prometheus; no key, like Flower's), ``/openapi.json``.
 
-Every error is the seed's ``ErrorMessage``. Redis calls block, so they run in the thread pool.
+Every error is the seed's ``ErrorMessage``. Redis calls block, so they run off the event loop: the
+gateway's through the intake thread, in groups (``worker.intake``), the others in the thread pool.
 Keys arrive only in the ``Authorization`` header, which no log line carries.
 """
 
