@@ -230,7 +230,7 @@ def main() -> int:
                     ]
                 )
             batch_rate = n / (time.perf_counter() - started)
-            sample = 2000
+            sample = 5000  # enough single calls that one slow moment does not decide the figure
             started = time.perf_counter()
             for i in range(sample):
                 tasks.enqueue(f"single{run}-{i}", f"s{i}", TEMPLATE, url)
