@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from worker.models import Message
 
 Recorded = tuple[bool, str]  # (created, state), as MessageStore.create answers
-_Item = tuple[Message, asyncio.Future[Recorded], asyncio.AbstractEventLoop]
+_Item = tuple[Message, asyncio.Future[Recorded]]
 _Settled = tuple[asyncio.Future[Recorded], Recorded | BaseException]
 
 MAX_GROUP = 64
@@ -50,9 +50,8 @@ class Intake:
                         target=self._run, name="notify-intake", daemon=True
                     )
                     self._thread.start()
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Recorded] = loop.create_future()
-        self._queue.put((message, future, loop))
+        future: asyncio.Future[Recorded] = asyncio.get_running_loop().create_future()
+        self._queue.put((message, future))
         return await future
 
     def _run(self) -> None:
@@ -64,17 +63,14 @@ class Intake:
                 except queue.Empty:
                     break
             try:
-                results = self._record([message for message, _, _ in group])
+                results = self._record([message for message, _ in group])
             except Exception as error:  # each waiting request answers for itself (503 or 500)
                 outcomes: list[Recorded | BaseException] = [error] * len(group)
             else:
                 outcomes = list(results)
-            by_loop: dict[
-                asyncio.AbstractEventLoop,
-                list[tuple[asyncio.Future[Recorded], Recorded | BaseException]],
-            ] = {}
-            for (_, future, loop), outcome in zip(group, outcomes, strict=True):
-                by_loop.setdefault(loop, []).append((future, outcome))
+            by_loop: dict[asyncio.AbstractEventLoop, list[_Settled]] = {}
+            for (_, future), outcome in zip(group, outcomes, strict=True):
+                by_loop.setdefault(future.get_loop(), []).append((future, outcome))
             for loop, settled in by_loop.items():
                 # A closed loop raises RuntimeError: nobody is waiting there any more.
                 with contextlib.suppress(RuntimeError):
