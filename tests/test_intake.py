@@ -108,3 +108,24 @@ def test_a_request_cancelled_while_recorded_does_not_break_the_others() -> None:
         return await intake.record(_message("next"))
 
     assert asyncio.run(main()) == (True, "queued")
+
+
+def test_a_wrong_sized_answer_fails_its_group_and_the_intake_keeps_working() -> None:
+    calls: list[int] = []
+
+    def record(messages: Sequence[Message]) -> list[Recorded]:
+        calls.append(len(messages))
+        short = 1 if len(calls) == 1 else 0  # the first group gets one answer too few
+        return [(True, "queued")] * (len(messages) - short)
+
+    intake = Intake(record)
+
+    async def main() -> tuple[Recorded | BaseException, Recorded]:
+        first_call = asyncio.wait_for(intake.record(_message("first")), 5)
+        [first] = await asyncio.gather(first_call, return_exceptions=True)
+        return first, await asyncio.wait_for(intake.record(_message("after")), 5)
+
+    first, after = asyncio.run(main())
+    assert isinstance(first, RuntimeError)
+    assert after == (True, "queued")
+    assert calls == [1, 1]

@@ -62,12 +62,15 @@ class Intake:
                     group.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
+            outcomes: list[Recorded | BaseException]
             try:
-                results = self._record([message for message, _ in group])
+                outcomes = list(self._record([message for message, _ in group]))
+                if len(outcomes) != len(group):
+                    # Checked here, not left to zip() below: an error raised outside this try
+                    # would end the thread, and every request after it would wait forever.
+                    raise RuntimeError(f"recorded {len(outcomes)} of {len(group)} messages")
             except Exception as error:  # each waiting request answers for itself (503 or 500)
-                outcomes: list[Recorded | BaseException] = [error] * len(group)
-            else:
-                outcomes = list(results)
+                outcomes = [error] * len(group)
             by_loop: dict[asyncio.AbstractEventLoop, list[_Settled]] = {}
             for (_, future), outcome in zip(group, outcomes, strict=True):
                 by_loop.setdefault(future.get_loop(), []).append((future, outcome))
