@@ -45,6 +45,7 @@ from cryptography.fernet import Fernet, InvalidToken
 from redis import Redis
 
 from worker import keys
+from worker.concur import USER_AGENT
 from worker.settings import Settings
 from worker.tokens import TokenUnavailable
 
@@ -341,7 +342,7 @@ class TokenEndpoint:
     def __init__(self, config: OAuthConfig, http: httpx.Client | None = None) -> None:
         self.config = config
         self.http = http or httpx.Client(
-            headers={"Accept": "application/json", "User-Agent": "partner-notify/0.1"},
+            headers={"Accept": "application/json", "User-Agent": USER_AGENT},
             follow_redirects=False,
         )
 
