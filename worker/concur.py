@@ -8,7 +8,7 @@ the loopback sandbox or any ``httpx`` transport.
 It hands each ``httpx.Request`` straight to the transport rather than through an
 ``httpx.Client``: this client needs none of what the Client adds (cookies, redirects, auth flows,
 event hooks, proxy mounts from the environment), and those layers cost 130 us of the 300 us of
-CPU a post took (measured with ``bench/run.py`` and py-spy).
+CPU a post took (measured with py-spy and a micro-benchmark of ``post_message``).
 """
 
 from __future__ import annotations
