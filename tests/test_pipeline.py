@@ -103,6 +103,20 @@ def test_timeout_is_retried_then_dead_lettered(runtime, sandbox, user_id):
     assert runtime.deadletters.get(message_id).reason == "retries_exhausted"
 
 
+def test_connection_closed_without_an_answer_is_retried_then_delivered_once(
+    runtime, sandbox, user_id
+):
+    sandbox.script([{"status": 200, "drop": True}], user_id=user_id)
+    message_id = _send(user_id)
+    record = _finished(runtime, message_id)
+    assert record["state"] == "delivered"
+    assert [(a["outcome"], a["cause"]) for a in record["attempts"]] == [
+        ("retry", "protocol"),
+        ("delivered", "http_200"),
+    ]
+    assert [r["status"] for r in sandbox.requests(user_id=user_id)] == [None, 200]
+
+
 def test_429_retry_after_is_honoured(runtime, sandbox, user_id):
     sandbox.script([{"status": 429, "retryAfter": "2"}], user_id=user_id)
     message_id = _send(user_id)

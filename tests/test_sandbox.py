@@ -323,6 +323,18 @@ def test_hang_holds_until_the_client_disconnects(sandbox: Sandbox) -> None:
     assert (stats["hung"], stats["total"], stats["byStatus"]) == (1, 1, {})
 
 
+def test_drop_closes_the_connection_without_an_answer(sandbox: Sandbox) -> None:
+    sandbox.script([{"status": 200, "drop": True}])
+    with httpx.Client(base_url=sandbox.url, headers=AUTH) as c:
+        with pytest.raises(httpx.RemoteProtocolError):
+            send(c)
+        assert send(c).status_code == 200  # the script is spent: the next one is answered
+    first, second = sandbox.requests()
+    assert (first["status"], second["status"]) == (None, 200)
+    stats = sandbox.stats()
+    assert (stats["dropped"], stats["hung"], stats["byStatus"]) == (1, 0, {"200": 1})
+
+
 def test_stop_releases_hung_and_delayed_requests() -> None:
     sb = Sandbox()
     url = sb.start()

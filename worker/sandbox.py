@@ -22,8 +22,10 @@ Scripts plan what the API answers. Each script matches one userId, one templateI
 (precedence: userId, templateId, default, plain 200). Its ``responses`` are consumed one per
 matching request; afterwards ``then`` (default ``{"status": 200}``) answers. ``rate`` replaces
 ``responses`` with random flapping. A planned response is
-``{"status", "retryAfter", "delayMs", "errors", "body", "contentType", "hang"}``, all optional
-except ``status``. Posting a script for a match that already has one replaces it.
+``{"status", "retryAfter", "delayMs", "errors", "body", "contentType", "hang", "drop"}``, all
+optional except ``status``. ``hang`` holds the request until the client gives up; ``drop`` reads
+it and closes the connection without a word, as a crashed server or a resetting proxy does.
+Posting a script for a match that already has one replaces it.
 
 Control endpoints (JSON, no auth, always at the server root, never delayed):
 
@@ -33,7 +35,7 @@ Control endpoints (JSON, no auth, always at the server root, never delayed):
   (tokens are reported as ``tokenSha256`` prefixes, never echoed)
 * ``GET /_sandbox/requests[?userId=..&templateId=..]`` -> ``{"requests": [...]}``
 * ``GET /_sandbox/stats`` -> ``{"total", "byStatus", "delivered", "perSecond", "maxPerSecond",
-  "hung", "connections", "openConnections"}``
+  "hung", "dropped", "connections", "openConnections"}``
 * ``POST /_sandbox/reset`` clears scripts, records and stats; config stays -> 200
 * ``GET|POST /_sandbox/oauth`` ``{"failures": [503, 503], "accessTtlSeconds": 2,
   "refreshTtlSeconds", "geolocation", "redirectTo", "clientSecret", "companyId", "authToken",
@@ -53,7 +55,8 @@ requests (``GET /_sandbox/oauth``), never echoing a secret.
 
 A request is recorded (and counted) when its answer is decided, before any latency: a 200 that
 the client gave up waiting for still counts as delivered, as it would on the real API. A hung
-request is recorded with ``"status": null`` and counted in ``hung``, not ``byStatus``.
+request is recorded with ``"status": null`` and counted in ``hung``, not ``byStatus``; so is a
+dropped one, counted in ``dropped``.
 
 Example::
 
@@ -95,7 +98,9 @@ MAX_BODY_BYTES = 64 * 1024
 CONTROL_PREFIX = "/_sandbox"
 
 _BODY_KEYS = frozenset({"sessionId", "templateId", "context"})
-_PLAN_KEYS = frozenset({"status", "retryAfter", "delayMs", "errors", "body", "contentType", "hang"})
+_PLAN_KEYS = frozenset(
+    {"status", "retryAfter", "delayMs", "errors", "body", "contentType", "hang", "drop"}
+)
 _RATE_KEYS = frozenset({"errorRatio", "statuses", "hangRatio", "seed"})
 _SCRIPT_KEYS = frozenset({"match", "responses", "then", "rate"})
 _CONFIG_KEYS = frozenset({"latencyMs", "tokens"})
@@ -143,6 +148,7 @@ class _Plan:
     body: str | None = None
     content_type: str | None = None
     hang: bool = False
+    drop: bool = False
 
 
 @dataclass(slots=True)
@@ -205,6 +211,7 @@ class _Answer:
     headers: list[tuple[str, str]] = field(default_factory=list)
     delay: float = 0.0
     hang: bool = False
+    drop: bool = False
     correlation_id: str = field(default_factory=lambda: str(uuid.uuid4()))
 
 
@@ -298,6 +305,9 @@ def _parse_plan(raw: Any, where: str) -> _Plan:
     hang = raw.get("hang", False)
     if not isinstance(hang, bool):
         raise ValueError(f"{where}.hang must be a boolean")
+    drop = raw.get("drop", False)
+    if not isinstance(drop, bool):
+        raise ValueError(f"{where}.drop must be a boolean")
     return _Plan(
         status=status,
         retry_after=retry_after,
@@ -306,6 +316,7 @@ def _parse_plan(raw: Any, where: str) -> _Plan:
         body=body,
         content_type=content_type,
         hang=hang,
+        drop=drop,
     )
 
 
@@ -716,6 +727,7 @@ class Sandbox:
                 "perSecond": {str(k): v for k, v in sorted(self._per_second.items())},
                 "maxPerSecond": self._max_per_second,
                 "hung": self._hung,
+                "dropped": self._dropped,
                 "connections": self._connections,
                 "openConnections": self._open_connections,
             }
@@ -735,6 +747,7 @@ class Sandbox:
         self._per_second: dict[int, int] = {}
         self._max_per_second = 0
         self._hung = 0
+        self._dropped = 0
         self._connections = 0
 
     # -- connection handling -------------------------------------------------------------------
@@ -806,6 +819,8 @@ class Sandbox:
             if answer.hang:
                 await _wait_for_eof(reader)
                 return
+            if answer.drop:
+                return  # the connection closes unanswered
             if answer.delay > 0:
                 await asyncio.sleep(answer.delay)
             writer.write(_render(answer, close=not keep_alive, head_only=method == "HEAD"))
@@ -910,7 +925,7 @@ class Sandbox:
 
     @staticmethod
     def _planned_answer(plan: _Plan) -> _Answer:
-        answer = _Answer(plan.status, hang=plan.hang, delay=plan.delay_ms / 1000.0)
+        answer = _Answer(plan.status, hang=plan.hang, drop=plan.drop, delay=plan.delay_ms / 1000.0)
         if plan.body is not None:
             answer.body = plan.body.encode("utf-8")
             answer.content_type = plan.content_type or _JSON
@@ -962,6 +977,8 @@ class Sandbox:
             status: int | None = None
             if answer.hang:
                 self._hung += 1
+            elif answer.drop:
+                self._dropped += 1
             else:
                 status = answer.status
                 self._by_status[status] = self._by_status.get(status, 0) + 1
