@@ -13,7 +13,7 @@ from tests.isolated import Isolated, isolated
 
 __all__ = ["isolated"]  # the fixture
 
-MESSAGES = 100
+MESSAGES = 200
 USERS = 10
 
 
@@ -25,7 +25,9 @@ def test_sigterm_mid_flight_leaves_every_message_delivered_exactly_once(
     for user in users:
         # Slow answers (per user, not the sandbox's global latency) keep posts in flight.
         sandbox.script([], user_id=user, then={"status": 200, "delayMs": 500})
-    first = start_worker("doomed", **isolated.env)
+    # Two threads of 20 concurrent posts each: 40 in flight at a time, so 200 take five rounds
+    # of half a second and the SIGTERM lands mid-run.
+    first = start_worker("doomed", **isolated.env, NOTIFY_WORKER_CONCURRENCY="2")
     ids = isolated.enqueue_many(
         [
             (users[n % USERS], f"s-{n}-{uuid.uuid4().hex[:6]}", "welcome", None)

@@ -1,122 +1,382 @@
-"""The pooled transport under ``httpx.Client``: keep-alive, stale connections, TLS, timeouts."""
+"""The libcurl transport against real sockets: overlap, keep-alive, deadlines, bounds, proxies, TLS.
+
+Hostile or broken servers are real socket servers on loopback that answer with scripted bytes,
+so each test shows what libcurl (and our thin layer over it) makes of what a server really sent.
+"""
 
 from __future__ import annotations
 
 import datetime
-import http.server
+import json
+import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
+from worker.concur import ApiResponse, ConcurClient, TransportFailure
+from worker.models import Message
 from worker.redisserver import free_port
-from worker.transport import PooledTransport
+from worker.transport import MAX_RESPONSE_BYTES, Answer, CurlTransport, Exchange, ExchangeFailed
+
+# What a scripted server does with one request on a connection: write what it likes, and say
+# whether the connection stays open for the next request.
+Plan = Callable[[socket.socket, bytes], bool]
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nconcur-correlationid: cid-1\r\n\r\n"
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    # Set by a test: close each connection after answering, without saying so in a header, as
-    # a server that drops idle keep-alive connections does.
-    drop_after_answer = False
-    connections = 0  # connections accepted (setup runs once per connection)
+def _answer(raw: bytes, keep: bool = True) -> Plan:
+    def plan(connection: socket.socket, _request: bytes) -> bool:
+        connection.sendall(raw)
+        return keep
 
-    def setup(self) -> None:
-        type(self).connections += 1
-        super().setup()
+    return plan
 
-    def do_POST(self) -> None:
-        length = int(self.headers.get("Content-Length", 0))
-        body = self.rfile.read(length)
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("concur-correlationid", "cid-1")
-        self.end_headers()
-        self.wfile.write(body)
-        if type(self).drop_after_answer:
-            # An idle timeout of a few milliseconds: the close comes after the answer was read.
-            self.wfile.flush()
-            time.sleep(0.02)
-            self.close_connection = True
 
-    def log_message(self, *args: object) -> None:
-        pass
+def _read_request(connection: socket.socket, buffered: bytes) -> tuple[bytes, bytes] | None:
+    data = buffered
+    while b"\r\n\r\n" not in data:
+        chunk = connection.recv(65536)
+        if not chunk:
+            return None
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(rest) < length:
+        chunk = connection.recv(65536)
+        if not chunk:
+            return None
+        rest += chunk
+    return head + b"\r\n\r\n" + rest[:length], rest[length:]
+
+
+class ScriptedServer:
+    """A loopback HTTP/1.1 server: the n-th request it reads is answered by the n-th plan."""
+
+    def __init__(self, plans: list[Plan], *, tls: ssl.SSLContext | None = None) -> None:
+        self.plans = list(plans)
+        self.requests: list[bytes] = []
+        self.connections = 0
+        self._lock = threading.Lock()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.tls = tls
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, path: str = "/messages/u/session", host: str = "127.0.0.1") -> str:
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://{host}:{self.port}{path}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.tls is not None:
+                try:
+                    connection = self.tls.wrap_socket(connection, server_side=True)
+                except (OSError, ssl.SSLError):
+                    connection.close()
+                    continue
+            with self._lock:
+                self.connections += 1
+            threading.Thread(target=self._serve, args=(connection,), daemon=True).start()
+
+    def _serve(self, connection: socket.socket) -> None:
+        buffered = b""
+        with connection:
+            while True:
+                try:
+                    read = _read_request(connection, buffered)
+                except OSError:
+                    return
+                if read is None:
+                    return
+                request, buffered = read
+                with self._lock:
+                    self.requests.append(request)
+                    plan = self.plans.pop(0) if self.plans else _answer(OK)
+                try:
+                    if not plan(connection, request):
+                        return
+                except OSError:
+                    return
+
+    def close(self) -> None:
+        self.listener.close()
 
 
 @pytest.fixture
-def server() -> Iterator[http.server.ThreadingHTTPServer]:
-    _Handler.drop_after_answer = False
-    _Handler.connections = 0
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
+def serve() -> Iterator[Callable[..., ScriptedServer]]:
+    servers: list[ScriptedServer] = []
+
+    def start(plans: list[Plan], **kwargs: object) -> ScriptedServer:
+        server = ScriptedServer(plans, **kwargs)  # type: ignore[arg-type]
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.close()
 
 
-def _client(transport: PooledTransport, timeout: float = 5.0) -> httpx.Client:
-    return httpx.Client(transport=transport, timeout=timeout)
+@pytest.fixture
+def transport() -> Iterator[CurlTransport]:
+    engine = CurlTransport(16)
+    yield engine
+    engine.close()
 
 
-def test_keep_alive_connections_are_reused(server: http.server.ThreadingHTTPServer) -> None:
-    url = f"http://127.0.0.1:{server.server_address[1]}/x"
-    with _client(PooledTransport(4)) as client:
-        for number in range(20):
-            answer = client.post(url, content=f"n{number}".encode())
-            assert answer.status_code == 200
-            assert answer.content == f"n{number}".encode()
-            assert answer.headers["concur-correlationid"] == "cid-1"
-    assert _Handler.connections == 1
+def _post(url: str, timeout: float = 5.0, headers: tuple[str, ...] = ()) -> Exchange:
+    return Exchange("POST", url, ("Content-Type: application/json", *headers), b"{}", timeout, 2.0)
 
 
-def test_a_connection_the_server_closed_is_never_used_again(
-    server: http.server.ThreadingHTTPServer,
-) -> None:
-    url = f"http://127.0.0.1:{server.server_address[1]}/x"
-    _Handler.drop_after_answer = True
-    with _client(PooledTransport(4)) as client:
-        for number in range(10):
-            # Each answer leaves a pooled connection the server closes while it is idle.
-            assert client.post(url, content=b"x").status_code == 200, number
-            time.sleep(0.1)
-    assert _Handler.connections == 10
+def _fails(transport: CurlTransport, exchange: Exchange) -> ExchangeFailed:
+    with pytest.raises(ExchangeFailed) as caught:
+        transport.request(exchange)
+    return caught.value
 
 
-def test_refused_connection_is_a_connect_error() -> None:
-    with _client(PooledTransport(2)) as client, pytest.raises(httpx.ConnectError):
-        client.post(f"http://127.0.0.1:{free_port()}/x", content=b"x")
+def test_keep_alive_connections_are_reused(serve, transport: CurlTransport) -> None:
+    server = serve([])
+    for _ in range(20):
+        answer = transport.request(_post(server.url()))
+        assert (answer.status, answer.headers["concur-correlationid"]) == (200, "cid-1")
+    assert (len(server.requests), server.connections) == (20, 1)
 
 
-def test_slow_answer_is_a_read_timeout_and_the_connection_is_not_reused(sandbox, user_id) -> None:
+def test_posts_submitted_together_are_in_flight_together(sandbox, user_id) -> None:
+    sandbox.script([], user_id=user_id, then={"status": 200, "delayMs": 250})
+    engine = CurlTransport(64)
+    try:
+        url = f"{sandbox.url}/messages/{user_id}/session"
+        started = time.perf_counter()
+        pending = [
+            engine.submit(
+                Exchange(
+                    "POST",
+                    url,
+                    (
+                        "Authorization: Bearer test-secret-token-4f1c",
+                        "Content-Type: application/json",
+                    ),
+                    json.dumps({"sessionId": f"s{n}", "templateId": "t", "context": {}}).encode(),
+                    5.0,
+                    2.0,
+                )
+            )
+            for n in range(40)
+        ]
+        statuses = [future.result().status for future in pending]
+        elapsed = time.perf_counter() - started
+    finally:
+        engine.close()
+    assert statuses == [200] * 40
+    assert elapsed < 1.5, f"40 posts of 250 ms took {elapsed:.2f}s: they did not overlap"
+
+
+def test_refused_connection_is_a_connect_failure(transport: CurlTransport) -> None:
+    assert _fails(transport, _post(f"http://127.0.0.1:{free_port()}/x")).kind == "connect"
+
+
+def test_a_slow_answer_is_a_timeout_at_the_deadline(sandbox, user_id) -> None:
     sandbox.script([{"status": 200, "delayMs": 1500}], user_id=user_id)
-    url = f"{sandbox.url}/messages/{user_id}/session"
-    body = {"sessionId": "s", "templateId": "t", "context": {}}
-    headers = {"Authorization": "Bearer test-secret-token-4f1c"}
-    with _client(PooledTransport(2), timeout=0.3) as client:
-        with pytest.raises(httpx.ReadTimeout):
-            client.post(url, json=body, headers=headers)
-        assert client.post(url, json=body, headers=headers).status_code == 200
+    client = ConcurClient(sandbox.url, timeout_seconds=0.3, max_connections=2)
+    message = Message.create(user_id, "s", "welcome", None)
+    try:
+        started = time.perf_counter()
+        result = client.post_message(message, "test-secret-token-4f1c")
+        assert isinstance(result, TransportFailure) and result.kind == "timeout"
+        assert time.perf_counter() - started < 1.0
+        again = client.post_message(message, "test-secret-token-4f1c")
+        assert isinstance(again, ApiResponse) and again.status == 200
+    finally:
+        client.close()
 
 
-def test_pool_bound_makes_extra_callers_wait_then_time_out(sandbox, user_id) -> None:
-    sandbox.script([{"status": 200, "delayMs": 800}], user_id=user_id)
-    url = f"{sandbox.url}/messages/{user_id}/session"
-    body = {"sessionId": "s", "templateId": "t", "context": {}}
-    headers = {"Authorization": "Bearer test-secret-token-4f1c"}
-    transport = PooledTransport(1)
-    slow = threading.Thread(
-        target=lambda: _client(transport).post(url, json=body, headers=headers), daemon=True
+def test_a_body_dripped_past_the_deadline_is_a_timeout(serve, transport: CurlTransport) -> None:
+    # Each byte comes well within any per-read timeout, but the exchange as a whole runs long:
+    # only a deadline for the whole attempt ends it (the in-flight lease depends on that).
+    def drip(connection: socket.socket, _request: bytes) -> bool:
+        connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+        for _ in range(100):
+            connection.sendall(b"x")
+            time.sleep(0.05)
+        return False
+
+    server = serve([drip])
+    started = time.perf_counter()
+    assert _fails(transport, _post(server.url(), timeout=0.6)).kind == "timeout"
+    assert time.perf_counter() - started < 1.2
+
+
+def test_a_smuggled_second_answer_is_never_read_as_the_next_requests(
+    serve, transport: CurlTransport
+) -> None:
+    # A 400 with a 201 glued behind it: a client that keeps the leftover bytes would take the
+    # 201 as the next request's answer, and record a message delivered that never was.
+    smuggling = _answer(
+        b'HTTP/1.1 400 Bad Request\r\nContent-Length: 11\r\n\r\n{"errors":1}'[:-1]
+        + b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n"
     )
-    slow.start()
-    with httpx.Client(transport=transport, timeout=httpx.Timeout(5.0, pool=0.2)) as client:
-        threading.Event().wait(0.2)
-        with pytest.raises(httpx.PoolTimeout):
-            client.post(url, json=body, headers=headers)
-    slow.join(5)
+    server = serve([smuggling, _answer(b"HTTP/1.1 503 Unavailable\r\nContent-Length: 0\r\n\r\n")])
+    first = transport.request(_post(server.url()))
+    second = transport.request(_post(server.url()))
+    third = transport.request(_post(server.url()))
+    assert first.status == 400
+    assert second.status == 503, "the smuggled 201 was read as the next request's answer"
+    assert third.status == 200
+    assert len(server.requests) == 3
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000000000\r\n\r\nabc",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"f" * 40 + b"\r\nabc\r\n",
+        b"HTTP/2 200 OK\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 099 OK\r\nContent-Length: 0\r\n\r\n",
+        b"garbage\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nabc",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"HTTP/1.1 200 OK\r\n" + b"X: " + b"a" * 400_000 + b"\r\n\r\n",
+    ],
+    ids=[
+        "5000-digit-length",
+        "1e15-length",
+        "40-hex-digit-chunk",
+        "http2-status-line",
+        "status-below-100",
+        "garbage",
+        "short-body",
+        "two-lengths",
+        "chunk-size-not-hex",
+        "400-kB-header",
+    ],
+)
+def test_a_malformed_or_unbounded_answer_is_a_protocol_failure(
+    serve, transport: CurlTransport, answer: bytes
+) -> None:
+    server = serve([_answer(answer, keep=False)])
+    started = time.perf_counter()
+    assert _fails(transport, _post(server.url())).kind == "protocol"
+    assert time.perf_counter() - started < 2.0
+
+
+@pytest.mark.parametrize("announced", [True, False], ids=["content-length", "chunked"])
+def test_an_over_size_body_is_refused_not_read(
+    serve, transport: CurlTransport, announced: bool
+) -> None:
+    sent = {"bytes": 0}
+    size = 30 * 1024 * 1024
+
+    def flood(connection: socket.socket, _request: bytes) -> bool:
+        if announced:
+            connection.sendall(f"HTTP/1.1 400 Bad\r\nContent-Length: {size}\r\n\r\n".encode())
+        else:
+            connection.sendall(b"HTTP/1.1 400 Bad\r\nTransfer-Encoding: chunked\r\n\r\n")
+        block = b"e" * 65536
+        while sent["bytes"] < size:
+            piece = block if announced else b"10000\r\n" + block + b"\r\n"
+            connection.sendall(piece)
+            sent["bytes"] += len(block)
+        return False
+
+    server = serve([flood])
+    assert _fails(transport, _post(server.url())).kind == "protocol"
+    time.sleep(0.2)
+    # The client stopped reading at the bound: the server could not push the 30 MB through.
+    assert sent["bytes"] < size
+    assert MAX_RESPONSE_BYTES == 64 * 1024
+
+
+def test_endless_interim_answers_end_in_a_failure(serve, transport: CurlTransport) -> None:
+    def endless(connection: socket.socket, _request: bytes) -> bool:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            connection.sendall(b"HTTP/1.1 102 Processing\r\n\r\n" * 100)
+        return False
+
+    server = serve([endless])
+    started = time.perf_counter()
+    assert _fails(transport, _post(server.url(), timeout=1.0)).kind in ("protocol", "timeout")
+    assert time.perf_counter() - started < 1.5
+
+
+def test_a_reused_connection_dropped_unanswered_is_not_posted_again(
+    serve, transport: CurlTransport
+) -> None:
+    # The server read the second request (it may have acted on it) and closed without a word.
+    # libcurl's habit is to resend such a request on a fresh connection: for a POST that could
+    # deliver a message twice, so the transport refuses to let it.
+    server = serve([_answer(OK), _answer(b"", keep=False)])
+    assert transport.request(_post(server.url())).status == 200
+    assert _fails(transport, _post(server.url())).kind == "protocol"
+    assert len(server.requests) == 2
+
+
+def test_a_redirect_is_answered_not_followed(serve, transport: CurlTransport) -> None:
+    server = serve(
+        [
+            _answer(
+                b"HTTP/1.1 307 Moved\r\nLocation: http://127.0.0.1:1/x\r\nContent-Length: 0\r\n\r\n"
+            )
+        ]
+    )
+    assert transport.request(_post(server.url())).status == 307
+    assert len(server.requests) == 1
+
+
+def test_a_header_that_would_split_the_request_is_refused_before_sending(
+    serve, transport: CurlTransport
+) -> None:
+    server = serve([])
+    failure = _fails(
+        transport, _post(server.url(), headers=("Authorization: Bearer a\r\nX-Evil: 1",))
+    )
+    assert failure.kind == "protocol"
+    assert server.requests == []
+
+
+def test_a_proxy_from_the_environment_carries_the_post(
+    serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A loopback forward proxy: it receives the request in absolute form and answers itself.
+    proxy = serve([_answer(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n")])
+    for name in ("no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{proxy.port}")
+    engine = CurlTransport(4)
+    try:
+        answer = engine.request(_post("http://concur.invalid:8080/messages/u/session"))
+    finally:
+        engine.close()
+    assert answer.status == 202
+    assert proxy.requests[0].startswith(
+        b"POST http://concur.invalid:8080/messages/u/session HTTP/1.1\r\n"
+    )
+
+
+def test_no_proxy_from_the_environment_is_honoured(serve, monkeypatch: pytest.MonkeyPatch) -> None:
+    server = serve([])
+    monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{free_port()}")  # nothing listens
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    engine = CurlTransport(4)
+    try:
+        assert engine.request(_post(server.url())).status == 200
+    finally:
+        engine.close()
 
 
 def _self_signed(directory: Path) -> tuple[Path, Path]:
@@ -151,117 +411,57 @@ def _self_signed(directory: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-def test_https_with_a_verified_certificate_and_keep_alive(tmp_path: Path) -> None:
+def test_https_with_a_verified_certificate_and_keep_alive(serve, tmp_path: Path) -> None:
     cert, key = _self_signed(tmp_path)
-    _Handler.drop_after_answer = False
-    _Handler.connections = 0
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server_context.load_cert_chain(cert, key)
-    httpd.socket = server_context.wrap_socket(httpd.socket, server_side=True)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server = serve([], tls=context)
+    trusting = CurlTransport(4, ca_bundle=str(cert))
     try:
-        url = f"https://localhost:{httpd.server_address[1]}/x"
-        trusting = ssl.create_default_context(cafile=str(cert))
-        with _client(PooledTransport(2, ssl_context=trusting)) as client:
-            for _ in range(5):
-                assert client.post(url, content=b"tls").content == b"tls"
-        assert _Handler.connections == 1
-        # The default context trusts only the system's authorities: this certificate fails.
-        with _client(PooledTransport(2)) as client, pytest.raises(httpx.ConnectError):
-            client.post(url, content=b"tls")
+        for _ in range(5):
+            assert trusting.request(_post(server.url(host="localhost"))).status == 200
+        # The name on the certificate is checked too: 127.0.0.1 is not "localhost".
+        assert _fails(trusting, _post(server.url(host="127.0.0.1"))).kind == "connect"
     finally:
-        httpd.shutdown()
-        httpd.server_close()
+        trusting.close()
+    assert server.connections == 2
+    # The default bundle trusts only the public authorities: this certificate is refused.
+    default = CurlTransport(4)
+    try:
+        assert _fails(default, _post(server.url(host="localhost"))).kind == "connect"
+    finally:
+        default.close()
 
 
-class _RawServer:
-    """Answers each request on a connection with the next canned bytes, then closes if told."""
+def test_a_closed_transport_refuses_new_work_and_fails_what_it_held(serve) -> None:
+    def hold(connection: socket.socket, _request: bytes) -> bool:
+        time.sleep(3)
+        return False
 
-    def __init__(self, answers: list[bytes], close_after: bool = False) -> None:
-        import socket
-
-        self.answers = answers
-        self.close_after = close_after
-        self.received: list[bytes] = []
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        connection, _ = self.listener.accept()
-        with connection:
-            for answer in self.answers:
-                data = b""
-                while b"\r\n\r\n" not in data:
-                    data += connection.recv(65536)
-                head, _, rest = data.partition(b"\r\n\r\n")
-                length = int(
-                    next(
-                        line.split(b":")[1]
-                        for line in head.split(b"\r\n")
-                        if line.lower().startswith(b"content-length")
-                    )
-                )
-                while len(rest) < length:
-                    rest += connection.recv(65536)
-                self.received.append(head + b"\r\n\r\n" + rest)
-                connection.sendall(answer)
-            if self.close_after:
-                connection.shutdown(2)
-
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/messages/u/session"
+    server = serve([hold])
+    engine = CurlTransport(4)
+    pending = engine.submit(_post(server.url()))
+    time.sleep(0.2)
+    engine.close()
+    with pytest.raises(ExchangeFailed):
+        pending.result(timeout=5)
+    with pytest.raises(RuntimeError):
+        engine.submit(_post(server.url()))
 
 
-def test_chunked_interim_and_close_delimited_answers_are_read_whole() -> None:
-    server = _RawServer(
+def test_answer_reads_only_the_final_answers_headers(serve, transport: CurlTransport) -> None:
+    server = serve(
         [
-            # An interim 100 Continue, then a chunked answer with an extension and a trailer.
-            b"HTTP/1.1 100 Continue\r\n\r\n"
-            b"HTTP/1.1 503 Service Unavailable\r\nTransfer-Encoding: chunked\r\n"
-            b"Retry-After: 7\r\n\r\n"
-            b'5;ext=1\r\n{"err\r\n4\r\nors"\r\n4\r\n:[]}\r\n0\r\nX-Trailer: 1\r\n\r\n',
-            # No length at all: the body runs to the close, and the connection is not reused.
-            b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n{"ok":true}',
-        ],
-        close_after=True,
+            _answer(
+                b"HTTP/1.1 100 Continue\r\nRetry-After: 99\r\n\r\n"
+                b"HTTP/1.1 503 Unavailable\r\nRetry-After: 7\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b'4\r\n{"er\r\n9\r\nrors":[]}\r\n0\r\n\r\n'
+            )
+        ]
     )
-    with _client(PooledTransport(2)) as client:
-        first = client.post(server.url(), content=b"one")
-        assert (first.status_code, first.content) == (503, b'{"errors":[]}')
-        assert first.headers["retry-after"] == "7"
-        second = client.post(server.url(), content=b"two")
-        assert (second.status_code, second.json()) == (200, {"ok": True})
-    assert server.received[0].startswith(b"POST /messages/u/session HTTP/1.1\r\n")
-    assert server.received[0].endswith(b"\r\n\r\none")
-
-
-@pytest.mark.parametrize(
-    "answer",
-    [
-        b"HTTP/2 200 OK\r\nContent-Length: 0\r\n\r\n",
-        b"HTTP/1.1 2000 OK\r\nContent-Length: 0\r\n\r\n",
-        b"garbage\r\n\r\n",
-        b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",
-        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nabc",
-        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
-        b"HTTP/1.1 200 OK\r\n bad header\r\n\r\n",
-        b"HTTP/1.1 200 OK\r\n" + b"X: " + b"a" * 70_000 + b"\r\n\r\n",
-    ],
-    ids=["http2", "status", "garbage", "short-body", "two-lengths", "chunk-size", "header", "long"],
-)
-def test_a_malformed_answer_is_a_protocol_error(answer: bytes) -> None:
-    server = _RawServer([answer], close_after=True)
-    with _client(PooledTransport(2)) as client, pytest.raises(httpx.RemoteProtocolError):
-        client.post(server.url(), content=b"x")
-
-
-def test_a_header_that_would_split_the_request_is_refused_before_sending() -> None:
-    server = _RawServer([b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"])
-    request = httpx.Request(
-        "POST", server.url(), headers={"Authorization": "Bearer a\r\nX-Evil: 1"}, content=b"x"
+    answer: Answer = transport.request(_post(server.url()))
+    assert (answer.status, answer.headers["retry-after"], answer.body) == (
+        503,
+        "7",
+        b'{"errors":[]}',
     )
-    with pytest.raises(httpx.LocalProtocolError):
-        PooledTransport(2).handle_request(request)
-    assert server.received == []

@@ -1,15 +1,25 @@
-"""One delivery attempt, as a worker runs it: read → claim → validate → post → classify → record.
+"""A task's delivery attempts, as a worker runs them: read → claim → validate → post → record.
 
-``deliver`` returns a short verdict for logs and tests (``delivered``, ``retry``,
-``dead:<reason>``, ``deferred`` when the global rate limit had no permit in time (back on the
-schedule, no attempt counted), or why the task did nothing: ``done``, ``stale``, ``busy``).
-Every path ends with the outcome written to Redis before the task returns, so the broker
-message is acknowledged only after that. An unexpected error leaves the message claimed under
-its lease; the schedule hands it out again when the lease ends, so even a bug does not lose it.
+Each message of a task keeps its own claim (lease and generation fence), validation, rate-limit
+permit, classification and outcome write; only their HTTP exchanges overlap. The thread claims
+them all, starts each post as its permit is granted (``ConcurClient.start``: the transport's
+engine thread carries them), and records each outcome the moment its answer arrives, so no
+message waits behind a slower post of its batch. A first 401 is answered by one token refresh
+for the batch and a second post of each message it concerned.
+
+Each message ends with a short verdict for logs and tests (``delivered``, ``retry``,
+``dead:<reason>``, ``deferred`` when the global rate limit had no permit in time or no token
+could be had (back on the schedule, no attempt counted), ``handed_back`` when the worker began
+a warm shutdown before the post started, or why nothing was done: ``done``, ``stale``,
+``busy``). Every path ends with the outcome written to Redis before the task returns, so the
+broker message is acknowledged only after that. An unexpected error leaves a message claimed
+under its lease; the schedule hands it out again when the lease ends, so even a bug does not
+lose it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -18,21 +28,24 @@ import re
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from concurrent.futures import Future, as_completed
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker import outcomes, ratelimit
 from worker.concur import ApiResponse, TransportFailure
-from worker.models import message_id
+from worker.models import Message, message_id
 from worker.records import AttemptRecord, Claim, Envelope, Failure, now_ms
 from worker.runtime import Runtime
 from worker.tokens import TokenUnavailable
+from worker.transport import Answer
 from worker.validation import InvalidRequest, validate_wire
 
 log = logging.getLogger("notify.delivery")
+T = TypeVar("T")
 
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_RAW_EXCERPT = 4096
@@ -157,26 +170,25 @@ def deliver_task(
     task_id: str,
     stopping: Callable[[], bool] = _never,
 ) -> str:
-    """Run one attempt for each message the task carries, in turn; a summary verdict.
+    """Attempt every message the task carries, their posts in flight together; a summary verdict.
 
-    Each message is claimed only when its turn comes, so its lease covers its own attempt; a
-    message still waiting in a task whose worker dies is handed out again by the schedule.
-    Once ``stopping()`` says the worker is shutting down, the messages not yet begun are
-    published again for another worker instead of holding up the shutdown.
+    Once ``stopping()`` says the worker is shutting down, messages not yet claimed are published
+    again for another worker, and claimed ones whose post has not started go back on the
+    schedule without spending an attempt, instead of holding up the shutdown.
     """
     verdicts: list[str] = []
-    handed_back: list[Envelope] = []
+    envelopes: list[Envelope] = []
     for item in parse_task(args, kwargs):
-        if isinstance(item, Envelope) and stopping():
-            handed_back.append(item)
-            continue
-        verdicts.append(
-            _patiently(functools.partial(deliver, item, runtime=runtime, task_id=task_id))
-        )
-    if handed_back:
+        if isinstance(item, Malformed):
+            verdicts.append(_patiently(functools.partial(_dead_malformed, item, runtime, task_id)))
+        else:
+            envelopes.append(item)
+    if envelopes and stopping():
         # Same generation: whichever copy a worker claims first wins; the other is refused.
-        runtime.publish(handed_back)
-        verdicts.extend(["handed_back"] * len(handed_back))
+        runtime.publish(envelopes)
+        verdicts.extend(["handed_back"] * len(envelopes))
+    elif envelopes:
+        verdicts.extend(_Batch(runtime, task_id, stopping).run(envelopes))
     if len(verdicts) == 1:
         return verdicts[0]
     counts: dict[str, int] = {}
@@ -185,11 +197,11 @@ def deliver_task(
     return " ".join(f"{verdict}={count}" for verdict, count in sorted(counts.items()))
 
 
-def _patiently(attempt: Callable[[], str]) -> str:
+def _patiently(attempt: Callable[[], T]) -> T:
     """Run ``attempt``, waiting out a Redis outage of up to ``REDIS_PATIENCE_SECONDS``.
 
     Without this a task that meets a Redis restart fails, is acknowledged, and its messages wait
-    for the schedule's grace period. Running an attempt again is safe: a message it had already
+    for the schedule's grace period. Running a claim again is safe: a message it had already
     claimed is refused as ``busy`` and comes back after its lease.
     """
     delay = 0.25
@@ -208,32 +220,196 @@ def _patiently(attempt: Callable[[], str]) -> str:
             delay = min(delay * 2, 5.0)
 
 
-def deliver(envelope: Envelope | Malformed, *, runtime: Runtime, task_id: str) -> str:
-    """Run one attempt for one message; see the module docstring."""
-    rt = runtime
-    if isinstance(envelope, Malformed):
-        rt.store.dead_letter(
-            envelope.id,
-            Failure(
-                outcomes.MALFORMED_MESSAGE,
-                envelope.detail,
-                task_id=task_id,
-                worker=rt.worker_name,
-            ),
-            request=json.dumps({"raw": envelope.raw}),
-        )
-        log.warning("dead letter %s: malformed task (%s)", envelope.id, envelope.detail)
-        return f"dead:{outcomes.MALFORMED_MESSAGE}"
+def _dead_malformed(envelope: Malformed, rt: Runtime, task_id: str) -> str:
+    rt.store.dead_letter(
+        envelope.id,
+        Failure(
+            outcomes.MALFORMED_MESSAGE, envelope.detail, task_id=task_id, worker=rt.worker_name
+        ),
+        request=json.dumps({"raw": envelope.raw}),
+    )
+    log.warning("dead letter %s: malformed task (%s)", envelope.id, envelope.detail)
+    return f"dead:{outcomes.MALFORMED_MESSAGE}"
 
-    owner = uuid.uuid4().hex
-    claim = rt.store.claim(envelope, owner=owner, worker=rt.worker_name, task_id=task_id)
-    if claim.verdict != "go":
-        log.info("message %s: %s (%s), nothing to do", envelope.id, claim.verdict, claim.state)
-        return claim.verdict
 
-    def dead(
-        failure: Failure, attempt: AttemptRecord | None = None, fields: dict[str, Any] | None = None
+@dataclass(slots=True)
+class _Attempt:
+    """One claimed, valid message on its way to the API."""
+
+    envelope: Envelope
+    owner: str
+    claim: Claim
+    message: Message
+    started_ms: int = field(default_factory=now_ms)
+
+
+class _Batch:
+    """The messages of one task: claimed one by one, posted together, recorded one by one."""
+
+    def __init__(self, runtime: Runtime, task_id: str, stopping: Callable[[], bool]) -> None:
+        self.rt = runtime
+        self.task_id = task_id
+        self.stopping = stopping
+
+    def run(self, envelopes: list[Envelope]) -> list[str]:
+        verdicts: list[str] = []
+        ready: list[_Attempt] = []
+        for envelope in envelopes:
+            taken = _patiently(functools.partial(self._claim, envelope))
+            if isinstance(taken, _Attempt):
+                ready.append(taken)
+            else:
+                verdicts.append(taken)
+        if not ready:
+            return verdicts
+        try:
+            token = self.rt.tokens.token()
+        except TokenUnavailable as error:
+            return verdicts + [self._wait_for_token(attempt, error) for attempt in ready]
+        refused = self._post(ready, token, verdicts, token_refreshed=False)
+        if refused:
+            # One refresh for the batch: every post it concerned goes out once more with it.
+            try:
+                token = self.rt.tokens.refresh(token)
+            except TokenUnavailable as error:
+                return verdicts + [self._wait_for_token(attempt, error) for attempt in refused]
+            self._post(refused, token, verdicts, token_refreshed=True)
+        return verdicts
+
+    def _claim(self, envelope: Envelope) -> _Attempt | str:
+        """Claim and validate one message: an ``_Attempt`` to post, or its verdict already."""
+        rt = self.rt
+        owner = uuid.uuid4().hex
+        claim = rt.store.claim(envelope, owner=owner, worker=rt.worker_name, task_id=self.task_id)
+        if claim.verdict != "go":
+            log.info("message %s: %s (%s), nothing to do", envelope.id, claim.verdict, claim.state)
+            return claim.verdict
+        if claim.attempt > rt.policy.max_attempts:
+            # Only a worker that died mid-attempt, again and again, gets here: stop handing it out.
+            return self._dead(
+                envelope,
+                owner,
+                claim,
+                Failure(
+                    outcomes.RETRIES_EXHAUSTED,
+                    f"{claim.attempt - 1} attempts were started and none finished",
+                ),
+            )
+        try:
+            message = validate_wire(claim.request, rt.allowlist)
+        except InvalidRequest as invalid:
+            errors: list[dict[str, str | None]] = [
+                {"errorId": None, "errorCode": p.code, "errorMessage": p.message}
+                for p in invalid.problems
+            ]
+            return self._dead(
+                envelope, owner, claim, Failure(invalid.reason, str(invalid), errors=errors)
+            )
+        return _Attempt(envelope, owner, claim, message)
+
+    def _post(
+        self, attempts: list[_Attempt], token: str, verdicts: list[str], *, token_refreshed: bool
+    ) -> list[_Attempt]:
+        """Start each post as its permit comes, record each answer as it arrives.
+
+        Returns the attempts the API answered with a first 401 (their token needs refreshing).
+        """
+        rt = self.rt
+        limiter = rt.rate_limiter
+        deadline = limiter.deadline()  # one wait budget for the batch: the lease covers it
+        pending: dict[Future[Answer], _Attempt] = {}
+        for attempt in attempts:
+            if self.stopping():
+                verdicts.append(self._hand_back(attempt))
+                continue
+            permit = limiter.acquire(deadline)
+            if not permit.granted:
+                verdicts.append(self._deferred(attempt, permit))
+                continue
+            pending[rt.client.start(attempt.message, token)] = attempt
+        refused: list[_Attempt] = []
+        for future in as_completed(pending):
+            attempt = pending[future]
+            result = rt.client.answer(future)
+            outcome = outcomes.classify(
+                result,
+                attempt=attempt.claim.attempt,
+                policy=rt.policy,
+                token_refreshed=token_refreshed,
+            )
+            if isinstance(outcome, outcomes.RefreshToken):
+                refused.append(attempt)
+                continue
+            if ratelimit.slows_down(outcome):
+                limiter.penalize()  # a 429: every worker slows down for a while
+            verdicts.append(self._record(attempt, result, outcome))
+        return refused
+
+    def _record(
+        self, attempt: _Attempt, result: ApiResponse | TransportFailure, outcome: outcomes.Outcome
     ) -> str:
+        """Write one attempt's outcome (before the task is acknowledged) and log it."""
+        rt, envelope, claim = self.rt, attempt.envelope, attempt.claim
+        correlation_id = result.correlation_id if isinstance(result, ApiResponse) else None
+        status = result.status if isinstance(result, ApiResponse) else None
+        started = attempt.started_ms
+        if isinstance(outcome, outcomes.Delivered):
+            rt.store.delivered(envelope.id, _attempt_record(claim, started, result, "delivered"))
+            log.info(
+                "delivered %s attempt=%d status=%s cid=%s",
+                envelope.id,
+                claim.attempt,
+                status,
+                correlation_id,
+                extra=_log_fields(envelope, claim, "delivered", result, started),
+            )
+            return "delivered"
+        if isinstance(outcome, outcomes.Retry):
+            due = now_ms() + int(outcome.delay_seconds * 1000)
+            rt.store.retry(
+                envelope.id, attempt.owner, due, _attempt_record(claim, started, result, "retry")
+            )
+            log.info(
+                "retry %s attempt=%d cause=%s in %.1fs cid=%s",
+                envelope.id,
+                claim.attempt,
+                outcome.cause,
+                outcome.delay_seconds,
+                correlation_id,
+                extra={
+                    **_log_fields(envelope, claim, "retry", result, started),
+                    "cause": outcome.cause,
+                    "delay_seconds": round(outcome.delay_seconds, 3),
+                },
+            )
+            return "retry"
+        assert isinstance(outcome, outcomes.DeadLetter)  # RefreshToken is resolved by the caller
+        return self._dead(
+            envelope,
+            attempt.owner,
+            claim,
+            Failure(
+                outcome.reason,
+                outcome.detail,
+                status=outcome.status,
+                errors=outcome.errors,
+                correlation_id=correlation_id,
+            ),
+            _attempt_record(claim, started, result, "dead"),
+            _log_fields(envelope, claim, "dead", result, started),
+        )
+
+    def _dead(
+        self,
+        envelope: Envelope,
+        owner: str,
+        claim: Claim,
+        failure: Failure,
+        attempt: AttemptRecord | None = None,
+        fields: dict[str, Any] | None = None,
+    ) -> str:
+        rt = self.rt
+        failure = dataclasses.replace(failure, task_id=self.task_id, worker=rt.worker_name)
         rt.store.dead_letter(envelope.id, failure, owner=owner, attempt=attempt)
         # Exhausted retries are an operational alert (ERROR reaches Sentry); a request Concur
         # refused, or one we refused, is the partner's to fix (WARNING does not).
@@ -249,120 +425,38 @@ def deliver(envelope: Envelope | Malformed, *, runtime: Runtime, task_id: str) -
         )
         return f"dead:{failure.reason}"
 
-    if claim.attempt > rt.policy.max_attempts:
-        # Only a worker that died mid-attempt, again and again, gets here: stop handing it out.
-        return dead(
-            Failure(
-                outcomes.RETRIES_EXHAUSTED,
-                f"{claim.attempt - 1} attempts were started and none finished",
-                task_id=task_id,
-                worker=rt.worker_name,
-            )
-        )
-    try:
-        message = validate_wire(claim.request, rt.allowlist)
-    except InvalidRequest as invalid:
-        errors: list[dict[str, str | None]] = [
-            {"errorId": None, "errorCode": p.code, "errorMessage": p.message}
-            for p in invalid.problems
-        ]
-        return dead(
-            Failure(
-                invalid.reason, str(invalid), errors=errors, task_id=task_id, worker=rt.worker_name
-            )
-        )
-
-    def deferred(permit: ratelimit.Permit) -> str:
+    def _deferred(self, attempt: _Attempt, permit: ratelimit.Permit) -> str:
         # The rate limit is saturated: nothing was posted, so the message waits on the schedule
         # without spending an attempt (never a dead letter for this).
-        rt.store.defer(envelope.id, owner, now_ms() + int(permit.retry_in_seconds * 1000))
+        self.rt.store.defer(
+            attempt.envelope.id, attempt.owner, now_ms() + int(permit.retry_in_seconds * 1000)
+        )
         log.info(
             "deferred %s: no rate-limit permit within %.1fs, again in %.1fs",
-            envelope.id,
+            attempt.envelope.id,
             permit.waited_seconds,
             permit.retry_in_seconds,
         )
         return "deferred"
 
-    def waiting_for_token(error: TokenUnavailable) -> str:
+    def _hand_back(self, attempt: _Attempt) -> str:
+        # A warm shutdown began before this post started: due now, for whichever worker is up,
+        # and no attempt spent.
+        self.rt.store.defer(attempt.envelope.id, attempt.owner, now_ms())
+        log.info("handed back %s: the worker is shutting down", attempt.envelope.id)
+        return "handed_back"
+
+    def _wait_for_token(self, attempt: _Attempt, error: TokenUnavailable) -> str:
         # A credentials outage is not the message's fault: it waits on the schedule without
         # spending an attempt, however long the outage lasts (the provider logged the ERROR).
-        delay = rt.policy.backoff_seconds(max(claim.attempt, 1))
+        claim = attempt.claim
+        delay = self.rt.policy.backoff_seconds(max(claim.attempt, 1))
+        started = attempt.started_ms
         entry = AttemptRecord(
             claim.attempt, started, "deferred", None, TOKEN_UNAVAILABLE, now_ms() - started, None
         )
-        rt.store.defer(envelope.id, owner, now_ms() + int(delay * 1000), entry)
-        log.warning("deferred %s: no Concur token (%s), again in %.1fs", envelope.id, error, delay)
+        self.rt.store.defer(attempt.envelope.id, attempt.owner, now_ms() + int(delay * 1000), entry)
+        log.warning(
+            "deferred %s: no Concur token (%s), again in %.1fs", attempt.envelope.id, error, delay
+        )
         return "deferred"
-
-    limiter = rt.rate_limiter
-    permit_deadline = limiter.deadline()
-    started = now_ms()
-    try:
-        token = rt.tokens.token()
-    except TokenUnavailable as error:
-        return waiting_for_token(error)
-    permit = limiter.acquire(permit_deadline)
-    if not permit.granted:
-        return deferred(permit)
-    result = rt.client.post_message(message, token)
-    outcome = outcomes.classify(result, attempt=claim.attempt, policy=rt.policy)
-    if isinstance(outcome, outcomes.RefreshToken):
-        try:
-            token = rt.tokens.refresh(token)
-        except TokenUnavailable as error:
-            return waiting_for_token(error)
-        permit = limiter.acquire(permit_deadline)
-        if not permit.granted:
-            return deferred(permit)
-        result = rt.client.post_message(message, token)
-        outcome = outcomes.classify(
-            result, attempt=claim.attempt, policy=rt.policy, token_refreshed=True
-        )
-    if ratelimit.slows_down(outcome):
-        limiter.penalize()  # a 429: every worker slows down for a while
-    correlation_id = result.correlation_id if isinstance(result, ApiResponse) else None
-    status = result.status if isinstance(result, ApiResponse) else None
-
-    if isinstance(outcome, outcomes.Delivered):
-        rt.store.delivered(envelope.id, _attempt_record(claim, started, result, "delivered"))
-        log.info(
-            "delivered %s attempt=%d status=%s cid=%s",
-            envelope.id,
-            claim.attempt,
-            status,
-            correlation_id,
-            extra=_log_fields(envelope, claim, "delivered", result, started),
-        )
-        return "delivered"
-    if isinstance(outcome, outcomes.Retry):
-        due = now_ms() + int(outcome.delay_seconds * 1000)
-        rt.store.retry(envelope.id, owner, due, _attempt_record(claim, started, result, "retry"))
-        log.info(
-            "retry %s attempt=%d cause=%s in %.1fs cid=%s",
-            envelope.id,
-            claim.attempt,
-            outcome.cause,
-            outcome.delay_seconds,
-            correlation_id,
-            extra={
-                **_log_fields(envelope, claim, "retry", result, started),
-                "cause": outcome.cause,
-                "delay_seconds": round(outcome.delay_seconds, 3),
-            },
-        )
-        return "retry"
-    assert isinstance(outcome, outcomes.DeadLetter)  # RefreshToken was resolved above
-    return dead(
-        Failure(
-            outcome.reason,
-            outcome.detail,
-            status=outcome.status,
-            errors=outcome.errors,
-            correlation_id=correlation_id,
-            task_id=task_id,
-            worker=rt.worker_name,
-        ),
-        _attempt_record(claim, started, result, "dead"),
-        _log_fields(envelope, claim, "dead", result, started),
-    )

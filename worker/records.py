@@ -38,7 +38,6 @@ from typing import Any
 
 from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker import keys
@@ -358,28 +357,12 @@ class MessageStore:
                 pause = min(pause * 2, 1.0)
 
     def _run(self, script: Any, *, keys: list[str], args: list[Any]) -> Any:
-        """Run ``script`` on this thread's connection, speaking to the connection directly.
+        """Run ``script`` (a redis-py ``Script``) on this thread's Redis client.
 
-        Why: redis-py's client layer around a command (its retry wrapper, observability hooks
-        and argument checks) was a third of each script call's CPU (20 of 65 us measured), and
-        a worker makes two calls per message. A connection that fails is dropped (no stale reply
-        is read later) and the call is made once more on a new one; every script is safe to
-        repeat (see ``_persist``).
+        redis-py does the rest: a script Redis forgot (a restart, SCRIPT FLUSH, a failover) is
+        loaded again and run once more, and a connection Redis dropped is replaced and the call
+        made once more on the new one. Every script is safe to repeat (see ``_persist``).
         """
-        connection = self._conn().connection
-        assert connection is not None
-        for tries_left in (1, 0):
-            try:
-                connection.send_command("EVALSHA", script.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
-                return connection.read_response()
-            except NoScriptError:
-                break  # Redis restarted or flushed its scripts: loaded again below
-            except (RedisConnectionError, RedisTimeoutError, OSError):
-                connection.disconnect()  # type: ignore[no-untyped-call]
-                # Once more on a fresh connection, as redis-py's client does: the usual case is
-                # a connection Redis dropped while idle (a restart), found out at the send.
-                if not tries_left:
-                    raise
         return script(keys=keys, args=args, client=self._conn())
 
     def _conn(self) -> Redis:
@@ -457,7 +440,7 @@ class MessageStore:
                 ],
                 args=[
                     message_id,
-                    attempt.at_ms,
+                    now_ms(),  # "updated": when the outcome was known, not when the post began
                     attempt.to_json(),
                     attempt.status or "",
                     attempt.correlation_id or "",
@@ -482,7 +465,7 @@ class MessageStore:
                 args=[
                     message_id,
                     owner,
-                    attempt.at_ms,
+                    now_ms(),
                     due_ms,
                     attempt.to_json(),
                     attempt.status or "",

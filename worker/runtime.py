@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 from redis import Redis
 
 from worker.allowlist import AllowList
@@ -26,6 +25,7 @@ from worker.records import Envelope, MessageStore
 from worker.retries import RetryPolicy
 from worker.settings import Settings, SettingsError, get_settings
 from worker.tokens import StaticToken, TokenProvider
+from worker.transport import CurlTransport
 
 
 def make_redis(url: str) -> Redis:
@@ -57,7 +57,7 @@ class Runtime:
     allowlist: AllowList
     policy: RetryPolicy
     store: MessageStore
-    transport: httpx.BaseTransport | None = None
+    transport: CurlTransport | None = None
     worker_name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     _client: ConcurClient | None = None
     _tokens: TokenProvider | None = None
@@ -65,7 +65,7 @@ class Runtime:
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, *, transport: httpx.BaseTransport | None = None
+        cls, settings: Settings, *, transport: CurlTransport | None = None
     ) -> Runtime:
         """Build every part from ``settings``."""
         redis = make_redis(settings.redis_url)
@@ -96,7 +96,7 @@ class Runtime:
                     self._client = ConcurClient(
                         s.api_base_url,
                         connect_timeout_seconds=s.http_connect_timeout_seconds,
-                        read_timeout_seconds=s.http_timeout_seconds,
+                        timeout_seconds=s.http_timeout_seconds,
                         max_connections=s.http_max_connections,
                         transport=self.transport,
                     )

@@ -1,29 +1,33 @@
-"""An ``httpx`` transport over a small pool of ``http.client`` connections.
+"""HTTP exchanges on libcurl: one multi handle per process, driven by one thread, many in flight.
 
-Why: the work is one small POST per message from dozens of threads sharing one client, so the
-connection pool's own cost per request decides throughput. Profiling a worker (py-spy, GIL
-samples) showed httpcore's pool spending a sixth of the worker's CPU choosing a connection (it
-scans and polls every pooled connection on every request); urllib3's pool, tried next, still
-cost more than the HTTP exchange itself. This pool keeps idle connections in a list per origin,
-checks the one it takes with a single non-blocking peek (a connection the server has closed is
-dropped, never used). The standard library opens connections (TCP, TLS with certificate and host
-name checks); the exchange itself is written and read here: one ``sendall`` of the request, and
-a response read from a buffered socket reader. ``http.client`` did that part too at first, but
-its header parsing goes through the ``email`` package, and that alone was a third of the CPU a
-post cost (py-spy). Callers see httpx's requests, responses and exceptions.
+Why libcurl: the wire protocol (request writing, response parsing, chunked bodies, keep-alive,
+TLS, proxies, HTTP/2 where the server offers it) is the most deployed HTTP client's job, not
+ours. Why one multi handle: a worker thread hands over every post of its batch at once and they
+overlap on the network, so a thread keeps many posts in flight, and the process shares one
+connection cache (docs/performance.md has the measurements that chose it).
 
-What is read: one HTTP/1.x response per request, after any interim 1xx; a body delimited by
-``Content-Length``, by chunked transfer coding, or by the connection's close (which then is not
-reused). Lines and header counts are bounded; anything malformed is a protocol error and the
-connection is closed.
+How: ``CurlTransport.submit`` queues an ``Exchange`` and wakes the engine thread (a socket
+pair); the engine adds an easy handle to the multi handle and runs libcurl's event API
+(``socket_action`` with socket and timer callbacks, an epoll selector), and completes the
+exchange's ``Future`` when libcurl reports the transfer done. Only the engine thread touches
+libcurl handles (libcurl's rule: one handle, one thread at a time).
 
-Exceptions are httpx's, so callers see one family::
+What every exchange gets (``_configure``): a total deadline (``CURLOPT_TIMEOUT_MS`` covers
+connect, any wait for a free connection, sending and reading), a bounded response
+(``CURLOPT_MAXFILESIZE`` plus a write callback that stops at the bound), proxies from the
+environment (libcurl's default: ``https_proxy``, ``http_proxy``, ``ALL_PROXY``, ``NO_PROXY``),
+TLS peer and host verification (certifi's bundle, or ``SSL_CERT_FILE``), HTTP and HTTPS only, no
+redirects followed, and no request resent by libcurl: the body is read through a callback with
+no seek callback, so libcurl's "connection died, retrying on a fresh connect" fails with
+``CURLE_SEND_FAIL_REWIND`` instead of posting the message a second time.
 
-    connect timed out                         → httpx.ConnectTimeout
-    refused, unreachable, TLS failure         → httpx.ConnectError
-    no connection free within the pool wait   → httpx.PoolTimeout
-    read or write timed out                   → httpx.ReadTimeout / httpx.WriteTimeout
-    connection closed or garbled mid-exchange → httpx.RemoteProtocolError
+Failures, as an ``ExchangeFailed.kind``::
+
+    ExchangeFailed
+     ├── timeout    the deadline passed (connecting, waiting for a connection, or mid-answer)
+     ├── connect    no connection: refused, unresolvable, TLS handshake or certificate refused
+     └── protocol   the exchange broke after it began: reset, closed early, garbled answer,
+                    an answer larger than the bound, a resend libcurl was refused
 
 A request is never retried here: a POST that may have reached the server is the caller's to
 decide about (``outcomes.classify``).
@@ -31,234 +35,329 @@ decide about (``outcomes.classify``).
 
 from __future__ import annotations
 
+import collections
 import contextlib
-import http.client
-import select
+import io
+import os
+import selectors
 import socket
-import ssl
 import threading
-from typing import BinaryIO
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 
-import httpx
+import certifi
+import pycurl
 
-Origin = tuple[str, str, int]
+MAX_RESPONSE_BYTES = 64 * 1024
+_LINE_BREAKS = ("\r", "\n", "\0")
 
-_MAX_LINE_BYTES = 65536
-_MAX_HEADERS = 100
-_FORBIDDEN_IN_HEADERS = (b"\r", b"\n", b"\0")
-
-
-class _ProtocolError(Exception):
-    """The server's answer is not HTTP/1.x as this reader accepts it."""
-
-
-class _Connection:
-    """One open socket and its buffered reader."""
-
-    __slots__ = ("reader", "sock")
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.reader: BinaryIO = sock.makefile("rb")
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.reader.close()
-        with contextlib.suppress(OSError):
-            self.sock.close()
+_TIMEOUT_CODES = frozenset({pycurl.E_OPERATION_TIMEDOUT})
+_CONNECT_CODES = frozenset(
+    {
+        pycurl.E_COULDNT_RESOLVE_PROXY,
+        pycurl.E_COULDNT_RESOLVE_HOST,
+        pycurl.E_COULDNT_CONNECT,
+        pycurl.E_SSL_CONNECT_ERROR,
+        pycurl.E_PEER_FAILED_VERIFICATION,
+        pycurl.E_SSL_CACERT_BADFILE,
+    }
+)
 
 
-def _alive(connection: _Connection) -> bool:
-    # An idle keep-alive connection has nothing to read. If its socket is readable, the server
-    # has closed it (or, for TLS, sent close_notify) or sent stray bytes: it must not carry a
-    # request. poll, not select: no limit on descriptor numbers; works for TLS sockets too.
-    poller = select.poll()
-    poller.register(connection.sock, select.POLLIN | select.POLLERR | select.POLLHUP)
-    return not poller.poll(0)
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """One request to send: ``headers`` as ``Name: value`` lines, ``body`` whole."""
+
+    method: str
+    url: str
+    headers: tuple[str, ...]
+    body: bytes
+    timeout_seconds: float
+    connect_timeout_seconds: float
 
 
-def request_bytes(request: httpx.Request, body: bytes) -> bytes:
-    """The request line, headers and body as sent; refuses a header that could split lines."""
-    head = [f"{request.method} {request.url.raw_path.decode('ascii')} HTTP/1.1".encode("ascii")]
-    for name, value in request.headers.raw:
-        if any(bad in name or bad in value for bad in _FORBIDDEN_IN_HEADERS) or b":" in name:
-            raise httpx.LocalProtocolError(f"invalid header {name!r}", request=request)
-        head.append(name + b": " + value)
-    return b"\r\n".join(head) + b"\r\n\r\n" + body
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """The final answer: status, the response headers (names lower-cased), the body."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    elapsed_seconds: float
 
 
-def _line(reader: BinaryIO) -> bytes:
-    line = reader.readline(_MAX_LINE_BYTES + 1)
-    if len(line) > _MAX_LINE_BYTES:
-        raise _ProtocolError("a line of the answer is too long")
-    if not line.endswith(b"\n"):
-        raise _ProtocolError("the connection closed mid-answer")
-    return line
+class ExchangeFailed(Exception):
+    """No answer: ``kind`` is ``timeout``, ``connect`` or ``protocol`` (see the module tree)."""
+
+    def __init__(self, kind: str, detail: str, elapsed_seconds: float) -> None:
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+        self.detail = detail
+        self.elapsed_seconds = elapsed_seconds
 
 
-def _headers(reader: BinaryIO) -> list[tuple[bytes, bytes]]:
-    headers: list[tuple[bytes, bytes]] = []
-    while True:
-        line = _line(reader)
-        if line in (b"\r\n", b"\n"):
-            return headers
-        if len(headers) >= _MAX_HEADERS:
-            raise _ProtocolError("too many headers")
-        name, colon, value = line.partition(b":")
-        if not colon or not name or name != name.strip():
-            raise _ProtocolError("a malformed header line")
-        headers.append((name, value.strip()))
+def failure_kind(code: int) -> str:
+    """The ``ExchangeFailed.kind`` of a libcurl error code."""
+    if code in _TIMEOUT_CODES:
+        return "timeout"
+    if code in _CONNECT_CODES:
+        return "connect"
+    return "protocol"
 
 
-def _chunked(reader: BinaryIO) -> bytes:
-    chunks: list[bytes] = []
-    while True:
-        size_text = _line(reader).split(b";", 1)[0].strip()
-        try:
-            size = int(size_text, 16)
-        except ValueError:
-            raise _ProtocolError("a malformed chunk size") from None
-        if size < 0:
-            raise _ProtocolError("a malformed chunk size")
-        if size == 0:
-            _headers(reader)  # trailers, ignored
-            return b"".join(chunks)
-        chunk = reader.read(size)
-        if len(chunk) != size or _line(reader) not in (b"\r\n", b"\n"):
-            raise _ProtocolError("the connection closed mid-chunk")
-        chunks.append(chunk)
+@dataclass(slots=True)
+class _Transfer:
+    """One exchange on its easy handle: what was asked, and what came back so far."""
 
+    exchange: Exchange
+    future: Future[Answer]
+    started: float = field(default_factory=time.perf_counter)
+    body: list[bytes] = field(default_factory=list)
+    size: int = 0
+    headers: dict[str, str] = field(default_factory=dict)
 
-def read_response(reader: BinaryIO) -> tuple[int, list[tuple[bytes, bytes]], bytes, bool]:
-    """One response: ``(status, headers, body, reusable)``; interim 1xx answers are skipped."""
-    while True:
-        status_line = reader.readline(_MAX_LINE_BYTES + 1)
-        if not status_line:
-            raise _ProtocolError("the server closed the connection without answering")
-        if len(status_line) > _MAX_LINE_BYTES or not status_line.endswith(b"\n"):
-            raise _ProtocolError("a malformed status line")
-        parts = status_line.split(None, 2)
-        if len(parts) < 2 or parts[0] not in (b"HTTP/1.1", b"HTTP/1.0") or len(parts[1]) != 3:
-            raise _ProtocolError("a malformed status line")
-        try:
-            status = int(parts[1])
-        except ValueError:
-            raise _ProtocolError("a malformed status line") from None
-        if status < 100:
-            raise _ProtocolError("a malformed status line")
-        headers = _headers(reader)
-        if status >= 200 or status == 101:
-            break
-    fields: dict[bytes, list[bytes]] = {}
-    for name, value in headers:
-        fields.setdefault(name.lower(), []).append(value)
-    tokens = {t.strip().lower() for v in fields.get(b"connection", []) for t in v.split(b",")}
-    reusable = b"close" not in tokens and (parts[0] == b"HTTP/1.1" or b"keep-alive" in tokens)
-    codings = [
-        t.strip().lower() for v in fields.get(b"transfer-encoding", []) for t in v.split(b",")
-    ]
-    lengths = {v.strip() for v in fields.get(b"content-length", [])}
-    if codings:
-        if codings[-1] == b"chunked":
-            body = _chunked(reader)
-        else:  # delimited by the close
-            body, reusable = reader.read(), False
-    elif lengths:
-        if len(lengths) != 1 or not next(iter(lengths)).isdigit():
-            raise _ProtocolError("a malformed Content-Length")
-        size = int(next(iter(lengths)))
-        body = reader.read(size)
-        if len(body) != size:
-            raise _ProtocolError("the connection closed mid-body")
-    elif status in (204, 304) or status < 200:
-        body = b""
-    else:
-        body, reusable = reader.read(), False
-    return status, headers, body, reusable
-
-
-class PooledTransport(httpx.BaseTransport):
-    """Sends ``httpx`` requests over pooled HTTP/1.1 keep-alive connections; thread-safe."""
-
-    def __init__(
-        self, max_connections: int = 100, ssl_context: ssl.SSLContext | None = None
-    ) -> None:
-        self._slots = threading.BoundedSemaphore(max_connections)
-        self._idle: dict[Origin, list[_Connection]] = {}
-        self._lock = threading.Lock()
-        self._ssl = ssl_context or ssl.create_default_context()
-
-    def _checkout(self, origin: Origin) -> _Connection | None:
-        with self._lock:
-            idle = self._idle.get(origin)
-            while idle:
-                connection = idle.pop()
-                if _alive(connection):
-                    return connection
-                connection.close()
+    def write(self, chunk: bytes) -> int | None:
+        # Returning a count other than len(chunk) makes libcurl stop with CURLE_WRITE_ERROR: the
+        # bound holds even for a body whose size was not announced.
+        self.size += len(chunk)
+        if self.size > MAX_RESPONSE_BYTES:
+            return 0
+        self.body.append(chunk)
         return None
 
-    def _connect(
-        self, origin: Origin, connect_timeout: float | None, request: httpx.Request
-    ) -> _Connection:
-        scheme, host, port = origin
-        opener: http.client.HTTPConnection
-        if scheme == "https":
-            opener = http.client.HTTPSConnection(
-                host, port, timeout=connect_timeout, context=self._ssl
-            )
-        else:
-            opener = http.client.HTTPConnection(host, port, timeout=connect_timeout)
-        try:
-            opener.connect()
-        except TimeoutError as error:
-            opener.close()
-            raise httpx.ConnectTimeout(
-                str(error) or "connect timed out", request=request
-            ) from error
-        except (OSError, ssl.SSLError) as error:
-            opener.close()
-            raise httpx.ConnectError(str(error), request=request) from error
-        assert opener.sock is not None
-        return _Connection(opener.sock)
+    def header(self, line: bytes) -> None:
+        # libcurl hands over each header line of each response it reads, interim 1xx answers
+        # included; a status line starts a new set, so only the final answer's headers stay.
+        if line.startswith(b"HTTP/"):
+            self.headers.clear()
+            return
+        name, colon, value = line.partition(b":")
+        if colon:
+            self.headers[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
 
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        """Send one request and read the whole answer (answers here are small)."""
-        timeouts = request.extensions.get("timeout", {})
-        url = request.url
-        origin: Origin = (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
-        payload = request_bytes(request, request.read())
-        if not self._slots.acquire(timeout=timeouts.get("pool")):
-            raise httpx.PoolTimeout("no connection became free in time", request=request)
-        try:
-            connection = self._checkout(origin) or self._connect(
-                origin, timeouts.get("connect"), request
-            )
-            connection.sock.settimeout(timeouts.get("read"))
-            try:
-                connection.sock.sendall(payload)
-                status, headers, content, reusable = read_response(connection.reader)
-            except TimeoutError as error:
-                connection.close()
-                raise httpx.ReadTimeout(str(error) or "read timed out", request=request) from error
-            except (OSError, ssl.SSLError, _ProtocolError) as error:
-                connection.close()
-                raise httpx.RemoteProtocolError(
-                    f"{type(error).__name__}: {error}", request=request
-                ) from error
-            if reusable:
-                with self._lock:
-                    self._idle.setdefault(origin, []).append(connection)
-            else:
-                connection.close()
-            return httpx.Response(status, headers=headers, content=content, request=request)
-        finally:
-            self._slots.release()
+
+def _ca_bundle() -> str:
+    return os.environ.get("SSL_CERT_FILE") or certifi.where()
+
+
+class CurlTransport:
+    """Runs exchanges on one libcurl multi handle from one engine thread; thread-safe."""
+
+    def __init__(self, max_connections: int = 256, *, ca_bundle: str | None = None) -> None:
+        self._max_connections = max_connections
+        self._ca_bundle = ca_bundle or _ca_bundle()
+        self._incoming: collections.deque[_Transfer] = collections.deque()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._closing = False
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+
+    def submit(self, exchange: Exchange) -> Future[Answer]:
+        """Start ``exchange``; its future gives the ``Answer`` or raises ``ExchangeFailed``."""
+        future: Future[Answer] = Future()
+        transfer = _Transfer(exchange, future)
+        with self._lock:
+            if self._closing:
+                raise RuntimeError("the transport is closed")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="curl-engine", daemon=True)
+                self._thread.start()
+            self._incoming.append(transfer)
+        self._wake()
+        return future
+
+    def request(self, exchange: Exchange) -> Answer:
+        """Run one exchange and wait for it."""
+        return self.submit(exchange).result()
 
     def close(self) -> None:
-        """Close every idle connection."""
+        """Stop the engine: transfers in flight fail as ``protocol``; idempotent."""
         with self._lock:
-            for connections in self._idle.values():
-                for connection in connections:
-                    connection.close()
-            self._idle.clear()
+            self._closing = True
+            thread = self._thread
+        self._wake()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=10)
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            self._wake_w.send(b"\0")
+
+    # -- the engine thread -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        engine = _Engine(self._max_connections, self._ca_bundle, self._wake_r)
+        try:
+            while True:
+                with self._lock:
+                    closing = self._closing
+                    batch = list(self._incoming)
+                    self._incoming.clear()
+                for transfer in batch:
+                    engine.add(transfer)
+                if closing:
+                    break
+                engine.step()
+        finally:
+            with self._lock:
+                leftover = list(self._incoming)
+                self._incoming.clear()
+            engine.close(leftover)
+            self._wake_r.close()
+            self._wake_w.close()
+
+
+class _Engine:
+    """libcurl's multi-socket API on a selector; lives and dies on the engine thread."""
+
+    def __init__(self, max_connections: int, ca_bundle: str, wake: socket.socket) -> None:
+        self.ca_bundle = ca_bundle
+        self.wake = wake
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(wake, selectors.EVENT_READ)
+        self.multi = pycurl.CurlMulti()
+        self.multi.setopt(pycurl.M_SOCKETFUNCTION, self._on_socket)
+        self.multi.setopt(pycurl.M_TIMERFUNCTION, self._on_timer)
+        self.multi.setopt(pycurl.M_MAX_TOTAL_CONNECTIONS, max_connections)
+        self.multi.setopt(pycurl.M_MAXCONNECTS, max_connections)
+        self.timer_at: float | None = None
+        self.active: dict[pycurl.Curl, _Transfer] = {}
+        self.idle: list[pycurl.Curl] = []
+
+    def _on_socket(self, event: int, fd: int, _multi: object, _data: object) -> None:
+        if event == pycurl.POLL_REMOVE:
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(fd)
+            return
+        mask = 0
+        if event in (pycurl.POLL_IN, pycurl.POLL_INOUT):
+            mask |= selectors.EVENT_READ
+        if event in (pycurl.POLL_OUT, pycurl.POLL_INOUT):
+            mask |= selectors.EVENT_WRITE
+        try:
+            self.selector.modify(fd, mask)
+        except KeyError:
+            self.selector.register(fd, mask)
+
+    def _on_timer(self, timeout_ms: int) -> None:
+        self.timer_at = None if timeout_ms < 0 else time.monotonic() + timeout_ms / 1000
+
+    def _handle(self) -> pycurl.Curl:
+        if self.idle:
+            return self.idle.pop()
+        curl = pycurl.Curl()
+        # Options that never change for this handle.
+        curl.setopt(pycurl.NOSIGNAL, 1)
+        curl.setopt(pycurl.PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS)
+        curl.setopt(pycurl.FOLLOWLOCATION, 0)
+        curl.setopt(pycurl.MAXFILESIZE, MAX_RESPONSE_BYTES)
+        curl.setopt(pycurl.SSL_VERIFYPEER, 1)
+        curl.setopt(pycurl.SSL_VERIFYHOST, 2)
+        curl.setopt(pycurl.CAINFO, self.ca_bundle)
+        curl.setopt(pycurl.NOPROGRESS, 1)
+        return curl
+
+    def add(self, transfer: _Transfer) -> None:
+        exchange = transfer.exchange
+        if any(bad in line for line in exchange.headers for bad in _LINE_BREAKS):
+            # libcurl sends header lines as given: a CR or LF would split the request.
+            transfer.future.set_exception(
+                ExchangeFailed("protocol", "a header would split the request", 0.0)
+            )
+            return
+        curl = self._handle()
+        try:
+            curl.setopt(pycurl.URL, exchange.url)
+            if exchange.method != "POST":
+                curl.setopt(pycurl.CUSTOMREQUEST, exchange.method)
+            curl.setopt(pycurl.HTTPHEADER, [*exchange.headers, "Expect:"])
+            # The body through a read callback and no seek callback: libcurl cannot rewind it,
+            # so it can never resend the request on its own (see the module docstring).
+            curl.setopt(pycurl.UPLOAD, 0)
+            curl.setopt(pycurl.POST, 1)
+            curl.setopt(pycurl.READFUNCTION, io.BytesIO(exchange.body).read)
+            curl.setopt(pycurl.POSTFIELDSIZE, len(exchange.body))
+            curl.setopt(pycurl.WRITEFUNCTION, transfer.write)
+            curl.setopt(pycurl.HEADERFUNCTION, transfer.header)
+            curl.setopt(pycurl.TIMEOUT_MS, max(1, int(exchange.timeout_seconds * 1000)))
+            curl.setopt(
+                pycurl.CONNECTTIMEOUT_MS, max(1, int(exchange.connect_timeout_seconds * 1000))
+            )
+            self.multi.add_handle(curl)
+        except pycurl.error as error:
+            curl.close()
+            transfer.future.set_exception(
+                ExchangeFailed("protocol", f"could not start: {error}", 0.0)
+            )
+            return
+        self.active[curl] = transfer
+
+    def step(self) -> None:
+        """Wait for the next socket event or timer, let libcurl act, finish what it finished."""
+        timeout = None
+        if self.timer_at is not None:
+            timeout = max(0.0, self.timer_at - time.monotonic())
+        for key, events in self.selector.select(timeout):
+            if key.fileobj is self.wake:
+                with contextlib.suppress(BlockingIOError):
+                    while self.wake.recv(4096):
+                        pass
+                continue
+            flags = 0
+            if events & selectors.EVENT_READ:
+                flags |= pycurl.CSELECT_IN
+            if events & selectors.EVENT_WRITE:
+                flags |= pycurl.CSELECT_OUT
+            self._act(key.fd, flags)
+        if self.timer_at is not None and time.monotonic() >= self.timer_at:
+            self.timer_at = None
+            self._act(pycurl.SOCKET_TIMEOUT, 0)
+        self._finish()
+
+    def _act(self, fd: int, flags: int) -> None:
+        while True:
+            result, _running = self.multi.socket_action(fd, flags)
+            if result != pycurl.E_CALL_MULTI_PERFORM:
+                return
+
+    def _finish(self) -> None:
+        while True:
+            _queued, done, failed = self.multi.info_read()
+            for curl in done:
+                self._complete(curl, None, "")
+            for curl, code, message in failed:
+                self._complete(curl, code, message)
+            if _queued == 0:
+                return
+
+    def _complete(self, curl: pycurl.Curl, code: int | None, message: str) -> None:
+        transfer = self.active.pop(curl)
+        elapsed = time.perf_counter() - transfer.started
+        status = curl.getinfo(pycurl.RESPONSE_CODE) if code is None else 0
+        self.multi.remove_handle(curl)
+        self.idle.append(curl)
+        if code is not None:
+            transfer.future.set_exception(
+                ExchangeFailed(failure_kind(code), f"curl error {code}: {message}", elapsed)
+            )
+        else:
+            transfer.future.set_result(
+                Answer(status, transfer.headers, b"".join(transfer.body), elapsed)
+            )
+
+    def close(self, leftover: list[_Transfer]) -> None:
+        for curl, transfer in list(self.active.items()):
+            self.multi.remove_handle(curl)
+            curl.close()
+            transfer.future.set_exception(ExchangeFailed("protocol", "the transport closed", 0.0))
+        self.active.clear()
+        for transfer in leftover:
+            transfer.future.set_exception(ExchangeFailed("protocol", "the transport closed", 0.0))
+        for curl in self.idle:
+            curl.close()
+        self.idle.clear()
+        self.multi.close()
+        self.selector.close()
