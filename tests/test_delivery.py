@@ -1,4 +1,4 @@
-"""A task's batch against real Redis and the loopback sandbox: posts overlap, outcomes stay apart."""
+"""A task's batch on real Redis and the loopback sandbox: posts overlap, outcomes stay apart."""
 
 from __future__ import annotations
 
