@@ -18,11 +18,12 @@ from redis import Redis
 
 from tests.conftest import LOCAL_REDIS, WorkerProcess, _claim_database, _release_database, wait_for
 from worker import keys
-from worker.oauth import OAuthTokens, fingerprint
+from worker.oauth import OAuthConfig, OAuthTokens, fingerprint, trusted_geolocation
 from worker.records import Envelope
 from worker.runtime import Runtime
 from worker.sandbox import Sandbox
 from worker.settings import GEOLOCATIONS, Settings, SettingsError, load_settings
+from worker.stats import collect, render_prometheus
 from worker.tokens import TokenUnavailable
 from worker.validation import validate
 
@@ -290,18 +291,152 @@ def test_code_108_without_company_credentials_is_a_clear_error_and_no_secret(oau
     _secrets_absent(str(error.value), oauth.sandbox)
 
 
+def _netloc(url: str) -> str:
+    return url.split("://", 1)[1]
+
+
 def test_code_16_retries_at_the_named_geolocation_and_stores_it(oauth):
     with Sandbox(tokens=["x-unused"]) as elsewhere:
         oauth.sandbox.configure_oauth(redirect_to=elsewhere.root_url)
         moved: list[str] = []
         tokens = OAuthTokens.from_settings(
-            oauth.settings(), oauth.redis, on_geolocation=moved.append
+            oauth.settings(oauth_extra_geolocation_hosts=_netloc(elsewhere.root_url)),
+            oauth.redis,
+            on_geolocation=moved.append,
         )
         tokens.token()
         assert oauth.sandbox.oauth_stats()["codes"] == {"16": 1}
         assert elsewhere.oauth_stats()["grants"] == {"password": 1}
         assert oauth.stored()["geolocation"] == elsewhere.root_url
         assert moved == [elsewhere.root_url]
+
+
+# -- geolocations Concur names are checked, not trusted (issue 11, item 1) ------------------
+
+
+def _refused_count(redis: Redis) -> int:
+    return int(redis.hget(keys.STATS, "geolocation_refused") or 0)
+
+
+@pytest.mark.parametrize(
+    ("geolocation", "trusted"),
+    [
+        ("https://us.api.concursolutions.com", True),
+        ("https://us2.api.concursolutions.com/", True),
+        ("https://emea-impl.api.concursolutions.com", True),
+        ("https://cn.api.concurcdc.cn", True),
+        ("https://extra.example.net", True),  # listed in the settings
+        ("https://a.b.wild.example", True),  # listed as *.wild.example
+        ("http://169.254.169.254", False),  # cloud metadata
+        ("https://169.254.169.254", False),
+        ("http://us.api.concursolutions.com", False),  # a Concur host, but not https
+        ("https://api.concursolutions.com", False),  # not under *.api.concursolutions.com
+        ("https://us.api.concursolutions.com.evil.example", False),
+        ("https://evilapi.concursolutions.com", False),
+        ("https://user@us.api.concursolutions.com", False),
+        ("https://evil.example@us.api.concursolutions.com", False),
+        ("https://us.api.concursolutions.com/../evil", False),  # a path
+        ("https://us.api.concursolutions.com?x=1", False),
+        ("https://us.api.concursolutions.com:99999", False),
+        ("https://extra.example.net:8443", False),  # listed on 443 only
+        ("https://wild.example", False),  # the wildcard's apex
+        ("http://extra.example.net", False),  # listed, but plain http to another machine
+        ("ftp://us.api.concursolutions.com", False),
+        ("https://us.api.concursolutions.com\\@evil.example", False),
+        ("", False),
+    ],
+)
+def test_trusted_geolocation(geolocation, trusted):
+    config = OAuthConfig(
+        client_id="c",
+        geolocation="https://us.api.concursolutions.com",
+        extra_geolocation_hosts=("extra.example.net", "*.wild.example"),
+    )
+    assert trusted_geolocation(geolocation, config) is trusted
+
+
+def test_the_configured_origins_are_always_trusted():
+    config = OAuthConfig(
+        client_id="c", geolocation="http://127.0.0.1:8123", token_url="https://t.example/tok"
+    )
+    assert trusted_geolocation("http://127.0.0.1:8123", config)
+    assert trusted_geolocation("https://t.example", config)
+    assert not trusted_geolocation("http://127.0.0.1:8124", config)  # another port, not listed
+    assert not trusted_geolocation("http://t.example", config)
+
+
+def test_extra_geolocation_hosts_setting_is_checked():
+    assert load_settings(oauth_extra_geolocation_hosts="A.example, *.b.example:8443")
+    with pytest.raises(SettingsError, match=r"^NOTIFY_OAUTH_EXTRA_GEOLOCATION_HOSTS: "):
+        load_settings(oauth_extra_geolocation_hosts="https://a.example")
+
+
+def test_token_answer_naming_a_foreign_geolocation_is_not_followed(oauth, caplog):
+    # A hostile upstream's answer names a host of its own: the next refresh would post the
+    # client secret and the refresh token there, and every message after it.
+    with Sandbox(tokens=["x-unused"]) as attacker:
+        oauth.sandbox.configure_oauth(geolocation=attacker.root_url, access_ttl_seconds=2)
+        before = _refused_count(oauth.redis)
+        moved: list[str] = []
+        tokens = OAuthTokens.from_settings(
+            oauth.settings(), oauth.redis, on_geolocation=moved.append
+        )
+        with caplog.at_level("WARNING", logger="notify.tokens"):
+            first = tokens.token()
+            second = wait_for(lambda: (t := tokens.token()) != first and t, timeout=5)
+        assert second in oauth.sandbox.issued_tokens()
+        # Both grants went to the configured token endpoint; none to the named host.
+        assert oauth.grants() == {"password": 1, "refresh_token": 1}
+        assert attacker.oauth_stats()["requests"] == [] and attacker.requests() == []
+        assert oauth.stored()["geolocation"] == oauth.sandbox.root_url
+        assert moved == [oauth.sandbox.root_url]
+        assert _refused_count(oauth.redis) == before + 2
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert any(attacker.root_url in w and "not followed" in w for w in warnings)
+        metrics = render_prometheus(collect(oauth.runtime()))
+        assert f"notify_oauth_geolocation_refused_total {before + 2}" in metrics
+
+
+def test_token_answer_naming_the_metadata_address_is_not_followed(oauth):
+    oauth.sandbox.configure_oauth(geolocation="http://169.254.169.254")
+    before = _refused_count(oauth.redis)
+    oauth.provider().token()
+    assert oauth.stored()["geolocation"] == oauth.sandbox.root_url
+    assert _refused_count(oauth.redis) == before + 1
+
+
+def test_code_16_naming_a_foreign_geolocation_is_not_followed(oauth):
+    with Sandbox(tokens=["x-unused"]) as attacker:
+        oauth.sandbox.configure_oauth(redirect_to=attacker.root_url)
+        before = _refused_count(oauth.redis)
+        moved: list[str] = []
+        tokens = OAuthTokens.from_settings(
+            oauth.settings(), oauth.redis, on_geolocation=moved.append
+        )
+        with pytest.raises(TokenUnavailable) as error:
+            tokens.token()
+        assert "code=16" in str(error.value)
+        assert attacker.oauth_stats()["requests"] == []  # the secrets never went there
+        assert moved == [] and "geolocation" not in oauth.stored()
+        assert _refused_count(oauth.redis) == before + 1
+
+
+def test_a_foreign_geolocation_already_stored_in_redis_is_not_used(oauth):
+    # State written before this check existed (or by a bad answer then): not followed either.
+    with Sandbox(tokens=["x-unused"]) as attacker:
+        oauth.redis.hset(
+            keys.oauth_state(oauth.client_id), mapping={"geolocation": attacker.root_url}
+        )
+        before = _refused_count(oauth.redis)
+        moved: list[str] = []
+        tokens = OAuthTokens.from_settings(
+            oauth.settings(), oauth.redis, on_geolocation=moved.append
+        )
+        assert tokens.token() in oauth.sandbox.issued_tokens()
+        assert attacker.oauth_stats()["requests"] == []
+        assert oauth.stored()["geolocation"] == oauth.sandbox.root_url
+        assert moved == [oauth.sandbox.root_url]
+        assert _refused_count(oauth.redis) == before + 1
 
 
 def test_token_endpoint_down_raises_token_unavailable_and_logs_an_error(oauth, caplog):
@@ -408,13 +543,32 @@ def test_token_endpoint_outage_defers_messages_until_it_recovers(oauth, start_wo
 def test_code_16_moves_posts_to_the_geolocation_concur_names(oauth, start_worker, user_id):
     with Sandbox(tokens=["x-unused"]) as elsewhere:
         oauth.sandbox.configure_oauth(redirect_to=elsewhere.root_url)
-        _oauth_worker(start_worker, oauth)
+        _oauth_worker(
+            start_worker, oauth, oauth_extra_geolocation_hosts=_netloc(elsewhere.root_url)
+        )
         rt = oauth.runtime()
         [message_id] = oauth.send(rt, user_id)
         [record] = _all_finished(rt, [message_id])
         assert record["state"] == "delivered"
         assert oauth.sandbox.requests(user_id=user_id) == []
         assert [r["status"] for r in elsewhere.requests(user_id=user_id)] == [200]
+
+
+@pytest.mark.slow
+def test_a_worker_keeps_posting_to_the_configured_host_when_concur_names_a_foreign_one(
+    oauth, start_worker, user_id
+):
+    with Sandbox(tokens=["x-unused"]) as attacker:
+        oauth.sandbox.configure_oauth(geolocation=attacker.root_url, access_ttl_seconds=2)
+        worker = _oauth_worker(start_worker, oauth)
+        rt = oauth.runtime()
+        ids = oauth.send(rt, user_id, 2)
+        time.sleep(2.5)  # a refresh in between
+        ids += oauth.send(rt, user_id, 2)
+        assert {r["state"] for r in _all_finished(rt, ids)} == {"delivered"}
+        assert [r["status"] for r in oauth.sandbox.requests(user_id=user_id)] == [200] * 4
+        assert attacker.requests() == [] and attacker.oauth_stats()["requests"] == []
+        assert "not followed" in worker.log()
 
 
 @pytest.mark.slow

@@ -93,3 +93,67 @@ def test_worker_without_a_token_refuses_to_post_to_a_real_host() -> None:
     )
     assert result.returncode == 2
     assert "NOTIFY_API_TOKEN: not set" in result.stderr
+
+
+# -- plain http only to this machine (issue 11, item 10) --------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "named"),
+    [
+        ({"api_base_url": "http://us.api.concursolutions.com/notifications/v4"}, "API_BASE_URL"),
+        ({"api_base_url": "http://10.0.0.5:8080/notifications/v4"}, "API_BASE_URL"),
+        ({"api_base_url": "http://127.0.0.1@concur.example/notifications/v4"}, "API_BASE_URL"),
+        (
+            {"oauth_token_url": "http://us.api.concursolutions.com/oauth2/v0/token"},
+            "OAUTH_TOKEN_URL",
+        ),
+        ({"oauth_token_url": "http://127.0.0.1.evil.example/oauth2/v0/token"}, "OAUTH_TOKEN_URL"),
+    ],
+)
+def test_plain_http_to_another_host_is_refused_naming_the_setting(
+    values: dict[str, str], named: str
+) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings(_env_file=None, api_token="a-real-token", **values)
+    message = str(caught.value)
+    assert message.startswith(f"NOTIFY_{named}: ")
+    assert "NOTIFY_ALLOW_INSECURE_HTTP=true" in message
+    assert "a-real-token" not in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8080/notifications/v4",
+        "http://localhost:8080/notifications/v4",
+        "http://[::1]:8080/notifications/v4",
+        "https://concur.example/notifications/v4",
+    ],
+)
+def test_https_and_plain_http_to_this_machine_are_accepted(url: str) -> None:
+    assert load_settings(_env_file=None, api_base_url=url, oauth_token_url=url).api_base_url == url
+
+
+def test_plain_http_to_another_host_is_accepted_when_explicitly_allowed() -> None:
+    url = "http://concur-proxy.internal/notifications/v4"
+    settings = load_settings(_env_file=None, api_base_url=url, allow_insecure_http="true")
+    assert settings.api_base_url == url
+
+
+def test_worker_with_plain_http_to_a_real_host_stops_naming_the_setting() -> None:
+    env = dict(os.environ)
+    env["NOTIFY_API_BASE_URL"] = "http://us.api.concursolutions.com/notifications/v4"
+    env["NOTIFY_API_TOKEN"] = "a-real-token-4f1c"
+    result = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "worker", "worker", "--loglevel", "INFO"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "NOTIFY_API_BASE_URL: http:// to a host other than this machine" in result.stderr
+    assert "NOTIFY_ALLOW_INSECURE_HTTP" in result.stderr
+    assert "a-real-token-4f1c" not in result.stderr and "Traceback" not in result.stderr

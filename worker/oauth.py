@@ -18,6 +18,14 @@ random owner, released by a compare-and-delete script), reads the latest refresh
 own grant and stores what came back before letting go. So a rotated refresh token is never
 presented twice, and each process still gets an access token of its own.
 
+Concur's answers are not trusted blindly: a ``geolocation`` (in a token answer, a code-16 error,
+or read back from Redis) is followed only when ``trusted_geolocation`` accepts it: ``https`` on a
+Concur host (``*.api.concursolutions.com``, ``*.api.concurcdc.cn``), a host listed in
+``NOTIFY_OAUTH_EXTRA_GEOLOCATION_HOSTS``, or the origin of the configured API or token URL.
+Any other is not followed (the current one is kept), logged at WARNING and counted in
+``notify_oauth_geolocation_refused_total``: followed, it would receive the client secret, the
+refresh token and every message.
+
 Errors: ``code`` 16 names the right geolocation (the request is repeated there once); code 108
 is a bad or expired refresh token (the password grant takes over when company credentials are
 configured). Anything else that leaves no usable token (endpoint down, 5xx, timeout, a refused
@@ -32,13 +40,14 @@ import hashlib
 import json
 import logging
 import math
+import re
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import httpx
 from cryptography.fernet import Fernet, InvalidToken
@@ -46,7 +55,7 @@ from redis import Redis
 
 from worker import keys
 from worker.concur import USER_AGENT
-from worker.settings import Settings
+from worker.settings import Settings, is_loopback_host
 from worker.tokens import TokenUnavailable
 
 log = logging.getLogger("notify.tokens")
@@ -57,6 +66,12 @@ FAILURE_COOLDOWN_SECONDS = 2.0
 LOCK_POLL_SECONDS = 0.05
 CODE_WRONG_GEOLOCATION = 16
 CODE_BAD_REFRESH_TOKEN = 108
+# Concur's base hosts all live under these (settings.GEOLOCATIONS); https only.
+CONCUR_HOST_SUFFIXES = (".api.concursolutions.com", ".api.concurcdc.cn")
+# The keys.STATS counter of geolocations not followed (stats.py: its metric).
+GEOLOCATION_REFUSED_COUNTER = "geolocation_refused"
+_DEFAULT_PORTS = {"https": 443, "http": 80}
+_DNS_NAME = re.compile(r"(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?\.)+[a-z]{2,}")
 # refresh_expires_in above this is a Unix time (Concur's form), below it a lifetime in seconds.
 EPOCH_THRESHOLD_SECONDS = 1_000_000_000
 
@@ -78,6 +93,8 @@ class OAuthConfig:
     token_url: str | None = None
     geolocation: str = "https://us.api.concursolutions.com"
     encryption_key: str | None = None
+    extra_geolocation_hosts: tuple[str, ...] = ()
+    allow_insecure_http: bool = False
     connect_timeout_seconds: float = 5.0
     read_timeout_seconds: float = 30.0
     fetch_budget_seconds: float = 70.0
@@ -99,6 +116,8 @@ class OAuthConfig:
             token_url=settings.oauth_token_url,
             geolocation=geolocation_of(settings.api_base_url),
             encryption_key=secret(settings.token_encryption_key),
+            extra_geolocation_hosts=tuple(settings.oauth_extra_geolocation_hosts),
+            allow_insecure_http=settings.allow_insecure_http,
             connect_timeout_seconds=settings.http_connect_timeout_seconds,
             read_timeout_seconds=settings.http_timeout_seconds,
             fetch_budget_seconds=settings.token_fetch_budget_seconds,
@@ -148,6 +167,78 @@ def geolocation_of(url: str) -> str:
     """The base host (``scheme://host[:port]``) of a URL."""
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc}"
+
+
+def _origin(parts: SplitResult) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of a parsed URL, or None when it has none that is plain."""
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port
+    except ValueError:
+        return None
+    host = parts.hostname
+    if scheme not in _DEFAULT_PORTS or not host or parts.username is not None:
+        return None
+    return scheme, host.rstrip("."), port if port is not None else _DEFAULT_PORTS[scheme]
+
+
+def _configured_origins(config: OAuthConfig) -> set[tuple[str, str, int]]:
+    origins = set()
+    for url in (config.geolocation, config.token_url):
+        if url:
+            origin = _origin(urlsplit(url))
+            if origin is not None:
+                origins.add(origin)
+    return origins
+
+
+def _listed(host: str, port: int, scheme: str, entries: tuple[str, ...]) -> bool:
+    """Whether ``host:port`` matches an entry: ``host``, ``host:port``, ``*.suffix[:port]``."""
+    for entry in entries:
+        name, colon, port_text = entry.strip().lower().rpartition(":")
+        if not colon or not port_text.isdigit():
+            name, entry_port = entry.strip().lower(), _DEFAULT_PORTS[scheme]
+        else:
+            entry_port = int(port_text)
+        if entry_port != port or not name:
+            continue
+        if name.startswith("*."):
+            if host.endswith(name[1:]) and len(host) > len(name) - 1:
+                return True
+        elif host == name.rstrip("."):
+            return True
+    return False
+
+
+def trusted_geolocation(geolocation: str, config: OAuthConfig) -> bool:
+    """Whether a geolocation Concur named may be followed (see the module docstring).
+
+    Accepted: the origin of the configured API base or token URL (the operator chose it); else
+    ``https`` (``http`` only to this machine, or with ``NOTIFY_ALLOW_INSECURE_HTTP``) to a
+    Concur host or a host listed in ``NOTIFY_OAUTH_EXTRA_GEOLOCATION_HOSTS``. A geolocation is a
+    bare ``scheme://host[:port]``: user information, a path, a query or a fragment refuse it.
+    """
+    if not isinstance(geolocation, str) or not geolocation.isascii() or not geolocation:
+        return False
+    if any(ch.isspace() or not ch.isprintable() or ch == "\\" for ch in geolocation):
+        return False
+    try:
+        parts = urlsplit(geolocation)
+    except ValueError:
+        return False
+    if parts.path.strip("/") or parts.query or parts.fragment or "@" in parts.netloc:
+        return False
+    origin = _origin(parts)
+    if origin is None:
+        return False
+    if origin in _configured_origins(config):
+        return True
+    scheme, host, port = origin
+    if scheme == "https" and host.endswith(CONCUR_HOST_SUFFIXES):
+        return _DNS_NAME.fullmatch(host) is not None
+    if scheme == "http" and not (is_loopback_host(host) or config.allow_insecure_http):
+        return False
+    return _listed(host, port, scheme, config.extra_geolocation_hosts)
 
 
 def api_base_for(geolocation: str, configured_api_base: str) -> str:
@@ -339,8 +430,16 @@ class RedisLock:
 class TokenEndpoint:
     """Posts grants to Concur's token endpoint; follows a code-16 geolocation once."""
 
-    def __init__(self, config: OAuthConfig, http: httpx.Client | None = None) -> None:
+    def __init__(
+        self,
+        config: OAuthConfig,
+        http: httpx.Client | None = None,
+        *,
+        on_untrusted: Callable[[str, str], None] | None = None,
+    ) -> None:
         self.config = config
+        # Told (geolocation, where it came from) about a geolocation that is not followed.
+        self.on_untrusted = on_untrusted
         self.http = http or httpx.Client(
             headers={"Accept": "application/json", "User-Agent": USER_AGENT},
             follow_redirects=False,
@@ -357,6 +456,10 @@ class TokenEndpoint:
         except TokenEndpointError as error:
             moved = error.geolocation
             if error.code != CODE_WRONG_GEOLOCATION or not moved or token_url_for(moved) == url:
+                raise
+            if not trusted_geolocation(moved, self.config):
+                if self.on_untrusted is not None:
+                    self.on_untrusted(moved, "a code-16 error")
                 raise
             log.warning("token endpoint: the company lives at %s; asking there", moved)
             there = token_url_for(moved)
@@ -411,7 +514,7 @@ class OAuthTokens:
         self.config = config
         self.redis = redis
         self.state = TokenStateStore(redis, config.client_id, Cipher(config.encryption_key))
-        self.endpoint = TokenEndpoint(config, http)
+        self.endpoint = TokenEndpoint(config, http, on_untrusted=self._untrusted)
         self.lock = RedisLock(redis, keys.oauth_lock(config.client_id), config.fetch_budget_seconds)
         self._on_geolocation = on_geolocation
         self._mutex = threading.Lock()
@@ -471,6 +574,27 @@ class OAuthTokens:
         """Close the token endpoint's connections."""
         self.endpoint.close()
 
+    def _untrusted(self, geolocation: str, source: str) -> None:
+        """Report a geolocation that is not followed: a warning and a counted metric."""
+        log.warning(
+            "Concur geolocation %r from %s not followed: not https on a Concur host "
+            "(*.api.concursolutions.com, *.api.concurcdc.cn) nor listed in "
+            "NOTIFY_OAUTH_EXTRA_GEOLOCATION_HOSTS; keeping the current one",
+            geolocation[:200],
+            source,
+        )
+        try:
+            self.redis.hincrby(keys.STATS, GEOLOCATION_REFUSED_COUNTER, 1)
+        except Exception:  # a metric must not turn a refused geolocation into a failed fetch
+            log.warning("could not count the refused geolocation", exc_info=True)
+
+    def _checked(self, geolocation: str | None, source: str) -> str | None:
+        """``geolocation`` if it may be followed; else None (reported)."""
+        if geolocation is None or trusted_geolocation(geolocation, self.config):
+            return geolocation
+        self._untrusted(geolocation, source)
+        return None
+
     def _fetch(self) -> str:
         try:
             return self._fetch_under_lock()
@@ -508,6 +632,7 @@ class OAuthTokens:
     def _grant(self, deadline: float) -> tuple[Grant, str]:
         """Run the right grant while holding the lock and store what it returned."""
         stored = self.state.load()
+        stored_geolocation = self._checked(stored.geolocation, "the state stored in Redis")
         config = self.config
         seed = fingerprint(config.initial_refresh_token) if config.initial_refresh_token else None
         refresh_token = stored.refresh_token
@@ -520,12 +645,12 @@ class OAuthTokens:
             and stored.refresh_expires_at_ms <= time.time() * 1000
             and refresh_token == stored.refresh_token
         )
-        geolocation = stored.geolocation or (
+        geolocation = stored_geolocation or (
             geolocation_of(config.token_url) if config.token_url else config.geolocation
         )
         url = (
             config.token_url
-            if config.token_url and not stored.geolocation
+            if config.token_url and not stored_geolocation
             else token_url_for(geolocation)
         )
         grant: Grant | None = None
@@ -546,7 +671,7 @@ class OAuthTokens:
                 if error.code != CODE_BAD_REFRESH_TOKEN:
                     raise TokenUnavailable(f"refresh grant refused: {error}") from None
                 log.warning("Concur refused the refresh token (code 108: bad or expired)")
-                self.state.save(StoredState(None, None, stored.geolocation, seed))
+                self.state.save(StoredState(None, None, stored_geolocation, seed))
         if grant is None:
             if not config.has_password_grant:
                 raise TokenUnavailable(
@@ -570,7 +695,10 @@ class OAuthTokens:
                 )
             except TokenEndpointError as error:
                 raise TokenUnavailable(f"password grant refused: {error}") from None
-        latest_geolocation = grant.geolocation or geolocation_of(answered)
+        # An answer naming a geolocation that may not be followed keeps the one that answered.
+        latest_geolocation = self._checked(grant.geolocation, "a token answer") or geolocation_of(
+            answered
+        )
         self.state.save(
             StoredState(
                 refresh_token=grant.refresh_token or refresh_token,

@@ -7,7 +7,10 @@ one line that names the setting (``SettingsError``), never a traceback.
 from __future__ import annotations
 
 import functools
+import ipaddress
+import re
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -36,6 +39,7 @@ RATE_LIMIT_MAX_WAIT_SECONDS = 5.0
 CommaList = Annotated[list[str], NoDecode]
 SecretList = Annotated[list[SecretStr], NoDecode]
 MIN_KEY_LENGTH = 16
+_HOST_ENTRY = re.compile(r"(?:\*\.)?[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?(?::[0-9]{1,5})?")
 
 
 class SettingsError(Exception):
@@ -66,7 +70,12 @@ class Settings(BaseSettings):
     oauth_company_auth_token: SecretStr | None = None
     oauth_refresh_token: SecretStr | None = None
     oauth_token_url: str | None = None
+    # Hosts besides Concur's own (*.api.concursolutions.com, *.api.concurcdc.cn) that a
+    # geolocation in a token answer may name: "host", "host:port" or "*.suffix" entries.
+    oauth_extra_geolocation_hosts: CommaList = []
     token_encryption_key: SecretStr | None = None
+    # Plain http:// to a host other than this machine would carry the tokens in clear text.
+    allow_insecure_http: bool = False
 
     allowed_templates: CommaList = []
     allowed_url_domains: CommaList = []
@@ -79,7 +88,8 @@ class Settings(BaseSettings):
 
     http_connect_timeout_seconds: float = Field(5.0, gt=0)
     http_timeout_seconds: float = Field(30.0, gt=0)
-    http_max_connections: int = Field(100, ge=1)
+    # Connections per worker process; posts beyond it wait inside the attempt's deadline.
+    http_max_connections: int = Field(512, ge=1, le=10_000)
 
     worker_concurrency: int = Field(64, ge=1, le=1024)
     worker_prefetch_multiplier: int = Field(2, ge=1)
@@ -131,12 +141,28 @@ class Settings(BaseSettings):
                     raise ValueError("must be user:password (several: comma-separated)")
         return value
 
-    @field_validator("allowed_templates", "allowed_url_domains", mode="before")
+    @field_validator(
+        "allowed_templates",
+        "allowed_url_domains",
+        "oauth_extra_geolocation_hosts",
+        mode="before",
+    )
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("oauth_extra_geolocation_hosts")
+    @classmethod
+    def _geolocation_hosts(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            if not _HOST_ENTRY.fullmatch(entry.lower()):
+                raise ValueError(
+                    f"{entry!r} is not a host entry: host, host:port or *.suffix[:port], "
+                    "without a scheme"
+                )
+        return [entry.lower() for entry in value]
 
     @field_validator("gateway_keys", "operator_keys", mode="before")
     @classmethod
@@ -235,7 +261,22 @@ class Settings(BaseSettings):
                 "timeouts), or a slow attempt would be handed to a second worker"
             )
         self._check_oauth()
+        self._check_plain_http()
         return self
+
+    def _check_plain_http(self) -> None:
+        if self.allow_insecure_http:
+            return
+        for name, url in (
+            ("API_BASE_URL", self.api_base_url),
+            ("OAUTH_TOKEN_URL", self.oauth_token_url),
+        ):
+            if url is not None and url.lower().startswith("http://") and not is_loopback_url(url):
+                raise ValueError(
+                    f"{ENV_PREFIX}{name}: http:// to a host other than this machine would send "
+                    f"the Concur tokens in clear text; use https://, or set "
+                    f"{ENV_PREFIX}ALLOW_INSECURE_HTTP=true"
+                )
 
     def _check_oauth(self) -> None:
         p = ENV_PREFIX + "OAUTH_"
@@ -286,6 +327,26 @@ class Settings(BaseSettings):
     def uses_sandbox(self) -> bool:
         """True when no Concur credential is configured (posts go to the local sandbox)."""
         return self.api_token is None and not self.uses_oauth
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` (a URL's host name, without brackets) is this machine."""
+    host = host.lower().rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def is_loopback_url(url: str) -> bool:
+    """Whether ``url``'s host is this machine (127.0.0.0/8, ::1, localhost)."""
+    try:
+        host = urlsplit(url).hostname
+    except ValueError:
+        return False
+    return host is not None and is_loopback_host(host)
 
 
 def _describe(error: ValidationError) -> str:

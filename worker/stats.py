@@ -53,6 +53,12 @@ _COUNTERS = (
         "the global rate limit had no permit in time (no attempt counted).",
     ),
     ("replayed", "notify_replayed_total", "Dead letters sent back through the pipeline."),
+    (
+        "geolocation_refused",
+        "notify_oauth_geolocation_refused_total",
+        "Geolocations named by Concur's token endpoint that were not followed "
+        "(not https on a Concur host nor listed in NOTIFY_OAUTH_EXTRA_GEOLOCATION_HOSTS).",
+    ),
 )
 
 
