@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-fast lint format bench soak clean
+.PHONY: install run test test-fast lint format bench soak clean pins
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,12 +30,23 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/hadolint docker/Dockerfile
 
 bench: install
 	$(PY) bench/run.py
 
 soak: install
 	$(PY) bench/soak.py --minutes 10 --rate 20
+
+# The Docker image's pins, resolved from pyproject.toml for the image's Python on Linux, with
+# hashes. Versions already pinned are kept; `make pins UPGRADE=1` moves them to the newest.
+PINS ?= docker/requirements.txt
+DOCKER_PYTHON := $(shell sed -n 's/^ARG PYTHON_IMAGE=python:\([0-9.]*\)-.*/\1/p' docker/Dockerfile)
+pins: install
+	$(VENV)/bin/uv pip compile pyproject.toml --quiet --generate-hashes \
+		--python-version $(DOCKER_PYTHON) --python-platform linux \
+		$(if $(UPGRADE),--upgrade) --custom-compile-command 'make pins' \
+		--output-file $(PINS)
 
 format: install
 	$(VENV)/bin/ruff format .
