@@ -435,3 +435,62 @@ def test_check_url_never_raises_on_arbitrary_text(text: str) -> None:
 def test_odd_authorities_never_allowed_unless_independently_listed(url: str) -> None:
     if ALLOW.check_url(url) is None:
         assert _independently_listed(url), url
+
+
+# --- characters not valid in a URI after the authority (issue 11, item 5) ------------------------
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [
+        '/"',
+        "/<",
+        "/>",
+        "/`",
+        "/{",
+        "/}",
+        "/|",
+        "/^",
+        "/[",
+        "/]",
+        "/caf\u00e9",
+        "?q=\u00e9",
+        "#\u00e9",
+        "?q=a|b",
+        "#frag{x}",
+        "/p#a#b",
+        "/100%",
+        "/%zz",
+        "/%4",
+    ],
+)
+def test_characters_not_valid_in_a_uri_are_refused_after_the_host(tail: str) -> None:
+    refusal = ALLOW.check_url("https://app.example.com" + tail)
+    assert refusal is not None
+    assert refusal.code == "url_not_allowed"
+    assert "URI" in refusal.reason or "%" in refusal.reason
+
+
+def test_a_space_is_refused_too() -> None:
+    refusal = ALLOW.check_url("https://app.example.com/a b")
+    assert refusal is not None and "whitespace" in refusal.reason
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [
+        "/caf%C3%A9",
+        "/a%20b?q=%7B%7D&r=%7c#x%5E",
+        "/p;x=1/q:r@s!$&'()*+,=-._~",
+        "?next=https://app.example.com/x?y=1",
+        "#/route?x=1/y",
+    ],
+)
+def test_percent_encoded_and_rfc3986_characters_pass(tail: str) -> None:
+    assert ALLOW.check_url("https://app.example.com" + tail) is None
+
+
+def test_refusal_of_a_non_uri_character_does_not_echo_the_url() -> None:
+    refusal = ALLOW.check_url("https://app.example.com/secret-token/<x>")
+    assert refusal is not None
+    assert "secret-token" not in refusal.reason and "'<'" in refusal.reason

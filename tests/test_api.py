@@ -29,7 +29,7 @@ from worker import keys
 from worker.api import create_app, negotiate
 from worker.cli import main as notify_cli
 from worker.deadletters import DeadLetter
-from worker.models import message_id
+from worker.models import is_message_id, message_id
 from worker.notifications import NAMESPACE, XSI_NAMESPACE, notification_list_xml
 from worker.records import Failure
 from worker.runtime import Runtime
@@ -214,6 +214,126 @@ def test_invalid_user_id_is_400(http):
     response = http.post("/messages/has%20space/session", json=_body(), headers=PARTNER)
     assert response.status_code == 400
     assert [e["errorCode"] for e in _errors(response)] == ["INVALID_USER_ID"]
+
+
+# -- issue 11: input edges (items 3, 4, 5, 9, 11) ------------------------------------------------
+
+
+@pytest.mark.parametrize("segment", ["%2E", "%2E%2E", "%2e%2e", ".%2E", "%2E%2E%2E"])
+def test_dot_only_user_id_is_400_and_nothing_is_queued(http, runtime, segment):
+    # "/messages/%2E%2E/session" would have the worker post to /notifications/v4/session.
+    before = _message_keys(runtime)
+    response = http.post(f"/messages/{segment}/session", json=_body(), headers=PARTNER)
+    assert response.status_code == 400
+    errors = _errors(response)
+    assert [e["errorCode"] for e in errors] == ["INVALID_USER_ID"]
+    assert "dots" in errors[0]["errorMessage"]
+    assert _message_keys(runtime) == before
+
+
+@pytest.mark.parametrize("segment", ["%FF", "%FE", "a%C3", "%C3%28", "%ED%A0%80", "%C0%AE"])
+def test_user_id_that_is_not_utf8_is_400_invalid_user_id(http, runtime, segment):
+    # Decoded leniently, %FF and %FE would both be U+FFFD: one user, one message id.
+    before = _message_keys(runtime)
+    response = http.post(f"/messages/{segment}/session", json=_body("same"), headers=PARTNER)
+    assert response.status_code == 400
+    errors = _errors(response)
+    assert [e["errorCode"] for e in errors] == ["INVALID_USER_ID"]
+    assert "UTF-8" in errors[0]["errorMessage"]
+    assert _message_keys(runtime) == before
+
+
+def test_user_id_of_valid_utf8_still_works(http, runtime):
+    user = f"j\u00fcrgen-{uuid.uuid4().hex[:6]}"
+    response = http.post(f"/messages/{quote(user, safe='')}/session", json=_body(), headers=PARTNER)
+    assert response.status_code == 202
+    assert json.loads(runtime.store.status(response.json()["id"])["req"])["userId"] == user
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        'https://app.example.com/a"b',
+        "https://app.example.com/<x>",
+        "https://app.example.com/p?q={1}",
+        "https://app.example.com/p?q=1|2",
+        "https://app.example.com/p#^",
+        "https://app.example.com/p?q=`x`",
+        "https://app.example.com/caf\u00e9",
+        "https://app.example.com/p?q=100%",
+        "https://app.example.com/p#a#b",
+    ],
+)
+def test_context_url_with_characters_not_valid_in_a_uri_is_400(http, runtime, user_id, url):
+    before = _message_keys(runtime)
+    response = http.post(f"/messages/{user_id}/session", json=_body(url=url), headers=PARTNER)
+    assert response.status_code == 400
+    [error] = _errors(response)
+    assert error["errorCode"] == "URL_NOT_ALLOWED"
+    assert "URI" in error["errorMessage"] or "%" in error["errorMessage"]
+    assert _message_keys(runtime) == before
+
+
+def test_percent_encoded_context_url_is_accepted(http, user_id):
+    url = "https://app.example.com/caf%C3%A9?q=%7B1%7D&r=a%20b#x%7Cy"
+    response = http.post(f"/messages/{user_id}/session", json=_body(url=url), headers=PARTNER)
+    assert response.status_code == 202
+
+
+def test_id_with_a_trailing_newline_is_not_looked_up(http, runtime):
+    # re.match("^...$") accepts "abc\n": such an id must not reach a Redis key name.
+    ident = f"nl{uuid.uuid4().hex[:12]}"
+    request = {"userId": "u", "sessionId": "s", "templateId": "welcome", "context": {}}
+    runtime.redis.hset(
+        keys.message(ident + "\n"), mapping={"state": "failed", "req": json.dumps(request)}
+    )
+    runtime.redis.hset(keys.dead_letter(ident + "\n"), mapping={"reason": "api_rejected"})
+    try:
+        for method, path, headers in [
+            ("GET", f"/messages/{ident}%0A", PARTNER),
+            ("GET", f"/notifications/{ident}%0A", OPERATOR),
+            ("DELETE", f"/notifications/{ident}%0A", OPERATOR),
+            ("POST", f"/notifications/{ident}%0A/replay", OPERATOR),
+        ]:
+            response = http.request(method, path, headers=headers)
+            assert response.status_code == 404, path
+            assert [e["errorCode"] for e in _errors(response)] == ["NOT_FOUND"]
+        assert runtime.redis.exists(keys.message(ident + "\n"), keys.dead_letter(ident + "\n")) == 2
+    finally:
+        runtime.redis.delete(keys.message(ident + "\n"), keys.dead_letter(ident + "\n"))
+
+
+@pytest.mark.parametrize("ident", ["abc\n", "abc\r", "\nabc", "a" * 65, "", "abc\x00"])
+def test_is_message_id_matches_the_whole_string(ident):
+    assert not is_message_id(ident)
+    assert is_message_id("abc") and is_message_id("a" * 64) and is_message_id("A-_9")
+
+
+def test_errors_of_a_64_kb_body_with_thousands_of_unknown_keys_are_capped(runtime, user_id):
+    # It was answered with 838 KB of errors, one per key.
+    unknown = 5800
+    body = {**_body(), **{f"k{i:05d}": 0 for i in range(unknown)}}
+    raw = json.dumps(body, separators=(",", ":")).encode()
+    assert 60_000 < len(raw) <= 65536
+    before = _message_keys(runtime)
+    settings = load_settings(gateway_keys=PARTNER_KEY, service_max_body_bytes=65536)
+    with (
+        ServerThread(create_app(settings, runtime)) as server,
+        httpx.Client(base_url=server.url, timeout=30) as client,
+    ):
+        response = client.post(
+            f"/messages/{user_id}/session",
+            content=raw,
+            headers={**PARTNER, "Content-Type": "application/json"},
+        )
+    assert response.status_code == 400
+    errors = _errors(response)
+    assert len(errors) == 21
+    assert {e["errorCode"] for e in errors[:20]} == {"UNKNOWN_FIELD"}
+    assert errors[-1]["errorCode"] == "TOO_MANY_ERRORS"
+    assert errors[-1]["errorMessage"].startswith(f"{unknown - 20} more problems not listed")
+    assert len(response.content) < 5000
+    assert _message_keys(runtime) == before
 
 
 @pytest.mark.parametrize(

@@ -251,3 +251,82 @@ def test_token_never_reaches_records_or_dead_letters(runtime, sandbox, user_id):
         [runtime.store.status(message_id), runtime.deadletters.get(message_id).to_dict()]
     )
     assert TEST_TOKEN not in dump
+
+
+# -- inputs that would change what is sent (issue 11, items 3, 5, 11) --------------------------
+
+
+@pytest.mark.parametrize("dots", [".", "..", "..."])
+def test_producer_refuses_a_dot_only_user_id(runtime, dots):
+    # ".." would make the worker post to /notifications/v4/session, outside /messages/.
+    session = f"s-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(InvalidRequest) as caught:
+        tasks.enqueue(dots, session, "welcome", None)
+    assert [p.code for p in caught.value.problems] == ["INVALID_USER_ID"]
+    assert "dots" in caught.value.problems[0].message
+    with pytest.raises(InvalidRequest):
+        tasks.submit(dots, {"sessionId": session, "templateId": "welcome", "context": {}})
+    assert not [
+        key for key in runtime.redis.scan_iter(match=keys.message("*")) if session in str(key)
+    ]
+
+
+@pytest.mark.parametrize("dots", [".", ".."])
+def test_worker_dead_letters_a_dot_only_user_id_and_posts_nothing(runtime, sandbox, dots):
+    # Straight onto the queue, bypassing the producer: the worker checks again.
+    session = f"s-{uuid.uuid4().hex[:8]}"
+    message_id = f"raw{uuid.uuid4().hex[:16]}"
+    request = {"userId": dots, "sessionId": session, "templateId": "welcome", "context": {}}
+    runtime.publish([Envelope(message_id, 1, request)])
+    _finished(runtime, message_id)
+    letter = runtime.deadletters.get(message_id)
+    assert letter.reason == "invalid_request" and letter.attempts == 1
+    seen = [r for r in sandbox.requests() if (r["body"] or {}).get("sessionId") == session]
+    assert seen == []  # neither at /messages/../session nor at /session
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        'https://app.example.com/a"onmouseover="x',
+        "https://app.example.com/<script>",
+        "https://app.example.com/p?q={x}",
+        "https://app.example.com/p#a|b",
+        "https://app.example.com/caf\u00e9",
+        "https://app.example.com/p?q=a^b",
+        "https://app.example.com/p?q=`x`",
+    ],
+)
+def test_producer_refuses_a_url_with_characters_not_valid_in_a_uri(runtime, user_id, url):
+    with pytest.raises(InvalidRequest) as caught:
+        tasks.enqueue(user_id, "s", "welcome", url)
+    [problem] = caught.value.problems
+    assert problem.code == "URL_NOT_ALLOWED"
+    assert "not valid in a URI" in problem.message and "percent-encode" in problem.message
+    assert not runtime.redis.keys(f"{keys.PREFIX}:msg:*{user_id}*")
+
+
+def test_worker_dead_letters_a_url_with_characters_not_valid_in_a_uri(runtime, sandbox, user_id):
+    message_id = f"raw{uuid.uuid4().hex[:16]}"
+    request = {
+        "userId": user_id,
+        "sessionId": "s",
+        "templateId": "welcome",
+        "context": {"url": "https://app.example.com/<img src=x>"},
+    }
+    runtime.publish([Envelope(message_id, 1, request)])
+    _finished(runtime, message_id)
+    assert runtime.deadletters.get(message_id).reason == "url_not_allowed"
+    assert sandbox.requests(user_id=user_id) == []
+
+
+def test_producer_reports_at_most_20_problems_and_counts_the_rest(user_id):
+    body = {f"unknown{i}": i for i in range(3000)}
+    with pytest.raises(InvalidRequest) as caught:
+        tasks.submit(user_id, body)
+    problems = caught.value.problems
+    assert len(problems) == 21
+    assert problems[-1].code == "TOO_MANY_ERRORS"
+    # 3000 unknown fields and 3 missing ones: 20 listed, the other 2983 counted.
+    assert problems[-1].message.startswith("2983 more problems not listed")
+    assert len(str(caught.value)) < 4000

@@ -40,6 +40,14 @@ _NUMERIC_LABEL_RE: Final = re.compile(r"[0-9]+|0x[0-9a-f]*")
 _PORT_RE: Final = re.compile(r"[0-9]{1,5}")
 _SCHEME_RE: Final = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*):")
 _MAX_HOST_LENGTH: Final = 253
+# What RFC 3986 allows after the authority: unreserved, sub-delims, ':', '@', '/', '?', the one
+# '#' that starts the fragment, and '%' with two hex digits. Anything else (space, '"', '<',
+# '>', '`', '{', '}', '|', '^', backslash, '[', ']', a second '#', non-ASCII) is not a URI
+# character: clients escape it differently or not at all, so it is refused, never sent verbatim.
+_URI_TAIL_CHARS: Final = frozenset(
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=:@/?#%"
+)
+_PERCENT_ESCAPE_RE: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
 # Characters that have no business in a bare "host[:port]" settings entry.
 _ENTRY_FORBIDDEN: Final = frozenset("/\\@?#%[]")
 
@@ -193,6 +201,26 @@ def _is_forbidden_char(ch: str) -> bool:
     return ch.isspace() or unicodedata.category(ch) in {"Cc", "Cf", "Cs"}
 
 
+def _uri_tail_refusal(tail: str) -> Refusal | None:
+    """Why a URL's path, query and fragment are not all URI characters (RFC 3986), or None."""
+    for ch in tail:
+        if ch not in _URI_TAIL_CHARS:
+            shown = repr(ch) if ch.isascii() else "a non-ASCII character"
+            return _url_refusal(
+                f"the context URL has a character that is not valid in a URI ({shown}) in its "
+                "path, query or fragment; percent-encode it"
+            )
+    if tail.count("#") > 1:
+        return _url_refusal(
+            "the context URL has a second '#' (not valid in a URI); percent-encode it as %23"
+        )
+    if _PERCENT_ESCAPE_RE.search(tail):
+        return _url_refusal(
+            "the context URL has a '%' not followed by two hex digits; write a literal '%' as %25"
+        )
+    return None
+
+
 @dataclass(frozen=True)
 class AllowList:
     """Templates and URL hosts a partner is allowed to use.
@@ -329,6 +357,9 @@ class AllowList:
             return _url_refusal("the context URL must not use an IP address as host")
         if "%" in authority:
             return _url_refusal("the context URL host must not be percent-encoded")
+        tail_refusal = _uri_tail_refusal(after_slashes[end:])
+        if tail_refusal is not None:
+            return tail_refusal
 
         host_text, sep, port_text = authority.rpartition(":")
         if not sep:

@@ -19,13 +19,12 @@ import functools
 import hmac
 import json
 import logging
-import re
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import unquote_to_bytes, urlencode
 
 from kombu.exceptions import OperationalError as BrokerError
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -41,6 +40,7 @@ from worker import notifications
 from worker.deadletters import DeadLetterFilter
 from worker.intake import Intake
 from worker.logs import configure_from_settings
+from worker.models import is_message_id
 from worker.monitoring import init_sentry
 from worker.openapi import openapi_document
 from worker.runtime import Runtime, get_runtime
@@ -69,9 +69,6 @@ OPERATOR = "operator"
 
 DEFAULT_PAGE_LIMIT = 50
 MAX_PAGE_LIMIT = 1000
-# Message and dead-letter ids are short URL-safe strings (see models.message_id and the
-# malformed-task ids); anything else cannot exist and must not reach a Redis key name.
-_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _AUTH_SCHEMES = ("bearer", "oauth")  # OAuth: the scheme in Concur's legacy examples
 JSON_TYPE = "application/json"
 XML_TYPE = "application/xml"
@@ -338,9 +335,32 @@ class Service:
     @staticmethod
     def _id(request: Request, name: str = "id") -> str:
         value = str(request.path_params[name])
-        if not _ID.match(value):
+        # Anything but an id's form cannot exist and must not reach a Redis key name.
+        if not is_message_id(value):
             raise ApiError(404, NOT_FOUND, "no such id")
         return value
+
+    @staticmethod
+    def _user_id(request: Request) -> str:
+        """The ``{userId}`` path segment, decoded strictly as UTF-8.
+
+        The server decodes the path leniently (invalid UTF-8 becomes U+FFFD), so ``%FF`` and
+        ``%FE`` would be one user: the segment is decoded again from the raw path, strictly.
+        """
+        decoded = str(request.path_params["userId"])
+        raw_path = request.scope.get("raw_path")
+        if not isinstance(raw_path, bytes):
+            return decoded
+        segments = raw_path.split(b"?", 1)[0].split(b"/")
+        if len(segments) < 3 or segments[-1] != b"session":
+            return decoded
+        try:
+            unquote_to_bytes(segments[-2]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ApiError(
+                400, "INVALID_USER_ID", "userId is not valid UTF-8 once percent-decoded"
+            ) from None
+        return decoded
 
     def _check_json_content_type(self, request: Request) -> None:
         raw = request.headers.get("content-type")
@@ -435,7 +455,7 @@ class Service:
         except (UnicodeDecodeError, ValueError, RecursionError) as error:
             what = "UTF-8" if isinstance(error, UnicodeDecodeError) else "valid JSON"
             raise ApiError(400, "INVALID_JSON", f"the body is not {what}") from None
-        user_id = str(request.path_params["userId"])
+        user_id = self._user_id(request)
         try:
             # Pure and cached: cheaper here than a hop to a thread.
             message = validate(user_id, body, self.runtime.allowlist)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 MAX_ID_LENGTH = 256
 MAX_URL_LENGTH = 2048
+# The one pattern of message and dead-letter ids (``message_id`` and the malformed-task ids):
+# short URL-safe strings. Always applied with ``fullmatch`` (``is_message_id``): ``match`` with
+# ``$`` would also accept a trailing newline, and such an id must never reach a Redis key name.
+MESSAGE_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 _strict = ConfigDict(strict=True, extra="forbid")
 
@@ -59,6 +64,11 @@ def message_id(user_id: str, session_id: str, template_id: str) -> str:
         digest_size=15,
     ).digest()
     return base64.b32encode(digest).decode("ascii").lower()
+
+
+def is_message_id(value: object) -> bool:
+    """Whether ``value`` has the form of a message or dead-letter id (the whole string)."""
+    return isinstance(value, str) and MESSAGE_ID_PATTERN.fullmatch(value) is not None
 
 
 def request_body(session_id: Any, template_id: Any, url: Any = None) -> dict[str, Any]:

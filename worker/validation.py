@@ -5,7 +5,8 @@ settings may have changed) and by the HTTP gateway (which answers the problems a
 
 Problem codes (stable; README lists them):
 ``INVALID_JSON``, ``INVALID_USER_ID``, ``MISSING_FIELD``, ``INVALID_FIELD``, ``UNKNOWN_FIELD``,
-``TEMPLATE_NOT_ALLOWED``, ``URL_NOT_ALLOWED``.
+``TEMPLATE_NOT_ALLOWED``, ``URL_NOT_ALLOWED``, and ``TOO_MANY_ERRORS`` (the last entry when more
+than ``MAX_PROBLEMS`` were found: it counts those not listed).
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ from pydantic import ValidationError
 
 from worker.allowlist import AllowList
 from worker.models import MAX_ID_LENGTH, Message, SendRequest
+
+# At most this many problems are reported: a 64 KB body of thousands of unknown keys would
+# otherwise get an answer ten times its size. The rest are counted in one last entry.
+MAX_PROBLEMS = 20
+TOO_MANY_ERRORS = "TOO_MANY_ERRORS"
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,8 +38,8 @@ class InvalidRequest(ValueError):
     """A request that must not be sent; ``problems`` says why, one entry per problem."""
 
     def __init__(self, problems: list[Problem]) -> None:
-        self.problems = problems
-        super().__init__("; ".join(f"{p.field}: {p.message}" for p in problems))
+        self.problems = capped(problems)
+        super().__init__("; ".join(f"{p.field}: {p.message}" for p in self.problems))
 
     @property
     def reason(self) -> str:
@@ -45,6 +51,22 @@ class InvalidRequest(ValueError):
         }.get(code, "invalid_request")
 
 
+def capped(problems: list[Problem]) -> list[Problem]:
+    """The first ``MAX_PROBLEMS`` problems, plus one entry counting the others if any."""
+    if len(problems) <= MAX_PROBLEMS:
+        return problems
+    more = len(problems) - MAX_PROBLEMS
+    return [
+        *problems[:MAX_PROBLEMS],
+        Problem(
+            "body",
+            TOO_MANY_ERRORS,
+            f"{more} more problem{'s' if more != 1 else ''} not listed "
+            f"(only the first {MAX_PROBLEMS} are reported)",
+        ),
+    ]
+
+
 def _user_id_problems(user_id: Any) -> list[Problem]:
     if not isinstance(user_id, str) or not user_id:
         return [Problem("userId", "INVALID_USER_ID", "userId must be a non-empty string")]
@@ -52,6 +74,10 @@ def _user_id_problems(user_id: Any) -> list[Problem]:
         return [Problem("userId", "INVALID_USER_ID", f"userId is longer than {MAX_ID_LENGTH}")]
     if not user_id.isprintable() or any(ch.isspace() for ch in user_id):
         return [Problem("userId", "INVALID_USER_ID", "userId has whitespace or control characters")]
+    if not user_id.strip("."):
+        # "." and ".." are dot-segments: in Concur's URL they would change the path
+        # (/messages/../session is /session), so they name no user.
+        return [Problem("userId", "INVALID_USER_ID", "userId must not consist of dots only")]
     return []
 
 
