@@ -2,16 +2,24 @@
 
     .venv/bin/python bench/run.py            # or: make bench
 
-Starts the sandbox (a separate process, 20 ms latency, keep-alive), uses the Redis that answers
-(its own database number) or starts one, and runs the worker fleet as production does (threads
-pool, concurrency and processes from flags, task events on). Scenarios:
+Starts the sandbox (a separate process, keep-alive), uses the Redis that answers (its own
+database number) or starts one, and runs the worker fleet as production does (the Procfile's
+`celery -A worker worker`, default settings unless --concurrency is given). Rates are taken from
+the sandbox's own clock, between the first and the last 2xx it decided ("api"), so start-up does
+not blur them; "from start" counts from the moment the workers were started. Scenarios:
 
-  drain     N messages queued first, then the workers started; time until the sandbox counted N
-  baseline  the same drain with bench/baseline.py (plain Celery task, shared httpx.Client,
-            autoretry_for) on a --pool threads worker
-  steady    a producer paces R messages/s for T seconds; enqueue→delivered latency percentiles
-  gateway   HTTP ingestion through `notify api` with a load generator in another process
-  backlog   100k messages waiting for retry: worker RSS and Redis memory per message
+  drain       N messages queued first, then the workers started (20 ms latency)
+  before      the same drain with the workers of another git revision (--before REF)
+  baseline    the same drain with bench/baseline.py (plain Celery task, shared httpx.Client,
+              autoretry_for) on a --pool threads worker
+  slow-api    the drain at a remote API's latency: median 250 ms, lognormal tail, p99 1.5 s;
+              ours, the --before revision's, and a bare Dramatiq worker (bench/baseline_dramatiq.py,
+              2 processes x 64 threads, one shared client); total worker RSS
+  slow-steady a producer paces R messages/s for T seconds at that latency; enqueue→delivered
+              latency percentiles against the API's own p99
+  steady      the same pace at 20 ms
+  gateway     HTTP ingestion through `notify api` with a load generator in another process
+  backlog     100k messages waiting for retry: worker RSS and Redis memory per message
 
 It prints figures; it asserts nothing (targets are read against the table, not enforced).
 """
@@ -21,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -69,23 +78,58 @@ def _proc_memory_mb(pid: int, field: str) -> float:
     return 0.0
 
 
+def _children_of(pid: int) -> list[int]:
+    try:
+        tasks = Path(f"/proc/{pid}/task").iterdir()
+        found: list[int] = []
+        for task in tasks:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        return found
+    except OSError:
+        return []
+
+
+def _proc_tree_cpu_seconds(pid: int) -> float:
+    """CPU of a process and its children (Dramatiq forks its worker processes)."""
+    return _proc_cpu_seconds(pid) + sum(_proc_tree_cpu_seconds(c) for c in _children_of(pid))
+
+
+def _proc_tree_memory_mb(pid: int, field: str) -> float:
+    return _proc_memory_mb(pid, field) + sum(
+        _proc_tree_memory_mb(c, field) for c in _children_of(pid)
+    )
+
+
 class Fleet:
     """Worker processes started with one command line, measured from /proc."""
 
-    def __init__(self, command: list[str], env: dict[str, str], processes: int) -> None:
+    def __init__(
+        self,
+        command: list[str],
+        env: dict[str, str],
+        processes: int,
+        *,
+        cwd: Path = ROOT,
+        named: bool = True,
+    ) -> None:
         self.command = command
         self.env = env
         self.count = processes
+        self.cwd = cwd
+        self.named = named  # Celery workers get a --hostname each
         self.children: list[subprocess.Popen[bytes]] = []
         self.cpu_seconds = 0.0
         self.peak_rss_mb: list[float] = []
+        self.started_at = 0.0
 
     def start(self) -> None:
+        self.started_at = time.time()
         for number in range(self.count):
+            name = ["--hostname", f"bench{number}-{uuid.uuid4().hex[:4]}@%h"] if self.named else []
             self.children.append(
                 subprocess.Popen(
-                    [*self.command, "--hostname", f"bench{number}-{uuid.uuid4().hex[:4]}@%h"],
-                    cwd=ROOT,
+                    [*self.command, *name],
+                    cwd=self.cwd,
                     env=self.env,
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
@@ -93,8 +137,8 @@ class Fleet:
             )
 
     def sample(self) -> None:
-        self.cpu_seconds = sum(_proc_cpu_seconds(c.pid) for c in self.children)
-        self.peak_rss_mb = [_proc_memory_mb(c.pid, "VmHWM") for c in self.children]
+        self.cpu_seconds = sum(_proc_tree_cpu_seconds(c.pid) for c in self.children)
+        self.peak_rss_mb = [_proc_tree_memory_mb(c.pid, "VmHWM") for c in self.children]
 
     def stop(self) -> None:
         self.sample()
@@ -105,7 +149,7 @@ class Fleet:
 class Sandbox:
     """The sandbox in its own process, so its CPU is not the benchmark driver's."""
 
-    def __init__(self, latency_ms: float) -> None:
+    def __init__(self, latency_ms: float, latency_p99_ms: float | None = None) -> None:
         self.port = free_port()
         self.process = subprocess.Popen(
             [
@@ -116,6 +160,7 @@ class Sandbox:
                 str(self.port),
                 "--latency-ms",
                 str(latency_ms),
+                *(["--latency-p99-ms", str(latency_p99_ms)] if latency_p99_ms else []),
                 "--token",
                 TOKEN,
             ],
@@ -134,22 +179,35 @@ class Sandbox:
     def reset(self) -> None:
         self.http.post(f"{self.root}/_sandbox/reset")
 
+    def latency(self, median_ms: float, p99_ms: float | None = None) -> None:
+        self.http.post(
+            f"{self.root}/_sandbox/config", json={"latencyMs": median_ms, "latencyP99Ms": p99_ms}
+        )
+
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(timeout=10)
 
 
-def wait_delivered(sandbox: Sandbox, count: int, timeout: float) -> tuple[float, float]:
-    """Poll until the sandbox counted ``count`` 2xx; returns (first progress, done) times."""
-    first = None
+@dataclass(frozen=True)
+class Drained:
+    """When a drain ran, by the sandbox's clock (epoch seconds)."""
+
+    first: float  # the first 2xx decided
+    last: float  # the count-th 2xx decided
+
+    def rate(self, count: int) -> float:
+        """Messages per second between the API's first and last 2xx."""
+        return count / max(1e-9, self.last - self.first)
+
+
+def wait_delivered(sandbox: Sandbox, count: int, timeout: float) -> Drained:
+    """Poll until the sandbox counted ``count`` 2xx; its own first and last 2xx times."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        delivered = sandbox.stats()["delivered"]
-        now = time.monotonic()
-        if delivered and first is None:
-            first = now
-        if delivered >= count:
-            return first or now, now
+        stats = sandbox.stats()
+        if stats["delivered"] >= count:
+            return Drained(stats["firstDeliveredAt"], stats["lastDeliveredAt"])
         time.sleep(0.05)
     raise SystemExit(f"timed out: the sandbox counted {sandbox.stats()['delivered']} of {count}")
 
@@ -159,26 +217,122 @@ def percentile(values: list[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
 
 
+URL = "https://app.example.com/reports/1"
+
+
+def enqueue_ours(count: int, tag: str) -> float:
+    """Queue ``count`` messages through ``tasks.enqueue_many``; the producer's rate."""
+    import tasks
+
+    run = uuid.uuid4().hex[:6]
+    started = time.perf_counter()
+    for start in range(0, count, 1000):
+        tasks.enqueue_many(
+            [
+                (f"{tag}{run}-{i}", f"s{i}", TEMPLATE, URL)
+                for i in range(start, min(count, start + 1000))
+            ]
+        )
+    return count / (time.perf_counter() - started)
+
+
+def drain_row(name: str, sandbox: Sandbox, fleet: Fleet, count: int) -> Row:
+    """Start ``fleet`` on a queue already holding ``count`` messages; time it to the last 2xx."""
+    sandbox.reset()
+    fleet.start()
+    drained = wait_delivered(sandbox, count, timeout=900)
+    fleet.stop()
+    return Row(
+        name,
+        {
+            "delivered/s api": drained.rate(count),
+            "from start": count / max(1e-9, drained.last - fleet.started_at),
+            "RSS MB total": sum(fleet.peak_rss_mb),
+            "CPU ms/msg": 1000 * fleet.cpu_seconds / count,
+        },
+    )
+
+
+def steady_row(
+    name: str, sandbox: Sandbox, fleet: Fleet, rate: int, seconds: int, runtime: Any
+) -> Row:
+    """Pace ``rate`` single enqueues a second for ``seconds``; enqueue→delivered percentiles."""
+    import tasks
+
+    fleet.start()
+    time.sleep(5)  # let the workers connect before the clock starts
+    sandbox.reset()
+    run = uuid.uuid4().hex[:6]
+    ids = []
+    total = rate * seconds
+    started = time.perf_counter()
+    for i in range(total):
+        due = started + i / rate
+        pause = due - time.perf_counter()
+        if pause > 0:
+            time.sleep(pause)
+        ids.append(tasks.enqueue(f"st{run}-{i}", f"s{i}", TEMPLATE, URL))
+    achieved = total / (time.perf_counter() - started)
+    wait_delivered(sandbox, total, timeout=300)
+    fleet.stop()
+    pipe = runtime.redis.pipeline(transaction=False)
+    for message_id in ids:
+        pipe.hmget(f"notify:msg:{message_id}", "created", "updated")
+    latencies = [int(u) - int(c) for c, u in pipe.execute()]
+    return Row(
+        name,
+        {
+            "offered/s": achieved,
+            "p50 ms": percentile(latencies, 0.50),
+            "p95 ms": percentile(latencies, 0.95),
+            "p99 ms": percentile(latencies, 0.99),
+            "CPU ms/msg": 1000 * fleet.cpu_seconds / total,
+        },
+    )
+
+
+def before_checkout(ref: str) -> Path:
+    """A detached worktree of ``ref`` (the "before" code), made fresh in a temporary folder."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="notify-before-")) / "tree"
+    subprocess.run(
+        ["git", "-C", str(ROOT), "worktree", "add", "--detach", "--quiet", str(folder), ref],
+        check=True,
+    )
+    return folder
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--messages", type=int, default=20_000)
-    parser.add_argument("--processes", type=int, default=4)
-    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--slow-messages", type=int, default=12_000)
+    parser.add_argument("--processes", type=int, default=2, help="worker processes")
+    parser.add_argument(
+        "--concurrency", type=int, default=None, help="threads per worker (default: settings)"
+    )
     parser.add_argument("--latency-ms", type=float, default=20.0)
+    parser.add_argument("--slow-latency-ms", type=float, default=250.0, help="slow-api median")
+    parser.add_argument("--slow-p99-ms", type=float, default=1500.0, help="slow-api p99")
     parser.add_argument("--steady-rate", type=int, default=500)
     parser.add_argument("--steady-seconds", type=int, default=20)
     parser.add_argument("--backlog", type=int, default=100_000)
     parser.add_argument("--api-workers", type=int, default=2, help="`notify api --workers`")
     parser.add_argument("--connections", type=int, default=32, help="gateway load connections")
     parser.add_argument(
+        "--before", default=None, metavar="REF", help="git revision for the 'before' rows"
+    )
+    parser.add_argument(
         "--only",
-        default="drain,baseline,steady,gateway,backlog",
+        default="drain,before,baseline,slow-api,slow-steady,steady,gateway,backlog",
         help="comma-separated scenarios to run",
     )
     args = parser.parse_args()
     only = set(args.only.split(","))
+    if not args.before:
+        only -= {"before"}
 
     embedded = None
     if redis_answers("redis://127.0.0.1:6379/0"):
@@ -200,59 +354,39 @@ def main() -> int:
         "NOTIFY_QUEUE_NAME": "bench",
         "NOTIFY_ALLOWED_TEMPLATES": TEMPLATE,
         "NOTIFY_ALLOWED_URL_DOMAINS": "app.example.com",
-        "NOTIFY_WORKER_CONCURRENCY": str(args.concurrency),
-        "NOTIFY_HTTP_MAX_CONNECTIONS": str(args.concurrency),
         "BASELINE_REDIS_URL": redis_url,
         "BASELINE_API_URL": sandbox.url,
         "BASELINE_TOKEN": TOKEN,
         "PYTHONPATH": str(ROOT),
     }
+    if args.concurrency:
+        env["NOTIFY_WORKER_CONCURRENCY"] = str(args.concurrency)
     os.environ.update({k: v for k, v in env.items() if k.startswith("NOTIFY_")})
-    import tasks
     from worker.runtime import get_runtime
 
     runtime = get_runtime()
-    ours_cmd = [sys.executable, "-m", "celery", "-A", "worker", "worker", "--loglevel", "INFO"]
+    celery = [sys.executable, "-m", "celery", "-A", "worker", "worker", "--loglevel", "INFO"]
+    before = before_checkout(args.before) if args.before else None
+
+    def ours() -> Fleet:
+        return Fleet(celery, env, args.processes)
+
+    def theirs() -> Fleet:
+        assert before is not None
+        return Fleet(celery, {**env, "PYTHONPATH": str(before)}, args.processes, cwd=before)
+
     rows: list[Row] = []
-    ours_rate = baseline_rate = None
     n = args.messages
-    url = "https://app.example.com/reports/1"
+    slow_n = args.slow_messages
 
     try:
         if "drain" in only:
-            run = uuid.uuid4().hex[:6]
-            started = time.perf_counter()
-            for start in range(0, n, 1000):
-                tasks.enqueue_many(
-                    [
-                        (f"u{run}-{i}", f"s{i}", TEMPLATE, url)
-                        for i in range(start, min(n, start + 1000))
-                    ]
-                )
-            batch_rate = n / (time.perf_counter() - started)
-            sample = 5000  # enough single calls that one slow moment does not decide the figure
-            started = time.perf_counter()
-            for i in range(sample):
-                tasks.enqueue(f"single{run}-{i}", f"s{i}", TEMPLATE, url)
-            single_rate = sample / (time.perf_counter() - started)
-            sandbox.reset()
-            fleet = Fleet(ours_cmd, env, args.processes)
-            fleet.start()
-            first, done = wait_delivered(sandbox, n + sample, timeout=600)
-            fleet.stop()
-            ours_rate = (n + sample) / (done - first)
-            rows.append(
-                Row(
-                    "drain (ours)",
-                    {
-                        "delivered/s": ours_rate,
-                        "enqueue/s single": single_rate,
-                        "enqueue/s batch": batch_rate,
-                        "peak RSS MB/worker": max(fleet.peak_rss_mb),
-                        "CPU ms/msg": 1000 * fleet.cpu_seconds / (n + sample),
-                    },
-                )
-            )
+            batch_rate = enqueue_ours(n, "d")
+            rows.append(drain_row("drain (ours)", sandbox, ours(), n))
+            rows[-1].figures["enqueue/s batch"] = batch_rate
+        if "before" in only:
+            enqueue_ours(n, "db")
+            rows.append(drain_row(f"drain ({args.before})", sandbox, theirs(), n))
 
         if "baseline" in only:
             sys.path.insert(0, str(ROOT / "bench"))
@@ -260,82 +394,56 @@ def main() -> int:
             import baseline
 
             run = uuid.uuid4().hex[:6]
-            started = time.perf_counter()
             with baseline.app.producer_or_acquire() as producer:
                 for i in range(n):
                     baseline.send.apply_async(
-                        (f"b{run}-{i}", f"s{i}", TEMPLATE, url), producer=producer
+                        (f"b{run}-{i}", f"s{i}", TEMPLATE, URL), producer=producer
                     )
-            enqueue_rate = n / (time.perf_counter() - started)
-            sandbox.reset()
-            fleet = Fleet(
-                [
-                    sys.executable,
-                    "-m",
-                    "celery",
-                    "-A",
-                    "baseline",
-                    "worker",
-                    "--pool",
-                    "threads",
-                    "--concurrency",
-                    str(args.concurrency),
-                    "--loglevel",
-                    "INFO",
-                    "--queues",
-                    "baseline",
-                ],
-                {**env, "PYTHONPATH": f"{ROOT / 'bench'}:{ROOT}"},
-                args.processes,
-            )
-            fleet.start()
-            first, done = wait_delivered(sandbox, n, timeout=600)
-            fleet.stop()
-            baseline_rate = n / (done - first)
+            command = [*celery[:4], "baseline", "worker", "--pool", "threads", "--queues"]
+            command += ["baseline", "--concurrency", str(args.concurrency or 64)]
             rows.append(
-                Row(
-                    "drain (baseline)",
-                    {
-                        "delivered/s": baseline_rate,
-                        "enqueue/s single": enqueue_rate,
-                        "peak RSS MB/worker": max(fleet.peak_rss_mb),
-                        "CPU ms/msg": 1000 * fleet.cpu_seconds / n,
-                    },
+                drain_row(
+                    "drain (plain Celery)",
+                    sandbox,
+                    Fleet(command, {**env, "PYTHONPATH": f"{ROOT / 'bench'}:{ROOT}"}, 2),
+                    n,
                 )
             )
 
-        if "steady" in only:
-            fleet = Fleet(ours_cmd, env, args.processes)
-            fleet.start()
-            time.sleep(3)  # let the workers connect before the clock starts
-            sandbox.reset()
-            run = uuid.uuid4().hex[:6]
-            ids = []
-            total = args.steady_rate * args.steady_seconds
-            started = time.perf_counter()
-            for i in range(total):
-                due = started + i / args.steady_rate
-                pause = due - time.perf_counter()
-                if pause > 0:
-                    time.sleep(pause)
-                ids.append(tasks.enqueue(f"st{run}-{i}", f"s{i}", TEMPLATE, url))
-            achieved = total / (time.perf_counter() - started)
-            wait_delivered(sandbox, total, timeout=120)
-            fleet.stop()
-            pipe = runtime.redis.pipeline(transaction=False)
-            for message_id in ids:
-                pipe.hmget(f"notify:msg:{message_id}", "created", "updated")
-            latencies = [int(u) - int(c) for c, u in pipe.execute()]
+        if "slow-api" in only:
+            sandbox.latency(args.slow_latency_ms, args.slow_p99_ms)
+            enqueue_ours(slow_n, "sa")
+            rows.append(drain_row("slow-api (ours)", sandbox, ours(), slow_n))
+            if before is not None:
+                enqueue_ours(slow_n, "sb")
+                rows.append(drain_row(f"slow-api ({args.before})", sandbox, theirs(), slow_n))
+            rows.append(dramatiq_row(sandbox, env, slow_n))
+            sandbox.latency(args.latency_ms)
+
+        if "slow-steady" in only:
+            sandbox.latency(args.slow_latency_ms, args.slow_p99_ms)
             rows.append(
-                Row(
+                steady_row(
+                    f"slow-steady {args.steady_rate}/s",
+                    sandbox,
+                    ours(),
+                    args.steady_rate,
+                    args.steady_seconds,
+                    runtime,
+                )
+            )
+            rows[-1].figures["API p99 ms"] = args.slow_p99_ms
+            sandbox.latency(args.latency_ms)
+
+        if "steady" in only:
+            rows.append(
+                steady_row(
                     f"steady {args.steady_rate}/s",
-                    {
-                        "offered/s": achieved,
-                        "p50 ms": percentile(latencies, 0.50),
-                        "p95 ms": percentile(latencies, 0.95),
-                        "p99 ms": percentile(latencies, 0.99),
-                        "CPU ms/msg": 1000 * fleet.cpu_seconds / total,
-                    },
+                    sandbox,
+                    ours(),
+                    args.steady_rate,
+                    args.steady_seconds,
+                    runtime,
                 )
             )
 
@@ -343,26 +451,55 @@ def main() -> int:
             rows.append(gateway_scenario(env, sandbox, args.api_workers, args.connections))
 
         if "backlog" in only:
-            rows.append(backlog_scenario(runtime, ours_cmd, env, args.backlog))
+            rows.append(backlog_scenario(runtime, celery, env, args.backlog))
     finally:
         sandbox.stop()
         if embedded is not None:
             embedded.stop()
+        if before is not None:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(before)])
+            shutil.rmtree(before.parent, ignore_errors=True)
 
     print()
     print(
-        f"machine: {os.cpu_count()} cores; sandbox latency {args.latency_ms:g} ms; "
-        f"{args.processes} worker processes x {args.concurrency} threads; events on"
+        f"machine: {os.cpu_count()} cores; latency {args.latency_ms:g} ms, slow-api median "
+        f"{args.slow_latency_ms:g} ms p99 {args.slow_p99_ms:g} ms; {args.processes} worker "
+        f"processes x {args.concurrency or 'default'} threads; events on"
     )
     for row in rows:
         cells = ", ".join(
             f"{key} {value:,.1f}" if isinstance(value, float) else f"{key} {value}"
             for key, value in row.figures.items()
         )
-        print(f"  {row.name:<20} {cells}")
-    if ours_rate and baseline_rate:
-        print(f"  ratio ours/baseline  {ours_rate / baseline_rate:.2f}x")
+        print(f"  {row.name:<26} {cells}")
+    rates = {row.name: row.figures.get("delivered/s api") for row in rows}
+    for ours_name, theirs_name in (
+        ("drain (ours)", "drain (plain Celery)"),
+        ("drain (ours)", f"drain ({args.before})"),
+        ("slow-api (ours)", "slow-api (bare Dramatiq)"),
+        ("slow-api (ours)", f"slow-api ({args.before})"),
+    ):
+        if rates.get(ours_name) and rates.get(theirs_name):
+            print(
+                f"  ratio {ours_name} / {theirs_name}: {rates[ours_name] / rates[theirs_name]:.2f}x"
+            )
     return 0
+
+
+def dramatiq_row(sandbox: Sandbox, env: dict[str, str], count: int) -> Row:
+    """The drain with a bare Dramatiq worker: 2 processes x 64 threads, one shared client."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    os.environ.update({k: v for k, v in env.items() if k.startswith("BASELINE_")})
+    import baseline_dramatiq
+
+    run = uuid.uuid4().hex[:6]
+    for start in range(0, count, 1000):
+        for i in range(start, min(count, start + 1000)):
+            baseline_dramatiq.send.send(f"dq{run}-{i}", f"s{i}", TEMPLATE, URL)
+    command = [str(Path(sys.executable).parent / "dramatiq"), "baseline_dramatiq"]
+    command += ["--processes", "2", "--threads", "64"]
+    fleet = Fleet(command, {**env, "PYTHONPATH": f"{ROOT / 'bench'}:{ROOT}"}, 1, named=False)
+    return drain_row("slow-api (bare Dramatiq)", sandbox, fleet, count)
 
 
 def gateway_scenario(

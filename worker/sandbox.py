@@ -103,7 +103,8 @@ _PLAN_KEYS = frozenset(
 )
 _RATE_KEYS = frozenset({"errorRatio", "statuses", "hangRatio", "seed"})
 _SCRIPT_KEYS = frozenset({"match", "responses", "then", "rate"})
-_CONFIG_KEYS = frozenset({"latencyMs", "tokens"})
+_CONFIG_KEYS = frozenset({"latencyMs", "latencyP99Ms", "tokens"})
+_Z99 = 2.3263  # the standard normal's 99th percentile
 _OAUTH_KEYS = frozenset(
     {
         "failures",
@@ -502,6 +503,7 @@ class Sandbox:
         *,
         tokens: Iterable[str] = ("sandbox-token",),
         latency_ms: float = 0.0,
+        latency_p99_ms: float | None = None,
         base_path: str = "/notifications/v4",
         max_records: int = 200_000,
     ) -> None:
@@ -513,7 +515,8 @@ class Sandbox:
         self._lock = threading.Lock()
         self._tokens: frozenset[str] = frozenset()
         self._latency_s = 0.0
-        self.configure(latency_ms=latency_ms, tokens=tokens)
+        self._latency_sigma = 0.0
+        self.configure(latency_ms=latency_ms, latency_p99_ms=latency_p99_ms, tokens=tokens)
         self._scripts: dict[tuple[str, str], _Script] = {}
         self._records: deque[_Record] = deque(maxlen=max_records)
         self._sha_cache: dict[str, str] = {}
@@ -677,9 +680,17 @@ class Sandbox:
         return count
 
     def configure(
-        self, *, latency_ms: float | None = None, tokens: Iterable[str] | None = None
+        self,
+        *,
+        latency_ms: float | None = None,
+        latency_p99_ms: float | None = None,
+        tokens: Iterable[str] | None = None,
     ) -> None:
-        """Change latency and/or the accepted bearer tokens; applies to the next request."""
+        """Change latency and/or the accepted bearer tokens; applies to the next request.
+
+        With ``latency_p99_ms`` above ``latency_ms``, latency is lognormal: ``latency_ms`` is
+        its median and ``latency_p99_ms`` its 99th percentile (a remote API's long tail).
+        """
         new_tokens: frozenset[str] | None = None
         if tokens is not None:
             if isinstance(tokens, str):
@@ -696,11 +707,19 @@ class Sandbox:
                 self._tokens = new_tokens
             if latency_ms is not None:
                 self._latency_s = float(latency_ms) / 1000.0
+            if latency_p99_ms is not None or latency_ms is not None:
+                tail = (latency_p99_ms or 0.0) / 1000.0
+                self._latency_sigma = (
+                    math.log(tail / self._latency_s) / _Z99
+                    if self._latency_s > 0 and tail > self._latency_s
+                    else 0.0
+                )
 
     def config(self) -> dict[str, Any]:
         with self._lock:
             return {
                 "latencyMs": self._latency_s * 1000.0,
+                "latencyP99Ms": self._latency_s * math.exp(_Z99 * self._latency_sigma) * 1000.0,
                 "tokenSha256": sorted(_token_sha(t) for t in self._tokens),
                 "basePath": self._base_path,
             }
@@ -724,6 +743,10 @@ class Sandbox:
                 "total": self._total,
                 "byStatus": {str(k): v for k, v in sorted(self._by_status.items())},
                 "delivered": self._delivered,
+                # When the first and the latest 2xx were decided (epoch seconds): rates taken
+                # between them leave out the clients' start-up.
+                "firstDeliveredAt": self._first_delivered_at,
+                "lastDeliveredAt": self._last_delivered_at,
                 "perSecond": {str(k): v for k, v in sorted(self._per_second.items())},
                 "maxPerSecond": self._max_per_second,
                 "hung": self._hung,
@@ -744,6 +767,8 @@ class Sandbox:
         self._total = 0
         self._by_status: dict[int, int] = {}
         self._delivered = 0
+        self._first_delivered_at: float | None = None
+        self._last_delivered_at: float | None = None
         self._per_second: dict[int, int] = {}
         self._max_per_second = 0
         self._hung = 0
@@ -963,6 +988,8 @@ class Sandbox:
         now = time.time()
         with self._lock:
             latency = self._latency_s
+            if self._latency_sigma > 0:
+                latency *= math.exp(random.gauss(0.0, self._latency_sigma))
             authorized = self._token_ok(token)
             token_sha: str | None = None
             if token is not None:
@@ -984,6 +1011,9 @@ class Sandbox:
                 self._by_status[status] = self._by_status.get(status, 0) + 1
                 if 200 <= status < 300:
                     self._delivered += 1
+                    if self._first_delivered_at is None:
+                        self._first_delivered_at = now
+                    self._last_delivered_at = now
                     second = int(now)
                     count = self._per_second.get(second, 0) + 1
                     self._per_second[second] = count
@@ -1059,7 +1089,9 @@ class Sandbox:
         tokens = doc.get("tokens")
         if tokens is not None and not isinstance(tokens, list):
             raise ValueError("tokens must be a list of strings")
-        self.configure(latency_ms=doc.get("latencyMs"), tokens=tokens)
+        self.configure(
+            latency_ms=doc.get("latencyMs"), latency_p99_ms=doc.get("latencyP99Ms"), tokens=tokens
+        )
         return _json_answer(200, self.config())
 
     def _get_requests(self, query: str) -> _Answer:
@@ -1298,7 +1330,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8099, help="0 picks a free port")
-    parser.add_argument("--latency-ms", type=float, default=0.0)
+    parser.add_argument("--latency-ms", type=float, default=0.0, help="median latency")
+    parser.add_argument(
+        "--latency-p99-ms", type=float, default=None, help="99th percentile: a lognormal tail"
+    )
     parser.add_argument(
         "--token",
         action="append",
@@ -1313,6 +1348,7 @@ def main(argv: list[str] | None = None) -> int:
         args.port,
         tokens=args.tokens or ("sandbox-token",),
         latency_ms=args.latency_ms,
+        latency_p99_ms=args.latency_p99_ms,
         base_path=args.base_path,
     )
     sandbox._run_foreground(lambda: print(f"sandbox listening on {sandbox.url}", flush=True))
