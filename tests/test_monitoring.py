@@ -113,6 +113,27 @@ def test_redact_leaves_ordinary_text_alone_and_hides_url_credentials():
     assert redact("redis://:s3cretpw@redis:6379/0") == "redis://[REDACTED]@redis:6379/0"
 
 
+def test_redact_hides_the_oauth_scheme_but_not_the_word():
+    # Issue 11, item 7: Concur's legacy "Authorization: OAuth <token>" was left as it was.
+    jwt = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl-_x"
+    assert redact(f"Authorization: OAuth {jwt}") == "Authorization: OAuth [REDACTED]"
+    assert jwt not in redact(f"headers {{'authorization': 'oauth {jwt}'}}")
+    text = "Concur OAuth token refresh failed: OAuth client not configured"
+    assert redact(text) == text
+
+
+def test_runtime_secrets_are_bounded_to_the_latest():
+    from worker import logs
+
+    first = "runtime-token-000000"
+    logs.add_runtime_secret(first)
+    assert redact(first) == "[REDACTED]"
+    for n in range(1, logs.MAX_RUNTIME_SECRETS + 1):
+        logs.add_runtime_secret(f"runtime-token-{n:06d}")
+    assert redact(first) == first  # long expired: no longer scanned for
+    assert redact(f"runtime-token-{logs.MAX_RUNTIME_SECRETS:06d}") == "[REDACTED]"
+
+
 def test_sentry_scrub_removes_headers_bodies_and_secret_values():
     add_secret(TEST_TOKEN)
     event = {

@@ -7,6 +7,7 @@ sandbox of their own that accepts only the access tokens it issued.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import uuid
@@ -437,6 +438,29 @@ def test_a_foreign_geolocation_already_stored_in_redis_is_not_used(oauth):
         assert oauth.stored()["geolocation"] == oauth.sandbox.root_url
         assert moved == [oauth.sandbox.root_url]
         assert _refused_count(oauth.redis) == before + 1
+
+
+def test_tokens_fetched_at_run_time_are_redacted_from_logs_and_sentry(oauth):
+    # Issue 11, item 7: a bare token in a log line or a Sentry event was left as it was.
+    from worker.logs import redact
+    from worker.monitoring import scrub
+
+    tokens = oauth.provider()
+    access = tokens.token()
+    refresh = oauth.stored()["refresh"].removeprefix("p:")
+    line = f"posting with {access}; stored {refresh}; Authorization: OAuth {access}"
+    assert access not in redact(line) and refresh not in redact(line)
+    event = {"message": line, "extra": {"note": access}}
+    assert access not in json.dumps(scrub(event, {}))
+    # A restarted process that only reads the stored refresh token back knows it too.
+    from worker import logs
+
+    logs._runtime_secrets.clear()
+    with logs._secrets_lock:
+        logs._compile()
+    assert refresh in redact(refresh)
+    oauth.provider().state.load()
+    assert refresh not in redact(f"stored {refresh}")
 
 
 def test_token_endpoint_down_raises_token_unavailable_and_logs_an_error(oauth, caplog):

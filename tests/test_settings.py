@@ -157,3 +157,35 @@ def test_worker_with_plain_http_to_a_real_host_stops_naming_the_setting() -> Non
     assert "NOTIFY_API_BASE_URL: http:// to a host other than this machine" in result.stderr
     assert "NOTIFY_ALLOW_INSECURE_HTTP" in result.stderr
     assert "a-real-token-4f1c" not in result.stderr and "Traceback" not in result.stderr
+
+
+# -- URL passwords are never printed (issue 11, item 7) ----------------------------------------
+
+
+def test_a_bad_redis_url_is_named_without_its_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NOTIFY_REDIS_URL", "http://admin:s3cret-pw@redis.internal:6379/0")
+    with pytest.raises(SettingsError) as caught:
+        load_settings(_env_file=None)
+    message = str(caught.value)
+    assert message.startswith("NOTIFY_REDIS_URL: must start with redis://")
+    assert "s3cret-pw" not in message and "http://admin:***@redis.internal:6379/0" in message
+
+
+def test_plain_http_error_does_not_print_a_url_password() -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings(_env_file=None, oauth_token_url="http://u:tok-pw-123@concur.example/t")
+    assert "tok-pw-123" not in str(caught.value)
+
+
+def test_worker_with_a_bad_redis_url_stops_without_printing_its_password() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "worker", "worker", "--loglevel", "INFO"],
+        cwd=ROOT,
+        env={**os.environ, "NOTIFY_REDIS_URL": "http://:s3cret-pw-4f1c@redis.internal:6379/0"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "NOTIFY_REDIS_URL: must start with redis://" in result.stderr
+    assert "s3cret-pw-4f1c" not in result.stderr + result.stdout

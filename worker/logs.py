@@ -5,9 +5,11 @@
 formatter and the same redaction. Fields passed with ``extra=`` become top-level JSON keys.
 
 Redaction is belt and braces: no code should log a token, but if one ever does (an exception
-message, a repr of headers), the filter replaces ``Bearer <...>``, OAuth token fields and every
-known secret value (the ``SecretStr`` settings, the Redis password, values registered at run time
-with ``add_secret``) by ``[REDACTED]`` before the line is written.
+message, a repr of headers), the filter replaces ``Bearer <...>``, ``OAuth <...>``, OAuth token
+fields, URL passwords and every known secret value (the ``SecretStr`` settings, the Redis
+password, values registered at run time with ``add_secret``, and the latest tokens
+``worker.oauth`` fetches or reads back, with ``add_runtime_secret``) by ``[REDACTED]`` before
+the line is written.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import logging
 import re
 import sys
 import threading
+from collections import deque
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
@@ -31,6 +34,9 @@ REDACTED = "[REDACTED]"
 MIN_SECRET_LENGTH = 6
 
 _BEARER = re.compile(r"(?i)\b(bearer)(\s+)[A-Za-z0-9\-._~+/=]+")
+# Concur's legacy "Authorization: OAuth <token>" scheme. "OAuth" is also an ordinary word ("OAuth
+# token refresh failed"), so only a token-like run of 16+ characters after it is taken.
+_OAUTH_SCHEME = re.compile(r"(?i)\b(oauth)(\s+)[A-Za-z0-9\-._~+/=]{16,}")
 _TOKEN_FIELD = re.compile(
     r"(?i)(\b(?:access_token|refresh_token|id_token|password|client_secret)\b"
     r"[\"']?\s*[:=]\s*[\"']?)([^\"'&\s,}]+)"
@@ -39,7 +45,9 @@ _DSN_AUTH = re.compile(r"(\b[a-z][a-z0-9+.-]*://)([^/@\s:]*:)?[^/@\s]+@")
 # What each rule above needs to find before it can match. Almost no line holds any of these, and
 # one scan for them costs a fraction of running every rule (the per-attempt line is logged for
 # every message, with eight fields, so this is on the hot path).
-_SUSPECT = re.compile(r"(?i)bearer|access_token|refresh_token|id_token|password|client_secret|://")
+_SUSPECT = re.compile(
+    r"(?i)bearer|oauth|access_token|refresh_token|id_token|password|client_secret|://"
+)
 
 # The attributes every LogRecord has; anything else on a record came from ``extra=``.
 # (uvicorn's ``color_message`` repeats the message with terminal colour codes.)
@@ -49,20 +57,43 @@ _STANDARD = frozenset(
 )
 
 _secrets: set[str] = set()
+MAX_RUNTIME_SECRETS = 32
+_runtime_secrets: deque[str] = deque(maxlen=MAX_RUNTIME_SECRETS)
 _secrets_lock = threading.Lock()
 _secret_pattern: re.Pattern[str] | None = None
 
 
 def add_secret(*values: str | None) -> None:
     """Redact these values wherever they appear in a log line or a Sentry event from now on."""
-    global _secret_pattern
     fresh = {v for v in values if v and len(v) >= MIN_SECRET_LENGTH}
     if not fresh - _secrets:
         return
     with _secrets_lock:
         _secrets.update(fresh)
-        ordered = sorted(_secrets, key=len, reverse=True)  # longest first: no partial leftovers
-        _secret_pattern = re.compile("|".join(re.escape(v) for v in ordered))
+        _compile()
+
+
+def add_runtime_secret(*values: str | None) -> None:
+    """Like ``add_secret``, for tokens fetched at run time: only the latest few are kept.
+
+    An access token is replaced every hour and a rotated refresh token is retired, so a
+    process would otherwise collect thousands, and every log line is scanned for all of them.
+    """
+    fresh = [v for v in values if v and len(v) >= MIN_SECRET_LENGTH]
+    if not fresh or all(v in _runtime_secrets for v in fresh):
+        return
+    with _secrets_lock:
+        for value in fresh:
+            if value not in _runtime_secrets:
+                _runtime_secrets.append(value)
+        _compile()
+
+
+def _compile() -> None:
+    # Called with the lock held; longest first, so no partial leftovers.
+    global _secret_pattern
+    ordered = sorted(_secrets | set(_runtime_secrets), key=len, reverse=True)
+    _secret_pattern = re.compile("|".join(re.escape(v) for v in ordered)) if ordered else None
 
 
 def settings_secrets(settings: Settings) -> list[str]:
@@ -96,6 +127,7 @@ def redact(text: str) -> str:
     if _SUSPECT.search(text) is None:
         return text
     text = _BEARER.sub(rf"\1\2{REDACTED}", text)
+    text = _OAUTH_SCHEME.sub(rf"\1\2{REDACTED}", text)
     text = _TOKEN_FIELD.sub(rf"\1{REDACTED}", text)
     return _DSN_AUTH.sub(rf"\1{REDACTED}@", text)
 

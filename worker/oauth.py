@@ -31,7 +31,8 @@ is a bad or expired refresh token (the password grant takes over when company cr
 configured). Anything else that leaves no usable token (endpoint down, 5xx, timeout, a refused
 credential, the lock not free in time) raises ``TokenUnavailable`` and is logged at ERROR on
 ``notify.tokens``; messages then wait for a later attempt instead of being dead-lettered. No
-secret ever enters a log line or an exception text.
+secret ever enters a log line or an exception text, and every token fetched or read back is
+registered with ``worker.logs.add_runtime_secret``, so even a stray one is redacted.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from redis import Redis
 
 from worker import keys
 from worker.concur import USER_AGENT
+from worker.logs import add_runtime_secret, add_secret
 from worker.settings import Settings, is_loopback_host
 from worker.tokens import TokenUnavailable
 
@@ -375,6 +377,7 @@ class TokenStateStore:
                 refresh = self.cipher.open(raw["refresh"])
             except ValueError as error:
                 log.error("stored OAuth refresh token ignored: %s", error)
+            add_runtime_secret(refresh)  # redacted from log lines and Sentry events from now on
         expires = raw.get("refresh_expires")
         return StoredState(
             refresh_token=refresh,
@@ -517,6 +520,7 @@ class OAuthTokens:
         self.endpoint = TokenEndpoint(config, http, on_untrusted=self._untrusted)
         self.lock = RedisLock(redis, keys.oauth_lock(config.client_id), config.fetch_budget_seconds)
         self._on_geolocation = on_geolocation
+        add_secret(config.client_secret, config.company_auth_token, config.initial_refresh_token)
         self._mutex = threading.Lock()
         self._access: str | None = None
         self._expires_at = 0.0  # monotonic: the token is refused after this
@@ -696,6 +700,8 @@ class OAuthTokens:
             except TokenEndpointError as error:
                 raise TokenUnavailable(f"password grant refused: {error}") from None
         # An answer naming a geolocation that may not be followed keeps the one that answered.
+        # Tokens fetched at run time are secrets too: redacted wherever they would appear.
+        add_runtime_secret(grant.access_token, grant.refresh_token)
         latest_geolocation = self._checked(grant.geolocation, "a token answer") or geolocation_of(
             answered
         )

@@ -329,6 +329,14 @@ class Settings(BaseSettings):
         return self.api_token is None and not self.uses_oauth
 
 
+_URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^/@\s:]*):[^/@\s]*@")
+
+
+def mask_url_passwords(text: str) -> str:
+    """``text`` with the password of every URL in it replaced (``redis://u:***@host``)."""
+    return _URL_PASSWORD.sub(r"\1:***@", text)
+
+
 def is_loopback_host(host: str) -> bool:
     """Whether ``host`` (a URL's host name, without brackets) is this machine."""
     host = host.lower().rstrip(".")
@@ -355,12 +363,14 @@ def _describe(error: ValidationError) -> str:
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     if not loc:
         # Cross-field checks name their variables themselves.
-        return message if message.startswith(ENV_PREFIX) else f"invalid settings: {message}"
+        text = message if message.startswith(ENV_PREFIX) else f"invalid settings: {message}"
+        return mask_url_passwords(text)
     name = ENV_PREFIX + loc[0].upper()
     value = first.get("input")
     secret = any(word in name for word in ("TOKEN", "DSN", "AUTH", "SECRET", "KEY", "PASSWORD"))
     shown = "" if isinstance(value, dict) or secret else f" (got {value!r})"
-    return f"{name}: {message}{shown}"
+    # A URL's password (NOTIFY_REDIS_URL's, say) is never printed, whatever the setting.
+    return mask_url_passwords(f"{name}: {message}{shown}")
 
 
 def load_settings(**overrides: Any) -> Settings:
