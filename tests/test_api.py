@@ -491,9 +491,9 @@ def test_refused_message_becomes_a_failed_notification_in_json_and_xml(
     assert list(item) == NOTIFICATION_ORDER
     assert item["Context"] == "https://app.example.com/reports/1"
     assert item["EventType"] == "Notification Failed - api_rejected"
-    assert item["NotificationURI"] == f"{server.url}/notifications/{queued['id']}"
+    assert item["NotificationURI"] == f"/notifications/{queued['id']}"
     assert item["ObjectType"] == "NOTIFICATION"
-    assert item["ObjectURI"] == f"{server.url}/messages/{queued['id']}"
+    assert item["ObjectURI"] == f"/messages/{queued['id']}"
     failure = item["Failure"]
     assert failure["ReasonCode"] == "api_rejected"
     assert failure["HttpStatus"] == 400
@@ -782,10 +782,56 @@ def test_redis_down_gives_503_with_the_error_schema_and_not_ready():
         assert listed.status_code == 503
 
 
+def test_host_header_is_never_reflected_into_uris(http, runtime, user_id):
+    # Issue 11, item 8: a client's Host header chose the host of NotificationURI, ObjectURI,
+    # Link and the OpenAPI servers.
+    evil = {"Host": "evil.example"}
+    _dead_letter(runtime, user_id)
+    _dead_letter(runtime, user_id)
+    listed = http.get(
+        "/notifications",
+        params={"status": "failed", "user": user_id, "limit": "1"},
+        headers={**OPERATOR, **evil},
+    )
+    assert listed.status_code == 200
+    assert "evil.example" not in listed.text + listed.headers.get("link", "")
+    [item] = listed.json()
+    assert item["NotificationURI"].startswith("/notifications/")
+    assert item["ObjectURI"].startswith("/messages/")
+    assert listed.headers["link"].startswith("</notifications?")
+    xml = http.get(
+        "/notifications",
+        params={"status": "failed", "user": user_id},
+        headers={**OPERATOR, **evil, "Accept": "application/xml"},
+    )
+    assert "evil.example" not in xml.text
+    document = http.get("/openapi.json", headers=evil).json()
+    assert document["servers"] == [{"url": "/"}]
+
+
+def test_configured_public_url_is_used_for_uris(runtime, user_id):
+    _dead_letter(runtime, user_id)
+    settings = load_settings(
+        operator_keys=OPERATOR_KEY, service_public_url="https://notify.partner.example/"
+    )
+    with (
+        ServerThread(create_app(settings, runtime)) as server,
+        httpx.Client(base_url=server.url, timeout=30) as client,
+    ):
+        [item] = client.get(
+            "/notifications",
+            params={"status": "failed", "user": user_id},
+            headers={**OPERATOR, "Host": "evil.example"},
+        ).json()
+        document = client.get("/openapi.json", headers={"Host": "evil.example"}).json()
+    assert item["NotificationURI"].startswith("https://notify.partner.example/notifications/")
+    assert document["servers"] == [{"url": "https://notify.partner.example"}]
+
+
 def test_openapi_document_is_valid_and_describes_every_route(http, server):
     document = http.get("/openapi.json").json()
     validate_openapi(document)
-    assert document["servers"] == [{"url": server.url}]
+    assert document["servers"] == [{"url": "/"}]
     app = server.server.config.app
     for route in app.routes:
         assert isinstance(route, Route)

@@ -317,7 +317,10 @@ class Service:
     # helpers
 
     def _base_url(self, request: Request) -> str:
-        return self.policy.public_url or str(request.base_url).rstrip("/")
+        # Never the request's Host header: a client could point NotificationURI, ObjectURI,
+        # Link and the OpenAPI servers at a host of its choosing. Without a configured public
+        # URL the URIs are relative ("/notifications/<id>").
+        return self.policy.public_url or ""
 
     def _require(self, request: Request, role: str, *, also: str | None = None) -> None:
         roles = roles_of(presented_key(request.headers.get("authorization")), self.policy)
@@ -570,7 +573,7 @@ class Service:
 
     async def openapi(self, request: Request) -> Response:
         """``GET /openapi.json``: this service's OpenAPI 3 document."""
-        return json_response(openapi_document(self._base_url(request)))
+        return json_response(openapi_document(self._base_url(request) or "/"))
 
 
 def _handle(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[..., Any]:
