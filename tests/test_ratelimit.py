@@ -39,16 +39,16 @@ def limiter_keys(runtime: Any) -> Iterator[tuple[str, str]]:
     runtime.redis.delete(*names)
 
 
-def test_policy_defaults_to_off_and_burst_to_one_seconds_worth() -> None:
+def test_policy_defaults_to_off_and_burst_to_one() -> None:
     off = RateLimitPolicy.from_settings(load_settings())
     assert not off.enabled
     assert off.interval_us == 0
     on = RateLimitPolicy.from_settings(load_settings(rate_limit_per_second=12.5))
-    assert on.enabled and on.burst == 13 and on.interval_us == 80_000
-    strict = RateLimitPolicy.from_settings(
-        load_settings(rate_limit_per_second=20, rate_limit_burst=1, rate_limit_penalty_seconds=7)
+    assert on.enabled and on.burst == 1 and on.interval_us == 80_000
+    bursty = RateLimitPolicy.from_settings(
+        load_settings(rate_limit_per_second=20, rate_limit_burst=8, rate_limit_penalty_seconds=7)
     )
-    assert (strict.burst, strict.penalty_seconds) == (1, 7)
+    assert (bursty.burst, bursty.penalty_seconds) == (8, 7)
 
 
 def test_bad_rate_limit_settings_name_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -299,3 +299,67 @@ def test_a_message_without_a_permit_in_time_waits_on_the_schedule_without_spendi
         assert paced.deadletters.get(message_id) is None
     finally:
         paced.redis.delete(keys.RATE_LIMIT)
+
+
+@pytest.mark.slow
+def test_default_burst_keeps_two_workers_within_rate_plus_one_in_every_wall_clock_second(
+    worker_logs: Path, sandbox: Any
+) -> None:
+    """Issue 12: at 20/s with the default burst, two workers posted 33 times in the first second.
+
+    NOTIFY_RATE_LIMIT_BURST unset; 150 messages queued at once for two real workers (16 threads
+    each) sharing one limit in a Redis of their own (no other test's worker, whose mover would
+    republish a deferred message to its own unlimited queue, shares its schedule); the sandbox
+    records when each post arrived.
+    """
+    import os
+
+    from worker.redisserver import EmbeddedRedis
+
+    assert "NOTIFY_RATE_LIMIT_BURST" not in os.environ
+    redis_server = EmbeddedRedis()
+    redis_url = redis_server.start()
+    queue = f"notify-test-strict-{uuid.uuid4().hex[:8]}"
+    env = {
+        "NOTIFY_REDIS_URL": redis_url,
+        "NOTIFY_QUEUE_NAME": queue,
+        "NOTIFY_RATE_LIMIT_PER_SECOND": str(RATE),
+    }
+    workers = [WorkerProcess(name, worker_logs, env) for name in ("strict-a", "strict-b")]
+    producer = Runtime.from_settings(load_settings(redis_url=redis_url, queue_name=queue))
+    try:
+        starters = [threading.Thread(target=worker.start) for worker in workers]
+        for starter in starters:
+            starter.start()
+        for starter in starters:
+            starter.join()
+        assert all(worker.process and worker.process.poll() is None for worker in workers)
+        batch = f"strict-{uuid.uuid4().hex[:6]}"
+        count = 150
+        ids = tasks.enqueue_many(
+            [(f"{batch}-u{n}", f"s-{n}", "welcome", None) for n in range(count)],
+            runtime=producer,
+        )
+        wait_for(lambda: _all_finished(producer, ids), timeout=60, what=f"{count} messages")
+        records = _states(producer, ids)
+        assert Counter(r["state"] for r in records) == {"delivered": count}
+        assert len({r["worker"] for r in records}) == 2  # both workers took part
+
+        posts = sorted(
+            r["at"] for r in sandbox.requests() if str(r["userId"]).startswith(f"{batch}-")
+        )
+        assert len(posts) == count  # every post counted, none twice
+        per_second = Counter(int(at) for at in posts)
+        assert max(per_second.values()) <= RATE + 1, sorted(per_second.items())
+        # The first second, where the old default let a whole second's worth through at once.
+        assert per_second[int(posts[0])] <= RATE + 1, sorted(per_second.items())
+        # Paced (150 at 20/s take ~7.5 s), and not starved: a message without a permit in time
+        # goes back on the schedule for a second or so, which may leave a second short.
+        took = posts[-1] - posts[0]
+        assert (count - 1) / RATE - 0.5 <= took <= 2 * count / RATE, sorted(per_second.items())
+    finally:
+        producer.close()
+        for worker in workers:
+            if worker.process is not None:
+                worker.stop()
+        redis_server.stop()
