@@ -24,7 +24,6 @@ import functools
 import hashlib
 import json
 import logging
-import re
 import time
 import uuid
 from collections.abc import Callable
@@ -37,7 +36,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker import outcomes, ratelimit
 from worker.concur import ApiResponse, TransportFailure
-from worker.models import Message, message_id
+from worker.models import Message, is_message_id, message_id
 from worker.records import AttemptRecord, Claim, Envelope, Failure, now_ms
 from worker.runtime import Runtime
 from worker.tokens import TokenUnavailable
@@ -47,7 +46,6 @@ from worker.validation import InvalidRequest, validate_wire
 log = logging.getLogger("notify.delivery")
 T = TypeVar("T")
 
-_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_RAW_EXCERPT = 4096
 # A valid request is a few kilobytes at most (ids of 256 characters, a URL of 2048); anything far
 # larger is refused before it is stored anywhere.
@@ -94,7 +92,7 @@ def parse_envelope(value: Any) -> Envelope | Malformed:
             return _malformed(value, "req lacks userId, sessionId or templateId")
         return Envelope(message_id(*parts), 1, request)  # type: ignore[arg-type]
     ident, gen = value.get("id"), value.get("gen")
-    if not isinstance(ident, str) or not _ID.match(ident):
+    if not isinstance(ident, str) or not is_message_id(ident):
         return _malformed(value, "id is not a short URL-safe string")
     if not isinstance(gen, int) or isinstance(gen, bool) or gen < 1:
         return _malformed(value, "gen is not a positive integer")
@@ -254,8 +252,14 @@ class _Batch:
     def run(self, envelopes: list[Envelope]) -> list[str]:
         verdicts: list[str] = []
         ready: list[_Attempt] = []
-        for envelope in envelopes:
-            taken = _patiently(functools.partial(self._claim, envelope))
+        owned = [(envelope, uuid.uuid4().hex) for envelope in envelopes]
+        claims = _patiently(
+            functools.partial(
+                self.rt.store.claim_many, owned, worker=self.rt.worker_name, task_id=self.task_id
+            )
+        )
+        for (envelope, owner), claim in zip(owned, claims, strict=True):
+            taken = _patiently(functools.partial(self._check, envelope, owner, claim))
             if isinstance(taken, _Attempt):
                 ready.append(taken)
             else:
@@ -276,11 +280,9 @@ class _Batch:
             self._post(refused, token, verdicts, token_refreshed=True)
         return verdicts
 
-    def _claim(self, envelope: Envelope) -> _Attempt | str:
-        """Claim and validate one message: an ``_Attempt`` to post, or its verdict already."""
+    def _check(self, envelope: Envelope, owner: str, claim: Claim) -> _Attempt | str:
+        """After the claim: an ``_Attempt`` to post, or the message's verdict already."""
         rt = self.rt
-        owner = uuid.uuid4().hex
-        claim = rt.store.claim(envelope, owner=owner, worker=rt.worker_name, task_id=self.task_id)
         if claim.verdict != "go":
             log.info("message %s: %s (%s), nothing to do", envelope.id, claim.verdict, claim.state)
             return claim.verdict

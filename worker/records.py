@@ -402,27 +402,37 @@ class MessageStore:
 
     def claim(self, envelope: Envelope, *, owner: str, worker: str, task_id: str) -> Claim:
         """Take the message for one attempt, or say why this task must not attempt it."""
-        reply = self._run(
-            self._claim,
-            keys=[keys.message(envelope.id), keys.SCHEDULE, keys.LIVE],
-            args=[
-                envelope.id,
-                envelope.gen,
-                now_ms(),
-                self.lease_ms,
-                owner,
-                worker,
-                task_id,
-                _dumps(envelope.request),
-            ],
-        )
-        if reply[0] != "go":
-            return Claim(str(reply[0]), state=str(reply[1]))
-        try:
-            request = json.loads(reply[2])
-        except ValueError:
-            request = None
-        return Claim("go", int(reply[1]), request if isinstance(request, dict) else None)
+        [claim] = self.claim_many([(envelope, owner)], worker=worker, task_id=task_id)
+        return claim
+
+    def claim_many(
+        self, items: list[tuple[Envelope, str]], *, worker: str, task_id: str
+    ) -> list[Claim]:
+        """``claim`` for each ``(envelope, owner)`` of a task, in one round trip.
+
+        Each message is still claimed by its own script, under its own owner and lease; only the
+        round trips are shared (a task's 20 claims one by one kept a thread waiting on Redis
+        longer than on the API's answers, measured with py-spy).
+        """
+        now = now_ms()
+        client: Any = self._conn() if len(items) == 1 else self.redis.pipeline(transaction=False)
+        for envelope, owner in items:
+            call = self._claim(
+                keys=[keys.message(envelope.id), keys.SCHEDULE, keys.LIVE],
+                args=[
+                    envelope.id,
+                    envelope.gen,
+                    now,
+                    self.lease_ms,
+                    owner,
+                    worker,
+                    task_id,
+                    _dumps(envelope.request),
+                ],
+                client=client,
+            )
+        replies = [call] if len(items) == 1 else client.execute()
+        return [_claim_from(reply) for reply in replies]
 
     def delivered(self, message_id: str, attempt: AttemptRecord) -> bool:
         """Record a 2xx; False when the message had already finished."""
@@ -593,6 +603,16 @@ class MessageStore:
             return None
         record["attempts"] = [json.loads(entry) for entry in attempts]
         return dict(record)
+
+
+def _claim_from(reply: Any) -> Claim:
+    if reply[0] != "go":
+        return Claim(str(reply[0]), state=str(reply[1]))
+    try:
+        request = json.loads(reply[2])
+    except ValueError:
+        request = None
+    return Claim("go", int(reply[1]), request if isinstance(request, dict) else None)
 
 
 def _dumps(value: Any) -> str:
