@@ -324,7 +324,11 @@ def api(host: str | None, port: int | None, workers: int) -> None:
 def dev(
     workers: int, sandbox_port: int, sandbox_latency_ms: float, api_port: int, flower_port: int
 ) -> None:
-    """Run the whole stack locally: Redis (if none answers), sandbox, worker(s), API, Flower."""
+    """Run the whole stack locally: Redis (if none answers), sandbox, worker(s), API, Flower.
+
+    Writes what `notify` in another shell needs to reach it into ./.env (made from
+    ./.env.example when missing).
+    """
     from worker.devstack import run_dev
 
     sys.exit(

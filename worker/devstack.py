@@ -4,6 +4,13 @@ Starts Redis when none answers at ``NOTIFY_REDIS_URL`` (on that port if it is fr
 sandbox when no Concur token is configured (so nothing reaches the real host by accident), demo
 allow-lists when none are set, the workers, the HTTP service and Flower (with fresh keys and a
 Flower password when none are set, printed once); stops them all on Ctrl-C or SIGTERM.
+
+A second shell must reach the same stack with a bare ``.venv/bin/notify send ...``, as the README
+shows. The settings are read from the environment and from ``.env`` in the working directory, so
+``notify dev`` makes ``.env`` from ``.env.example`` when there is none, and writes into it the
+few settings the CLI needs to reach this stack (``SHARED``) whenever this stack runs with other
+values than the file has: a Redis it started elsewhere, the demo allow-lists, or a variable
+exported in this shell only. The keys and passwords it generates are never written there.
 """
 
 from __future__ import annotations
@@ -14,9 +21,12 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
 from urllib.parse import urlsplit
+
+from dotenv import dotenv_values
 
 from worker.processes import stop_processes
 from worker.redisserver import EmbeddedRedis, redis_answers
@@ -25,10 +35,76 @@ from worker.settings import load_settings
 
 DEMO_TEMPLATES = "demo-template"
 DEMO_DOMAINS = "example.com,*.example.com"
+DOTENV = ".env"  # where Settings looks, relative to the working directory
+DOTENV_EXAMPLE = ".env.example"
+# What `notify send` / `status` / `failed` in another shell need to reach this stack.
+SHARED = (
+    "NOTIFY_REDIS_URL",
+    "NOTIFY_QUEUE_NAME",
+    "NOTIFY_ALLOWED_TEMPLATES",
+    "NOTIFY_ALLOWED_URL_DOMAINS",
+)
+MARK = "# Written by `notify dev` so that `notify` in another shell reaches the same stack:"
+# The README's first steps; printed as they are, the id filled in by the user.
+TRY = (
+    "send user-1 --session s-1 --template demo-template --url https://app.example.com/x",
+    "status <id>",
+    "failed list",
+)
 
 
 def _say(line: str) -> None:
     print(f"[notify dev] {line}", flush=True)
+
+
+def ensure_dotenv(directory: Path) -> bool:
+    """Make ``.env`` from ``.env.example`` when there is none; True when it did."""
+    dotenv, example = directory / DOTENV, directory / DOTENV_EXAMPLE
+    if dotenv.exists() or not example.is_file():
+        return False
+    dotenv.write_text(example.read_text())
+    return True
+
+
+def _dotenv_line(name: str, value: str) -> str:
+    if any(ch in value for ch in " \t#\"'\\") and "'" not in value:
+        return f"{name}='{value}'"  # single quotes: taken literally
+    return f"{name}={value}"
+
+
+def update_dotenv(path: Path, values: Mapping[str, str]) -> list[str]:
+    """Give each variable its value in the dotenv file ``path``; returns the names changed.
+
+    An active ``NAME=`` line is replaced where it stands (every one, as the last would win);
+    a variable the file lacks is appended under ``MARK``. Comments and other lines stay.
+    """
+    current = dotenv_values(path) if path.exists() else {}
+    changed = {name: value for name, value in values.items() if current.get(name) != value}
+    if not changed:
+        return []
+    lines = path.read_text().splitlines() if path.exists() else []
+    missing = dict(changed)
+    for number, line in enumerate(lines):
+        name, equals, _ = line.removeprefix("export ").partition("=")
+        if equals and name.strip() in changed and not line.lstrip().startswith("#"):
+            lines[number] = _dotenv_line(name.strip(), changed[name.strip()])
+            missing.pop(name.strip(), None)
+    if missing:
+        if MARK not in lines:
+            lines += ["", MARK]
+        lines += [_dotenv_line(name, value) for name, value in missing.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return sorted(changed)
+
+
+def _command(notify: str) -> str:
+    """How to call ``notify`` from here: as it was called (``make run``: ``.venv/bin/notify``),
+    else relative when it lies below this directory, else its full path."""
+    invoked = sys.argv[0]
+    if not os.path.isabs(invoked) and os.path.isfile(invoked) and os.path.samefile(invoked, notify):
+        return invoked
+    relative = os.path.relpath(notify)
+    return notify if relative.startswith("..") else relative
 
 
 def run_dev(
@@ -40,6 +116,8 @@ def run_dev(
     flower_port: int = 5555,
 ) -> int:
     """Run until interrupted; returns the exit code."""
+    if ensure_dotenv(Path.cwd()):
+        _say(f"no {DOTENV}: wrote one from {DOTENV_EXAMPLE} (edit it to configure the stack)")
     settings = load_settings()
     env = dict(os.environ)
     started: list[EmbeddedRedis | Sandbox] = []
@@ -109,22 +187,14 @@ def run_dev(
             )
         )
 
-    exports = " ".join(
-        f"{name}={env[name]}"
-        for name in (
-            "NOTIFY_REDIS_URL",
-            "NOTIFY_API_BASE_URL",
-            "NOTIFY_ALLOWED_TEMPLATES",
-            "NOTIFY_ALLOWED_URL_DOMAINS",
-        )
-        if name in env and env.get(name) != os.environ.get(name)
+    written = update_dotenv(
+        Path.cwd() / DOTENV, {name: env[name] for name in SHARED if env.get(name)}
     )
-    _say("ready. In another shell:")
-    _say(
-        f"  {exports} notify send user-1 --session s-1 --template demo-template "
-        "--url https://app.example.com/x".strip()
-    )
-    _say(f"  {exports} notify failed list".strip())
+    if written:
+        _say(f"wrote {', '.join(written)} to {DOTENV}, where `notify` in another shell reads them")
+    _say("ready. In another shell (in this directory):")
+    for line in TRY:
+        _say(f"  {_command(notify)} {line}")
     _say(f"HTTP service: http://127.0.0.1:{api_port} (OpenAPI at /openapi.json)")
     _say(f"Flower:       http://127.0.0.1:{flower_port}")
     for name, value in generated.items():
