@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import queue
 import socket
 import ssl
 import threading
@@ -160,8 +161,9 @@ def test_posts_submitted_together_are_in_flight_together(sandbox, user_id) -> No
     try:
         url = f"{sandbox.url}/messages/{user_id}/session"
         started = time.perf_counter()
-        pending = [
-            engine.submit(
+        results: queue.SimpleQueue[Answer | ExchangeFailed] = queue.SimpleQueue()
+        engine.submit(
+            (
                 Exchange(
                     "POST",
                     url,
@@ -172,11 +174,12 @@ def test_posts_submitted_together_are_in_flight_together(sandbox, user_id) -> No
                     json.dumps({"sessionId": f"s{n}", "templateId": "t", "context": {}}).encode(),
                     5.0,
                     2.0,
-                )
+                ),
+                results.put,
             )
             for n in range(40)
-        ]
-        statuses = [future.result().status for future in pending]
+        )
+        statuses = [getattr(results.get(timeout=5), "status", None) for _ in range(40)]
         elapsed = time.perf_counter() - started
     finally:
         engine.close()
@@ -440,13 +443,25 @@ def test_a_closed_transport_refuses_new_work_and_fails_what_it_held(serve) -> No
 
     server = serve([hold])
     engine = CurlTransport(4)
-    pending = engine.submit(_post(server.url()))
+    results: queue.SimpleQueue[Answer | ExchangeFailed] = queue.SimpleQueue()
+    engine.submit([(_post(server.url()), results.put)])
     time.sleep(0.2)
     engine.close()
-    with pytest.raises(ExchangeFailed):
-        pending.result(timeout=5)
+    assert isinstance(results.get(timeout=5), ExchangeFailed)
     with pytest.raises(RuntimeError):
-        engine.submit(_post(server.url()))
+        engine.submit([(_post(server.url()), results.put)])
+
+
+def test_a_failing_completion_callback_does_not_stop_the_engine(
+    serve, transport: CurlTransport
+) -> None:
+    server = serve([])
+
+    def broken(_result: Answer | ExchangeFailed) -> None:
+        raise ValueError("a bug in a caller")
+
+    transport.submit([(_post(server.url()), broken)])
+    assert transport.request(_post(server.url())).status == 200
 
 
 def test_answer_reads_only_the_final_answers_headers(serve, transport: CurlTransport) -> None:

@@ -1,19 +1,21 @@
 """The client for Concur's Notifications v4 API: builds each post, reads each answer.
 
-``start`` hands a post to the process's one transport (``worker.transport``, libcurl) and returns
-at once, so a worker thread keeps every post of its batch in flight together; ``answer`` waits
-for one and never raises for network trouble: it gives an ``ApiResponse`` (any status) or a
-``TransportFailure`` (timeout, refused connection, broken protocol), and ``outcomes.classify``
-decides what either means. The transport is injected, so tests can run the real client against
+``start`` hands posts to the process's one transport (``worker.transport``, libcurl) and returns
+at once, so a worker thread keeps every post of its batch in flight together; each post's
+``Reply`` then gets an ``ApiResponse`` (any status) or a ``TransportFailure`` (timeout, refused
+connection, broken protocol), never an exception, and ``outcomes.classify`` decides what either
+means. The transport is injected, so tests can run the real client against
 the loopback sandbox or a transport built with other limits.
 """
 
 from __future__ import annotations
 
 import email.utils
+import functools
 import json
+import queue
 import time
-from concurrent.futures import Future
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -93,6 +95,28 @@ def parse_errors(content: bytes) -> list[dict[str, str | None]]:
     ]
 
 
+Reply = Callable[[ApiResponse | TransportFailure], None]
+"""Receives one post's result (on the transport's engine thread: keep it short)."""
+
+
+def read_answer(result: Answer | ExchangeFailed) -> ApiResponse | TransportFailure:
+    """What a transport result means to the decisions: an ``ApiResponse`` or why there was none."""
+    if isinstance(result, ExchangeFailed):
+        return TransportFailure(result.kind, result.detail, result.elapsed_seconds)
+    success = 200 <= result.status < 300
+    return ApiResponse(
+        status=result.status,
+        correlation_id=result.headers.get(CORRELATION_HEADER),
+        errors=[] if success else parse_errors(result.body),
+        retry_after_seconds=parse_retry_after(result.headers.get("retry-after")),
+        elapsed_seconds=result.elapsed_seconds,
+    )
+
+
+def _reply(reply: Reply, result: Answer | ExchangeFailed) -> None:
+    reply(read_answer(result))
+
+
 class ConcurClient:
     """Posts messages to ``{base_url}/messages/{userId}/session`` with a bearer token."""
 
@@ -114,45 +138,35 @@ class ConcurClient:
         """The v4 URL for one user; the id is one path segment, whatever it contains."""
         return f"{self.base_url}/messages/{quote(user_id, safe='')}/session"
 
-    def start(self, message: Message, token: str) -> Future[Answer]:
-        """Send one message without waiting; ``answer`` reads the result."""
-        return self._transport.submit(
-            Exchange(
-                "POST",
-                self.message_url(message.user_id),
-                (
-                    "Accept: application/json",
-                    f"User-Agent: {USER_AGENT}",
-                    "Content-Type: application/json",
-                    f"Authorization: Bearer {token}",
-                ),
-                json.dumps(message.body(), separators=(",", ":")).encode(),
-                # One deadline for the whole exchange: it bounds the attempt, so the in-flight
-                # lease (settings.inflight_lease_seconds) always outlasts it.
-                timeout_seconds=self.timeout_seconds,
-                connect_timeout_seconds=self.connect_timeout_seconds,
-            )
-        )
-
-    @staticmethod
-    def answer(pending: Future[Answer]) -> ApiResponse | TransportFailure:
-        """Wait for a post ``start`` began; the answer or why there was none."""
-        try:
-            answer = pending.result()
-        except ExchangeFailed as failure:
-            return TransportFailure(failure.kind, failure.detail, failure.elapsed_seconds)
-        success = 200 <= answer.status < 300
-        return ApiResponse(
-            status=answer.status,
-            correlation_id=answer.headers.get(CORRELATION_HEADER),
-            errors=[] if success else parse_errors(answer.body),
-            retry_after_seconds=parse_retry_after(answer.headers.get("retry-after")),
-            elapsed_seconds=answer.elapsed_seconds,
+    def start(self, posts: Iterable[tuple[Message, Reply]], token: str) -> None:
+        """Send each message without waiting; its ``Reply`` gets the answer (engine thread)."""
+        self._transport.submit(
+            (self._exchange(message, token), functools.partial(_reply, reply))
+            for message, reply in posts
         )
 
     def post_message(self, message: Message, token: str) -> ApiResponse | TransportFailure:
         """Send one message and wait for the answer."""
-        return self.answer(self.start(message, token))
+        results: queue.SimpleQueue[ApiResponse | TransportFailure] = queue.SimpleQueue()
+        self.start([(message, results.put)], token)
+        return results.get()
+
+    def _exchange(self, message: Message, token: str) -> Exchange:
+        return Exchange(
+            "POST",
+            self.message_url(message.user_id),
+            (
+                "Accept: application/json",
+                f"User-Agent: {USER_AGENT}",
+                "Content-Type: application/json",
+                f"Authorization: Bearer {token}",
+            ),
+            json.dumps(message.body(), separators=(",", ":")).encode(),
+            # One deadline for the whole exchange: it bounds the attempt, so the in-flight
+            # lease (settings.inflight_lease_seconds) always outlasts it.
+            timeout_seconds=self.timeout_seconds,
+            connect_timeout_seconds=self.connect_timeout_seconds,
+        )
 
     def close(self) -> None:
         """Stop the transport (its connections close with it)."""

@@ -24,10 +24,10 @@ import functools
 import hashlib
 import json
 import logging
+import queue
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Future, as_completed
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -35,12 +35,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker import outcomes, ratelimit
-from worker.concur import ApiResponse, TransportFailure
+from worker.concur import ApiResponse, Reply, TransportFailure
 from worker.models import Message, is_message_id, message_id
 from worker.records import AttemptRecord, Claim, Envelope, Failure, now_ms
 from worker.runtime import Runtime
 from worker.tokens import TokenUnavailable
-from worker.transport import Answer
 from worker.validation import InvalidRequest, validate_wire
 
 log = logging.getLogger("notify.delivery")
@@ -230,6 +229,10 @@ def _dead_malformed(envelope: Malformed, rt: Runtime, task_id: str) -> str:
     return f"dead:{outcomes.MALFORMED_MESSAGE}"
 
 
+def _answered(answers: Answers, attempt: _Attempt, result: ApiResponse | TransportFailure) -> None:
+    answers.put((attempt, result))
+
+
 @dataclass(slots=True)
 class _Attempt:
     """One claimed, valid message on its way to the API."""
@@ -239,6 +242,9 @@ class _Attempt:
     claim: Claim
     message: Message
     started_ms: int = field(default_factory=now_ms)
+
+
+Answers = queue.SimpleQueue[tuple[_Attempt, ApiResponse | TransportFailure]]
 
 
 class _Batch:
@@ -319,20 +325,36 @@ class _Batch:
         rt = self.rt
         limiter = rt.rate_limiter
         deadline = limiter.deadline()  # one wait budget for the batch: the lease covers it
-        pending: dict[Future[Answer], _Attempt] = {}
+        answers: Answers = queue.SimpleQueue()
+        together: list[tuple[Message, Reply]] = []
+        started = 0
         for attempt in attempts:
             if self.stopping():
                 verdicts.append(self._hand_back(attempt))
+                continue
+            reply = functools.partial(_answered, answers, attempt)
+            if not limiter.policy.enabled:
+                together.append((attempt.message, reply))  # no pace to keep: all at once
                 continue
             permit = limiter.acquire(deadline)
             if not permit.granted:
                 verdicts.append(self._deferred(attempt, permit))
                 continue
-            pending[rt.client.start(attempt.message, token)] = attempt
+            rt.client.start([(attempt.message, reply)], token)
+            started += 1
+        if together:
+            rt.client.start(together, token)
+            started += len(together)
         refused: list[_Attempt] = []
-        for future in as_completed(pending):
-            attempt = pending[future]
-            result = rt.client.answer(future)
+        # The transport answers every post within its deadline; the margin only guards a bug.
+        patience = rt.client.timeout_seconds + rt.client.connect_timeout_seconds + 60
+        for _ in range(started):
+            try:
+                attempt, result = answers.get(timeout=patience)
+            except queue.Empty:
+                raise RuntimeError(
+                    "the HTTP transport did not answer within its deadline"
+                ) from None
             outcome = outcomes.classify(
                 result,
                 attempt=attempt.claim.attempt,
