@@ -100,7 +100,9 @@ class Settings(BaseSettings):
 
     # The global rate limit (worker/ratelimit.py), shared by every worker through Redis.
     rate_limit_per_second: float = Field(0.0, ge=0, le=100_000)  # 0: off
-    rate_limit_burst: int | None = Field(None, ge=1, le=100_000)  # unset: one second's worth
+    # Posts allowed at once after an idle spell; 1 (the default) paces strictly, so no second
+    # sees more than rate + 1 posts start.
+    rate_limit_burst: int = Field(1, ge=1, le=100_000)
     rate_limit_penalty_seconds: float = Field(60.0, ge=0, le=3600)  # half pace after a 429
 
     # The HTTP service (`notify api`): partner keys for the gateway, operator keys for the
