@@ -164,13 +164,19 @@ def test_penalty_halves_the_pace_until_it_expires(
 
 @pytest.fixture(scope="module")
 def paced(worker_logs: Path) -> Iterator[Runtime]:
-    """Two real workers at 20/s (burst 5) on a queue of their own; a producer runtime for it.
+    """Two real workers at 20/s (burst 5) on a Redis of their own; a producer runtime for it.
 
-    A queue of their own: when the whole suite runs, the session's unlimited worker is alive
-    too, and must not take these messages.
+    A Redis of their own: when the whole suite runs, the session's unlimited worker is alive
+    too, and its mover would republish a deferred message (the schedule is per database) to its
+    own queue, where no limit applies.
     """
+    from worker.redisserver import EmbeddedRedis
+
+    redis_server = EmbeddedRedis()
+    redis_url = redis_server.start()
     queue = f"notify-test-paced-{uuid.uuid4().hex[:8]}"
     env = {
+        "NOTIFY_REDIS_URL": redis_url,
         "NOTIFY_QUEUE_NAME": queue,
         "NOTIFY_RATE_LIMIT_PER_SECOND": str(RATE),
         "NOTIFY_RATE_LIMIT_BURST": str(BURST),
@@ -182,13 +188,12 @@ def paced(worker_logs: Path) -> Iterator[Runtime]:
         starter.start()
     for starter in starters:
         starter.join()
-    producer = Runtime.from_settings(load_settings(queue_name=queue))
-    producer.redis.delete(keys.RATE_LIMIT, keys.RATE_LIMIT_PENALTY)
+    producer = Runtime.from_settings(load_settings(redis_url=redis_url, queue_name=queue))
     yield producer
-    producer.redis.delete(keys.RATE_LIMIT, keys.RATE_LIMIT_PENALTY)
     producer.close()
     for worker in workers:
         worker.stop()
+    redis_server.stop()
 
 
 def _states(runtime: Runtime, ids: list[str]) -> list[dict[str, str]]:
