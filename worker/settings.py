@@ -1,7 +1,7 @@
 """The one settings object, read from the environment (prefix ``NOTIFY_``) or ``.env``.
 
-Every setting is documented in README.md and ``.env.example``. A bad value stops start-up with
-one line that names the setting (``SettingsError``), never a traceback.
+Every setting is documented in docs/settings.md and ``.env.example``. A bad value stops
+start-up with one line that names the setting (``SettingsError``), never a traceback.
 """
 
 from __future__ import annotations
@@ -104,6 +104,15 @@ class Settings(BaseSettings):
     # sees more than rate + 1 posts start.
     rate_limit_burst: int = Field(1, ge=1, le=100_000)
     rate_limit_penalty_seconds: float = Field(60.0, ge=0, le=3600)  # half pace after a 429
+
+    # The fleet-wide circuit breaker (worker/breaker.py): when the API is failing, no worker
+    # posts, and waiting messages keep their attempts.
+    breaker_enabled: bool = True
+    breaker_window_seconds: int = Field(60, ge=1, le=3600)
+    breaker_min_calls: int = Field(20, ge=1, le=1_000_000)
+    breaker_failure_ratio: float = Field(0.5, gt=0, le=1)
+    breaker_open_seconds: float = Field(30.0, gt=0, le=3600)  # doubles while probes fail
+    breaker_max_open_seconds: float = Field(600.0, gt=0, le=86_400)
 
     # The HTTP service (`notify api`): partner keys for the gateway, operator keys for the
     # failed-notification endpoints. Both are bearer secrets, never logged or echoed.
@@ -255,6 +264,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"{ENV_PREFIX}BACKOFF_MAX_SECONDS ({self.backoff_max_seconds}) is below "
                 f"{ENV_PREFIX}BACKOFF_BASE_SECONDS ({self.backoff_base_seconds})"
+            )
+        if self.breaker_max_open_seconds < self.breaker_open_seconds:
+            raise ValueError(
+                f"{ENV_PREFIX}BREAKER_MAX_OPEN_SECONDS ({self.breaker_max_open_seconds}) is below "
+                f"{ENV_PREFIX}BREAKER_OPEN_SECONDS ({self.breaker_open_seconds})"
             )
         if self.visibility_timeout_seconds <= self.inflight_lease_seconds:
             raise ValueError(
