@@ -9,9 +9,15 @@
                                ``dead:<reason>``)
 ``notify:stats:live``          hash: gauges kept by the same scripts that change a message's state
                                (``inflight``, ``retrying``, ``dead:<reason>`` = letters held now)
+``notify:stats:partner:{p}``  hash: the cumulative counters of ``notify:stats`` for partner ``p``
+``notify:partners``            set: every partner name a message was recorded for
 ``notify:stats:delivered:{m}`` counter: deliveries in epoch minute ``m`` (expires after 2 h)
 ``notify:ratelimit``           string: the rate limit's theoretical arrival time (µs, GCRA)
 ``notify:ratelimit:penalty``   string: interval multiplier after a 429, expiring with the penalty
+``notify:breaker``             hash: the circuit breaker's state, when it may let a post through
+                               again, its current open time, the probe's lease
+``notify:breaker:window``      hash: calls (``c:<second>``) and failures (``f:<second>``) per
+                               second over the breaker's window
 ``notify:oauth:{client}``      hash: Concur OAuth state of one client id: the refresh token
                                (encrypted when a key is set), its expiry (ms), the geolocation,
                                the fingerprint of the configured token it descends from
@@ -31,13 +37,21 @@ DEAD_INDEX = f"{PREFIX}:dead"
 STATS = f"{PREFIX}:stats"
 DELIVERED_PER_MINUTE = f"{PREFIX}:stats:delivered"
 LIVE = f"{PREFIX}:stats:live"
+PARTNERS = f"{PREFIX}:partners"
 RATE_LIMIT = f"{PREFIX}:ratelimit"
 RATE_LIMIT_PENALTY = f"{PREFIX}:ratelimit:penalty"
+BREAKER = f"{PREFIX}:breaker"
+BREAKER_WINDOW = f"{PREFIX}:breaker:window"
 
 
 def message(message_id: str) -> str:
     """The status record of one message."""
     return f"{PREFIX}:msg:{message_id}"
+
+
+def partner_stats(partner: str) -> str:
+    """The cumulative counters of one partner (the fields of ``STATS``)."""
+    return f"{PREFIX}:stats:partner:{partner}"
 
 
 def attempts(message_id: str) -> str:
