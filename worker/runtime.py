@@ -17,6 +17,7 @@ from typing import Any
 from redis import Redis
 
 from worker.allowlist import AllowList
+from worker.breaker import Breaker, BreakerPolicy
 from worker.concur import ConcurClient
 from worker.deadletters import DeadLetterStore
 from worker.publisher import Publisher
@@ -172,6 +173,11 @@ class Runtime:
         """The global rate limit shared through Redis (free when the limit is off)."""
         # No I/O in the constructor, so two threads racing here at first use is harmless.
         return RateLimiter(self.redis, RateLimitPolicy.from_settings(self.settings))
+
+    @functools.cached_property
+    def breaker(self) -> Breaker:
+        """The fleet-wide circuit breaker, shared through Redis."""
+        return Breaker(self.redis, BreakerPolicy.from_settings(self.settings))
 
     @property
     def deadletters(self) -> DeadLetterStore:
