@@ -39,6 +39,7 @@ from worker.settings import Settings
 log = logging.getLogger("notify.breaker")
 
 CLOSED, OPEN, HALF_OPEN, FORCED_OPEN = "closed", "open", "half_open", "forced_open"
+PROBE, WAIT = "probe", "wait"  # admit's other verdicts: post one; post none, a probe is out
 STATE_NUMBERS = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2, FORCED_OPEN: 2}
 FORCED_RECHECK_MS = 5_000  # how soon a message paused by a forced-open breaker is looked at again
 

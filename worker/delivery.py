@@ -9,7 +9,8 @@ for the batch and a second post of each message it concerned.
 
 Each message ends with a short verdict for logs and tests (``delivered``, ``retry``,
 ``dead:<reason>``, ``deferred`` when the global rate limit had no permit in time or no token
-could be had (back on the schedule, no attempt counted), ``handed_back`` when the worker began
+could be had, ``paused`` when the circuit breaker (``worker.breaker``) held the posts (both back
+on the schedule, no attempt counted), ``handed_back`` when the worker began
 a warm shutdown before the post started, or why nothing was done: ``done``, ``stale``,
 ``busy``). Every path ends with the outcome written to Redis before the task returns, so the
 broker message is acknowledged only after that. An unexpected error leaves a message claimed
@@ -25,6 +26,7 @@ import hashlib
 import json
 import logging
 import queue
+import random
 import time
 import uuid
 from collections.abc import Callable
@@ -34,7 +36,7 @@ from typing import Any, TypeVar
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from worker import outcomes, ratelimit
+from worker import breaker, outcomes, ratelimit
 from worker.concur import ApiResponse, Reply, TransportFailure
 from worker.models import Message, is_message_id, message_id
 from worker.records import AttemptRecord, Claim, Envelope, Failure, now_ms
@@ -50,6 +52,7 @@ MAX_RAW_EXCERPT = 4096
 # larger is refused before it is stored anywhere.
 MAX_REQUEST_BYTES = 16 * 1024
 REDIS_PATIENCE_SECONDS = 60.0
+PAUSE_JITTER_MS = 1000  # spreads the messages a breaker paused over a second when it lets go
 TOKEN_UNAVAILABLE = "token_unavailable"  # the cause of an attempt deferred for want of a token
 
 
@@ -321,8 +324,25 @@ class _Batch:
         """Start each post as its permit comes, record each answer as it arrives.
 
         Returns the attempts the API answered with a first 401 (their token needs refreshing).
+        The circuit breaker is asked first: open, nothing is posted; half-open, one probe is.
         """
         rt = self.rt
+        admission = rt.breaker.admit()
+        if admission.verdict in (breaker.OPEN, breaker.WAIT):
+            # Jitter: when the breaker lets posts through again, not every worker at once.
+            due = admission.until_ms if admission.verdict == breaker.OPEN else now_ms()
+            verdicts.extend(
+                self._paused(a, due + random.randint(0, PAUSE_JITTER_MS)) for a in attempts
+            )
+            return []
+        probing = admission.verdict == breaker.PROBE
+        if probing:
+            # One post decides; the rest of the batch comes back moments later.
+            verdicts.extend(
+                self._paused(a, now_ms() + random.randint(PAUSE_JITTER_MS, 2 * PAUSE_JITTER_MS))
+                for a in attempts[1:]
+            )
+            attempts = attempts[:1]
         limiter = rt.rate_limiter
         deadline = limiter.deadline()  # one wait budget for the batch: the lease covers it
         answers: Answers = queue.SimpleQueue()
@@ -348,6 +368,7 @@ class _Batch:
         refused: list[_Attempt] = []
         # The transport answers every post within its deadline; the margin only guards a bug.
         patience = rt.client.timeout_seconds + rt.client.connect_timeout_seconds + 60
+        calls = failures = 0  # answers not yet counted by the breaker
         for _ in range(started):
             try:
                 attempt, result = answers.get(timeout=patience)
@@ -355,6 +376,16 @@ class _Batch:
                 raise RuntimeError(
                     "the HTTP transport did not answer within its deadline"
                 ) from None
+            failed = breaker.counts_as_failure(result)
+            if probing:
+                rt.breaker.record(1, int(failed), probe=not failed)
+            else:
+                # Successes are counted once per batch; a failure at once, so the breaker
+                # opens while the failing posts are still coming in.
+                calls, failures = calls + 1, failures + failed
+                if failed:
+                    rt.breaker.record(calls, failures)
+                    calls = failures = 0
             outcome = outcomes.classify(
                 result,
                 attempt=attempt.claim.attempt,
@@ -367,6 +398,8 @@ class _Batch:
             if ratelimit.slows_down(outcome):
                 limiter.penalize()  # a 429: every worker slows down for a while
             verdicts.append(self._record(attempt, result, outcome))
+        if calls:
+            rt.breaker.record(calls, failures)
         return refused
 
     def _record(
@@ -462,6 +495,16 @@ class _Batch:
             permit.retry_in_seconds,
         )
         return "deferred"
+
+    def _paused(self, attempt: _Attempt, due_ms: int) -> str:
+        # The circuit breaker is not closed: nothing was posted, so no attempt is spent.
+        self.rt.store.defer(attempt.envelope.id, attempt.owner, due_ms)
+        log.info(
+            "paused %s: the circuit breaker holds posts, again in %.1fs",
+            attempt.envelope.id,
+            max(0, due_ms - now_ms()) / 1000,
+        )
+        return "paused"
 
     def _hand_back(self, attempt: _Attempt) -> str:
         # A warm shutdown began before this post started: due now, for whichever worker is up,

@@ -31,6 +31,7 @@ from typing import Any
 from kombu.transport.redis import PRIORITY_STEPS, Channel
 
 from worker import keys, outcomes
+from worker.breaker import STATE_NUMBERS
 from worker.records import DELIVERED_COUNTER_TTL_SECONDS, now_ms
 from worker.runtime import Runtime
 
@@ -49,8 +50,13 @@ _COUNTERS = (
     (
         "deferred",
         "notify_rate_limit_deferred_total",
-        "Messages put back on the schedule because "
-        "the global rate limit had no permit in time (no attempt counted).",
+        "Messages put back on the schedule without spending an attempt: no rate-limit permit "
+        "in time, no token, or the circuit breaker held the posts.",
+    ),
+    (
+        "breaker_opened",
+        "notify_breaker_opened_total",
+        "Times the circuit breaker opened (failures, failed probes, or an operator).",
     ),
     ("replayed", "notify_replayed_total", "Dead letters sent back through the pipeline."),
     (
@@ -86,6 +92,7 @@ class Stats:
     totals: Mapping[str, int]
     dead_lettered_total: Mapping[str, int] = field(default_factory=dict)
     rate_limit_penalty_factor: float = 1.0
+    breaker_state: str = "closed"
 
     @property
     def delivered_last_minute(self) -> int:
@@ -135,6 +142,7 @@ def build(
     dead_index_size: Any,
     minute_counts: Sequence[tuple[int, Any]],
     penalty: Any,
+    breaker_state: Any = None,
 ) -> Stats:
     """Turn the raw Redis replies into ``Stats`` (pure)."""
     dead_now = {reason: 0 for reason in outcomes.REASONS}
@@ -164,6 +172,7 @@ def build(
         totals=plain,
         dead_lettered_total=dead_ever,
         rate_limit_penalty_factor=max(1.0, _float(penalty, 1.0)),
+        breaker_state=str(breaker_state or "closed"),
     )
 
 
@@ -184,9 +193,10 @@ def collect(runtime: Runtime, *, minutes: int = DEFAULT_MINUTES) -> Stats:
     pipe.zcard(keys.DEAD_INDEX)
     pipe.mget([f"{keys.DELIVERED_PER_MINUTE}:{minute}" for minute in minute_numbers])
     pipe.get(keys.RATE_LIMIT_PENALTY)
+    pipe.hget(keys.BREAKER, "state")
     replies = pipe.execute()
     lengths, rest = replies[: len(lists)], replies[len(lists) :]
-    reserved, live, totals, dead_size, counts, penalty = rest
+    reserved, live, totals, dead_size, counts, penalty, breaker_state = rest
     return build(
         at_ms=at,
         queue=queue,
@@ -197,6 +207,7 @@ def collect(runtime: Runtime, *, minutes: int = DEFAULT_MINUTES) -> Stats:
         dead_index_size=dead_size,
         minute_counts=list(zip(minute_numbers, counts, strict=True)),
         penalty=penalty,
+        breaker_state=breaker_state,
     )
 
 
@@ -275,5 +286,12 @@ def render_prometheus(stats: Stats) -> str:
         "gauge",
         "How many times slower than the configured rate workers post now (1 = no 429 penalty).",
         [("", stats.rate_limit_penalty_factor)],
+    )
+    _metric(
+        lines,
+        "notify_breaker_state",
+        "gauge",
+        "The circuit breaker: 0 closed, 1 half-open (one probe decides), 2 open (no posts).",
+        [("", STATE_NUMBERS.get(stats.breaker_state, 0))],
     )
     return "\n".join(lines) + "\n"
