@@ -237,6 +237,58 @@ def failed_delete(ids: tuple[str, ...], all_: bool, selection: Any) -> None:
         _fail(f"no failed notification {', '.join(map(repr, missing))}", EXIT_NOT_FOUND)
 
 
+@main.group()
+def breaker() -> None:
+    """The fleet-wide circuit breaker: see it, or force it open or closed."""
+
+
+def _breaker_line() -> str:
+    from worker.runtime import get_runtime
+
+    status = get_runtime().breaker.status()
+    line = f"{status.state}  ({status.failures} of {status.calls} posts failed in the window)"
+    if status.until_ms:
+        line += f"; posts may resume at {_when(status.until_ms)}"
+    if status.open_seconds:
+        line += f"; open for {status.open_seconds:g}s at a time now"
+    return line
+
+
+@breaker.command("status")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@friendly_errors
+def breaker_status(as_json: bool) -> None:
+    """Show the breaker's state and the failures counted in its window."""
+    from dataclasses import asdict
+
+    from worker.runtime import get_runtime
+
+    if as_json:
+        click.echo(json.dumps(asdict(get_runtime().breaker.status()), indent=2))
+        return
+    click.echo(_breaker_line())
+
+
+@breaker.command("open")
+@friendly_errors
+def breaker_open() -> None:
+    """Stop every worker posting until `notify breaker close` (messages keep their attempts)."""
+    from worker.runtime import get_runtime
+
+    get_runtime().breaker.force_open()
+    click.echo(_breaker_line())
+
+
+@breaker.command("close")
+@friendly_errors
+def breaker_close() -> None:
+    """Let posts through again now, with a fresh failure window."""
+    from worker.runtime import get_runtime
+
+    get_runtime().breaker.close()
+    click.echo(_breaker_line())
+
+
 @main.command("stats")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 @click.option("--minutes", default=15, show_default=True, type=click.IntRange(1, 120))
@@ -262,6 +314,7 @@ def stats_command(as_json: bool, minutes: int) -> None:
         ("retries in all", str(snapshot.totals.get("retried", 0))),
         ("dead-lettered in all", str(snapshot.totals.get("dead_lettered", 0))),
         ("rate-limit penalty", f"x{snapshot.rate_limit_penalty_factor:g}"),
+        ("circuit breaker", snapshot.breaker_state),
     ]
     for name, value in rows:
         click.echo(f"{name:<30} {value}")
