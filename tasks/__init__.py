@@ -1,8 +1,8 @@
 """The ``send_message`` task and the producer helpers partners call.
 
 ``enqueue`` validates before it queues (raising ``InvalidRequest``, queuing nothing) and returns
-the message id; sending the same (user, session, template) again returns the same id and queues
-nothing new.
+the message id; sending the same (user, session, template) again for the same partner returns
+the same id and queues nothing new.
 """
 
 from __future__ import annotations
@@ -64,10 +64,19 @@ class Enqueued:
     state: str
 
 
-def submit(user_id: str, body: dict[str, Any], *, runtime: Runtime | None = None) -> Enqueued:
-    """Validate a v4 request body for ``user_id`` and queue it; raise ``InvalidRequest``."""
+def submit(
+    user_id: str,
+    body: dict[str, Any],
+    *,
+    runtime: Runtime | None = None,
+    partner: str | None = None,
+) -> Enqueued:
+    """Validate a v4 request body for ``user_id`` and queue it; raise ``InvalidRequest``.
+
+    ``partner`` (``default`` when None) is part of the id and the idempotency key.
+    """
     rt = runtime or get_runtime()
-    message = validate(user_id, body, rt.allowlist)
+    message = validate(user_id, body, rt.allowlist, partner=partner)
     [(created, state)] = record([message], runtime=rt)
     return Enqueued(message.id, not created, state)
 
@@ -95,17 +104,23 @@ def enqueue(
     url: str | None = None,
     *,
     runtime: Runtime | None = None,
+    partner: str | None = None,
 ) -> str:
     """Queue one message to a Concur user and return its id; raise ``InvalidRequest`` if bad.
 
     It returns once the message is recorded in Redis; a background thread publishes it to the
-    queue moments later (see ``worker.publisher``).
+    queue moments later (see ``worker.publisher``). ``partner`` names who sends it (``default``
+    when None): the same request from two partners is two messages with two ids.
     """
-    return submit(user_id, request_body(session_id, template_id, url), runtime=runtime).id
+    body = request_body(session_id, template_id, url)
+    return submit(user_id, body, runtime=runtime, partner=partner).id
 
 
 def enqueue_many(
-    requests: list[tuple[str, str, str, str | None]], *, runtime: Runtime | None = None
+    requests: list[tuple[str, str, str, str | None]],
+    *,
+    runtime: Runtime | None = None,
+    partner: str | None = None,
 ) -> list[str]:
     """Queue many ``(user_id, session_id, template_id, url)`` at once; all-or-nothing validation.
 
@@ -116,7 +131,8 @@ def enqueue_many(
     rt = runtime or get_runtime()
     messages = []
     for user_id, session_id, template_id, url in requests:
-        messages.append(validate(user_id, request_body(session_id, template_id, url), rt.allowlist))
+        body = request_body(session_id, template_id, url)
+        messages.append(validate(user_id, body, rt.allowlist, partner=partner))
     results = rt.store.create_many([(m.id, m.to_wire()) for m in messages])
     rt.publish(
         [

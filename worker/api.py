@@ -40,7 +40,7 @@ from worker import notifications
 from worker.deadletters import DeadLetterFilter
 from worker.intake import Intake
 from worker.logs import configure_from_settings
-from worker.models import is_message_id
+from worker.models import is_message_id, is_partner_name, partner_of
 from worker.monitoring import init_sentry
 from worker.openapi import openapi_document
 from worker.runtime import Runtime, get_runtime
@@ -106,7 +106,7 @@ class ApiError(Exception):
 class ServicePolicy:
     """What the HTTP service needs from the settings: keys, body limit, public URL."""
 
-    gateway_keys: tuple[bytes, ...]
+    gateway_keys: tuple[tuple[bytes, str], ...]  # (key, partner name)
     operator_keys: tuple[bytes, ...]
     max_body_bytes: int
     public_url: str | None
@@ -115,7 +115,10 @@ class ServicePolicy:
     def from_settings(cls, settings: Settings) -> ServicePolicy:
         """Read the service's part of the settings."""
         return cls(
-            gateway_keys=tuple(k.get_secret_value().encode() for k in settings.gateway_keys),
+            gateway_keys=tuple(
+                (key.get_secret_value().encode(), partner)
+                for partner, key in settings.gateway_partners
+            ),
             operator_keys=tuple(k.get_secret_value().encode() for k in settings.operator_keys),
             max_body_bytes=settings.service_max_body_bytes,
             public_url=settings.service_public_url,
@@ -144,16 +147,40 @@ def _any_matches(given: bytes, keys: tuple[bytes, ...]) -> bool:
     return matched
 
 
-def roles_of(given: bytes | None, policy: ServicePolicy) -> frozenset[str]:
-    """The roles a presented key grants (none, partner, operator or both)."""
+def partner_of_key(given: bytes | None, policy: ServicePolicy) -> str | None:
+    """The partner whose gateway key ``given`` is, or None."""
     if given is None:
-        return frozenset()
+        return None
+    matched: str | None = None
+    for key, partner in policy.gateway_keys:
+        # Every key is compared, in constant time each; no key names two partners (settings).
+        if hmac.compare_digest(given, key):
+            matched = partner
+    return matched
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who presented the request's key: its roles and, for a gateway key, its partner."""
+
+    roles: frozenset[str]
+    partner: str | None
+
+    @property
+    def operator(self) -> bool:
+        """Operators see every partner's messages."""
+        return OPERATOR in self.roles
+
+
+def caller_of(given: bytes | None, policy: ServicePolicy) -> Caller:
+    """The roles and partner a presented key grants."""
+    partner = partner_of_key(given, policy)
     roles = set()
-    if _any_matches(given, policy.gateway_keys):
+    if partner is not None:
         roles.add(PARTNER)
-    if _any_matches(given, policy.operator_keys):
+    if given is not None and _any_matches(given, policy.operator_keys):
         roles.add(OPERATOR)
-    return frozenset(roles)
+    return Caller(frozenset(roles), partner)
 
 
 def negotiate(accept: str | None) -> str | None:
@@ -229,19 +256,29 @@ def _int_or_none(value: Any) -> int | None:
         return None
 
 
-def message_view(message_id: str, record: dict[str, Any], base_url: str) -> dict[str, Any]:
-    """A status record (``MessageStore.status``) as the ``GET /messages/{id}`` body."""
+def _record_request(record: dict[str, Any]) -> dict[str, Any]:
     try:
         request = json.loads(record.get("req") or "{}")
     except ValueError:
         request = {}
-    request = request if isinstance(request, dict) else {}
+    return request if isinstance(request, dict) else {}
+
+
+def record_partner(record: dict[str, Any]) -> str:
+    """The partner a status record belongs to (``default`` for records from before partners)."""
+    return partner_of(_record_request(record))
+
+
+def message_view(message_id: str, record: dict[str, Any], base_url: str) -> dict[str, Any]:
+    """A status record (``MessageStore.status``) as the ``GET /messages/{id}`` body."""
+    request = _record_request(record)
     context = request.get("context")
     state = str(record.get("state", ""))
     view: dict[str, Any] = {
         "id": message_id,
         "status": STATUS_OF_STATE.get(state, "queued"),
         "state": state,
+        "partner": partner_of(request),
         "userId": request.get("userId"),
         "sessionId": request.get("sessionId"),
         "templateId": request.get("templateId"),
@@ -322,10 +359,11 @@ class Service:
         # URL the URIs are relative ("/notifications/<id>").
         return self.policy.public_url or ""
 
-    def _require(self, request: Request, role: str, *, also: str | None = None) -> None:
-        roles = roles_of(presented_key(request.headers.get("authorization")), self.policy)
+    def _require(self, request: Request, role: str, *, also: str | None = None) -> Caller:
+        caller = caller_of(presented_key(request.headers.get("authorization")), self.policy)
+        roles = caller.roles
         if role in roles or (also is not None and also in roles):
-            return
+            return caller
         if roles:
             raise ApiError(403, FORBIDDEN, f"this key does not grant the {role} role")
         raise ApiError(
@@ -421,6 +459,9 @@ class Service:
     @staticmethod
     def _filter(request: Request) -> DeadLetterFilter:
         query = request.query_params
+        partner = query.get("partner") or None
+        if partner is not None and not is_partner_name(partner):
+            raise ApiError(400, INVALID_PARAMETER, "partner is not a partner name")
         since = query.get("since")
         since_ms = None
         if since is not None:
@@ -435,6 +476,7 @@ class Service:
             template_id=query.get("template") or None,
             user_id=query.get("user") or None,
             since_ms=since_ms,
+            partner=partner,
         )
 
     @staticmethod
@@ -450,7 +492,7 @@ class Service:
 
     async def submit(self, request: Request) -> Response:
         """``POST /messages/{userId}/session``: validate and queue a v4 request."""
-        self._require(request, PARTNER)
+        caller = self._require(request, PARTNER)
         self._check_json_content_type(request)
         raw = await self._read_body(request)
         try:
@@ -461,7 +503,9 @@ class Service:
         user_id = self._user_id(request)
         try:
             # Pure and cached: cheaper here than a hop to a thread.
-            message = validate(user_id, body, self.runtime.allowlist)
+            # The partner is part of the id and the idempotency key: the same request from two
+            # partners is two messages, and neither can pre-empt the other's.
+            message = validate(user_id, body, self.runtime.allowlist, partner=caller.partner)
         except InvalidRequest as error:
             raise ApiError(400, "", "", problems=error.problems) from None
         created, state = await self.intake.record(message)
@@ -474,10 +518,19 @@ class Service:
 
     async def message_status(self, request: Request) -> Response:
         """``GET /messages/{id}``: the message's status and attempts."""
-        self._require(request, PARTNER, also=OPERATOR)
+        caller = self._require(request, PARTNER, also=OPERATOR)
         message_id = self._id(request)
         record = await run_in_threadpool(self.runtime.store.status, message_id)
-        if record is None:
+        # Another partner's message is "no such message", exactly as an unknown id: a 403 would
+        # tell a partner which ids exist. Operators see every partner's.
+        if record is None or not (caller.operator or record_partner(record) == caller.partner):
+            if record is not None:
+                log.info(
+                    "partner %s asked for message %s of another partner: 404",
+                    caller.partner,
+                    message_id,
+                    extra={"partner": caller.partner, "message_id": message_id},
+                )
             raise ApiError(404, NOT_FOUND, "no such message (unknown, or its status expired)")
         return json_response(message_view(message_id, record, self._base_url(request)))
 

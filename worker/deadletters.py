@@ -16,6 +16,7 @@ from typing import Any, cast
 from redis import Redis
 
 from worker import keys
+from worker.models import DEFAULT_PARTNER, partner_of
 from worker.records import Envelope, MessageStore
 
 SCAN_CHUNK = 500
@@ -41,6 +42,7 @@ class DeadLetter:
     task_id: str | None
     worker: str | None
     replays: int
+    partner: str = DEFAULT_PARTNER
 
     @property
     def template_id(self) -> str | None:
@@ -75,6 +77,7 @@ class DeadLetter:
             task_id=data.get("task") or None,
             worker=data.get("worker") or None,
             replays=_int_or_none(data.get("replays")) or 0,
+            partner=partner_of(request),
         )
 
 
@@ -86,11 +89,13 @@ class DeadLetterFilter:
     template_id: str | None = None
     user_id: str | None = None
     since_ms: int | None = None
+    partner: str | None = None
 
     def matches(self, letter: DeadLetter) -> bool:
         """Whether ``letter`` is selected."""
         return (
-            (self.reason is None or letter.reason == self.reason)
+            (self.partner is None or letter.partner == self.partner)
+            and (self.reason is None or letter.reason == self.reason)
             and (self.template_id is None or letter.template_id == self.template_id)
             and (self.user_id is None or letter.user_id == self.user_id)
             and (self.since_ms is None or letter.dead_ms >= self.since_ms)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,10 @@ MAX_URL_LENGTH = 2048
 # short URL-safe strings. Always applied with ``fullmatch`` (``is_message_id``): ``match`` with
 # ``$`` would also accept a trailing newline, and such an id must never reach a Redis key name.
 MESSAGE_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# Partners (``NOTIFY_GATEWAY_KEYS=name:key,...``): a request's partner is part of its id and its
+# idempotency key. A bare key, and every record written before partners had names, is ``default``.
+DEFAULT_PARTNER = "default"
+PARTNER_PATTERN = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 
 _strict = ConfigDict(strict=True, extra="forbid")
 
@@ -54,16 +59,33 @@ class ErrorMessage(BaseModel):
     errors: list[ErrorItem] = []
 
 
-def message_id(user_id: str, session_id: str, template_id: str) -> str:
-    """The stable, URL-safe id of a request: the same (user, session, template) gives the same id.
+def message_id(user_id: str, session_id: str, template_id: str, partner: str | None = None) -> str:
+    """The stable, URL-safe id of a request: the same (partner, user, session, template) gives
+    the same id.
 
     The id doubles as the idempotency key, so a request sent twice is found, not queued twice.
+    It is per partner: partner ``default`` keeps the unkeyed hash every earlier id was made with,
+    any other partner's hash is keyed with its name, so two partners sending the same triple get
+    unrelated ids and neither can make the other's request a "duplicate".
     """
-    digest = hashlib.blake2b(
-        "\x1f".join((user_id, session_id, template_id)).encode("utf-8", "surrogatepass"),
-        digest_size=15,
-    ).digest()
+    data = "\x1f".join((user_id, session_id, template_id)).encode("utf-8", "surrogatepass")
+    if partner is None or partner == DEFAULT_PARTNER:
+        digest = hashlib.blake2b(data, digest_size=15).digest()
+    else:
+        key = partner.encode("utf-8", "surrogatepass")[:64]  # blake2b keys are at most 64 bytes
+        digest = hashlib.blake2b(data, digest_size=15, key=key).digest()
     return base64.b32encode(digest).decode("ascii").lower()
+
+
+def is_partner_name(value: object) -> bool:
+    """Whether ``value`` is a valid partner name (lower-case letters, digits, ``_.-``)."""
+    return isinstance(value, str) and PARTNER_PATTERN.fullmatch(value) is not None
+
+
+def partner_of(request: Mapping[str, Any] | None) -> str:
+    """The partner a stored or queued request belongs to (``default`` when it names none)."""
+    value = request.get("partner") if request else None
+    return value if isinstance(value, str) and is_partner_name(value) else DEFAULT_PARTNER
 
 
 def is_message_id(value: object) -> bool:
@@ -86,14 +108,26 @@ class Message:
     session_id: str
     template_id: str
     url: str | None = None
+    partner: str = DEFAULT_PARTNER
 
     @classmethod
     def create(
-        cls, user_id: str, session_id: str, template_id: str, url: str | None = None
+        cls,
+        user_id: str,
+        session_id: str,
+        template_id: str,
+        url: str | None = None,
+        partner: str | None = None,
     ) -> Message:
-        """A message with its id derived from the request (see ``message_id``)."""
+        """A message with its id derived from the request and partner (see ``message_id``)."""
+        partner = partner or DEFAULT_PARTNER
         return cls(
-            message_id(user_id, session_id, template_id), user_id, session_id, template_id, url
+            message_id(user_id, session_id, template_id, partner),
+            user_id,
+            session_id,
+            template_id,
+            url,
+            partner,
         )
 
     def body(self) -> dict[str, Any]:
@@ -101,5 +135,12 @@ class Message:
         return request_body(self.session_id, self.template_id, self.url)
 
     def to_wire(self) -> dict[str, Any]:
-        """The request as stored in Redis and carried by a task (user id plus the v4 body)."""
-        return {"userId": self.user_id, **self.body()}
+        """The request as stored in Redis and carried by a task (user id plus the v4 body).
+
+        A partner other than ``default`` is recorded as ``"partner"`` (never sent to Concur);
+        partner ``default``'s form is the one every earlier record has.
+        """
+        wire = {"userId": self.user_id, **self.body()}
+        if self.partner != DEFAULT_PARTNER:
+            wire["partner"] = self.partner
+        return wire

@@ -90,6 +90,7 @@ def failure_dict(letter: DeadLetter) -> dict[str, Any]:
         "SessionId": _text_or_none(letter.request.get("sessionId")),
         "TemplateId": letter.template_id,
         "Replays": letter.replays,
+        "Partner": letter.partner,
     }
 
 

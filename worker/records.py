@@ -41,6 +41,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker import keys
+from worker.models import partner_of
 
 DELIVERED_COUNTER_TTL_SECONDS = 2 * 3600
 
@@ -51,16 +52,31 @@ local function shift(live, from, to)
   if from == 'inflight' or from == 'retrying' then redis.call('HINCRBY', live, from, -1) end
   if to == 'inflight' or to == 'retrying' then redis.call('HINCRBY', live, to, 1) end
 end
-"""
+-- The same cumulative counter, by the message's partner (records without one: 'default').
+local function by_partner(record, name)
+  local partner = redis.call('HGET', record, 'partner') or 'default'
+  redis.call('HINCRBY', '@PARTNER_STATS@' .. partner, name, 1)
+end
+-- A record made from a request alone (a task without a record, a replayed letter) takes the
+-- request's partner, if it names one.
+local function adopt_partner(record, req)
+  local ok, parsed = pcall(cjson.decode, req)
+  local name = ok and type(parsed) == 'table' and parsed['partner']
+  if type(name) == 'string' and #name <= 64 and string.match(name, '^[a-z0-9][a-z0-9_.-]*$') then
+    redis.call('HSET', record, 'partner', name)
+  end
+end
+""".replace("@PARTNER_STATS@", keys.partner_stats(""))
 
 _CREATE = """
--- KEYS: record, schedule ; ARGV: id, request json, now ms, grace ms
+-- KEYS: record, schedule, partners ; ARGV: id, request json, now ms, grace ms, partner
 local state = redis.call('HGET', KEYS[1], 'state')
 if state then
   return {0, state, redis.call('HGET', KEYS[1], 'gen')}
 end
 redis.call('HSET', KEYS[1], 'req', ARGV[2], 'state', 'queued', 'gen', 1, 'attempt', 0,
-           'created', ARGV[3], 'updated', ARGV[3], 'replays', 0)
+           'created', ARGV[3], 'updated', ARGV[3], 'replays', 0, 'partner', ARGV[5])
+redis.call('SADD', KEYS[3], ARGV[5])
 redis.call('ZADD', KEYS[2], tonumber(ARGV[3]) + tonumber(ARGV[4]), ARGV[1])
 return {1, 'queued', '1'}
 """
@@ -75,6 +91,7 @@ if not state then
   -- request becomes the record, so it is tracked like any other.
   redis.call('HSET', KEYS[1], 'req', ARGV[8], 'state', 'queued', 'gen', ARGV[2], 'attempt', 0,
              'created', now, 'replays', 0)
+  adopt_partner(KEYS[1], ARGV[8])
   state = 'queued'
 end
 if state == 'delivered' or state == 'failed' then return {'done', state} end
@@ -107,6 +124,7 @@ redis.call('RPUSH', KEYS[3], ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[6])
 redis.call('EXPIRE', KEYS[3], ARGV[6])
 redis.call('HINCRBY', KEYS[4], 'delivered', 1)
+by_partner(KEYS[1], 'delivered')
 redis.call('INCR', KEYS[5])
 redis.call('EXPIRE', KEYS[5], ARGV[7])
 return 1
@@ -126,6 +144,7 @@ redis.call('HDEL', KEYS[1], 'owner')
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
 redis.call('RPUSH', KEYS[3], ARGV[5])
 redis.call('HINCRBY', KEYS[4], 'retried', 1)
+by_partner(KEYS[1], 'retried')
 shift(KEYS[5], 'inflight', 'retrying')
 return gen
 """
@@ -142,6 +161,7 @@ if state == 'delivered' or state == 'failed' then return 0 end
 if not state then
   redis.call('HSET', KEYS[1], 'req', ARGV[5], 'gen', 1, 'attempt', 0, 'created', ARGV[3],
              'replays', 0)
+  adopt_partner(KEYS[1], ARGV[5])
 end
 shift(KEYS[7], state, 'failed')
 redis.call('HSET', KEYS[1], 'state', 'failed', 'reason', ARGV[6], 'status', ARGV[8],
@@ -160,6 +180,7 @@ redis.call('HSET', KEYS[4], 'id', ARGV[1], 'req', r[1], 'reason', ARGV[6], 'deta
            'replays', r[5] or 0, 'created', r[6] or ARGV[3], 'dead', ARGV[3])
 redis.call('ZADD', KEYS[5], ARGV[3], ARGV[1])
 redis.call('HINCRBY', KEYS[6], 'dead:' .. ARGV[6], 1)
+by_partner(KEYS[1], 'dead:' .. ARGV[6])
 redis.call('HINCRBY', KEYS[7], 'dead:' .. ARGV[6], 1)
 return 1
 """
@@ -174,6 +195,7 @@ shift(KEYS[6], redis.call('HGET', KEYS[1], 'state'), 'queued')
 local replays = tonumber(redis.call('HGET', KEYS[3], 'replays') or 0) + 1
 if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('HSET', KEYS[1], 'req', req, 'gen', 0, 'created', ARGV[2])
+  adopt_partner(KEYS[1], req)
 end
 local gen = redis.call('HINCRBY', KEYS[1], 'gen', 1)
 redis.call('HSET', KEYS[1], 'state', 'queued', 'attempt', 0, 'replays', replays, 'lease', 0,
@@ -184,6 +206,7 @@ redis.call('ZADD', KEYS[2], tonumber(ARGV[2]) + tonumber(ARGV[3]), ARGV[1])
 redis.call('DEL', KEYS[3])
 redis.call('ZREM', KEYS[4], ARGV[1])
 redis.call('HINCRBY', KEYS[5], 'replayed', 1)
+by_partner(KEYS[1], 'replayed')
 return {tostring(gen), req}
 """
 
@@ -205,6 +228,7 @@ redis.call('HSET', KEYS[1], 'state', 'retrying', 'next', ARGV[4], 'updated', ARG
 redis.call('HDEL', KEYS[1], 'owner')
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
 redis.call('HINCRBY', KEYS[3], 'deferred', 1)
+by_partner(KEYS[1], 'deferred')
 shift(KEYS[4], 'inflight', 'retrying')
 return gen
 """
@@ -381,8 +405,14 @@ class MessageStore:
         """Record a new message as queued; ``(False, state)`` when it exists already."""
         created, state, _gen = self._run(
             self._create,
-            keys=[keys.message(message_id), keys.SCHEDULE],
-            args=[message_id, _dumps(request), now_ms(), self.publish_grace_ms],
+            keys=[keys.message(message_id), keys.SCHEDULE, keys.PARTNERS],
+            args=[
+                message_id,
+                _dumps(request),
+                now_ms(),
+                self.publish_grace_ms,
+                partner_of(request),
+            ],
         )
         return bool(int(created)), str(state)
 
@@ -394,8 +424,8 @@ class MessageStore:
         pipe = self.redis.pipeline(transaction=False)
         for message_id, request in items:
             self._create(
-                keys=[keys.message(message_id), keys.SCHEDULE],
-                args=[message_id, _dumps(request), now, self.publish_grace_ms],
+                keys=[keys.message(message_id), keys.SCHEDULE, keys.PARTNERS],
+                args=[message_id, _dumps(request), now, self.publish_grace_ms, partner_of(request)],
                 client=pipe,
             )
         return [(bool(int(created)), str(state)) for created, state, _ in pipe.execute()]

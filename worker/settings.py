@@ -15,6 +15,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from worker.models import DEFAULT_PARTNER, is_partner_name
+
 ENV_PREFIX = "NOTIFY_"
 US_BASE_URL = "https://us.api.concursolutions.com/notifications/v4"
 API_PATH = "/notifications/v4"
@@ -58,6 +60,16 @@ class Settings(BaseSettings):
     )
 
     redis_url: str = "redis://localhost:6379/0"
+    # Redis Sentinel (docs/scaling.md): when set, the broker and every store find the master
+    # through these sentinels; NOTIFY_REDIS_URL then gives only the database and password.
+    redis_sentinels: CommaList = []
+    redis_sentinel_master: str | None = None
+    redis_sentinel_password: SecretStr | None = None
+    # Replicas that must hold a new message's record before it counts as accepted (Redis WAIT);
+    # unset: 1 with Sentinel, 0 without.
+    redis_wait_replicas: int | None = Field(None, ge=0, le=10)
+    # The Celery broker; unset: the Redis above. amqp:// is RabbitMQ (quorum queues).
+    broker_url: str | None = None
     queue_name: str = Field("notifications", min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
 
     api_base_url: str = US_BASE_URL
@@ -191,6 +203,29 @@ class Settings(BaseSettings):
                 )
         return value
 
+    @field_validator("gateway_keys")
+    @classmethod
+    def _partner_names(cls, value: list[SecretStr]) -> list[SecretStr]:
+        seen: dict[str, str] = {}
+        for entry in value:
+            partner, key = split_partner_key(entry.get_secret_value())
+            if seen.setdefault(key, partner) != partner:
+                # Never quote the key; the partner names are not secret.
+                raise ValueError(
+                    f"one key is given to two partners ({seen[key]!r} and {partner!r}): "
+                    "a key must name one partner"
+                )
+        return value
+
+    @property
+    def gateway_partners(self) -> tuple[tuple[str, SecretStr], ...]:
+        """``(partner name, key)`` for each ``NOTIFY_GATEWAY_KEYS`` entry (bare: ``default``)."""
+        pairs = []
+        for entry in self.gateway_keys:
+            partner, key = split_partner_key(entry.get_secret_value())
+            pairs.append((partner, SecretStr(key)))
+        return tuple(pairs)
+
     @field_validator("service_public_url")
     @classmethod
     def _public_url(cls, value: str | None) -> str | None:
@@ -199,6 +234,32 @@ class Settings(BaseSettings):
         if not value.startswith(("https://", "http://")):
             raise ValueError("must be an http(s) URL")
         return value.rstrip("/")
+
+    @field_validator("redis_sentinels", mode="before")
+    @classmethod
+    def _sentinel_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        for entry in value if isinstance(value, list) else []:
+            host, colon, port = str(entry).rpartition(":")
+            if not (host and colon and port.isdigit() and 0 < int(port) < 65536):
+                raise ValueError(f"{entry!r} is not host:port")
+        return value
+
+    @field_validator("redis_sentinel_master", mode="before")
+    @classmethod
+    def _blank_master_is_unset(cls, value: Any) -> Any:
+        return value.strip() or None if isinstance(value, str) else value
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_scheme(cls, value: str | None) -> str | None:
+        if not value or not value.strip():
+            return None
+        schemes = ("redis://", "rediss://", "amqp://", "amqps://", "pyamqp://")
+        if not value.startswith(schemes):
+            raise ValueError("must start with redis://, rediss://, amqp:// or amqps://")
+        return value.strip()
 
     @field_validator("redis_url")
     @classmethod
@@ -276,6 +337,10 @@ class Settings(BaseSettings):
                 f"exceed the longest attempt ({self.inflight_lease_seconds:.0f} s, from the HTTP "
                 "timeouts), or a slow attempt would be handed to a second worker"
             )
+        if self.redis_sentinels and not self.redis_sentinel_master:
+            raise ValueError(
+                f"{ENV_PREFIX}REDIS_SENTINEL_MASTER: required with {ENV_PREFIX}REDIS_SENTINELS"
+            )
         self._check_oauth()
         self._check_plain_http()
         return self
@@ -335,6 +400,46 @@ class Settings(BaseSettings):
         return 2 * (self.http_connect_timeout_seconds + self.http_timeout_seconds)
 
     @property
+    def uses_sentinel(self) -> bool:
+        """True when the Redis master is found through Sentinel."""
+        return bool(self.redis_sentinels)
+
+    @property
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        """The sentinels as (host, port) pairs."""
+        pairs = (entry.rpartition(":") for entry in self.redis_sentinels)
+        return [(host.strip("[]"), int(port)) for host, _, port in pairs]
+
+    @property
+    def wait_replicas(self) -> int:
+        """Replicas a new message's record must reach before it is accepted (0: no WAIT)."""
+        if self.redis_wait_replicas is not None:
+            return self.redis_wait_replicas
+        return 1 if self.uses_sentinel else 0
+
+    @property
+    def celery_broker_url(self) -> str:
+        """The broker URL Celery uses: NOTIFY_BROKER_URL, the sentinels, or NOTIFY_REDIS_URL."""
+        if self.broker_url:
+            return self.broker_url
+        if not self.uses_sentinel:
+            return self.redis_url
+        # kombu's sentinel:// transport: the Redis password and database come from the URL.
+        parts = urlsplit(self.redis_url)
+        auth = f":{parts.password}@" if parts.password else ""
+        if parts.username and parts.password:
+            auth = f"{parts.username}:{parts.password}@"
+        db = parts.path.lstrip("/") or "0"
+        return ";".join(
+            f"sentinel://{auth}{entry}/{db}" for entry in self.redis_sentinels
+        )
+
+    @property
+    def broker_is_amqp(self) -> bool:
+        """True when the broker is RabbitMQ."""
+        return self.celery_broker_url.startswith(("amqp://", "amqps://", "pyamqp://"))
+
+    @property
     def uses_oauth(self) -> bool:
         """True when Concur OAuth client credentials are configured."""
         return self.oauth_client_id is not None
@@ -343,6 +448,24 @@ class Settings(BaseSettings):
     def uses_sandbox(self) -> bool:
         """True when no Concur credential is configured (posts go to the local sandbox)."""
         return self.api_token is None and not self.uses_oauth
+
+
+def split_partner_key(entry: str) -> tuple[str, str]:
+    """``name:key`` as ``(name, key)``; a bare key (no ``:``) is partner ``default``'s.
+
+    Raises ``ValueError`` (never quoting the key) when the name is not a partner name.
+    """
+    name, colon, key = entry.partition(":")
+    if not colon:
+        return DEFAULT_PARTNER, entry
+    if not is_partner_name(name):
+        raise ValueError(
+            "each entry is name:key or a bare key (partner 'default', no ':' in it); a name is "
+            "1-64 lower-case letters, digits, '_', '.' or '-', starting with a letter or digit"
+        )
+    if len(key) < MIN_KEY_LENGTH:
+        raise ValueError(f"the key of partner {name!r} is shorter than {MIN_KEY_LENGTH} characters")
+    return name, key
 
 
 _URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^/@\s:]*):[^/@\s]*@")

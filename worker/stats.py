@@ -19,6 +19,9 @@ Where each number comes from, and what it costs:
 * ``delivered_per_minute``: the per-minute counters the delivery script increments (kept two
   hours), oldest first, the last one being the current, partial minute.
 * ``totals``: cumulative counters since the database was created (``keys.STATS``).
+* ``partners``: the same cumulative counters by partner (``keys.partner_stats``), kept by the
+  same scripts from the record's partner; ``collect(partner=...)`` shows one partner's as the
+  totals (the queue and gauges stay fleet-wide: the broker does not know partners).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from kombu.transport.redis import PRIORITY_STEPS, Channel
 
 from worker import keys, outcomes
 from worker.breaker import STATE_NUMBERS
+from worker.models import is_partner_name
 from worker.records import DELIVERED_COUNTER_TTL_SECONDS, now_ms
 from worker.runtime import Runtime
 
@@ -93,6 +97,9 @@ class Stats:
     dead_lettered_total: Mapping[str, int] = field(default_factory=dict)
     rate_limit_penalty_factor: float = 1.0
     breaker_state: str = "closed"
+    # partner -> its cumulative counters (the fields of ``totals``, and ``dead:<reason>``)
+    partners: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    partner: str | None = None  # set: ``totals`` and ``dead_lettered_total`` are this partner's
 
     @property
     def delivered_last_minute(self) -> int:
@@ -107,6 +114,7 @@ class Stats:
         data["dead_letters"] = dict(self.dead_letters)
         data["dead_lettered_total"] = dict(self.dead_lettered_total)
         data["totals"] = dict(self.totals)
+        data["partners"] = {name: dict(counts) for name, counts in self.partners.items()}
         data["delivered_last_minute"] = self.delivered_last_minute
         return data
 
@@ -143,8 +151,13 @@ def build(
     minute_counts: Sequence[tuple[int, Any]],
     penalty: Any,
     breaker_state: Any = None,
+    partners: Mapping[str, Mapping[str, str]] | None = None,
+    partner: str | None = None,
 ) -> Stats:
-    """Turn the raw Redis replies into ``Stats`` (pure)."""
+    """Turn the raw Redis replies into ``Stats`` (pure).
+
+    With ``partner``, ``totals`` must be that partner's counters (``keys.partner_stats``).
+    """
     dead_now = {reason: 0 for reason in outcomes.REASONS}
     dead_ever = {reason: 0 for reason in outcomes.REASONS}
     for name, value in live.items():
@@ -173,11 +186,21 @@ def build(
         dead_lettered_total=dead_ever,
         rate_limit_penalty_factor=max(1.0, _float(penalty, 1.0)),
         breaker_state=str(breaker_state or "closed"),
+        partners={
+            name: {field_name: _int(value) for field_name, value in counts.items()}
+            for name, counts in sorted((partners or {}).items())
+        },
+        partner=partner,
     )
 
 
-def collect(runtime: Runtime, *, minutes: int = DEFAULT_MINUTES) -> Stats:
-    """Read every count in one pipelined round trip; ``minutes`` of per-minute deliveries."""
+def collect(
+    runtime: Runtime, *, minutes: int = DEFAULT_MINUTES, partner: str | None = None
+) -> Stats:
+    """Read every count in two pipelined round trips; ``minutes`` of per-minute deliveries.
+
+    ``partner``: the cumulative totals are that partner's (see ``Stats.partner``).
+    """
     minutes = max(1, min(minutes, MAX_MINUTES))
     at = now_ms()
     current = at // 60_000
@@ -189,14 +212,22 @@ def collect(runtime: Runtime, *, minutes: int = DEFAULT_MINUTES) -> Stats:
         pipe.llen(name)
     pipe.hlen(Channel.unacked_key)
     pipe.hgetall(keys.LIVE)
-    pipe.hgetall(keys.STATS)
+    pipe.hgetall(keys.STATS if partner is None else keys.partner_stats(partner))
+    pipe.smembers(keys.PARTNERS)
     pipe.zcard(keys.DEAD_INDEX)
     pipe.mget([f"{keys.DELIVERED_PER_MINUTE}:{minute}" for minute in minute_numbers])
     pipe.get(keys.RATE_LIMIT_PENALTY)
     pipe.hget(keys.BREAKER, "state")
     replies = pipe.execute()
     lengths, rest = replies[: len(lists)], replies[len(lists) :]
-    reserved, live, totals, dead_size, counts, penalty, breaker_state = rest
+    reserved, live, totals, partner_names, dead_size, counts, penalty, breaker_state = rest
+    names = sorted(name for name in partner_names if is_partner_name(name))
+    by_partner: dict[str, Mapping[str, str]] = {}
+    if names:
+        pipe = runtime.redis.pipeline(transaction=False)
+        for name in names:
+            pipe.hgetall(keys.partner_stats(name))
+        by_partner = dict(zip(names, pipe.execute(), strict=True))
     return build(
         at_ms=at,
         queue=queue,
@@ -208,6 +239,8 @@ def collect(runtime: Runtime, *, minutes: int = DEFAULT_MINUTES) -> Stats:
         minute_counts=list(zip(minute_numbers, counts, strict=True)),
         penalty=penalty,
         breaker_state=breaker_state,
+        partners=by_partner,
+        partner=partner,
     )
 
 
@@ -293,5 +326,29 @@ def render_prometheus(stats: Stats) -> str:
         "gauge",
         "The circuit breaker: 0 closed, 1 half-open (one probe decides), 2 open (no posts).",
         [("", STATE_NUMBERS.get(stats.breaker_state, 0))],
+    )
+    partner_samples: list[tuple[str, float]] = []
+    partner_dead: list[tuple[str, float]] = []
+    for name, counts in sorted(stats.partners.items()):
+        for field_name in ("delivered", "retried", "deferred", "replayed"):
+            labels = f'{{partner="{_label(name)}",outcome="{field_name}"}}'
+            partner_samples.append((labels, counts.get(field_name, 0)))
+        for counter, value in sorted(counts.items()):
+            if counter.startswith("dead:"):
+                reason = _label(counter.removeprefix("dead:"))
+                partner_dead.append((f'{{partner="{_label(name)}",reason="{reason}"}}', value))
+    _metric(
+        lines,
+        "notify_partner_messages_total",
+        "counter",
+        "Outcomes by partner: delivered, retried, deferred (no rate-limit permit), replayed.",
+        partner_samples,
+    )
+    _metric(
+        lines,
+        "notify_partner_dead_lettered_total",
+        "counter",
+        "Messages dead-lettered since the start, by partner and reason.",
+        partner_dead,
     )
     return "\n".join(lines) + "\n"

@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from worker.allowlist import AllowList
-from worker.models import MAX_ID_LENGTH, Message, SendRequest
+from worker.models import MAX_ID_LENGTH, Message, SendRequest, is_partner_name
 
 # At most this many problems are reported: a 64 KB body of thousands of unknown keys would
 # otherwise get an answer ten times its size. The rest are counted in one last entry.
@@ -95,9 +95,16 @@ def _schema_problems(error: ValidationError) -> list[Problem]:
     return problems
 
 
-def validate(user_id: Any, body: Any, allowlist: AllowList) -> Message:
-    """Check a request against the seed's schema and the allow-list; raise ``InvalidRequest``."""
+def validate(
+    user_id: Any, body: Any, allowlist: AllowList, *, partner: str | None = None
+) -> Message:
+    """Check a request against the seed's schema and the allow-list; raise ``InvalidRequest``.
+
+    ``partner`` (``default`` when None) is who sent it: it is part of the message's id.
+    """
     problems = _user_id_problems(user_id)
+    if partner is not None and not is_partner_name(partner):
+        problems.append(Problem("partner", "INVALID_FIELD", "partner is not a partner name"))
     try:
         request = SendRequest.model_validate(body)
     except ValidationError as error:
@@ -108,12 +115,18 @@ def validate(user_id: Any, body: Any, allowlist: AllowList) -> Message:
     refusals = allowlist.check(request.templateId, request.context.url)
     if refusals:
         raise InvalidRequest([Problem(r.field, r.code.upper(), r.reason) for r in refusals])
-    return Message.create(user_id, request.sessionId, request.templateId, request.context.url)
+    return Message.create(
+        user_id, request.sessionId, request.templateId, request.context.url, partner
+    )
 
 
 def validate_wire(wire: Any, allowlist: AllowList) -> Message:
-    """Validate the stored/queued form ``{"userId", "sessionId", "templateId", "context"}``."""
+    """Validate the stored/queued form ``{"userId", "sessionId", "templateId", "context"}``
+    (plus ``"partner"`` for a partner other than ``default``)."""
     if not isinstance(wire, dict):
         raise InvalidRequest([Problem("body", "INVALID_FIELD", "the request must be an object")])
-    body = {key: value for key, value in wire.items() if key != "userId"}
-    return validate(wire.get("userId"), body, allowlist)
+    body = {key: value for key, value in wire.items() if key not in ("userId", "partner")}
+    partner = wire.get("partner")
+    if partner is not None and not isinstance(partner, str):
+        raise InvalidRequest([Problem("partner", "INVALID_FIELD", "partner must be a string")])
+    return validate(wire.get("userId"), body, allowlist, partner=partner)
