@@ -99,7 +99,7 @@ def failed() -> None:
 
 
 def _filters(function: F) -> F:
-    """Add --reason, --template, --user and --since; pass them on as one ``selection``."""
+    """Add --reason, --template, --user, --since and --partner; pass them on as one ``selection``."""
 
     @functools.wraps(function)
     def wrapper(
@@ -108,6 +108,7 @@ def _filters(function: F) -> F:
         template_id: str | None,
         user_id: str | None,
         since: datetime | None,
+        partner: str | None,
         **kwargs: Any,
     ) -> Any:
         from worker.deadletters import DeadLetterFilter
@@ -116,8 +117,8 @@ def _filters(function: F) -> F:
         if since is not None:
             aware = since if since.tzinfo else since.replace(tzinfo=UTC)
             since_ms = int(aware.timestamp() * 1000)
-        chosen = (reason, template_id, user_id, since_ms)
-        selection = None if chosen == (None,) * 4 else DeadLetterFilter(*chosen)
+        chosen = (reason, template_id, user_id, since_ms, partner)
+        selection = None if chosen == (None,) * 5 else DeadLetterFilter(*chosen)
         return function(*args, selection=selection, **kwargs)
 
     for option in reversed(
@@ -131,6 +132,7 @@ def _filters(function: F) -> F:
                 type=click.DateTime(["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M:%S%z"]),
                 help="only those that failed at or after this time (UTC unless an offset is given)",
             ),
+            click.option("--partner", default=None, help="only this partner's (see GATEWAY_KEYS)"),
         ]
     ):
         wrapper = option(wrapper)
@@ -292,13 +294,14 @@ def breaker_close() -> None:
 @main.command("stats")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 @click.option("--minutes", default=15, show_default=True, type=click.IntRange(1, 120))
+@click.option("--partner", default=None, help="cumulative totals of this partner only")
 @friendly_errors
-def stats_command(as_json: bool, minutes: int) -> None:
+def stats_command(as_json: bool, minutes: int, partner: str | None) -> None:
     """Show queued, in flight, waiting for retry, dead letters by reason, delivered per minute."""
     from worker.runtime import get_runtime
     from worker.stats import collect
 
-    snapshot = collect(get_runtime(), minutes=minutes)
+    snapshot = collect(get_runtime(), minutes=minutes, partner=partner)
     if as_json:
         click.echo(json.dumps(snapshot.to_dict(), indent=2))
         return
