@@ -99,7 +99,7 @@ def failed() -> None:
 
 
 def _filters(function: F) -> F:
-    """Add --reason, --template, --user, --since and --partner; pass them on as one ``selection``."""
+    """Add --reason, --template, --user, --since, --partner; pass them on as one ``selection``."""
 
     @functools.wraps(function)
     def wrapper(
