@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -80,17 +81,29 @@ def send(user_id: str, session_id: str, template_id: str, url: str | None) -> No
     click.echo(result.id)
 
 
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
 @main.command()
 @click.argument("message_id")
+@click.option("--json", "as_json", is_flag=True, help="print the stored record as JSON")
 @friendly_errors
-def status(message_id: str) -> None:
-    """Show a message's state and attempts (JSON)."""
+def status(message_id: str, as_json: bool) -> None:
+    """Show a message's state, attempts, HTTP status, correlation id and next retry."""
+    from worker import views
     from worker.runtime import get_runtime
 
-    record = get_runtime().store.status(message_id)
+    runtime = get_runtime()
+    record = runtime.store.status(message_id)
     if record is None:
         _fail(f"no message {message_id!r} (unknown, or its status record expired)", EXIT_NOT_FOUND)
-    click.echo(json.dumps(record, indent=2, sort_keys=True))
+        return
+    if as_json:
+        click.echo(json.dumps(record, indent=2, sort_keys=True))
+        return
+    letter = runtime.deadletters.get(message_id) if record.get("state") == "failed" else None
+    views.show(views.message_view(message_id, record, _now_ms(), letter))
 
 
 @main.group()
@@ -161,28 +174,33 @@ def failed_list(selection: Any, limit: int, cursor: int, as_json: bool) -> None:
     if not page.items:
         click.echo("no failed notifications")
         return
-    click.echo(f"{'ID':<26} {'FAILED AT':<20} {'REASON':<20} {'STATUS':<6} {'TEMPLATE':<20} USER")
-    for item in page.items:
-        click.echo(
-            f"{item.id:<26} {_when(item.dead_ms):<20} {item.reason:<20} "
-            f"{item.status or '-'!s:<6} {(item.template_id or '-')[:20]:<20} {item.user_id}"
-        )
+    from rich.console import Group
+    from rich.text import Text
+
+    from worker import views
+
+    parts: list[Any] = [views.dead_letters_table(page.items)]
     if page.next_cursor is not None:
-        click.echo(f"more: --cursor {page.next_cursor}")
+        parts.append(Text(f"more: --cursor {page.next_cursor}"))
+    views.show(Group(*parts))
 
 
 @failed.command("show")
 @click.argument("letter_id")
+@click.option("--json", "as_json", is_flag=True, help="print the dead letter as JSON")
 @friendly_errors
-def failed_show(letter_id: str) -> None:
-    """Show one dead letter in full (JSON)."""
+def failed_show(letter_id: str, as_json: bool) -> None:
+    """Show one dead letter in full: reason, HTTP status, the API's errors, attempts."""
+    from worker import views
     from worker.runtime import get_runtime
 
     letter = get_runtime().deadletters.get(letter_id)
     if letter is None:
         _fail(f"no failed notification {letter_id!r}", EXIT_NOT_FOUND)
-    else:
+    elif as_json:
         click.echo(json.dumps(letter.to_dict(), indent=2))
+    else:
+        views.show(views.dead_letter_view(letter, _now_ms()))
 
 
 def _ids_or_all(ids: tuple[str, ...], all_: bool, selection: Any) -> list[str] | None:
@@ -195,21 +213,42 @@ def _ids_or_all(ids: tuple[str, ...], all_: bool, selection: Any) -> list[str] |
     return list(ids) if ids else None
 
 
+_progress_option = click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="a progress bar on stderr [default: when stderr is a terminal and the work is long]",
+)
+# Bulk replay marks this many dead letters queued, then publishes them (as tasks of
+# NOTIFY_BATCH_SIZE); a crash in between leaves the marked ones on the schedule, which hands
+# them out after the grace period, as DeadLetterStore.replay_many does for all at once.
+REPLAY_CHUNK = 200
+
+
 @failed.command("replay")
 @click.argument("ids", nargs=-1)
 @click.option("--all", "all_", is_flag=True, help="every dead letter the filters select")
 @_filters
+@_progress_option
 @friendly_errors
-def failed_replay(ids: tuple[str, ...], all_: bool, selection: Any) -> None:
+def failed_replay(ids: tuple[str, ...], all_: bool, selection: Any, progress: bool | None) -> None:
     """Send dead letters back through the whole pipeline."""
+    from worker import views
     from worker.deadletters import DeadLetterFilter
     from worker.runtime import get_runtime
 
     store = get_runtime().deadletters
     chosen = _ids_or_all(ids, all_, selection)
     if chosen is None:
-        replayed = store.replay_many(selection or DeadLetterFilter())
-        click.echo(f"replayed {len(replayed)}")
+        selected = store.select(selection or DeadLetterFilter())
+        replayed = 0
+        with views.Progress("replaying", len(selected), progress) as bar:
+            for start in range(0, len(selected), REPLAY_CHUNK):
+                chunk = selected[start : start + REPLAY_CHUNK]
+                envelopes = [e for e in map(store.store.replay, chunk) if e is not None]
+                store.publish(envelopes)
+                replayed += len(envelopes)
+                bar.advance(len(chunk))
+        click.echo(f"replayed {replayed}")
         return
     missing = [letter_id for letter_id in chosen if store.replay(letter_id) is None]
     click.echo(f"replayed {len(chosen) - len(missing)}")
@@ -221,17 +260,24 @@ def failed_replay(ids: tuple[str, ...], all_: bool, selection: Any) -> None:
 @click.argument("ids", nargs=-1)
 @click.option("--all", "all_", is_flag=True, help="every dead letter the filters select")
 @_filters
+@_progress_option
 @friendly_errors
-def failed_delete(ids: tuple[str, ...], all_: bool, selection: Any) -> None:
+def failed_delete(ids: tuple[str, ...], all_: bool, selection: Any, progress: bool | None) -> None:
     """Delete dead letters."""
+    from worker import views
     from worker.deadletters import DeadLetterFilter
     from worker.runtime import get_runtime
 
     store = get_runtime().deadletters
     chosen = _ids_or_all(ids, all_, selection)
     if chosen is None:
-        deleted = store.delete_many(selection or DeadLetterFilter())
-        click.echo(f"deleted {len(deleted)}")
+        selected = store.select(selection or DeadLetterFilter())
+        deleted = 0
+        with views.Progress("deleting", len(selected), progress) as bar:
+            for letter_id in selected:
+                deleted += store.delete(letter_id)
+                bar.advance(1)
+        click.echo(f"deleted {deleted}")
         return
     missing = [letter_id for letter_id in chosen if not store.delete(letter_id)]
     click.echo(f"deleted {len(chosen) - len(missing)}")
@@ -247,8 +293,11 @@ def breaker() -> None:
 def _breaker_line() -> str:
     from worker.runtime import get_runtime
 
-    status = get_runtime().breaker.status()
+    breaker = get_runtime().breaker
+    status = breaker.status()
     line = f"{status.state}  ({status.failures} of {status.calls} posts failed in the window)"
+    if not breaker.policy.enabled:
+        line += "; the breaker is off (NOTIFY_BREAKER_ENABLED=false): workers ignore it"
     if status.until_ms:
         line += f"; posts may resume at {_when(status.until_ms)}"
     if status.open_seconds:
@@ -305,25 +354,9 @@ def stats_command(as_json: bool, minutes: int, partner: str | None) -> None:
     if as_json:
         click.echo(json.dumps(snapshot.to_dict(), indent=2))
         return
-    dead = ", ".join(f"{r} {n}" for r, n in sorted(snapshot.dead_letters.items()) if n)
-    rows = [
-        (f"queued (queue {snapshot.queue})", str(snapshot.queued)),
-        ("reserved by workers", str(snapshot.reserved)),
-        ("in flight", str(snapshot.inflight)),
-        ("waiting for retry", str(snapshot.retry_waiting)),
-        ("dead letters", f"{snapshot.dead_letters_total}" + (f"  ({dead})" if dead else "")),
-        ("delivered, last full minute", str(snapshot.delivered_last_minute)),
-        ("delivered in all", str(snapshot.totals.get("delivered", 0))),
-        ("retries in all", str(snapshot.totals.get("retried", 0))),
-        ("dead-lettered in all", str(snapshot.totals.get("dead_lettered", 0))),
-        ("rate-limit penalty", f"x{snapshot.rate_limit_penalty_factor:g}"),
-        ("circuit breaker", snapshot.breaker_state),
-    ]
-    for name, value in rows:
-        click.echo(f"{name:<30} {value}")
-    click.echo(f"\ndelivered per minute (UTC, oldest first, last {minutes}):")
-    for minute in snapshot.delivered_per_minute:
-        click.echo(f"  {_when(minute.minute_start_ms)[11:16]}  {minute.delivered}")
+    from worker import views
+
+    views.show(views.stats_view(snapshot, minutes))
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
