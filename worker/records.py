@@ -30,6 +30,7 @@ atomic step, so they are exact as long as only these scripts write the records.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Mapping
@@ -44,6 +45,10 @@ from worker import keys
 from worker.models import partner_of
 
 DELIVERED_COUNTER_TTL_SECONDS = 2 * 3600
+# How long a new record waits for its replicas (``wait_replicas``) before it is accepted anyway.
+WAIT_TIMEOUT_MS = 100
+_wait_warned = 0.0
+log = logging.getLogger("notify.records")
 
 # Prepended to every script that changes a state: keeps the ``keys.LIVE`` gauges in step.
 _GAUGES = """
@@ -345,8 +350,12 @@ class MessageStore:
         publish_grace_seconds: float,
         lease_seconds: float,
         status_ttl_seconds: int,
+        wait_replicas: int = 0,
     ) -> None:
         self.redis = redis
+        # New records wait (Redis WAIT) until this many replicas hold them: a failover then
+        # cannot lose a message that was answered "queued" (docs/scaling.md).
+        self.wait_replicas = wait_replicas
         self.publish_grace_ms = int(publish_grace_seconds * 1000)
         self.lease_ms = int(lease_seconds * 1000)
         self.status_ttl_seconds = status_ttl_seconds
@@ -414,7 +423,24 @@ class MessageStore:
                 partner_of(request),
             ],
         )
+        if self.wait_replicas:
+            self._replicated(self._conn().execute_command("WAIT", *self._wait_args()))
         return bool(int(created)), str(state)
+
+    def _wait_args(self) -> tuple[int, int]:
+        return self.wait_replicas, WAIT_TIMEOUT_MS
+
+    def _replicated(self, acknowledged: Any) -> None:
+        global _wait_warned
+        if int(acknowledged) < self.wait_replicas and time.monotonic() - _wait_warned > 60:
+            _wait_warned = time.monotonic()
+            log.warning(
+                "new records reached %s of %d replicas within %d ms (no replica connected?); "
+                "a failover now could lose them",
+                acknowledged,
+                self.wait_replicas,
+                WAIT_TIMEOUT_MS,
+            )
 
     def create_many(self, items: list[tuple[str, Mapping[str, Any]]]) -> list[tuple[bool, str]]:
         """``create`` for many messages in one round trip."""
@@ -428,7 +454,12 @@ class MessageStore:
                 args=[message_id, _dumps(request), now, self.publish_grace_ms, partner_of(request)],
                 client=pipe,
             )
-        return [(bool(int(created)), str(state)) for created, state, _ in pipe.execute()]
+        if self.wait_replicas:  # same connection, so it waits for these writes
+            pipe.execute_command("WAIT", *self._wait_args())
+        replies = pipe.execute()
+        if self.wait_replicas:
+            self._replicated(replies.pop())
+        return [(bool(int(created)), str(state)) for created, state, _ in replies]
 
     def claim(self, envelope: Envelope, *, owner: str, worker: str, task_id: str) -> Claim:
         """Take the message for one attempt, or say why this task must not attempt it."""
