@@ -92,7 +92,22 @@ def test_api_and_flower_check_their_own_health_endpoints(compose):
         services["flower"]["healthcheck"]["test"]
     )
     assert services["api"]["ports"] == ["8000:8000"]
-    assert services["flower"]["ports"] == ["5555:5555"]
+
+
+def test_flower_and_redis_are_on_the_internal_network_only_without_a_host_port(compose):
+    # Flower speaks plain HTTP and its /metrics needs no password (issue 11, item 12): nothing
+    # outside the compose project may reach it, nor Redis.
+    services, networks = compose["services"], compose["networks"]
+    assert networks["backend"]["internal"] is True
+    for name in ("flower", "redis"):
+        assert services[name]["networks"] == ["backend"], name
+        assert "ports" not in services[name], name
+    assert services["flower"]["expose"] == ["5555"]
+    for name in ("worker", "api"):  # Redis through backend, Concur (or clients) through default
+        assert set(services[name]["networks"]) == {"backend", "default"}
+    # Asked for, Flower is published on the host's loopback only.
+    override = yaml.safe_load((DOCKER / "compose.flower-port.yaml").read_text())
+    assert override["services"]["flower"]["ports"] == ["127.0.0.1:5555:5555"]
 
 
 def test_redis_keeps_its_data_in_an_append_only_file_on_a_volume(compose):
