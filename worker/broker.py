@@ -64,3 +64,13 @@ class Transport(kombu_redis.Transport):
     """kombu's Redis transport with the channel above (``broker_transport``)."""
 
     Channel = Channel
+
+
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):
+    """kombu's Sentinel channel (the master found through the sentinels) with the fixes above."""
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    """kombu's ``sentinel://`` transport with the channel above (``NOTIFY_REDIS_SENTINELS``)."""
+
+    Channel = SentinelChannel

@@ -25,6 +25,12 @@
 ``notify:oauth:{client}:cooldown`` string: set for a moment after a failed refresh, so the fleet
                                does not hammer a failing token endpoint
 
+``notify:workers``             sorted set: worker (``host:pid``) -> its last heartbeat (ms)
+``notify:held:{worker}``       set: ids of the messages in tasks a worker has received (prefetched
+                               or running) and not finished; taken over when the worker dies
+``notify:server``              hash: the run id of the Redis the schedule is on and when a mover
+                               last saw it (a new run id means a failover or a restart)
+
 Celery's own broker keys (the queue list, ``unacked``) are Celery's and not listed here.
 """
 
@@ -40,6 +46,8 @@ LIVE = f"{PREFIX}:stats:live"
 PARTNERS = f"{PREFIX}:partners"
 RATE_LIMIT = f"{PREFIX}:ratelimit"
 RATE_LIMIT_PENALTY = f"{PREFIX}:ratelimit:penalty"
+WORKERS = f"{PREFIX}:workers"
+SERVER = f"{PREFIX}:server"
 BREAKER = f"{PREFIX}:breaker"
 BREAKER_WINDOW = f"{PREFIX}:breaker:window"
 
@@ -77,3 +85,8 @@ def oauth_lock(client_id: str) -> str:
 def oauth_cooldown(client_id: str) -> str:
     """Present for a short while after a failed refresh."""
     return f"{PREFIX}:oauth:{client_id}:cooldown"
+
+
+def held(worker: str) -> str:
+    """The ids of the messages one worker holds (prefetched or running)."""
+    return f"{PREFIX}:held:{worker}"

@@ -7,8 +7,11 @@ caller can answer "queued" at once; this thread publishes whatever has gathered 
 tasks of up to ``batch_size`` messages, waiting at most a couple of milliseconds for a batch
 to gather.
 
-If the process dies before a message is published, nothing is lost: its schedule entry hands it
-out after the publish grace period (the broker's visibility timeout).
+When the broker does not answer, the batch is kept and published again (every 0.5 s, backing off
+to 5 s), so a message recorded while the broker was away reaches the queue within seconds of its
+return, not after the publish grace period. Up to ``MAX_HELD`` messages are kept this way; past
+that, and if the process dies before a message is published, nothing is lost either: its
+schedule entry hands it out after the publish grace period (the broker's visibility timeout).
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ from worker.records import Envelope
 log = logging.getLogger("notify.publisher")
 
 LINGER_SECONDS = 0.002
+RETRY_FIRST_SECONDS = 0.5
+RETRY_MAX_SECONDS = 5.0
+MAX_HELD = 100_000
 
 
 class Publisher:
@@ -59,32 +65,61 @@ class Publisher:
         return done.wait(timeout_seconds)
 
     def _run(self) -> None:
+        held: list[Envelope] = []  # published without success; tried again after ``pause``
+        pause = RETRY_FIRST_SECONDS
         while True:
-            item = self._queue.get()
-            deadline = time.monotonic() + LINGER_SECONDS
-            batch: list[Envelope] = []
-            markers: list[threading.Event] = []
-            while True:
-                if isinstance(item, threading.Event):
-                    markers.append(item)
-                else:
-                    batch.append(item)
-                if len(batch) >= self._batch_size:
-                    break
+            try:
+                item: Envelope | threading.Event | None = self._queue.get(
+                    timeout=pause if held else None
+                )
+            except queue.Empty:
+                item = None
+            batch, markers = self._gather(item) if item is not None else ([], [])
+            batch = held + batch
+            held = []
+            for start in range(0, len(batch), self._batch_size):
                 try:
-                    # A moment's linger, counted from the batch's first message, lets a burst
-                    # gather into one task; no message waits longer than LINGER_SECONDS.
-                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-            if batch:
-                try:
-                    self._publish(batch)
-                except Exception:
-                    log.exception(
-                        "publishing %d messages failed; they stay scheduled and are published "
-                        "again after the grace period",
-                        len(batch),
+                    self._publish(batch[start : start + self._batch_size])
+                except Exception as error:
+                    held = batch[start:]
+                    if len(held) > MAX_HELD:
+                        log.error(
+                            "%d messages are waiting for the broker; %d of them are left to the "
+                            "schedule, which publishes them after the grace period",
+                            len(held),
+                            len(held) - MAX_HELD,
+                        )
+                        held = held[-MAX_HELD:]
+                    log.warning(
+                        "publishing %d messages failed (%s: %s); trying again in %.1fs",
+                        len(held),
+                        type(error).__name__,
+                        error,
+                        pause,
                     )
+                    pause = min(pause * 2, RETRY_MAX_SECONDS)
+                    break
+            else:
+                pause = RETRY_FIRST_SECONDS
             for marker in markers:
                 marker.set()
+
+    def _gather(
+        self, item: Envelope | threading.Event
+    ) -> tuple[list[Envelope], list[threading.Event]]:
+        deadline = time.monotonic() + LINGER_SECONDS
+        batch: list[Envelope] = []
+        markers: list[threading.Event] = []
+        while True:
+            if isinstance(item, threading.Event):
+                markers.append(item)
+            else:
+                batch.append(item)
+            if len(batch) >= self._batch_size:
+                return batch, markers
+            try:
+                # A moment's linger, counted from the batch's first message, lets a burst
+                # gather into one task; no message waits longer than LINGER_SECONDS.
+                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return batch, markers

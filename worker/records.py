@@ -424,7 +424,7 @@ class MessageStore:
             ],
         )
         if self.wait_replicas:
-            self._replicated(self._conn().execute_command("WAIT", *self._wait_args()))
+            self._replicated(self._conn().wait(*self._wait_args()))
         return bool(int(created)), str(state)
 
     def _wait_args(self) -> tuple[int, int]:
@@ -455,7 +455,7 @@ class MessageStore:
                 client=pipe,
             )
         if self.wait_replicas:  # same connection, so it waits for these writes
-            pipe.execute_command("WAIT", *self._wait_args())
+            pipe.wait(*self._wait_args())
         replies = pipe.execute()
         if self.wait_replicas:
             self._replicated(replies.pop())

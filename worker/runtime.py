@@ -29,16 +29,59 @@ from worker.tokens import StaticToken, TokenProvider
 from worker.transport import CurlTransport
 
 
-def make_redis(url: str) -> Redis:
-    """A Redis client (a connection pool) with text replies and bounded waits."""
-    return Redis.from_url(
-        url,
-        decode_responses=True,
-        socket_connect_timeout=5,
-        socket_timeout=30,
-        health_check_interval=30,
-        retry_on_timeout=True,
+def default_worker_name() -> str:
+    """This process's name in records and liveness keys: ``host:pid``."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def make_redis(settings: Settings | str, *, client_name: str | None = None) -> Redis:
+    """A Redis client (a connection pool) with text replies and bounded waits.
+
+    Given settings that name sentinels (``NOTIFY_REDIS_SENTINELS``), the client is redis-py's
+    ``Sentinel.master_for``: each new connection asks the sentinels where the master is, and a
+    connection that meets a demoted master (``READONLY``) or a dead one is dropped, so the next
+    command (redis-py retries it) reaches the new master. ``NOTIFY_REDIS_URL`` then gives only the
+    database number and the password. ``client_name`` names every connection (``CLIENT LIST``
+    shows whose they are; the mover's liveness check reads it).
+    """
+    options: dict[str, Any] = {
+        "decode_responses": True,
+        "socket_connect_timeout": 5,
+        "socket_timeout": 30,
+        "health_check_interval": 30,
+        "retry_on_timeout": True,
+    }
+    if client_name:
+        options["client_name"] = client_name
+    if isinstance(settings, str):
+        return Redis.from_url(settings, **options)
+    if not settings.uses_sentinel:
+        return Redis.from_url(settings.redis_url, **options)
+    from urllib.parse import urlsplit
+
+    from redis.sentinel import Sentinel
+
+    parts = urlsplit(settings.redis_url)
+    secret = settings.redis_sentinel_password
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        settings.sentinel_addresses,
+        sentinel_kwargs={
+            "password": secret.get_secret_value() if secret else None,
+            "socket_connect_timeout": 2,
+            "socket_timeout": 2,
+        },
     )
+    assert settings.redis_sentinel_master is not None  # checked with the settings
+    client: Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+        settings.redis_sentinel_master,
+        redis_class=Redis,
+        db=int(parts.path.lstrip("/") or 0),
+        username=parts.username,
+        password=parts.password,
+        ssl=parts.scheme == "rediss",
+        **options,
+    )
+    return client
 
 
 def make_allowlist(settings: Settings) -> AllowList:
@@ -59,7 +102,7 @@ class Runtime:
     policy: RetryPolicy
     store: MessageStore
     transport: CurlTransport | None = None
-    worker_name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    worker_name: str = field(default_factory=default_worker_name)
     _client: ConcurClient | None = None
     _tokens: TokenProvider | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -69,7 +112,8 @@ class Runtime:
         cls, settings: Settings, *, transport: CurlTransport | None = None
     ) -> Runtime:
         """Build every part from ``settings``."""
-        redis = make_redis(settings.redis_url)
+        worker_name = default_worker_name()
+        redis = make_redis(settings, client_name=f"notify:{worker_name}")
         store = MessageStore(
             redis,
             # A queued message not taken within this time is published again (the copy that
@@ -77,6 +121,7 @@ class Runtime:
             publish_grace_seconds=settings.visibility_timeout_seconds,
             lease_seconds=settings.inflight_lease_seconds,
             status_ttl_seconds=settings.status_ttl_seconds,
+            wait_replicas=settings.wait_replicas,
         )
         return cls(
             settings=settings,
@@ -85,6 +130,7 @@ class Runtime:
             policy=RetryPolicy.from_settings(settings),
             store=store,
             transport=transport,
+            worker_name=worker_name,
         )
 
     @property
@@ -133,7 +179,7 @@ class Runtime:
         """The Celery app that publishes for this runtime (the process's, if it is the same)."""
         from worker.celery_app import app, make_app
 
-        if app.conf.broker_url == self.settings.redis_url:
+        if app.conf.broker_url == self.settings.celery_broker_url:
             return app
         return make_app(self.settings)
 

@@ -304,19 +304,22 @@ class Settings(BaseSettings):
     @field_validator("token_encryption_key", mode="before")
     @classmethod
     def _fernet_key(cls, value: Any) -> Any:
+        # Several comma-separated keys rotate: the first encrypts, every one decrypts.
         if isinstance(value, str) and value.strip():
             from cryptography.fernet import Fernet
 
-            try:
-                Fernet(value.strip().encode())
-            except (ValueError, TypeError):
-                # Never quote the key: this message is printed.
-                raise ValueError(
-                    "must be a Fernet key (URL-safe base64 of 32 bytes); make one with "
-                    "`python -c 'from cryptography.fernet import Fernet; "
-                    "print(Fernet.generate_key().decode())'`"
-                ) from None
-            return value.strip()
+            keys = [part.strip() for part in value.split(",") if part.strip()]
+            for number, key in enumerate(keys, 1):
+                try:
+                    Fernet(key.encode())
+                except (ValueError, TypeError):
+                    # Never quote the key: this message is printed.
+                    raise ValueError(
+                        f"key {number} of {len(keys)} is not a Fernet key (URL-safe base64 of "
+                        "32 bytes); make one with `python -c 'from cryptography.fernet import "
+                        "Fernet; print(Fernet.generate_key().decode())'`"
+                    ) from None
+            return ",".join(keys)
         return None if isinstance(value, str) else value
 
     @model_validator(mode="after")
@@ -375,6 +378,14 @@ class Settings(BaseSettings):
                 f"{p}REFRESH_TOKEN: set it, or {p}COMPANY_ID and {p}COMPANY_AUTH_TOKEN, with "
                 f"{p}CLIENT_ID"
             )
+        if self.token_encryption_key is None:
+            # The refresh token (a year of access to the company) is kept in Redis: never in
+            # clear text. `notify dev` makes a key and writes it to .env; nothing else does.
+            raise ValueError(
+                f"{ENV_PREFIX}TOKEN_ENCRYPTION_KEY: required with {p}CLIENT_ID (the refresh token "
+                "is stored in Redis, encrypted with it); make one with `python -c 'from "
+                "cryptography.fernet import Fernet; print(Fernet.generate_key().decode())'`"
+            )
 
     @property
     def inflight_lease_seconds(self) -> float:
@@ -430,9 +441,7 @@ class Settings(BaseSettings):
         if parts.username and parts.password:
             auth = f"{parts.username}:{parts.password}@"
         db = parts.path.lstrip("/") or "0"
-        return ";".join(
-            f"sentinel://{auth}{entry}/{db}" for entry in self.redis_sentinels
-        )
+        return ";".join(f"sentinel://{auth}{entry}/{db}" for entry in self.redis_sentinels)
 
     @property
     def broker_is_amqp(self) -> bool:
