@@ -495,6 +495,8 @@ def test_token_endpoint_outage_defers_messages_and_dead_letters_none(
             NOTIFY_OAUTH_CLIENT_SECRET="sandbox-client-secret",
             NOTIFY_OAUTH_COMPANY_ID="sandbox-company",
             NOTIFY_OAUTH_COMPANY_AUTH_TOKEN="sandbox-auth-token",
+            # Required with OAuth (issue 11, item 6).
+            NOTIFY_TOKEN_ENCRYPTION_KEY="k2y0Ue3MSn3kQ1Yv2c0Jv8wH8d7c3mB0s9J0b1zR6dE=",
         )
         worker = start_worker("token-a", **env)
         sent = requests_for(300)

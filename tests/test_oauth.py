@@ -9,17 +9,23 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.fernet import Fernet, InvalidToken
+from dotenv import dotenv_values
 from redis import Redis
 
 from tests.conftest import LOCAL_REDIS, WorkerProcess, _claim_database, _release_database, wait_for
 from worker import keys
-from worker.oauth import OAuthConfig, OAuthTokens, fingerprint, trusted_geolocation
+from worker.devstack import TOKEN_KEY, ensure_token_key
+from worker.oauth import Cipher, OAuthConfig, OAuthTokens, fingerprint, trusted_geolocation
 from worker.records import Envelope
 from worker.runtime import Runtime
 from worker.sandbox import Sandbox
@@ -89,6 +95,8 @@ class OAuthCase:
             "oauth_client_secret": CLIENT_SECRET,
             "oauth_company_id": COMPANY_ID,
             "oauth_company_auth_token": AUTH_TOKEN,
+            # Required with OAuth (issue 11, item 6): the refresh token is never stored plainly.
+            "token_encryption_key": FERNET_KEY,
         }
         values.update(overrides)
         return {k: v for k, v in values.items() if v != ""}
@@ -254,9 +262,77 @@ def test_refresh_token_is_encrypted_at_rest_when_a_key_is_set(oauth):
     assert oauth.grants() == {"password": 1, "refresh_token": 1}
 
 
-def test_without_a_key_the_refresh_token_is_stored_plainly_and_marked_so(oauth):
+def test_oauth_without_an_encryption_key_refuses_to_start_naming_the_setting(oauth, tmp_path):
+    with pytest.raises(SettingsError) as error:
+        oauth.settings(token_encryption_key="")
+    assert str(error.value).startswith("NOTIFY_TOKEN_ENCRYPTION_KEY: required with")
+    # A real command stops at once with that one line (nothing stored, nothing listened on).
+    env = {key: value for key, value in os.environ.items() if not key.startswith("NOTIFY_")}
+    env.update({f"NOTIFY_{k.upper()}": v for k, v in oauth.values(token_encryption_key="").items()})
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "notify"), "api", "--port", "1"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert "NOTIFY_TOKEN_ENCRYPTION_KEY: required with NOTIFY_OAUTH_CLIENT_ID" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert oauth.stored() == {}
+
+
+def test_only_notify_dev_makes_a_key_and_keeps_it_in_dotenv(tmp_path, monkeypatch):
+    for name in ("NOTIFY_OAUTH_CLIENT_ID", TOKEN_KEY):
+        monkeypatch.delenv(name, raising=False)
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("NOTIFY_OAUTH_CLIENT_ID=client-1\n")
+    assert ensure_token_key(tmp_path) is True
+    key = dotenv_values(dotenv)[TOKEN_KEY]
+    assert key and Fernet(key.encode())  # a real key, kept for the next run
+    assert ensure_token_key(tmp_path) is False  # kept, not replaced
+    assert dotenv_values(dotenv)[TOKEN_KEY] == key
+    without_oauth = tmp_path / "plain"
+    without_oauth.mkdir()
+    monkeypatch.delenv(TOKEN_KEY)
+    (without_oauth / ".env").write_text("NOTIFY_QUEUE_NAME=q\n")
+    assert ensure_token_key(without_oauth) is False
+    assert TOKEN_KEY not in dotenv_values(without_oauth / ".env")
+
+
+def test_plain_refresh_token_of_before_is_read_and_sealed_with_the_key(oauth):
     oauth.provider().token()
-    assert oauth.stored()["refresh"].startswith("p:sbx-rt-")
+    sealed = oauth.stored()["refresh"]
+    token = Fernet(FERNET_KEY.encode()).decrypt(sealed[3:].encode()).decode()
+    # As a version without a key left it in Redis:
+    oauth.redis.hset(keys.oauth_state(oauth.client_id), "refresh", "p:" + token)
+    oauth.provider().token()
+    assert oauth.grants() == {"password": 1, "refresh_token": 1}  # it was read and used
+    stored = oauth.stored()["refresh"]
+    assert stored.startswith("f1:") and "sbx-rt-" not in stored
+    Fernet(FERNET_KEY.encode()).decrypt(stored[3:].encode())
+
+
+def test_encryption_keys_rotate_the_first_encrypts_every_one_decrypts(oauth):
+    new_key = Fernet.generate_key().decode()
+    oauth.provider().token()  # sealed with FERNET_KEY
+    # Rotation: the new key first, the old one still listed; the stored token is still read.
+    oauth.provider(token_encryption_key=f"{new_key}, {FERNET_KEY}").token()
+    assert oauth.grants() == {"password": 1, "refresh_token": 1}
+    stored = oauth.stored()["refresh"]
+    Fernet(new_key.encode()).decrypt(stored[3:].encode())  # now under the new key
+    with pytest.raises(InvalidToken):
+        Fernet(FERNET_KEY.encode()).decrypt(stored[3:].encode())
+    # The old key can go: the new one alone reads it.
+    oauth.provider(token_encryption_key=new_key).token()
+    assert oauth.grants() == {"password": 1, "refresh_token": 2}
+    # A stored form under retired keys only is refused (logged, treated as absent), not misread.
+    cipher = Cipher(Fernet.generate_key().decode())
+    with pytest.raises(ValueError, match="does not decrypt with any configured key"):
+        cipher.open(stored)
+    with pytest.raises(SettingsError, match="NOTIFY_TOKEN_ENCRYPTION_KEY: key 2 of 2"):
+        load_settings(token_encryption_key=f"{new_key},not-a-key")
 
 
 def test_configured_refresh_token_is_used_once_then_the_rotated_one(oauth):
@@ -447,7 +523,7 @@ def test_tokens_fetched_at_run_time_are_redacted_from_logs_and_sentry(oauth):
 
     tokens = oauth.provider()
     access = tokens.token()
-    refresh = oauth.stored()["refresh"].removeprefix("p:")
+    refresh = Cipher(FERNET_KEY).open(oauth.stored()["refresh"])
     line = f"posting with {access}; stored {refresh}; Authorization: OAuth {access}"
     assert access not in redact(line) and refresh not in redact(line)
     event = {"message": line, "extra": {"note": access}}

@@ -107,6 +107,30 @@ def _command(notify: str) -> str:
     return notify if relative.startswith("..") else relative
 
 
+TOKEN_KEY = "NOTIFY_TOKEN_ENCRYPTION_KEY"
+
+
+def ensure_token_key(directory: Path) -> bool:
+    """With Concur OAuth configured and no ``NOTIFY_TOKEN_ENCRYPTION_KEY``, make a key and keep
+    it in ``.env``; True when it did.
+
+    Only ``notify dev`` does this: every other command refuses to start without a key. The key
+    is written (unlike the stack's other generated keys) because the refresh token stored with
+    it must still be readable by the next run.
+    """
+    from cryptography.fernet import Fernet
+
+    path = directory / DOTENV
+    values = {**(dotenv_values(path) if path.exists() else {}), **os.environ}
+    client_id = (values.get("NOTIFY_OAUTH_CLIENT_ID") or "").strip()
+    if not client_id or (values.get(TOKEN_KEY) or "").strip():
+        return False
+    key = Fernet.generate_key().decode("ascii")
+    update_dotenv(path, {TOKEN_KEY: key})
+    os.environ[TOKEN_KEY] = key
+    return True
+
+
 def run_dev(
     *,
     workers: int = 1,
@@ -118,6 +142,8 @@ def run_dev(
     """Run until interrupted; returns the exit code."""
     if ensure_dotenv(Path.cwd()):
         _say(f"no {DOTENV}: wrote one from {DOTENV_EXAMPLE} (edit it to configure the stack)")
+    if ensure_token_key(Path.cwd()):
+        _say(f"OAuth without {TOKEN_KEY}: made one and wrote it to {DOTENV} (keep it)")
     settings = load_settings()
     env = dict(os.environ)
     started: list[EmbeddedRedis | Sandbox] = []

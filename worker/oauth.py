@@ -51,7 +51,7 @@ from typing import Any
 from urllib.parse import SplitResult, urlsplit
 
 import httpx
-from cryptography.fernet import Fernet, InvalidToken
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from redis import Redis
 
 from worker import keys
@@ -329,23 +329,28 @@ def _text(value: str | bytes) -> str:
 
 
 class Cipher:
-    """Encrypts stored secrets with Fernet when a key is configured; else stores them plainly.
+    """Encrypts stored secrets with Fernet (``MultiFernet`` over the configured keys).
 
-    Stored values carry a prefix (``f1:`` encrypted, ``p:`` plain) so turning encryption on
-    later still reads what was stored before, and a changed key is noticed, not misread.
+    ``key`` is ``NOTIFY_TOKEN_ENCRYPTION_KEY``: one key, or several comma-separated for a
+    rotation, the first encrypting and every one decrypting. Stored values carry a prefix
+    (``f1:`` encrypted, ``p:`` plain, as versions without a key stored them) so a plain token of
+    before is still read, and ``stale`` says it must be sealed again; a changed key is noticed,
+    not misread. Settings refuse OAuth without a key, so only a bare ``Cipher(None)`` (tests of
+    this class) seals plainly.
     """
 
     def __init__(self, key: str | None) -> None:
-        self._fernet = Fernet(key.encode()) if key else None
+        self._keys = [Fernet(part.strip().encode()) for part in (key or "").split(",") if part]
+        self._fernet = MultiFernet(self._keys) if self._keys else None
 
     def seal(self, text: str) -> str:
-        """The stored form of ``text``."""
+        """The stored form of ``text`` (encrypted with the first key)."""
         if self._fernet is None:
             return "p:" + text
         return "f1:" + self._fernet.encrypt(text.encode("utf-8")).decode("ascii")
 
     def open(self, stored: str) -> str:
-        """``text`` back; ``ValueError`` when it cannot be read with this key."""
+        """``text`` back; ``ValueError`` when it cannot be read with these keys."""
         if stored.startswith("p:"):
             return stored[2:]
         if stored.startswith("f1:"):
@@ -355,9 +360,21 @@ class Cipher:
                 return self._fernet.decrypt(stored[3:].encode("ascii")).decode("utf-8")
             except InvalidToken:
                 raise ValueError(
-                    "the stored refresh token does not decrypt with this key"
+                    "the stored refresh token does not decrypt with any configured key"
                 ) from None
         raise ValueError("the stored refresh token has an unknown form")
+
+    def stale(self, stored: str) -> bool:
+        """Whether ``stored`` should be sealed again: plain, or not under the first key."""
+        if self._fernet is None:
+            return False
+        if not stored.startswith("f1:"):
+            return True
+        try:
+            self._keys[0].decrypt(stored[3:].encode("ascii"))
+        except InvalidToken:
+            return True
+        return False
 
 
 class TokenStateStore:
@@ -367,6 +384,7 @@ class TokenStateStore:
         self.redis = redis
         self.key = keys.oauth_state(client_id)
         self.cipher = cipher
+        self._reseal_script = redis.register_script(_RESEAL)
 
     def load(self) -> StoredState:
         """What is stored; an unreadable refresh token is logged and treated as absent."""
@@ -378,6 +396,8 @@ class TokenStateStore:
             except ValueError as error:
                 log.error("stored OAuth refresh token ignored: %s", error)
             add_runtime_secret(refresh)  # redacted from log lines and Sentry events from now on
+            if refresh is not None and self.cipher.stale(raw["refresh"]):
+                self._reseal(raw["refresh"], refresh)
         expires = raw.get("refresh_expires")
         return StoredState(
             refresh_token=refresh,
@@ -385,6 +405,12 @@ class TokenStateStore:
             geolocation=raw.get("geolocation") or None,
             seed=raw.get("seed") or None,
         )
+
+    def _reseal(self, stored: str, refresh: str) -> None:
+        # Plain (stored before a key was set) or under a retired key: seal it with the first
+        # key, unless another process has stored a newer token meanwhile (compare and set).
+        if self._reseal_script(keys=[self.key], args=[stored, self.cipher.seal(refresh)]):
+            log.info("stored OAuth refresh token sealed again with the first encryption key")
 
     def save(self, state: StoredState) -> None:
         """Store the latest state (fields that are None are removed)."""
@@ -404,6 +430,16 @@ class TokenStateStore:
         if absent:
             pipe.hdel(self.key, *absent)
         pipe.execute()
+
+
+_RESEAL = """
+-- KEYS: oauth state ; ARGV: the stored form read, the same token sealed again
+if redis.call('HGET', KEYS[1], 'refresh') == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'refresh', ARGV[2])
+  return 1
+end
+return 0
+"""
 
 
 class RedisLock:
