@@ -494,3 +494,70 @@ def test_refusal_of_a_non_uri_character_does_not_echo_the_url() -> None:
     refusal = ALLOW.check_url("https://app.example.com/secret-token/<x>")
     assert refusal is not None
     assert "secret-token" not in refusal.reason and "'<'" in refusal.reason
+
+
+# -- entries that would open the list to anyone (issue 11, "Also") -------------------------------
+
+
+@pytest.mark.parametrize(
+    ("entry", "why"),
+    [
+        ("localhost", "localhost"),
+        ("*.localhost", "localhost"),
+        ("app.localhost:8443", "localhost"),
+        ("127.0.0.1", "IP addresses"),
+        ("10.0.0.1:8443", "IP addresses"),
+        ("[::1]", "bare host name"),
+        ("*.co.uk", "public suffix"),
+        ("co.uk", "public suffix"),
+        ("*.com", "two labels"),
+        ("com", "public suffix"),
+        ("*.github.io", "public suffix"),  # the list's private section: anyone's Pages site
+        ("*.xn--80ao21a.xn--p1ai", None),  # a registrable IDN base is fine
+    ],
+)
+def test_entries_naming_localhost_an_ip_or_a_public_suffix_are_refused(entry, why):
+    if why is None:
+        AllowList.from_entries([], [entry])
+        return
+    with pytest.raises(ValueError, match=re.escape(repr(entry))) as error:
+        AllowList.from_entries([], [entry])
+    assert why in str(error.value)
+
+
+def test_a_public_suffix_entry_stops_start_up_naming_the_setting_and_the_entry():
+    from worker.runtime import make_allowlist
+    from worker.settings import SettingsError, load_settings
+
+    settings = load_settings(allowed_url_domains="app.example.com,*.co.uk")
+    with pytest.raises(SettingsError, match=r"^NOTIFY_ALLOWED_URL_DOMAINS: '\*\.co\.uk'"):
+        make_allowlist(settings)
+    # What the entry would have let through: any site registered under .co.uk.
+    allowed = AllowList.from_entries([], ["*.example.co.uk"])
+    assert allowed.check_url("https://shop.example.co.uk/x") is None
+    assert allowed.check_url("https://attacker.co.uk/x") is not None
+
+
+def test_the_public_suffix_list_is_the_packages_own_and_needs_no_network(tmp_path):
+    import subprocess
+    import sys
+
+    # No proxy, no route: an entry check must not try to download the list.
+    code = (
+        "import socket\n"
+        "def refuse(*a, **k):\n"
+        "    raise OSError('no network in this test')\n"
+        "socket.socket.connect = refuse\n"
+        "socket.create_connection = refuse\n"
+        "from worker.allowlist import AllowList\n"
+        "AllowList.from_entries([], ['*.example.co.uk'])\n"
+        "try:\n"
+        "    AllowList.from_entries([], ['*.co.uk'])\n"
+        "except ValueError as e:\n"
+        "    print('refused', e)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    assert "refused" in done.stdout and "public suffix" in done.stdout

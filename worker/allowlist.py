@@ -20,6 +20,7 @@ from typing import Final
 from urllib.parse import urlsplit
 
 import idna
+from publicsuffixlist import PublicSuffixList
 
 __all__ = ["AllowList", "Refusal", "normalise_host"]
 
@@ -152,12 +153,34 @@ def _parse_domain_entry(entry: object) -> tuple[bool, str, int]:
         host = normalise_host(host_part)
     except _IpLikeHostError as exc:
         raise ValueError("IP addresses are not allowed, use a host name") from exc
+    if host == "localhost" or host.endswith(".localhost"):
+        raise ValueError("localhost is this machine, not a partner's site")
     if wildcard:
         # "*.com" would hand out a whole TLD; require a registrable-looking base.
         if host.count(".") < 1:
             raise ValueError("a wildcard needs at least two labels after '*.'")
+        if _is_public_suffix(host):
+            # "*.co.uk", "*.github.io": anyone may register a name under it.
+            raise ValueError(
+                f"{host!r} is a public suffix (anyone can register names under it); "
+                "name the partner's own domain"
+            )
         return True, "." + host, port
+    if _is_public_suffix(host):
+        raise ValueError(f"{host!r} is a public suffix, not a site; name the partner's own host")
     return False, host, port
+
+
+@functools.cache
+def _public_suffixes() -> PublicSuffixList:
+    # The list the package ships (ICANN and private sections, e.g. github.io); never fetched
+    # at run time. Rules for unknown TLDs ("*") make any single label a public suffix too.
+    return PublicSuffixList()
+
+
+def _is_public_suffix(host: str) -> bool:
+    """Whether ``host`` (normalised, IDNA) is itself a public suffix (``com``, ``co.uk``)."""
+    return bool(_public_suffixes().is_public(host))
 
 
 def _is_plain_idna(raw_host: str, normalised: str) -> bool:
