@@ -37,6 +37,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from worker import notifications
+from worker.console import console_routes
 from worker.deadletters import DeadLetterFilter
 from worker.intake import Intake
 from worker.logs import configure_from_settings
@@ -680,6 +681,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         Route("/readyz", _handle(service.readyz), methods=["GET"]),
         Route("/metrics", _handle(service.metrics), methods=["GET"]),
         Route("/openapi.json", _handle(service.openapi), methods=["GET"]),
+        *console_routes(settings, runtime),  # /console: the dead-letter console
     ]
     app = Starlette(
         routes=routes,
