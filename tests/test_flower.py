@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -23,7 +24,14 @@ AUTH = ("ops", "flower-test-password-91c")
 
 
 class Flower:
-    def __init__(self, port: int, log_path: Path, extra_env: dict[str, str]) -> None:
+    def __init__(
+        self,
+        port: int,
+        log_path: Path,
+        extra_env: dict[str, str],
+        *args: str,
+        script: bool = False,
+    ) -> None:
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop)
@@ -33,8 +41,13 @@ class Flower:
             "NOTIFY_FLOWER_BASIC_AUTH": ":".join(AUTH),
             "NOTIFY_FLOWER_COOKIE_SECRET": "cookie-secret-for-tests",
         }
+        argv = [NOTIFY, "flower", "--port", str(port), "--address", "127.0.0.1", *args]
+        if script:  # the image's start script, with this venv's `notify` on the PATH
+            env["PATH"] = f"{Path(NOTIFY).parent}{os.pathsep}{env['PATH']}"
+            env["NOTIFY_FLOWER_PORT"] = str(port)
+            argv = ["bash", str(ROOT / "docker" / "start-flower")]
         self.process = subprocess.Popen(
-            [NOTIFY, "flower", "--port", str(port), "--address", "127.0.0.1"],
+            argv,
             cwd=ROOT,
             env=env,
             stdout=self._log,
@@ -59,7 +72,8 @@ class Flower:
 
 @pytest.fixture
 def flower(tmp_path: Path, isolated: Isolated) -> Iterator[Flower]:
-    running = Flower(free_port(), tmp_path / "flower.log", isolated.env)
+    # No worker yet: start at once (the test starts its worker afterwards).
+    running = Flower(free_port(), tmp_path / "flower.log", isolated.env, "--wait-for-worker", "0")
     try:
         wait_for(running.answers, timeout=30, interval=0.2, what="flower to answer")
         yield running
@@ -120,3 +134,51 @@ def test_notify_flower_refuses_to_start_without_basic_auth():
     )
     assert done.returncode == 2
     assert done.stderr.startswith("error: NOTIFY_FLOWER_BASIC_AUTH")
+
+
+@pytest.mark.parametrize("script", [False, True], ids=["notify-flower", "docker-start-flower"])
+def test_flower_waits_for_a_worker_to_answer_ping_and_its_first_look_lists_it(
+    tmp_path, start_worker, isolated, script
+):
+    # As `make run` and compose start them: Flower first, the worker a moment later.
+    log_path = tmp_path / "flower.log"
+    flower = Flower(free_port(), log_path, isolated.env, script=script)
+    try:
+        wait_for(
+            lambda: b"waiting for a worker to answer inspect ping" in log_path.read_bytes(),
+            timeout=30,
+            what="notify flower to wait for a worker",
+        )
+        assert not flower.answers()  # Flower itself has not started
+        start_worker("firstlook", **isolated.env)
+        wait_for(flower.answers, timeout=60, interval=0.2, what="flower to answer")
+
+        def listed() -> list[str] | None:
+            # refresh=0: what Flower learned on its own, without an operator's refresh.
+            answer = flower.get("/api/workers?refresh=0")
+            answer.raise_for_status()
+            names = [name for name in answer.json() if name.startswith("firstlook@")]
+            return names or None
+
+        wait_for(listed, timeout=10, interval=0.2, what="flower's first look to list the worker")
+        log = log_path.read_text(errors="replace")
+        assert "a worker answered inspect ping (firstlook@" in log
+        assert "Inspect method" not in log, log
+        assert not re.search(r"^\[[WE] ", log, re.M), log  # no warning or error of Flower's
+    finally:
+        flower.stop()
+
+
+def test_flower_without_a_worker_starts_after_the_wait_with_one_line_and_a_quiet_log(
+    tmp_path, isolated
+):
+    log_path = tmp_path / "flower.log"
+    args = ("--wait-for-worker", "1", "--log-level", "warning")
+    flower = Flower(free_port(), log_path, isolated.env, *args)
+    try:
+        wait_for(flower.answers, timeout=30, interval=0.2, what="flower to answer")
+        log = log_path.read_text(errors="replace")
+        assert "no worker answered inspect ping in 1 s; starting Flower anyway" in log
+        assert "Registered tasks" not in log and "Visit me" not in log  # --log-level warning
+    finally:
+        flower.stop()

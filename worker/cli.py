@@ -431,7 +431,9 @@ def dev(
     )
 
 
-def flower_command(port: int, address: str | None) -> tuple[list[str], dict[str, str]]:
+def flower_command(
+    port: int, address: str | None, log_level: str = "info"
+) -> tuple[list[str], dict[str, str]]:
     """The argv and environment that run Flower for this app, with auth from the settings.
 
     The credentials travel in Flower's own environment variables (``FLOWER_BASIC_AUTH``,
@@ -456,18 +458,42 @@ def flower_command(port: int, address: str | None) -> tuple[list[str], dict[str,
         argv.append(f"--address={address}")
     # Scaled-down workers would otherwise be listed as offline forever.
     argv.append("--purge_offline_workers=300")
+    argv.append(f"--logging={log_level}")
     return argv, env
 
 
 @main.command()
 @click.option("--port", type=click.IntRange(1, 65535), default=None, help="[NOTIFY_FLOWER_PORT]")
 @click.option("--address", default=None, help="interface to listen on (default: all)")
+@click.option(
+    "--wait-for-worker",
+    "wait_seconds",
+    default=120.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="start Flower once a worker answers inspect ping, or after this many seconds (0: at once)",
+)
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    help="Flower's own log lines (warning: problems only)",
+)
 @friendly_errors
-def flower(port: int | None, address: str | None) -> None:
-    """Run Flower (the Celery dashboard) with basic auth from NOTIFY_FLOWER_BASIC_AUTH."""
+def flower(port: int | None, address: str | None, wait_seconds: float, log_level: str) -> None:
+    """Run Flower (the Celery dashboard) with basic auth from NOTIFY_FLOWER_BASIC_AUTH.
+
+    It starts once the first worker answers `inspect ping`, so its first look finds the workers.
+    """
     import os
 
     from worker.settings import get_settings
 
-    argv, env = flower_command(port or get_settings().flower_port, address)
+    argv, env = flower_command(port or get_settings().flower_port, address, log_level)
+    if wait_seconds > 0:
+        from worker import app as celery_app
+        from worker.flowerstart import wait_for_worker
+
+        wait_for_worker(celery_app, wait_seconds, lambda line: click.echo(line, err=True))
     os.execve(argv[0], argv, env)

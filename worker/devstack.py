@@ -188,11 +188,10 @@ def run_dev(
     children.append(
         subprocess.Popen([notify, "api", "--host", "127.0.0.1", "--port", str(api_port)], env=env)
     )
-    children.append(
-        subprocess.Popen(
-            [notify, "flower", "--address", "127.0.0.1", "--port", str(flower_port)], env=env
-        )
-    )
+    # Flower starts once a worker answers `inspect ping` (notify flower waits for it), so its
+    # first look finds the worker; its own log keeps to warnings (the URL is printed below).
+    flower_argv = [notify, "flower", "--address", "127.0.0.1", "--port", str(flower_port)]
+    children.append(subprocess.Popen([*flower_argv, "--log-level", "warning"], env=env))
 
     for number in range(1, workers + 1):
         children.append(
