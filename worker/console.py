@@ -22,6 +22,7 @@ Security:
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import functools
 import hashlib
@@ -61,6 +62,8 @@ MAX_FORM_BYTES = 16 * 1024
 PAGE_SIZES = (25, 50, 100)
 DEFAULT_PAGE_SIZE = 25
 SUMMARY_MINUTES = 15
+# A refused login answers this much later: guessing keys by the thousand gets slow.
+LOGIN_FAILURE_DELAY_SECONDS = 0.5
 # Message states still moving: their page reloads itself until the state is final.
 MOVING_STATES = frozenset({"queued", "inflight", "retrying"})
 
@@ -544,6 +547,7 @@ class Console:
         operator = self.sessions.operator_of(key)
         if operator is None:
             log.warning("console: login refused (not an operator key)")
+            await asyncio.sleep(LOGIN_FAILURE_DELAY_SECONDS)
             return self._page(
                 request,
                 "login.html",
@@ -584,7 +588,7 @@ def _request_of(record: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def _guard(
-    console: Console, endpoint: Callable[[Request], Awaitable[Response]]
+    endpoint: Callable[[Request], Awaitable[Response]],
 ) -> Callable[[Request], Awaitable[Response]]:
     # No session: a page redirects to the login form, a POST is 401. Bad CSRF token: 403.
     # Redis down: 503. Every answer is HTML.
@@ -636,7 +640,7 @@ def console_routes(settings: Settings, runtime: Runtime) -> list[BaseRoute]:
     console = Console(settings, runtime)
 
     def guarded(endpoint: Callable[[Request], Awaitable[Response]]) -> Any:
-        return _guard(console, endpoint)
+        return _guard(endpoint)
 
     return [
         Route(PREFIX, guarded(console.index), methods=["GET"]),
