@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from typing import Any
+
+import pytest
 
 from tests.isolated import Isolated, isolated
 from worker import keys
@@ -95,3 +98,19 @@ def test_a_first_401_is_answered_by_one_refresh_and_one_more_post_each(
         assert [r["status"] for r in sandbox.requests(user_id=user)] == [401, 200]
         record = rt.store.status(envelope.id)
         assert record["attempt"] == "1"  # the refreshed post belongs to the same attempt
+
+
+def test_each_attempts_log_line_carries_the_partner(
+    isolated: Isolated, sandbox, caplog: pytest.LogCaptureFixture
+) -> None:
+    user = f"user-{uuid.uuid4().hex[:10]}"
+    sandbox.script([{"status": 503}], user_id=user)
+    rt = isolated.runtime
+    messages = [Message.create(user, f"s-{n}", "welcome", partner="acme") for n in range(2)]
+    rt.store.create_many([(m.id, m.to_wire()) for m in messages])
+    envelopes = [Envelope(m.id, 1, m.to_wire()) for m in messages]
+    with caplog.at_level(logging.INFO, logger="notify.delivery"):
+        assert _deliver(rt, envelopes) == "delivered=1 retry=1"
+    lines = [r for r in caplog.records if getattr(r, "outcome", None) in ("delivered", "retry")]
+    assert sorted(r.outcome for r in lines) == ["delivered", "retry"]  # type: ignore[attr-defined]
+    assert {r.partner for r in lines} == {"acme"}  # type: ignore[attr-defined]

@@ -38,7 +38,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker import breaker, outcomes, ratelimit
 from worker.concur import ApiResponse, Reply, TransportFailure
-from worker.models import Message, is_message_id, message_id
+from worker.models import Message, is_message_id, message_id, partner_of
 from worker.records import AttemptRecord, Claim, Envelope, Failure, now_ms
 from worker.runtime import Runtime
 from worker.tokens import TokenUnavailable
@@ -92,7 +92,7 @@ def parse_envelope(value: Any) -> Envelope | Malformed:
         parts = (request.get("userId"), request.get("sessionId"), request.get("templateId"))
         if not all(isinstance(part, str) for part in parts):
             return _malformed(value, "req lacks userId, sessionId or templateId")
-        return Envelope(message_id(*parts), 1, request)  # type: ignore[arg-type]
+        return Envelope(message_id(*parts, partner_of(request)), 1, request)  # type: ignore[arg-type]
     ident, gen = value.get("id"), value.get("gen")
     if not isinstance(ident, str) or not is_message_id(ident):
         return _malformed(value, "id is not a short URL-safe string")
@@ -150,6 +150,7 @@ def _log_fields(
         "message_id": envelope.id,
         "user_id": request.get("userId"),
         "template_id": request.get("templateId"),
+        "partner": partner_of(request),
         "attempt": claim.attempt,
         "status": result.status if isinstance(result, ApiResponse) else None,
         "duration_ms": None if started_ms is None else now_ms() - started_ms,
