@@ -121,7 +121,7 @@ def _add_request(fields: Table, request: Mapping[str, Any], partner: Any = None)
     fields.add_row("template", str(request.get("templateId") or "-"))
     if url:
         fields.add_row("url", str(url))
-    if partner:
+    if partner and partner != "default":  # the partner of bare keys: nothing to tell
         fields.add_row("partner", str(partner))
 
 
