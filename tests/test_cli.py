@@ -119,7 +119,7 @@ def test_failed_list_show_replay_delete(runtime, sandbox, user_id):
     assert replayed.returncode == 0 and "replayed 1" in replayed.stdout
     wait_for(lambda: _state(runtime, ids[0]) == "delivered")
 
-    deleted = notify("failed", "delete", "--all", "--user", user_id)
+    deleted = notify("failed", "delete", "--all", "--yes", "--user", user_id)
     assert "deleted 1" in deleted.stdout
     assert json.loads(notify("failed", "list", "--json", "--user", user_id).stdout)["items"] == []
 

@@ -30,6 +30,7 @@ from kombu.exceptions import OperationalError as BrokerError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -472,12 +473,28 @@ class Service:
                 raise ApiError(
                     400, INVALID_PARAMETER, "since must be an ISO-8601 date-time"
                 ) from None
+        until = query.get("until")
+        until_ms = None
+        if until is not None:
+            try:
+                until_ms = parse_since(until)
+            except (ValueError, OverflowError, OSError):
+                raise ApiError(
+                    400, INVALID_PARAMETER, "until must be an ISO-8601 date-time"
+                ) from None
+        http_status = query.get("httpStatus")
+        if http_status is not None and not (
+            http_status.isascii() and http_status.isdigit() and 100 <= int(http_status) <= 599
+        ):
+            raise ApiError(400, INVALID_PARAMETER, "httpStatus must be an HTTP status 100..599")
         return DeadLetterFilter(
             reason=query.get("reason") or None,
             template_id=query.get("template") or None,
             user_id=query.get("user") or None,
             since_ms=since_ms,
             partner=partner,
+            http_status=None if http_status is None else int(http_status),
+            until_ms=until_ms,
         )
 
     @staticmethod
@@ -599,12 +616,41 @@ class Service:
         )
 
     async def replay_many(self, request: Request) -> Response:
-        """``POST /notifications/replay?<filters>``: replay every selected one (202)."""
+        """``POST /notifications/replay?<filters>[&dryRun=true][&rate=N]``: replay the selected.
+
+        ``dryRun=true`` answers 200 with what would be replayed and changes nothing. ``rate``
+        paces the redrive (replays a second); it then runs after the answer (202 with the ids
+        selected), in this process: one that stops midway leaves the rest as dead letters.
+        """
         self._require(request, OPERATOR)
         self._status_param(request, required=False)
         selection = self._filter(request)
-        ids = await run_in_threadpool(self.runtime.deadletters.replay_many, selection)
-        return json_response({"count": len(ids), "ids": ids}, 202)
+        store = self.runtime.deadletters
+        query = request.query_params
+        if query.get("dryRun") not in (None, "true", "false"):
+            raise ApiError(400, INVALID_PARAMETER, "dryRun must be true or false")
+        rate = query.get("rate")
+        rate_per_second = None
+        if rate is not None:
+            try:
+                rate_per_second = float(rate)
+            except ValueError:
+                rate_per_second = -1.0
+            if not (0 < rate_per_second < 1e6):
+                raise ApiError(400, INVALID_PARAMETER, "rate must be a positive number")
+        if query.get("dryRun") == "true":
+            ids = await run_in_threadpool(store.select, selection)
+            return json_response({"count": len(ids), "ids": ids, "dryRun": True}, 200)
+        if rate_per_second is None:
+            ids = await run_in_threadpool(store.replay_many, selection)
+            return json_response({"count": len(ids), "ids": ids}, 202)
+        ids = await run_in_threadpool(store.select, selection)
+        paced = BackgroundTask(store.replay_ids, ids, rate_per_second=rate_per_second)
+        response = json_response(
+            {"count": len(ids), "ids": ids, "ratePerSecond": rate_per_second}, 202
+        )
+        response.background = paced
+        return response
 
     # operations
 

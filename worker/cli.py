@@ -111,8 +111,12 @@ def failed() -> None:
     """List, show, replay or delete dead letters (failed notifications)."""
 
 
+TIME_FORMATS = ["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M:%S%z"]
+
+
 def _filters(function: F) -> F:
-    """Add --reason, --template, --user, --since, --partner; pass them on as one ``selection``."""
+    """Add --reason, --template, --user, --since, --until, --partner, --http-status; pass them
+    on as one ``selection``."""
 
     @functools.wraps(function)
     def wrapper(
@@ -121,17 +125,24 @@ def _filters(function: F) -> F:
         template_id: str | None,
         user_id: str | None,
         since: datetime | None,
+        until: datetime | None,
         partner: str | None,
+        http_status: int | None,
         **kwargs: Any,
     ) -> Any:
         from worker.deadletters import DeadLetterFilter
 
-        since_ms = None
-        if since is not None:
-            aware = since if since.tzinfo else since.replace(tzinfo=UTC)
-            since_ms = int(aware.timestamp() * 1000)
-        chosen = (reason, template_id, user_id, since_ms, partner)
-        selection = None if chosen == (None,) * 5 else DeadLetterFilter(*chosen)
+        chosen = DeadLetterFilter(
+            reason=reason,
+            template_id=template_id,
+            user_id=user_id,
+            since_ms=_epoch_ms(since),
+            partner=partner,
+            http_status=http_status,
+            # --until 2026-11-25 means through the end of that day (or second).
+            until_ms=None if until is None else _epoch_ms(until, through=True),
+        )
+        selection = None if chosen == DeadLetterFilter() else chosen
         return function(*args, selection=selection, **kwargs)
 
     for option in reversed(
@@ -142,10 +153,22 @@ def _filters(function: F) -> F:
             click.option(
                 "--since",
                 default=None,
-                type=click.DateTime(["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M:%S%z"]),
+                type=click.DateTime(TIME_FORMATS),
                 help="only those that failed at or after this time (UTC unless an offset is given)",
             ),
+            click.option(
+                "--until",
+                default=None,
+                type=click.DateTime(TIME_FORMATS),
+                help="only those that failed at or before this time (a date: through that day)",
+            ),
             click.option("--partner", default=None, help="only this partner's (see GATEWAY_KEYS)"),
+            click.option(
+                "--http-status",
+                default=None,
+                type=click.IntRange(100, 599),
+                help="only those whose last answer had this HTTP status",
+            ),
         ]
     ):
         wrapper = option(wrapper)
@@ -203,6 +226,19 @@ def failed_show(letter_id: str, as_json: bool) -> None:
         views.show(views.dead_letter_view(letter, _now_ms()))
 
 
+def _epoch_ms(moment: datetime | None, *, through: bool = False) -> int | None:
+    """Epoch ms of a --since/--until time (UTC unless it has an offset); ``through``: the
+    last millisecond of the day (a bare date) or of the second it names."""
+    if moment is None:
+        return None
+    aware = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    ms = int(aware.timestamp() * 1000)
+    if through:
+        whole_day = (aware.hour, aware.minute, aware.second) == (0, 0, 0)
+        ms += 86_399_999 if whole_day else 999
+    return ms
+
+
 def _ids_or_all(ids: tuple[str, ...], all_: bool, selection: Any) -> list[str] | None:
     if ids and all_:
         _fail("give ids or --all, not both", EXIT_INVALID)
@@ -221,16 +257,29 @@ _progress_option = click.option(
 # Bulk replay marks this many dead letters queued, then publishes them (as tasks of
 # NOTIFY_BATCH_SIZE); a crash in between leaves the marked ones on the schedule, which hands
 # them out after the grace period, as DeadLetterStore.replay_many does for all at once.
-REPLAY_CHUNK = 200
 
 
 @failed.command("replay")
 @click.argument("ids", nargs=-1)
 @click.option("--all", "all_", is_flag=True, help="every dead letter the filters select")
 @_filters
+@click.option("--dry-run", is_flag=True, help="count what would be replayed; change nothing")
+@click.option(
+    "--rate",
+    default=None,
+    type=click.FloatRange(min=0, min_open=True),
+    help="replay at most this many a second (with --all)",
+)
 @_progress_option
 @friendly_errors
-def failed_replay(ids: tuple[str, ...], all_: bool, selection: Any, progress: bool | None) -> None:
+def failed_replay(
+    ids: tuple[str, ...],
+    all_: bool,
+    selection: Any,
+    dry_run: bool,
+    rate: float | None,
+    progress: bool | None,
+) -> None:
     """Send dead letters back through the whole pipeline."""
     from worker import views
     from worker.deadletters import DeadLetterFilter
@@ -240,15 +289,16 @@ def failed_replay(ids: tuple[str, ...], all_: bool, selection: Any, progress: bo
     chosen = _ids_or_all(ids, all_, selection)
     if chosen is None:
         selected = store.select(selection or DeadLetterFilter())
-        replayed = 0
+        if dry_run:
+            click.echo(f"would replay {len(selected)}")
+            return
         with views.Progress("replaying", len(selected), progress) as bar:
-            for start in range(0, len(selected), REPLAY_CHUNK):
-                chunk = selected[start : start + REPLAY_CHUNK]
-                envelopes = [e for e in map(store.store.replay, chunk) if e is not None]
-                store.publish(envelopes)
-                replayed += len(envelopes)
-                bar.advance(len(chunk))
-        click.echo(f"replayed {replayed}")
+            replayed = store.replay_ids(selected, rate_per_second=rate, on_progress=bar.advance)
+        click.echo(f"replayed {len(replayed)}")
+        return
+    if dry_run:
+        found = [letter_id for letter_id in chosen if store.get(letter_id) is not None]
+        click.echo(f"would replay {len(found)}")
         return
     missing = [letter_id for letter_id in chosen if store.replay(letter_id) is None]
     click.echo(f"replayed {len(chosen) - len(missing)}")
@@ -260,10 +310,19 @@ def failed_replay(ids: tuple[str, ...], all_: bool, selection: Any, progress: bo
 @click.argument("ids", nargs=-1)
 @click.option("--all", "all_", is_flag=True, help="every dead letter the filters select")
 @_filters
+@click.option("--dry-run", is_flag=True, help="count what would be deleted; change nothing")
+@click.option("--yes", is_flag=True, help="delete what --all selects without asking")
 @_progress_option
 @friendly_errors
-def failed_delete(ids: tuple[str, ...], all_: bool, selection: Any, progress: bool | None) -> None:
-    """Delete dead letters."""
+def failed_delete(
+    ids: tuple[str, ...],
+    all_: bool,
+    selection: Any,
+    dry_run: bool,
+    yes: bool,
+    progress: bool | None,
+) -> None:
+    """Delete dead letters (with --all: asks first, unless --yes)."""
     from worker import views
     from worker.deadletters import DeadLetterFilter
     from worker.runtime import get_runtime
@@ -272,12 +331,18 @@ def failed_delete(ids: tuple[str, ...], all_: bool, selection: Any, progress: bo
     chosen = _ids_or_all(ids, all_, selection)
     if chosen is None:
         selected = store.select(selection or DeadLetterFilter())
-        deleted = 0
+        if dry_run:
+            click.echo(f"would delete {len(selected)}")
+            return
+        if selected and not yes:
+            click.confirm(f"delete {len(selected)} dead letters for good?", abort=True)
         with views.Progress("deleting", len(selected), progress) as bar:
-            for letter_id in selected:
-                deleted += store.delete(letter_id)
-                bar.advance(1)
-        click.echo(f"deleted {deleted}")
+            deleted = store.delete_ids(selected, on_progress=bar.advance)
+        click.echo(f"deleted {len(deleted)}")
+        return
+    if dry_run:
+        found = [letter_id for letter_id in chosen if store.get(letter_id) is not None]
+        click.echo(f"would delete {len(found)}")
         return
     missing = [letter_id for letter_id in chosen if not store.delete(letter_id)]
     click.echo(f"deleted {len(chosen) - len(missing)}")

@@ -116,20 +116,6 @@ def parse_moment(value: str, *, end: bool = False) -> int | None:
 
 
 @dataclass(frozen=True, slots=True)
-class ConsoleFilter(DeadLetterFilter):
-    """The store's filter plus an upper bound on when the letter died (the console's time range)."""
-
-    until_ms: int | None = None
-
-    def matches(self, letter: DeadLetter) -> bool:
-        """Whether ``letter`` is selected."""
-        # Not super(): a slotted dataclass is a new class, which zero-argument super() misses.
-        return DeadLetterFilter.matches(self, letter) and (
-            self.until_ms is None or letter.dead_ms <= self.until_ms
-        )
-
-
-@dataclass(frozen=True, slots=True)
 class Query:
     """The table's filters and page, as read from the query string (values as typed)."""
 
@@ -161,7 +147,7 @@ class Query:
         return any((self.reason, self.template, self.partner, self.since, self.until))
 
 
-def read_query(params: Any) -> tuple[Query, ConsoleFilter, list[str]]:
+def read_query(params: Any) -> tuple[Query, DeadLetterFilter, list[str]]:
     """The query, the store filter it means, and a message per value that could not be used."""
     problems: list[str] = []
 
@@ -198,7 +184,7 @@ def read_query(params: Any) -> tuple[Query, ConsoleFilter, list[str]]:
         cursor=cursor,
         limit=limit or DEFAULT_PAGE_SIZE,
     )
-    selection = ConsoleFilter(
+    selection = DeadLetterFilter(
         reason=query.reason or None,
         template_id=query.template or None,
         since_ms=bounds["since"],

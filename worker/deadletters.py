@@ -9,6 +9,7 @@ a replay count; delete removes it and the message's status record.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, cast
@@ -20,6 +21,7 @@ from worker.models import DEFAULT_PARTNER, partner_of
 from worker.records import Envelope, MessageStore
 
 SCAN_CHUNK = 500
+REPLAY_CHUNK = 200  # dead letters replayed and published together in a bulk replay
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +92,8 @@ class DeadLetterFilter:
     user_id: str | None = None
     since_ms: int | None = None
     partner: str | None = None
+    http_status: int | None = None  # the API's answer on the last attempt
+    until_ms: int | None = None  # dead-lettered at or before this time
 
     def matches(self, letter: DeadLetter) -> bool:
         """Whether ``letter`` is selected."""
@@ -99,6 +103,8 @@ class DeadLetterFilter:
             and (self.template_id is None or letter.template_id == self.template_id)
             and (self.user_id is None or letter.user_id == self.user_id)
             and (self.since_ms is None or letter.dead_ms >= self.since_ms)
+            and (self.until_ms is None or letter.dead_ms <= self.until_ms)
+            and (self.http_status is None or letter.status == self.http_status)
         )
 
 
@@ -176,17 +182,47 @@ class DeadLetterStore:
             self.publish([envelope])
         return envelope
 
-    def replay_many(self, selection: DeadLetterFilter) -> list[str]:
-        """Replay every selected dead letter; returns the ids replayed."""
-        envelopes = [
-            envelope
-            for envelope in map(self.store.replay, self.select(selection))
-            if envelope is not None
-        ]
-        # Published after all are marked queued: a crash in between leaves them on the schedule,
-        # which hands them out after the grace period.
-        self.publish(envelopes)
-        return [envelope.id for envelope in envelopes]
+    def replay_many(
+        self,
+        selection: DeadLetterFilter,
+        *,
+        rate_per_second: float | None = None,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> list[str]:
+        """Replay every dead letter ``selection`` matches (see ``replay_ids``)."""
+        return self.replay_ids(
+            self.select(selection), rate_per_second=rate_per_second, on_progress=on_progress
+        )
+
+    def replay_ids(
+        self,
+        selected: list[str],
+        *,
+        rate_per_second: float | None = None,
+        on_progress: Callable[[int], None] | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> list[str]:
+        """Replay these dead letters, at most ``rate_per_second`` a second if given.
+
+        Returns the ids replayed. Letters are replayed and published a chunk at a time (each
+        chunk is marked queued before it is published: a crash in between leaves it on the
+        schedule, which hands it out after the grace period); a paced redrive sleeps before
+        each chunk until ``redrive_schedule`` says it is due. ``on_progress`` gets the number
+        of letters each chunk handled.
+        """
+        replayed: list[str] = []
+        started = clock()
+        for due, chunk in redrive_schedule(selected, rate_per_second, REPLAY_CHUNK):
+            pause = started + due - clock()
+            if pause > 0:
+                sleep(pause)
+            envelopes = [e for e in map(self.store.replay, chunk) if e is not None]
+            self.publish(envelopes)
+            replayed += [envelope.id for envelope in envelopes]
+            if on_progress is not None:
+                on_progress(len(chunk))
+        return replayed
 
     def delete(self, letter_id: str) -> bool:
         """Remove one dead letter and its message's record; False when it does not exist."""
@@ -196,8 +232,38 @@ class DeadLetterStore:
         return self.store.forget_dead_letter(letter_id)
 
     def delete_many(self, selection: DeadLetterFilter) -> list[str]:
-        """Delete every selected dead letter; returns the ids deleted."""
-        return [letter_id for letter_id in self.select(selection) if self.delete(letter_id)]
+        """Delete every dead letter ``selection`` matches; returns the ids deleted."""
+        return self.delete_ids(self.select(selection))
+
+    def delete_ids(
+        self, selected: list[str], *, on_progress: Callable[[int], None] | None = None
+    ) -> list[str]:
+        """Delete these dead letters; returns the ids deleted (``on_progress`` gets 1 each)."""
+        deleted = []
+        for letter_id in selected:
+            if self.delete(letter_id):
+                deleted.append(letter_id)
+            if on_progress is not None:
+                on_progress(1)
+        return deleted
+
+
+def redrive_schedule(
+    ids: list[str], rate_per_second: float | None, chunk: int
+) -> Iterator[tuple[float, list[str]]]:
+    """``(seconds from the start, ids)`` for each chunk of a redrive (pure).
+
+    Unpaced, chunks of ``chunk`` ids all due at once. Paced at ``rate_per_second``, chunks are
+    small enough that a second holds several (at most a fifth of a second's worth, at least one
+    id) and each is due when the ids before it have used up their share of the rate: the
+    redrive never runs ahead of the rate, as SQS's ``MaxNumberOfMessagesPerSecond``.
+    """
+    if rate_per_second is not None and rate_per_second <= 0:
+        raise ValueError("rate_per_second must be positive")
+    size = chunk if rate_per_second is None else max(1, min(chunk, int(rate_per_second / 5)))
+    for start in range(0, len(ids), size):
+        due = 0.0 if rate_per_second is None else start / rate_per_second
+        yield due, ids[start : start + size]
 
 
 def _int_or_none(value: str | None) -> int | None:

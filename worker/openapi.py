@@ -51,6 +51,19 @@ _FILTERS: list[dict[str, Any]] = [
         "description": "ISO-8601 date or date-time (UTC when no offset); dead-lettered at or after",
         "schema": {"type": "string"},
     },
+    {
+        "name": "until",
+        "in": "query",
+        "description": "ISO-8601 date or date-time (UTC when no offset); dead-lettered by then",
+        "schema": {"type": "string"},
+    },
+    {"name": "partner", "in": "query", "schema": {"type": "string"}},
+    {
+        "name": "httpStatus",
+        "in": "query",
+        "description": "The HTTP status of the last attempt's answer",
+        "schema": {"type": "integer", "minimum": 100, "maximum": 599},
+    },
 ]
 _PAGING = [
     {
@@ -323,10 +336,30 @@ def openapi_document(server_url: str) -> dict[str, Any]:
                     "operationId": "replayNotifications",
                     "summary": "Replay every failed notification the filters select",
                     "security": _OPERATOR,
-                    "parameters": [{**_FILTERS[0], "required": False}, *_FILTERS[1:]],
+                    "parameters": [
+                        {**_FILTERS[0], "required": False},
+                        *_FILTERS[1:],
+                        {
+                            "name": "dryRun",
+                            "in": "query",
+                            "description": "true: answer what would be replayed, change nothing",
+                            "schema": {"type": "string", "enum": ["true", "false"]},
+                        },
+                        {
+                            "name": "rate",
+                            "in": "query",
+                            "description": "Replays a second; the paced redrive runs after the "
+                            "answer",
+                            "schema": {"type": "number", "exclusiveMinimum": 0},
+                        },
+                    ],
                     "responses": {
+                        "200": {
+                            "description": "dryRun=true: what would be replayed",
+                            "content": {"application/json": {"schema": _ref("Replayed")}},
+                        },
                         "202": {
-                            "description": "Sent back through the pipeline",
+                            "description": "Sent back through the pipeline (paced: being sent)",
                             "content": {"application/json": {"schema": _ref("Replayed")}},
                         },
                         "400": _error("Unsupported status or a bad parameter"),
