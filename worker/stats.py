@@ -27,11 +27,14 @@ Where each number comes from, and what it costs:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from kombu.transport.redis import PRIORITY_STEPS, Channel
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from worker import keys, outcomes
 from worker.breaker import STATE_NUMBERS
@@ -41,7 +44,8 @@ from worker.runtime import Runtime
 
 DEFAULT_MINUTES = 15
 MAX_MINUTES = DELIVERED_COUNTER_TTL_SECONDS // 60
-PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# The text format generate_latest writes (CONTENT_TYPE_LATEST names a newer one now).
+PROMETHEUS_CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 
 # Cumulative counters in ``keys.STATS`` (besides ``dead:<reason>``), as (field, metric, help).
 _COUNTERS = (
@@ -244,111 +248,98 @@ def collect(
     )
 
 
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+class _Collector:
+    """Hands one ``Stats`` snapshot to prometheus_client as metric families."""
+
+    def __init__(self, stats: Stats) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.stats
+        yield _gauge(
+            "notify_queued",
+            "Messages waiting in the broker queue for a worker.",
+            stats.queued,
+            queue=stats.queue,
+        )
+        yield _gauge(
+            "notify_reserved",
+            "Messages workers have taken from the broker and not yet acknowledged.",
+            stats.reserved,
+        )
+        yield _gauge(
+            "notify_inflight", "Messages claimed by a worker for an attempt now.", stats.inflight
+        )
+        yield _gauge(
+            "notify_retry_waiting",
+            "Messages waiting on the schedule for their next attempt.",
+            stats.retry_waiting,
+        )
+        dead = GaugeMetricFamily(
+            "notify_dead_letters", "Dead letters held now, by reason.", labels=["reason"]
+        )
+        for reason, count in sorted(stats.dead_letters.items()):
+            dead.add_metric([reason], count)
+        yield dead
+        dead_ever = CounterMetricFamily(
+            "notify_dead_lettered",
+            "Messages dead-lettered since the start, by reason.",
+            labels=["reason"],
+        )
+        for reason, count in sorted(stats.dead_lettered_total.items()):
+            dead_ever.add_metric([reason], count)
+        yield dead_ever
+        for field_name, metric, text in _COUNTERS:
+            yield CounterMetricFamily(
+                metric.removesuffix("_total"), text, value=stats.totals.get(field_name, 0)
+            )
+        yield _gauge(
+            "notify_delivered_last_minute",
+            "Messages delivered in the last complete wall-clock minute.",
+            stats.delivered_last_minute,
+        )
+        yield _gauge(
+            "notify_rate_limit_penalty_factor",
+            "How many times slower than the configured rate workers post now (1 = no 429 penalty).",
+            stats.rate_limit_penalty_factor,
+        )
+        yield _gauge(
+            "notify_breaker_state",
+            "The circuit breaker: 0 closed, 1 half-open (one probe decides), 2 open (no posts).",
+            STATE_NUMBERS.get(stats.breaker_state, 0),
+        )
+        by_partner = CounterMetricFamily(
+            "notify_partner_messages",
+            "Outcomes by partner: delivered, retried, deferred (no rate-limit permit), replayed.",
+            labels=["partner", "outcome"],
+        )
+        dead_by_partner = CounterMetricFamily(
+            "notify_partner_dead_lettered",
+            "Messages dead-lettered since the start, by partner and reason.",
+            labels=["partner", "reason"],
+        )
+        for name, counts in sorted(stats.partners.items()):
+            for field_name in ("delivered", "retried", "deferred", "replayed"):
+                by_partner.add_metric([name, field_name], counts.get(field_name, 0))
+            for counter, value in sorted(counts.items()):
+                if counter.startswith("dead:"):
+                    dead_by_partner.add_metric([name, counter.removeprefix("dead:")], value)
+        yield by_partner
+        yield dead_by_partner
 
 
-def _metric(
-    lines: list[str], name: str, kind: str, text: str, samples: Sequence[tuple[str, float]]
-) -> None:
-    lines.append(f"# HELP {name} {text}")
-    lines.append(f"# TYPE {name} {kind}")
-    for labels, value in samples:
-        number = repr(float(value)) if isinstance(value, float) else str(value)
-        lines.append(f"{name}{labels} {number}")
+def _gauge(name: str, text: str, value: float, **labels: str) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, text, labels=list(labels))
+    family.add_metric(list(labels.values()), value)
+    return family
 
 
 def render_prometheus(stats: Stats) -> str:
-    """The Prometheus text exposition (format 0.0.4) of ``stats``, for ``/metrics``."""
-    lines: list[str] = []
-    queue = f'{{queue="{_label(stats.queue)}"}}'
-    _metric(
-        lines,
-        "notify_queued",
-        "gauge",
-        "Messages waiting in the broker queue for a worker.",
-        [(queue, stats.queued)],
-    )
-    _metric(
-        lines,
-        "notify_reserved",
-        "gauge",
-        "Messages workers have taken from the broker and not yet acknowledged.",
-        [("", stats.reserved)],
-    )
-    _metric(
-        lines,
-        "notify_inflight",
-        "gauge",
-        "Messages claimed by a worker for an attempt now.",
-        [("", stats.inflight)],
-    )
-    _metric(
-        lines,
-        "notify_retry_waiting",
-        "gauge",
-        "Messages waiting on the schedule for their next attempt.",
-        [("", stats.retry_waiting)],
-    )
-    _metric(
-        lines,
-        "notify_dead_letters",
-        "gauge",
-        "Dead letters held now, by reason.",
-        [(f'{{reason="{_label(r)}"}}', n) for r, n in sorted(stats.dead_letters.items())],
-    )
-    _metric(
-        lines,
-        "notify_dead_lettered_total",
-        "counter",
-        "Messages dead-lettered since the start, by reason.",
-        [(f'{{reason="{_label(r)}"}}', n) for r, n in sorted(stats.dead_lettered_total.items())],
-    )
-    for field_name, metric, text in _COUNTERS:
-        _metric(lines, metric, "counter", text, [("", stats.totals.get(field_name, 0))])
-    _metric(
-        lines,
-        "notify_delivered_last_minute",
-        "gauge",
-        "Messages delivered in the last complete wall-clock minute.",
-        [("", stats.delivered_last_minute)],
-    )
-    _metric(
-        lines,
-        "notify_rate_limit_penalty_factor",
-        "gauge",
-        "How many times slower than the configured rate workers post now (1 = no 429 penalty).",
-        [("", stats.rate_limit_penalty_factor)],
-    )
-    _metric(
-        lines,
-        "notify_breaker_state",
-        "gauge",
-        "The circuit breaker: 0 closed, 1 half-open (one probe decides), 2 open (no posts).",
-        [("", STATE_NUMBERS.get(stats.breaker_state, 0))],
-    )
-    partner_samples: list[tuple[str, float]] = []
-    partner_dead: list[tuple[str, float]] = []
-    for name, counts in sorted(stats.partners.items()):
-        for field_name in ("delivered", "retried", "deferred", "replayed"):
-            labels = f'{{partner="{_label(name)}",outcome="{field_name}"}}'
-            partner_samples.append((labels, counts.get(field_name, 0)))
-        for counter, value in sorted(counts.items()):
-            if counter.startswith("dead:"):
-                reason = _label(counter.removeprefix("dead:"))
-                partner_dead.append((f'{{partner="{_label(name)}",reason="{reason}"}}', value))
-    _metric(
-        lines,
-        "notify_partner_messages_total",
-        "counter",
-        "Outcomes by partner: delivered, retried, deferred (no rate-limit permit), replayed.",
-        partner_samples,
-    )
-    _metric(
-        lines,
-        "notify_partner_dead_lettered_total",
-        "counter",
-        "Messages dead-lettered since the start, by partner and reason.",
-        partner_dead,
-    )
-    return "\n".join(lines) + "\n"
+    """The Prometheus text exposition (format 0.0.4) of ``stats``, for ``/metrics``.
+
+    prometheus_client writes it: each snapshot is handed over by a collector, so ``/metrics``
+    stays one pipelined Redis read (``collect``) however many series there are.
+    """
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Collector(stats))
+    return generate_latest(registry).decode("utf-8")
