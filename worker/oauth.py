@@ -37,6 +37,7 @@ registered with ``worker.logs.add_runtime_secret``, so even a stray one is redac
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -44,7 +45,6 @@ import math
 import re
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +53,7 @@ from urllib.parse import SplitResult, urlsplit
 import httpx
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from redis import Redis
+from redis.exceptions import LockError
 
 from worker import keys
 from worker.concur import USER_AGENT
@@ -76,11 +77,6 @@ _DEFAULT_PORTS = {"https": 443, "http": 80}
 _DNS_NAME = re.compile(r"(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?\.)+[a-z]{2,}")
 # refresh_expires_in above this is a Unix time (Concur's form), below it a lifetime in seconds.
 EPOCH_THRESHOLD_SECONDS = 1_000_000_000
-
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -442,30 +438,6 @@ return 0
 """
 
 
-class RedisLock:
-    """A lock across processes: ``SET NX PX`` with a random owner, compare-and-delete release."""
-
-    def __init__(self, redis: Redis, key: str, ttl_seconds: float) -> None:
-        self.redis = redis
-        self.key = key
-        self.ttl_ms = max(1, int(ttl_seconds * 1000))
-        self._release = redis.register_script(_RELEASE)
-
-    def acquire(self, deadline: float) -> str | None:
-        """Wait until ``deadline`` (monotonic) for the lock; its owner token, or None."""
-        owner = uuid.uuid4().hex
-        while True:
-            if self.redis.set(self.key, owner, nx=True, px=self.ttl_ms):
-                return owner
-            if time.monotonic() >= deadline:
-                return None
-            time.sleep(LOCK_POLL_SECONDS)
-
-    def release(self, owner: str) -> None:
-        """Let go, unless the lock expired and someone else holds it now."""
-        self._release(keys=[self.key], args=[owner])
-
-
 class TokenEndpoint:
     """Posts grants to Concur's token endpoint; follows a code-16 geolocation once."""
 
@@ -554,7 +526,7 @@ class OAuthTokens:
         self.redis = redis
         self.state = TokenStateStore(redis, config.client_id, Cipher(config.encryption_key))
         self.endpoint = TokenEndpoint(config, http, on_untrusted=self._untrusted)
-        self.lock = RedisLock(redis, keys.oauth_lock(config.client_id), config.fetch_budget_seconds)
+        self.lock_key = keys.oauth_lock(config.client_id)
         self._on_geolocation = on_geolocation
         add_secret(config.client_secret, config.company_auth_token, config.initial_refresh_token)
         self._mutex = threading.Lock()
@@ -649,8 +621,15 @@ class OAuthTokens:
         if self.redis.exists(cooldown):
             raise _CoolingDown("a token refresh failed moments ago; waiting before the next")
         deadline = time.monotonic() + self.config.fetch_budget_seconds
-        owner = self.lock.acquire(deadline)
-        if owner is None:
+        # redis-py's lock (SET NX PX with a random token, released only by its holder), one
+        # Lock object per fetch: the token is this fetch's own, so no thread releases another's.
+        lock = self.redis.lock(
+            self.lock_key,
+            timeout=self.config.fetch_budget_seconds,
+            sleep=LOCK_POLL_SECONDS,
+            thread_local=False,
+        )
+        if not lock.acquire(blocking_timeout=self.config.fetch_budget_seconds):
             raise TokenUnavailable("another worker held the token refresh lock for too long")
         try:
             grant, geolocation = self._grant(deadline)
@@ -658,7 +637,9 @@ class OAuthTokens:
             self.redis.set(cooldown, "1", px=int(FAILURE_COOLDOWN_SECONDS * 1000))
             raise
         finally:
-            self.lock.release(owner)
+            # Expired meanwhile and taken by another: theirs now, nothing to release.
+            with contextlib.suppress(LockError):
+                lock.release()
         now = time.monotonic()
         self._access = grant.access_token
         self._expires_at = now + grant.expires_in_seconds
