@@ -22,6 +22,8 @@ from urllib.parse import urlsplit
 import idna
 from publicsuffixlist import PublicSuffixList
 
+from worker.models import MAX_URL_LENGTH
+
 __all__ = ["AllowList", "Refusal", "normalise_host"]
 
 _TEMPLATE_NOT_ALLOWED: Final = "template_not_allowed"
@@ -29,7 +31,6 @@ _URL_NOT_ALLOWED: Final = "url_not_allowed"
 _TEMPLATE_FIELD: Final = "templateId"
 _URL_FIELD: Final = "context.url"
 
-_MAX_URL_LENGTH: Final = 2048
 _DEFAULT_HTTPS_PORT: Final = 443
 
 # One LDH label of an already IDNA-encoded, lower-cased name (RFC 1123 host name syntax).
@@ -346,8 +347,8 @@ class AllowList:
             return _url_refusal("the context URL must be a string")
         if not url:
             return _url_refusal("the context URL is empty")
-        if len(url) > _MAX_URL_LENGTH:
-            return _url_refusal(f"the context URL is longer than {_MAX_URL_LENGTH} characters")
+        if len(url) > MAX_URL_LENGTH:
+            return _url_refusal(f"the context URL is longer than {MAX_URL_LENGTH} characters")
         # Parsers disagree about stripping or splitting on these (WHATWG drops tab/CR/LF, urllib
         # strips leading controls), so any of them could change which host is meant.
         if any(_is_forbidden_char(ch) for ch in url):

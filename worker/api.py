@@ -48,6 +48,7 @@ from worker.openapi import openapi_document
 from worker.runtime import Runtime, get_runtime
 from worker.settings import Settings, get_settings
 from worker.stats import PROMETHEUS_CONTENT_TYPE, collect, render_prometheus
+from worker.times import int_or_none, iso_utc
 from worker.validation import InvalidRequest, Problem, validate
 
 log = logging.getLogger(__name__)
@@ -241,21 +242,7 @@ def parse_since(value: str) -> int:
 
 
 def _iso_ms(ms: Any) -> str | None:
-    try:
-        number = int(float(ms))
-    except (TypeError, ValueError):
-        return None
-    if number <= 0:
-        return None
-    moment = datetime.fromtimestamp(number / 1000, UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{number % 1000:03d}Z"
-
-
-def _int_or_none(value: Any) -> int | None:
-    try:
-        return int(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
-        return None
+    return iso_utc(ms, millis=True)
 
 
 def _record_request(record: dict[str, Any]) -> dict[str, Any]:
@@ -299,11 +286,11 @@ def message_view(message_id: str, record: dict[str, Any], base_url: str) -> dict
             if isinstance(entry, dict)
         ],
         "correlationId": record.get("cid") or None,
-        "lastHttpStatus": _int_or_none(record.get("status")),
+        "lastHttpStatus": int_or_none(record.get("status")),
         "createdAt": _iso_ms(record.get("created")),
         "updatedAt": _iso_ms(record.get("updated")),
         "nextAttemptAt": _iso_ms(record.get("next")) if state == "retrying" else None,
-        "replays": _int_or_none(record.get("replays")) or 0,
+        "replays": int_or_none(record.get("replays")) or 0,
         "reason": record.get("reason") or None,
         "notificationUri": (
             notifications.notification_uri(base_url, message_id) if state == "failed" else None

@@ -19,6 +19,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker.settings import SettingsError
+from worker.times import iso_utc
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -50,12 +51,6 @@ def friendly_errors(function: F) -> F:
             _fail(f"cannot reach Redis or the broker: {error}", EXIT_UNAVAILABLE)
 
     return wrapper  # type: ignore[return-value]
-
-
-def _when(ms: int | None) -> str:
-    if not ms:
-        return "-"
-    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @click.group()
@@ -364,7 +359,7 @@ def _breaker_line() -> str:
     if not breaker.policy.enabled:
         line += "; the breaker is off (NOTIFY_BREAKER_ENABLED=false): workers ignore it"
     if status.until_ms:
-        line += f"; posts may resume at {_when(status.until_ms)}"
+        line += f"; posts may resume at {iso_utc(status.until_ms)}"
     if status.open_seconds:
         line += f"; open for {status.open_seconds:g}s at a time now"
     return line

@@ -52,6 +52,7 @@ from worker.models import is_message_id, is_partner_name, partner_of
 from worker.runtime import Runtime
 from worker.settings import Settings
 from worker.stats import Stats, collect
+from worker.times import iso_utc
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +87,8 @@ _HEADERS = {
 
 def format_ms(value: Any) -> str:
     """Epoch milliseconds as ``YYYY-MM-DD HH:MM:SS UTC``; ``-`` when absent."""
-    try:
-        number = int(float(value))
-    except (TypeError, ValueError):
-        return "-"
-    if number <= 0:
-        return "-"
-    return datetime.fromtimestamp(number / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    shown = iso_utc(value)
+    return "-" if shown is None else shown.replace("T", " ").replace("Z", " UTC")
 
 
 def parse_moment(value: str, *, end: bool = False) -> int | None:

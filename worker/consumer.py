@@ -16,7 +16,6 @@ republishes their messages when their lease or grace period ends.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from typing import Any
@@ -24,12 +23,11 @@ from typing import Any
 from celery.worker.consumer import Consumer
 
 from worker import outcomes
+from worker.models import MAX_RAW_EXCERPT, malformed_id
 from worker.records import Failure
 from worker.runtime import get_runtime
 
 log = logging.getLogger("notify.consumer")
-
-MAX_RAW_EXCERPT = 4096
 
 
 def _text(body: Any) -> str:
@@ -53,7 +51,6 @@ def dead_letter_of(message: Any, detail: str) -> tuple[str, Failure, str]:
     headers = getattr(message, "headers", None)
     headers = headers if isinstance(headers, dict) else {}
     task_id = str(headers.get("id") or "")
-    digest = hashlib.blake2b(raw.encode("utf-8", "replace"), digest_size=12).hexdigest()
     request = json.dumps(
         {
             "raw": raw,
@@ -65,7 +62,7 @@ def dead_letter_of(message: Any, detail: str) -> tuple[str, Failure, str]:
     failure = Failure(
         outcomes.MALFORMED_MESSAGE, detail, task_id=task_id, worker=get_runtime().worker_name
     )
-    return f"bad{digest}", failure, request
+    return malformed_id(raw), failure, request
 
 
 def keep(message: Any, detail: str) -> None:

@@ -19,6 +19,7 @@ from redis import Redis
 from worker import keys
 from worker.models import DEFAULT_PARTNER, partner_of
 from worker.records import Envelope, MessageStore
+from worker.times import int_or_none
 
 SCAN_CHUNK = 500
 REPLAY_CHUNK = 200  # dead letters replayed and published together in a bulk replay
@@ -68,17 +69,17 @@ class DeadLetter:
             request=request,
             reason=data.get("reason", ""),
             detail=data.get("detail", ""),
-            status=_int_or_none(data.get("status")),
+            status=int_or_none(data.get("status")),
             errors=errors,
-            attempts=_int_or_none(data.get("attempts")) or 0,
-            first_attempt_ms=_int_or_none(data.get("first")),
-            last_attempt_ms=_int_or_none(data.get("last")),
-            dead_ms=_int_or_none(data.get("dead")) or 0,
-            created_ms=_int_or_none(data.get("created")),
+            attempts=int_or_none(data.get("attempts")) or 0,
+            first_attempt_ms=int_or_none(data.get("first")),
+            last_attempt_ms=int_or_none(data.get("last")),
+            dead_ms=int_or_none(data.get("dead")) or 0,
+            created_ms=int_or_none(data.get("created")),
             correlation_id=data.get("cid") or None,
             task_id=data.get("task") or None,
             worker=data.get("worker") or None,
-            replays=_int_or_none(data.get("replays")) or 0,
+            replays=int_or_none(data.get("replays")) or 0,
             partner=partner_of(request),
         )
 
@@ -264,15 +265,6 @@ def redrive_schedule(
     for start in range(0, len(ids), size):
         due = 0.0 if rate_per_second is None else start / rate_per_second
         yield due, ids[start : start + size]
-
-
-def _int_or_none(value: str | None) -> int | None:
-    if value is None or value == "":
-        return None
-    try:
-        return int(float(value))
-    except ValueError:
-        return None
 
 
 def _json_object(raw: str | None) -> dict[str, Any]:

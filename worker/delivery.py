@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import logging
 import queue
@@ -38,7 +37,14 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker import breaker, outcomes, ratelimit
 from worker.concur import ApiResponse, Reply, TransportFailure
-from worker.models import Message, is_message_id, message_id, partner_of
+from worker.models import (
+    MAX_RAW_EXCERPT,
+    Message,
+    is_message_id,
+    malformed_id,
+    message_id,
+    partner_of,
+)
 from worker.records import AttemptRecord, Claim, Envelope, Failure, now_ms
 from worker.runtime import Runtime
 from worker.tokens import TokenUnavailable
@@ -47,7 +53,6 @@ from worker.validation import InvalidRequest, validate_wire
 log = logging.getLogger("notify.delivery")
 T = TypeVar("T")
 
-MAX_RAW_EXCERPT = 4096
 # A valid request is a few kilobytes at most (ids of 256 characters, a URL of 2048); anything far
 # larger is refused before it is stored anywhere.
 MAX_REQUEST_BYTES = 16 * 1024
@@ -71,11 +76,7 @@ def _malformed(raw_value: Any, detail: str) -> Malformed:
     except (TypeError, ValueError):
         raw = repr(raw_value)
     raw = raw[:MAX_RAW_EXCERPT]
-    # The id comes from the raw content, never from a field the message claims, so a malformed
-    # message cannot overwrite another message's record; and it is stable, so a redelivered
-    # copy lands on the same dead letter.
-    digest = hashlib.blake2b(raw.encode("utf-8", "replace"), digest_size=12).hexdigest()
-    return Malformed(f"bad{digest}", detail, raw)
+    return Malformed(malformed_id(raw), detail, raw)
 
 
 def parse_envelope(value: Any) -> Envelope | Malformed:

@@ -144,3 +144,16 @@ class Message:
         if self.partner != DEFAULT_PARTNER:
             wire["partner"] = self.partner
         return wire
+
+
+MAX_RAW_EXCERPT = 4096  # how much of an unreadable message a dead letter keeps
+
+
+def malformed_id(raw: str) -> str:
+    """The id of the dead letter of an unreadable message or task, from its raw content.
+
+    Never from a field the message claims, so a malformed message cannot overwrite another
+    message's record; stable, so a redelivered copy lands on the same dead letter.
+    """
+    digest = hashlib.blake2b(raw.encode("utf-8", "replace"), digest_size=12).hexdigest()
+    return f"bad{digest}"

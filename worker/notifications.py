@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import re
 import xml.etree.ElementTree as ET
-from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
 from worker.deadletters import DeadLetter
+from worker.times import iso_utc
 
 NAMESPACE = "http://www.concursolutions.com/api/notification/2012/06"
 XSI_NAMESPACE = "http://www.w3.org/2001/XMLSchema-instance"
@@ -36,9 +36,7 @@ _ITEM_NAMES = {"Errors": "Error"}
 
 def event_time(ms: int | None) -> str | None:
     """Milliseconds since the epoch as ``YYYY-MM-DDTHH:MM:SSZ`` (UTC), None for no time."""
-    if not ms:
-        return None
-    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return iso_utc(ms)
 
 
 def xml_safe(text: str) -> str:

@@ -15,7 +15,6 @@ import os
 import shutil
 import sys
 from collections.abc import Iterable, Mapping
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 import click
@@ -31,6 +30,8 @@ from rich.progress import (
 from rich.progress import Progress as RichProgress
 from rich.table import Table
 from rich.text import Text
+
+from worker.times import int_or_none, iso_utc
 
 if TYPE_CHECKING:
     from worker.deadletters import DeadLetter
@@ -48,27 +49,14 @@ OUTCOME_STYLE = {"delivered": "green", "retry": "yellow", "dead": "red", "deferr
 STATE_STYLE = {"delivered": "green", "retrying": "yellow", "failed": "red", "inflight": "cyan"}
 
 
-def as_int(value: Any) -> int | None:
-    """A stored number (``"1764090760118"``, ``"200"``, ``""``) as an int, or None."""
-    if value is None or value == "" or isinstance(value, bool):
-        return None
-    try:
-        return int(float(value))
-    except (TypeError, ValueError):
-        return None
-
-
 def iso(ms: Any) -> str:
     """Epoch milliseconds as ``2026-11-25T17:12:40Z``; ``-`` for none."""
-    number = as_int(ms)
-    if not number or number <= 0:
-        return "-"
-    return datetime.fromtimestamp(number / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return iso_utc(ms) or "-"
 
 
 def relative(ms: Any, now_ms: int) -> str:
     """How far ``ms`` is from now, in words: ``in 4 min``, ``35 s ago``, ``now``."""
-    number = as_int(ms)
+    number = int_or_none(ms)
     if not number or number <= 0:
         return ""
     seconds = (number - now_ms) / 1000
@@ -143,7 +131,7 @@ def attempts_table(entries: Iterable[Mapping[str, Any]], width: int | None = Non
         table.add_column("CAUSE", overflow="ellipsis", no_wrap=True, max_width=40)
     for entry in entries:
         outcome = str(entry.get("outcome") or "-")
-        duration = as_int(entry.get("ms"))
+        duration = int_or_none(entry.get("ms"))
         cells: list[str | Text] = [
             str(entry.get("n") or "-"),
             iso(entry.get("at")),
@@ -173,9 +161,9 @@ def message_view(
     fields.add_row("state", Text(STATE_TEXT.get(state, state), style=STATE_STYLE.get(state, "")))
     _add_request(fields, _request(record), record.get("partner"))
     entries = [entry for entry in record.get("attempts", []) if isinstance(entry, Mapping)]
-    posted = as_int(record.get("attempt"))
+    posted = int_or_none(record.get("attempt"))
     fields.add_row("attempts", str(posted if posted is not None else len(entries)))
-    fields.add_row("HTTP status", str(as_int(record.get("status")) or "-"))
+    fields.add_row("HTTP status", str(int_or_none(record.get("status")) or "-"))
     fields.add_row("correlation id", str(record.get("cid") or "-"))
     fields.add_row("created", when(record.get("created"), now_ms))
     fields.add_row("updated", when(record.get("updated"), now_ms))
@@ -191,7 +179,7 @@ def message_view(
         if letter is not None:
             for error in letter.errors:
                 fields.add_row("API error", _error_text(error))
-    replays = as_int(record.get("replays"))
+    replays = int_or_none(record.get("replays"))
     if replays:
         fields.add_row("replays", str(replays))
     parts: list[RenderableType] = [fields]
