@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
+import pytest
+
 from worker.publisher import LINGER_SECONDS, Publisher
+from worker.publisher import log as publisher_log
 from worker.records import Envelope
 
 
@@ -45,7 +49,9 @@ def test_a_steady_trickle_is_not_held_back_waiting_for_a_full_batch() -> None:
     assert max(waits) < LINGER_SECONDS + 0.05
 
 
-def test_a_failed_publish_is_logged_and_the_thread_keeps_going() -> None:
+def test_a_failed_publish_is_logged_and_the_thread_keeps_going(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     calls: list[int] = []
 
     def publish(batch: list[Envelope]) -> None:
@@ -54,8 +60,11 @@ def test_a_failed_publish_is_logged_and_the_thread_keeps_going() -> None:
             raise ConnectionError("broker down")
 
     publisher = Publisher(publish, batch_size=5)
-    publisher.submit(_envelope(1))
-    assert publisher.flush()
-    publisher.submit(_envelope(2))
-    assert publisher.flush()
+    with caplog.at_level(logging.WARNING, logger=publisher_log.name):
+        publisher.submit(_envelope(1))
+        assert publisher.flush()
+        publisher.submit(_envelope(2))
+        assert publisher.flush()
     assert len(calls) == 2
+    warnings = [r.getMessage() for r in caplog.records if r.name == publisher_log.name]
+    assert any("failed (ConnectionError: broker down)" in m for m in warnings), warnings
