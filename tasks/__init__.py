@@ -1,4 +1,4 @@
-"""The ``send_message`` task and the producer helpers partners call.
+"""The ``send_message`` task, and the producer helpers partners call (``worker.producer``).
 
 ``enqueue`` validates before it queues (raising ``InvalidRequest``, queuing nothing) and returns
 the message id; sending the same (user, session, template) again for the same partner returns
@@ -7,18 +7,15 @@ the same id and queues nothing new.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from celery import Task
 
 from worker.celery_app import SEND_TASK, app
 from worker.delivery import deliver_task
-from worker.models import Message, request_body
-from worker.records import Envelope
-from worker.runtime import Runtime, get_runtime
-from worker.validation import InvalidRequest, Problem, validate
+from worker.producer import Enqueued, enqueue, enqueue_many, record, submit
+from worker.runtime import get_runtime
+from worker.validation import InvalidRequest, Problem
 
 __all__ = [
     "Enqueued",
@@ -53,92 +50,3 @@ def _worker_is_stopping() -> bool:
     from celery.worker import state
 
     return state.should_stop is not None and state.should_stop is not False
-
-
-@dataclass(frozen=True, slots=True)
-class Enqueued:
-    """The result of submitting one request."""
-
-    id: str
-    duplicate: bool  # True: the same request was submitted before; nothing new was queued
-    state: str
-
-
-def submit(
-    user_id: str,
-    body: dict[str, Any],
-    *,
-    runtime: Runtime | None = None,
-    partner: str | None = None,
-) -> Enqueued:
-    """Validate a v4 request body for ``user_id`` and queue it; raise ``InvalidRequest``.
-
-    ``partner`` (``default`` when None) is part of the id and the idempotency key.
-    """
-    rt = runtime or get_runtime()
-    message = validate(user_id, body, rt.allowlist, partner=partner)
-    [(created, state)] = record([message], runtime=rt)
-    return Enqueued(message.id, not created, state)
-
-
-def record(
-    messages: Sequence[Message], *, runtime: Runtime | None = None
-) -> list[tuple[bool, str]]:
-    """Record validated messages in one round trip and hand the new ones to the publisher.
-
-    Returns ``(created, state)`` per message; a duplicate is not published again. The HTTP
-    gateway calls this for each group of requests (``worker.intake``), ``submit`` for one.
-    """
-    rt = runtime or get_runtime()
-    results = rt.store.create_many([(message.id, message.to_wire()) for message in messages])
-    for message, (created, _state) in zip(messages, results, strict=True):
-        if created:
-            rt.publisher.submit(Envelope(message.id, 1, message.to_wire()))
-    return results
-
-
-def enqueue(
-    user_id: str,
-    session_id: str,
-    template_id: str,
-    url: str | None = None,
-    *,
-    runtime: Runtime | None = None,
-    partner: str | None = None,
-) -> str:
-    """Queue one message to a Concur user and return its id; raise ``InvalidRequest`` if bad.
-
-    It returns once the message is recorded in Redis; a background thread publishes it to the
-    queue moments later (see ``worker.publisher``). ``partner`` names who sends it (``default``
-    when None): the same request from two partners is two messages with two ids.
-    """
-    body = request_body(session_id, template_id, url)
-    return submit(user_id, body, runtime=runtime, partner=partner).id
-
-
-def enqueue_many(
-    requests: list[tuple[str, str, str, str | None]],
-    *,
-    runtime: Runtime | None = None,
-    partner: str | None = None,
-) -> list[str]:
-    """Queue many ``(user_id, session_id, template_id, url)`` at once; all-or-nothing validation.
-
-    One Redis round trip records them all and they travel in tasks of ``NOTIFY_BATCH_SIZE``
-    messages, so a producer with a batch pays per batch much of what ``enqueue`` pays per
-    message, and so do the workers.
-    """
-    rt = runtime or get_runtime()
-    messages = []
-    for user_id, session_id, template_id, url in requests:
-        body = request_body(session_id, template_id, url)
-        messages.append(validate(user_id, body, rt.allowlist, partner=partner))
-    results = rt.store.create_many([(m.id, m.to_wire()) for m in messages])
-    rt.publish(
-        [
-            Envelope(message.id, 1, message.to_wire())
-            for message, (created, _state) in zip(messages, results, strict=True)
-            if created
-        ]
-    )
-    return [message.id for message in messages]

@@ -45,6 +45,7 @@ from worker.logs import configure_from_settings
 from worker.models import is_message_id, is_partner_name, partner_of
 from worker.monitoring import init_sentry
 from worker.openapi import openapi_document
+from worker.producer import record
 from worker.runtime import Runtime, get_runtime
 from worker.settings import Settings, get_settings
 from worker.stats import PROMETHEUS_CONTENT_TYPE, collect, render_prometheus
@@ -334,11 +335,9 @@ class Service:
     """The endpoints, over one runtime and one policy."""
 
     def __init__(self, policy: ServicePolicy, runtime: Runtime) -> None:
-        import tasks
-
         self.policy = policy
         self.runtime = runtime
-        self.intake = Intake(functools.partial(tasks.record, runtime=runtime))
+        self.intake = Intake(functools.partial(record, runtime=runtime))
 
     # helpers
 

@@ -66,11 +66,11 @@ def main() -> None:
 @friendly_errors
 def send(user_id: str, session_id: str, template_id: str, url: str | None) -> None:
     """Validate and queue one message; print its id."""
-    import tasks
     from worker.models import request_body
+    from worker.producer import submit
 
     body = request_body(session_id, template_id, url)
-    result = tasks.submit(user_id, body)
+    result = submit(user_id, body)
     if result.duplicate:
         click.echo(f"already submitted (state: {result.state}); nothing new queued", err=True)
     click.echo(result.id)
