@@ -25,7 +25,7 @@ from tests.test_faults import (
 )
 from worker import breaker as breakers
 from worker.breaker import Breaker, BreakerPolicy, counts_as_failure
-from worker.concur import ApiResponse, TransportFailure
+from worker.outcomes import ApiResponse, TransportFailure
 from worker.stats import collect, render_prometheus
 
 __all__ = ["api", "isolated"]  # fixtures

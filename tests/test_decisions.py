@@ -7,10 +7,18 @@ import random
 import pytest
 
 from worker import outcomes
-from worker.concur import ApiResponse, TransportFailure, parse_errors, parse_retry_after
+from worker.concur import parse_errors, parse_retry_after
 from worker.delivery import Malformed, parse_task
 from worker.models import Message, message_id
-from worker.outcomes import DeadLetter, Delivered, RefreshToken, Retry, classify
+from worker.outcomes import (
+    ApiResponse,
+    DeadLetter,
+    Delivered,
+    RefreshToken,
+    Retry,
+    TransportFailure,
+    classify,
+)
 from worker.records import Envelope
 from worker.retries import RetryPolicy
 

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from worker.concur import ApiResponse, ConcurClient, TransportFailure
+from worker.concur import ConcurClient
 from worker.models import Message
+from worker.outcomes import ApiResponse, TransportFailure
 from worker.redisserver import free_port
 from worker.transport import MAX_RESPONSE_BYTES, Answer, CurlTransport, Exchange, ExchangeFailed
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from redis import Redis
 
 from worker import keys
-from worker.concur import ApiResponse, TransportFailure
+from worker.outcomes import ApiResponse, TransportFailure
 from worker.settings import Settings
 
 log = logging.getLogger("notify.breaker")

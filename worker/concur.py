@@ -16,38 +16,18 @@ import json
 import queue
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
 from worker.models import Message
+from worker.outcomes import ApiResponse, TransportFailure
 from worker.transport import Answer, CurlTransport, Exchange, ExchangeFailed
 
 CORRELATION_HEADER = "concur-correlationid"
 USER_AGENT = "partner-notify/0.1"
 MAX_KEPT_ERRORS = 10
 MAX_ERROR_TEXT = 500
-
-
-@dataclass(frozen=True, slots=True)
-class ApiResponse:
-    """What the API answered, reduced to what decisions and dead letters need."""
-
-    status: int
-    correlation_id: str | None = None
-    errors: list[dict[str, str | None]] = field(default_factory=list)
-    retry_after_seconds: float | None = None
-    elapsed_seconds: float = 0.0
-
-
-@dataclass(frozen=True, slots=True)
-class TransportFailure:
-    """No HTTP answer: ``kind`` is ``timeout``, ``connect`` or ``protocol``."""
-
-    kind: str
-    detail: str
-    elapsed_seconds: float = 0.0
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:

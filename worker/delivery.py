@@ -36,7 +36,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker import breaker, outcomes, ratelimit
-from worker.concur import ApiResponse, Reply, TransportFailure
+from worker.concur import Reply
 from worker.models import (
     MAX_RAW_EXCERPT,
     Message,
@@ -45,6 +45,7 @@ from worker.models import (
     message_id,
     partner_of,
 )
+from worker.outcomes import ApiResponse, TransportFailure
 from worker.records import AttemptRecord, Claim, Envelope, Failure, now_ms
 from worker.runtime import Runtime
 from worker.tokens import TokenUnavailable

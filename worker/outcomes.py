@@ -17,8 +17,9 @@ Outcome of one attempt::
           ├── url_not_allowed       ┘
           └── malformed_message     the queued task could not be read at all
 
-``classify`` is pure: it takes the answer (or transport failure), the attempt number and the
-retry policy, and returns an ``Outcome``; the worker applies it.
+``classify`` is pure: it takes the answer (``ApiResponse``, or ``TransportFailure`` when there was
+none: the types are defined here, where they are read; ``worker.concur`` makes them), the attempt
+number and the retry policy, and returns an ``Outcome``; the worker applies it.
 """
 
 from __future__ import annotations
@@ -26,8 +27,28 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from worker.concur import ApiResponse, TransportFailure
 from worker.retries import RetryPolicy
+
+
+@dataclass(frozen=True, slots=True)
+class ApiResponse:
+    """What the API answered, reduced to what decisions and dead letters need."""
+
+    status: int
+    correlation_id: str | None = None
+    errors: list[dict[str, str | None]] = field(default_factory=list)
+    retry_after_seconds: float | None = None
+    elapsed_seconds: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class TransportFailure:
+    """No HTTP answer: ``kind`` is ``timeout``, ``connect`` or ``protocol``."""
+
+    kind: str
+    detail: str
+    elapsed_seconds: float = 0.0
+
 
 RETRYABLE_4XX = frozenset({408, 429})
 
