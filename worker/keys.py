@@ -1,7 +1,13 @@
 """Every Redis key this product writes, named in one place (as arq's ``constants.py``).
 
-``notify:msg:{id}``            hash: the message's status record (request, state, generation)
-``notify:msg:{id}:attempts``   list: one JSON entry per delivery attempt
+``notify:msg:{id}``            hash: the message's status record (request, state, generation,
+                               its attempts as fields ``a1``, ``a2``, ... counted by ``na``)
+``notify:msg:{id}:attempts``   list: one JSON entry per delivery attempt (records written before
+                               the attempts were folded into the record; read, no longer written)
+``notify:history:outbox``      stream: one entry per attempt and outcome, for the PostgreSQL history
+                               (``NOTIFY_HISTORY_URL``); read by the consumer group ``writers``,
+                               deleted once written
+``notify:history:lock``        string: the history writer that prunes old partitions this hour
 ``notify:schedule``            sorted set: id -> when the message must next be attempted
 ``notify:dead:{id}``           hash: one dead letter
 ``notify:dead``                sorted set: dead-letter id -> when it was dead-lettered (ms)
@@ -50,6 +56,9 @@ WORKERS = f"{PREFIX}:workers"
 SERVER = f"{PREFIX}:server"
 BREAKER = f"{PREFIX}:breaker"
 BREAKER_WINDOW = f"{PREFIX}:breaker:window"
+HISTORY_OUTBOX = f"{PREFIX}:history:outbox"
+HISTORY_GROUP = "writers"
+HISTORY_LOCK = f"{PREFIX}:history:lock"
 
 
 def message(message_id: str) -> str:

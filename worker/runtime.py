@@ -122,6 +122,7 @@ class Runtime:
             lease_seconds=settings.inflight_lease_seconds,
             status_ttl_seconds=settings.status_ttl_seconds,
             wait_replicas=settings.wait_replicas,
+            history=settings.history_url is not None,
         )
         return cls(
             settings=settings,

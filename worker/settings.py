@@ -108,7 +108,14 @@ class Settings(BaseSettings):
     batch_size: int = Field(20, ge=1, le=500)
     visibility_timeout_seconds: int = Field(3600, ge=10)
     retry_poll_interval_seconds: float = Field(1.0, gt=0, le=60)
-    status_ttl_seconds: int = Field(7 * 24 * 3600, ge=60)
+    status_ttl_seconds: int = Field(24 * 3600, ge=60)
+
+    # The durable history in PostgreSQL (worker/history.py); unset: none beyond the hot window.
+    history_url: SecretStr | None = None
+    history_days: int = Field(30, ge=1, le=3650)
+    history_batch_size: int = Field(1000, ge=1, le=50_000)
+    # An outbox batch a writer read and did not acknowledge (it died) is taken over after this.
+    history_claim_idle_seconds: float = Field(60.0, gt=0, le=86400)
 
     # The global rate limit (worker/ratelimit.py), shared by every worker through Redis.
     rate_limit_per_second: float = Field(0.0, ge=0, le=100_000)  # 0: off
