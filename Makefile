@@ -31,6 +31,7 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/hadolint docker/Dockerfile
+	$(VENV)/bin/lint-imports
 
 bench: install
 	$(PY) bench/run.py
