@@ -12,8 +12,8 @@ from worker.delivery import Malformed, parse_task
 from worker.models import Message, message_id
 from worker.outcomes import (
     ApiResponse,
-    DeadLetter,
     Delivered,
+    GiveUp,
     RefreshToken,
     Retry,
     TransportFailure,
@@ -49,27 +49,27 @@ def test_transport_failures_are_retried(kind: str) -> None:
 def test_last_attempt_failing_is_retries_exhausted_with_status_and_errors() -> None:
     errors = [{"errorId": "1", "errorCode": "DOWN", "errorMessage": "m"}]
     outcome = classify(ApiResponse(503, errors=errors), attempt=4, policy=POLICY)
-    assert isinstance(outcome, DeadLetter)
+    assert isinstance(outcome, GiveUp)
     assert (outcome.reason, outcome.status, outcome.errors) == ("retries_exhausted", 503, errors)
 
 
 @pytest.mark.parametrize("status", [400, 403, 404, 409, 422])
 def test_other_4xx_is_dead_lettered_at_once(status: int) -> None:
     outcome = classify(ApiResponse(status), attempt=1, policy=POLICY)
-    assert isinstance(outcome, DeadLetter)
+    assert isinstance(outcome, GiveUp)
     assert outcome.reason == outcomes.API_REJECTED
 
 
 def test_first_401_asks_for_a_fresh_token_and_second_is_dead_lettered() -> None:
     assert classify(ApiResponse(401), attempt=1, policy=POLICY) == RefreshToken()
     outcome = classify(ApiResponse(401), attempt=1, policy=POLICY, token_refreshed=True)
-    assert isinstance(outcome, DeadLetter)
+    assert isinstance(outcome, GiveUp)
     assert outcome.reason == outcomes.UNAUTHORIZED
 
 
 def test_redirect_is_not_followed_but_dead_lettered_for_a_human() -> None:
     outcome = classify(ApiResponse(302), attempt=1, policy=POLICY)
-    assert isinstance(outcome, DeadLetter)
+    assert isinstance(outcome, GiveUp)
     assert outcome.reason == outcomes.UNEXPECTED_STATUS
 
 

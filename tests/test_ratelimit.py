@@ -75,7 +75,7 @@ def test_waiting_policy_sleeps_for_a_reserved_slot_polls_briefly_then_defers() -
 
 def test_only_a_429_slows_everyone_down() -> None:
     assert slows_down(outcomes.Retry(1.0, "http_429", 429))
-    assert slows_down(outcomes.DeadLetter(outcomes.RETRIES_EXHAUSTED, "x", 429))
+    assert slows_down(outcomes.GiveUp(outcomes.RETRIES_EXHAUSTED, "x", 429))
     assert not slows_down(outcomes.Retry(1.0, "http_503", 503))
     assert not slows_down(outcomes.Retry(1.0, "timeout"))
     assert not slows_down(outcomes.Delivered(200))

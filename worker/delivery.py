@@ -443,7 +443,7 @@ class _Batch:
                 },
             )
             return "retry"
-        assert isinstance(outcome, outcomes.DeadLetter)  # RefreshToken is resolved by the caller
+        assert isinstance(outcome, outcomes.GiveUp)  # RefreshToken is resolved by the caller
         return self._dead(
             envelope,
             attempt.owner,

@@ -7,7 +7,7 @@ Outcome of one attempt::
      ├── RefreshToken               first 401 of an attempt: fetch a fresh token, post once more
      ├── Retry(delay_seconds)       5xx, 408, 429, timeout, connection or protocol error,
      │                              while attempts remain (Retry-After wins when longer)
-     └── DeadLetter(reason)
+     └── GiveUp(reason)             failed for good: a dead letter, with why
           ├── retries_exhausted     a passing failure on the last attempt
           ├── unauthorized          401 again with a fresh token
           ├── api_rejected          any other 4xx (status and errors[] kept)
@@ -95,7 +95,7 @@ class Retry:
 
 
 @dataclass(frozen=True, slots=True)
-class DeadLetter:
+class GiveUp:
     """Failed for good: keep it for an operator, with why."""
 
     reason: str
@@ -104,7 +104,7 @@ class DeadLetter:
     errors: list[dict[str, str | None]] = field(default_factory=list)
 
 
-Outcome = Delivered | RefreshToken | Retry | DeadLetter
+Outcome = Delivered | RefreshToken | Retry | GiveUp
 
 
 def _retry_or_give_up(
@@ -115,10 +115,10 @@ def _retry_or_give_up(
     policy: RetryPolicy,
     errors: list[dict[str, str | None]],
     rng: random.Random | None,
-) -> Retry | DeadLetter:
+) -> Retry | GiveUp:
     if policy.can_retry(attempt):
         return Retry(policy.delay_seconds(attempt, retry_after, rng), cause, status)
-    return DeadLetter(
+    return GiveUp(
         RETRIES_EXHAUSTED, f"{cause} on attempt {attempt} of {policy.max_attempts}", status, errors
     )
 
@@ -140,7 +140,7 @@ def classify(
     if status == 401:
         if not token_refreshed:
             return RefreshToken()
-        return DeadLetter(UNAUTHORIZED, "401 with a freshly fetched token", status, result.errors)
+        return GiveUp(UNAUTHORIZED, "401 with a freshly fetched token", status, result.errors)
     if status >= 500 or status in RETRYABLE_4XX:
         return _retry_or_give_up(
             f"http_{status}",
@@ -152,7 +152,7 @@ def classify(
             rng,
         )
     if 400 <= status < 500:
-        return DeadLetter(
+        return GiveUp(
             API_REJECTED, f"the API refused the message ({status})", status, result.errors
         )
-    return DeadLetter(UNEXPECTED_STATUS, f"unexpected HTTP status {status}", status, result.errors)
+    return GiveUp(UNEXPECTED_STATUS, f"unexpected HTTP status {status}", status, result.errors)

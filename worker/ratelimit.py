@@ -131,7 +131,7 @@ def slows_down(outcome: outcomes.Outcome) -> bool:
     """Whether an attempt's outcome means the API asked everyone to slow down (a 429)."""
     if isinstance(outcome, outcomes.Retry):
         return outcome.cause == "http_429"
-    return isinstance(outcome, outcomes.DeadLetter) and outcome.status == 429
+    return isinstance(outcome, outcomes.GiveUp) and outcome.status == 429
 
 
 @dataclass(frozen=True, slots=True)
