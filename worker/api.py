@@ -37,7 +37,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from worker import notifications
+from worker import history, notifications
 from worker.console import console_routes
 from worker.deadletters import DeadLetterFilter
 from worker.intake import Intake
@@ -524,7 +524,12 @@ class Service:
         """``GET /messages/{id}``: the message's status and attempts."""
         caller = self._require(request, PARTNER, also=OPERATOR)
         message_id = self._id(request)
-        record = await run_in_threadpool(self.runtime.store.status, message_id)
+        record = await run_in_threadpool(
+            history.message_status,
+            self.runtime.store,
+            history.settings_url(self.runtime.settings),
+            message_id,
+        )
         # Another partner's message is "no such message", exactly as an unknown id: a 403 would
         # tell a partner which ids exist. Operators see every partner's.
         if record is None or not (caller.operator or record_partner(record) == caller.partner):

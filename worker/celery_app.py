@@ -17,6 +17,7 @@ from typing import Any
 
 from celery import Celery, signals
 
+from worker.history import HistoryWriter, settings_url
 from worker.logs import configure_from_settings
 from worker.monitoring import init_sentry
 from worker.mover import Liveness, Mover
@@ -145,6 +146,36 @@ def _start_mover(**_: object) -> None:
     _mover = Mover(runtime.store, runtime.publish, runtime.settings.retry_poll_interval_seconds)
     _mover.start()
     liveness().start()
+
+
+_history: HistoryWriter | None = None
+
+
+@signals.worker_ready.connect
+def _start_history_writer(**_: object) -> None:
+    # NOTIFY_HISTORY_URL set: this worker also drains the history outbox into PostgreSQL.
+    global _history
+    runtime = get_runtime()
+    url = settings_url(runtime.settings)
+    if url is None:
+        return
+    _history = HistoryWriter(
+        runtime.redis,
+        url,
+        consumer=runtime.worker_name,
+        keep_days=runtime.settings.history_days,
+        batch_size=runtime.settings.history_batch_size,
+        claim_idle_seconds=runtime.settings.history_claim_idle_seconds,
+    )
+    _history.start()
+
+
+@signals.worker_shutdown.connect
+def _stop_history_writer(**_: object) -> None:
+    global _history
+    if _history is not None:
+        _history.stop()
+        _history = None
 
 
 @signals.task_received.connect

@@ -86,11 +86,13 @@ def _now_ms() -> int:
 @friendly_errors
 def status(message_id: str, as_json: bool) -> None:
     """Show a message's state, attempts, HTTP status, correlation id and next retry."""
-    from worker import views
+    from worker import history, views
     from worker.runtime import get_runtime
 
     runtime = get_runtime()
-    record = runtime.store.status(message_id)
+    record = history.message_status(
+        runtime.store, history.settings_url(runtime.settings), message_id
+    )
     if record is None:
         _fail(f"no message {message_id!r} (unknown, or its status record expired)", EXIT_NOT_FOUND)
         return
@@ -343,6 +345,49 @@ def failed_delete(
     click.echo(f"deleted {len(chosen) - len(missing)}")
     if missing:
         _fail(f"no failed notification {', '.join(map(repr, missing))}", EXIT_NOT_FOUND)
+
+
+@main.group()
+def db() -> None:
+    """The PostgreSQL history (NOTIFY_HISTORY_URL): its schema and its old days."""
+
+
+def _history_url() -> str:
+    from worker import history
+    from worker.settings import get_settings
+
+    url = history.settings_url(get_settings())
+    if url is None:
+        _fail("NOTIFY_HISTORY_URL is not set: there is no history database", 2)
+        raise SystemExit(2)
+    return url
+
+
+@db.command("upgrade")
+@friendly_errors
+def db_upgrade() -> None:
+    """Apply the history schema's migrations not applied yet (safe to run again)."""
+    from worker import history
+
+    url = _history_url()
+    applied = history.upgrade(url)
+    for name in applied:
+        click.echo(f"applied {name}")
+    click.echo(f"schema at version {history.schema_version(url)}")
+
+
+@db.command("prune")
+@friendly_errors
+def db_prune() -> None:
+    """Drop the history's daily partitions older than NOTIFY_HISTORY_DAYS (writers do it hourly)."""
+    from worker import history
+    from worker.settings import get_settings
+
+    with history.connect(_history_url()) as conn:
+        dropped = history.prune(conn, get_settings().history_days)
+    click.echo(
+        f"dropped {len(dropped)} partitions" + (f": {', '.join(dropped)}" if dropped else "")
+    )
 
 
 @main.group()

@@ -46,7 +46,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.templating import Jinja2Templates
 
-from worker import outcomes
+from worker import history, outcomes
 from worker.deadletters import DeadLetter, DeadLetterFilter
 from worker.models import is_message_id, is_partner_name, partner_of
 from worker.runtime import Runtime
@@ -451,7 +451,10 @@ class Console:
         )
 
     def _read(self, message_id: str) -> tuple[DeadLetter | None, dict[str, Any] | None]:
-        return self.runtime.deadletters.get(message_id), self.runtime.store.status(message_id)
+        record = history.message_status(
+            self.runtime.store, history.settings_url(self.runtime.settings), message_id
+        )
+        return self.runtime.deadletters.get(message_id), record
 
     def _not_found(self, request: Request, session: dict[str, Any]) -> Response:
         return self._page(

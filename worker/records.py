@@ -117,6 +117,15 @@ local function outbox(stream, record, id, k, at, rest, final)
   if rest then
     table.insert(f, 'e'); table.insert(f, rest)
   end
+  if not final then  -- an attempt alone: the message's partner and template, for their indexes
+    local pt = redis.call('HMGET', record, 'partner', 't')
+    if pt[1] then table.insert(f, 'p'); table.insert(f, pt[1]) end
+    if pt[2] then
+      table.insert(f, 't'); table.insert(f, pt[2])
+    else
+      table.insert(f, 'rq'); table.insert(f, request_json(record) or '')
+    end
+  end
   if final then
     local r = redis.call('HMGET', record, 'state', 'reason', 'status', 'cid', 'attempt', 'replays',
                          'created', 'updated')
