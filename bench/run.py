@@ -20,6 +20,9 @@ not blur them; "from start" counts from the moment the workers were started. Sce
   steady      the same pace at 20 ms
   gateway     HTTP ingestion through `notify api` with a load generator in another process
   backlog     100k messages waiting for retry: worker RSS and Redis memory per message
+  history     Redis bytes per delivered message held (--held N, extrapolated to 1 M), the drain
+              with the PostgreSQL history off and on (--history-drain N), history rows written
+              per second (--history-url, a database notify_bench is made there)
 
 It prints figures; it asserts nothing (targets are read against the table, not enforced).
 """
@@ -319,6 +322,13 @@ def main() -> int:
     parser.add_argument("--steady-rate", type=int, default=500)
     parser.add_argument("--steady-seconds", type=int, default=20)
     parser.add_argument("--backlog", type=int, default=100_000)
+    parser.add_argument("--held", type=int, default=200_000, help="history: delivered held")
+    parser.add_argument("--history-drain", type=int, default=10_000, help="history: drain size")
+    parser.add_argument(
+        "--history-url",
+        default="postgresql://postgres@127.0.0.1:5432/postgres",
+        help="history: a PostgreSQL where the database notify_bench may be made",
+    )
     parser.add_argument("--api-workers", type=int, default=2, help="`notify api --workers`")
     parser.add_argument("--connections", type=int, default=32, help="gateway load connections")
     parser.add_argument(
@@ -452,6 +462,9 @@ def main() -> int:
 
         if "backlog" in only:
             rows.append(backlog_scenario(runtime, celery, env, args.backlog))
+
+        if "history" in only:
+            rows += history_scenario(runtime, sandbox, ours, env, args)
     finally:
         sandbox.stop()
         if embedded is not None:
@@ -617,6 +630,138 @@ def backlog_scenario(runtime: Any, command: list[str], env: dict[str, str], coun
             "Redis bytes/msg": used / count,
         },
     )
+
+
+def _delivered_many(store: Any, count: int, tag: str) -> None:
+    """Record ``count`` deliveries through the workers' own scripts (create, claim, 2xx)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from worker.models import Message
+    from worker.records import AttemptRecord, Envelope, now_ms
+
+    def deliver(message: Message) -> None:
+        claim = store.claim(
+            Envelope(message.id, 1, message.to_wire()), owner="o", worker="bench", task_id="t"
+        )
+        assert claim.verdict == "go", claim
+        store.delivered(
+            message.id,
+            AttemptRecord(1, now_ms(), "delivered", 202, "http_202", 20, str(uuid.uuid4())),
+        )
+
+    with ThreadPoolExecutor(16) as pool:
+        for start in range(0, count, 2000):
+            # A Concur-like request: user id, UUID session, template, a report URL.
+            batch = [
+                Message.create(
+                    f"user-{tag}{i:08d}",
+                    str(uuid.uuid4()),
+                    "expense-approved",
+                    f"https://app.example.com/reports/{i % 1000000}",
+                )
+                for i in range(start, min(count, start + 2000))
+            ]
+            store.create_many([(m.id, m.to_wire()) for m in batch])
+            list(pool.map(deliver, batch))
+
+
+def history_scenario(
+    runtime: Any, sandbox: Sandbox, ours: Any, env: dict[str, str], args: Any
+) -> list[Row]:
+    """Issue 16's rows: Redis held per delivered message; the drain with the history off and on;
+    history rows written per second."""
+    import psycopg
+
+    from worker import history, keys
+    from worker.records import MessageStore
+
+    redis = runtime.redis
+    rows: list[Row] = []
+    # 1. What a delivered message holds in Redis for the hot window.
+    redis.flushdb()
+    before = int(redis.info("memory")["used_memory"])
+    held = args.held
+    started = time.perf_counter()
+    _delivered_many(runtime.store, held, "h")
+    seeded = time.perf_counter() - started
+    used = int(redis.info("memory")["used_memory"]) - before
+    sample = [k for k in redis.scan_iter(match=keys.message("*"), count=1000)][:200]
+    usage = [int(redis.memory_usage(k, samples=0)) for k in sample]
+    encodings = {str(redis.object("encoding", k)) for k in sample}
+    rows.append(
+        Row(
+            f"held {held:,} delivered",
+            {
+                "Redis bytes/msg": used / held,
+                "MEMORY USAGE/record": sum(usage) / max(1, len(usage)),
+                "encoding": "/".join(sorted(encodings)),
+                "used_memory MB": used / 1e6,
+                "at 1 M (extrapolated) MB": used / held * 1e6 / 1e6,
+                "seeded/s": held / seeded,
+            },
+        )
+    )
+    # 2. The drain with the history off, then on (the same run, the same machine).
+    server = args.history_url
+    admin = psycopg.connect(server, autocommit=True)
+    admin.execute("DROP DATABASE IF EXISTS notify_bench WITH (FORCE)")
+    admin.execute("CREATE DATABASE notify_bench")
+    url = server.rsplit("/", 1)[0] + "/notify_bench"
+    history.upgrade(url)
+    n = args.history_drain
+    redis.flushdb()
+    enqueue_ours(n, "ho")
+    off = drain_row("drain, history off", sandbox, ours(), n)
+    rows.append(off)
+    redis.flushdb()
+    enqueue_ours(n, "hn")
+    on_env = {**env, "NOTIFY_HISTORY_URL": url}
+    fleet = Fleet(ours().command, on_env, args.processes)
+    on = drain_row("drain, history on", sandbox, fleet, n)
+    rows.append(on)
+    off_rate = float(off.figures["delivered/s api"])
+    on.figures["vs off"] = f"{(float(on.figures['delivered/s api']) / off_rate - 1) * 100:+.1f} %"
+    # The workers stopped at the last 2xx; what their writers left is written below.
+    left = int(redis.xlen(keys.HISTORY_OUTBOX))
+    on.figures["outbox left at stop"] = left
+    # 3. History rows per second: one writer draining an outbox of delivered messages.
+    redis.flushdb()
+    store = MessageStore(
+        redis,
+        publish_grace_seconds=3600,
+        lease_seconds=60,
+        status_ttl_seconds=86400,
+        history=True,
+    )
+    m = min(held, 50_000)
+    _delivered_many(store, m, "w")
+    writer = history.HistoryWriter(redis, url, consumer="bench", batch_size=1000, block_ms=10)
+    writer.step()  # the group, the connection, today's partitions
+    started = time.perf_counter()
+    writer.drain(timeout=600)
+    took = time.perf_counter() - started
+    with psycopg.connect(url) as conn:
+        count = conn.execute("SELECT count(*) FROM notify_outcomes").fetchone()
+        size = conn.execute(
+            "SELECT sum(pg_total_relation_size(c.oid)) FROM pg_class c"
+            " WHERE c.relname LIKE 'notify_attempts_p%' OR c.relname LIKE 'notify_outcomes_p%'"
+        ).fetchone()
+    outcomes = int(count[0]) if count else 0
+    rows.append(
+        Row(
+            f"history writer {m:,}",
+            {
+                "rows/s": 2 * m / took,
+                "messages/s": m / took,
+                "PostgreSQL bytes/msg": (int(size[0]) if size and size[0] else 0)
+                / max(1, outcomes),
+            },
+        )
+    )
+    redis.flushdb()
+    admin.execute("DROP DATABASE IF EXISTS notify_bench WITH (FORCE)")
+    admin.close()
+    return rows
 
 
 if __name__ == "__main__":
