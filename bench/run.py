@@ -322,8 +322,8 @@ def main() -> int:
     parser.add_argument("--steady-rate", type=int, default=500)
     parser.add_argument("--steady-seconds", type=int, default=20)
     parser.add_argument("--backlog", type=int, default=100_000)
-    parser.add_argument("--held", type=int, default=200_000, help="history: delivered held")
-    parser.add_argument("--history-drain", type=int, default=10_000, help="history: drain size")
+    parser.add_argument("--held", type=int, default=100_000, help="history: delivered held")
+    parser.add_argument("--history-drain", type=int, default=6_000, help="history: drain size")
     parser.add_argument(
         "--history-url",
         default="postgresql://postgres@127.0.0.1:5432/postgres",
