@@ -67,7 +67,22 @@ class Transport(kombu_redis.Transport):
 
 
 class SentinelChannel(Channel, kombu_redis.SentinelChannel):
-    """kombu's Sentinel channel (the master found through the sentinels) with the fixes above."""
+    """kombu's Sentinel channel (the master found through the sentinels) with the fixes above.
+
+    Its pool is built from the connection's list of sentinel URLs, read from the same detached
+    client: after a failover, an acknowledgement made during the reconnect otherwise ended the
+    worker with "Unrecoverable error: AttributeError ... no attribute 'alt'" (measured).
+    """
+
+    def _sentinel_managed_pool(self, asynchronous: bool = False) -> Any:
+        transport = self.connection
+        if transport is None or transport.client is not None or self._opened_with is None:
+            return super()._sentinel_managed_pool(asynchronous)  # type: ignore[no-untyped-call]
+        self.connection = _Detached(transport, self._opened_with)
+        try:
+            return super()._sentinel_managed_pool(asynchronous)  # type: ignore[no-untyped-call]
+        finally:
+            self.connection = transport
 
 
 class SentinelTransport(kombu_redis.SentinelTransport):

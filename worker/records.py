@@ -475,6 +475,8 @@ class MessageStore:
         # New records wait (Redis WAIT) until this many replicas hold them: a failover then
         # cannot lose a message that was answered "queued" (docs/scaling.md).
         self.wait_replicas = wait_replicas
+        self._replicas_connected = 0
+        self._replicas_checked = -1e9
         self.publish_grace_ms = int(publish_grace_seconds * 1000)
         self.lease_ms = int(lease_seconds * 1000)
         self.status_ttl_seconds = status_ttl_seconds
@@ -542,22 +544,35 @@ class MessageStore:
                 *request_fields(request),
             ],
         )
-        if self.wait_replicas:
+        if self._replicas_to_wait():
             self._replicated(self._conn().wait(*self._wait_args()))
         return bool(int(created)), str(state)
 
+    def _replicas_to_wait(self) -> int:
+        # WAIT for replicas that are connected (asked at most once a second): with none (the
+        # old master not yet back after a failover), there is nothing a failover could lose
+        # these writes to, and every acceptance would pay the whole timeout.
+        if not self.wait_replicas:
+            return 0
+        if time.monotonic() - self._replicas_checked > 1.0:
+            info = self.redis.info("replication")
+            self._replicas_connected = int(info.get("connected_slaves", 0))
+            self._replicas_checked = time.monotonic()
+        return min(self.wait_replicas, self._replicas_connected)
+
     def _wait_args(self) -> tuple[int, int]:
-        return self.wait_replicas, WAIT_TIMEOUT_MS
+        return self._replicas_to_wait(), WAIT_TIMEOUT_MS
 
     def _replicated(self, acknowledged: Any) -> None:
         global _wait_warned
-        if int(acknowledged) < self.wait_replicas and time.monotonic() - _wait_warned > 60:
+        wanted = self._replicas_to_wait()
+        if int(acknowledged) < wanted and time.monotonic() - _wait_warned > 60:
             _wait_warned = time.monotonic()
             log.warning(
-                "new records reached %s of %d replicas within %d ms (no replica connected?); "
-                "a failover now could lose them",
+                "new records reached %s of %d replicas within %d ms; a failover now could "
+                "lose them",
                 acknowledged,
-                self.wait_replicas,
+                wanted,
                 WAIT_TIMEOUT_MS,
             )
 
@@ -579,10 +594,11 @@ class MessageStore:
                 ],
                 client=pipe,
             )
-        if self.wait_replicas:  # same connection, so it waits for these writes
+        waiting = self._replicas_to_wait()
+        if waiting:  # same connection, so it waits for these writes
             pipe.wait(*self._wait_args())
         replies = pipe.execute()
-        if self.wait_replicas:
+        if waiting:
             self._replicated(replies.pop())
         return [(bool(int(created)), str(state)) for created, state, _ in replies]
 

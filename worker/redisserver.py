@@ -54,8 +54,15 @@ def free_port() -> int:
 class EmbeddedRedis:
     """A private ``redis-server`` child process on loopback, with AOF in a temporary folder."""
 
-    def __init__(self, port: int | None = None, directory: str | None = None) -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        directory: str | None = None,
+        extra_args: list[str] | None = None,
+    ) -> None:
         self.port = port or free_port()
+        # More redis-server options (``--replicaof host port``, say), after the defaults.
+        self.extra_args = list(extra_args or [])
         self._tmp = None if directory else tempfile.TemporaryDirectory(prefix="notify-redis-")
         self.directory = directory or (self._tmp.name if self._tmp else ".")
         self.process: subprocess.Popen[bytes] | None = None
@@ -92,6 +99,7 @@ class EmbeddedRedis:
                 "no",
                 "--loglevel",
                 "warning",
+                *self.extra_args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -115,6 +123,13 @@ class EmbeddedRedis:
         self._terminate()
         time.sleep(down_seconds)
         return self.start(timeout_seconds)
+
+    def kill(self) -> None:
+        """SIGKILL it, as a host that dies: no AOF flush, no goodbye to replicas or clients."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+            self.process = None
 
     def _terminate(self) -> None:
         stop_processes([self.process], grace_seconds=10)

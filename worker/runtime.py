@@ -34,6 +34,31 @@ def default_worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+class _FollowMaster:
+    """Reconnects to wherever the sentinels say the master is now, whichever path reconnects.
+
+    redis-py (8.1) resolves the master in ``SentinelManagedConnection.connect``, but a command
+    sent on a dropped connection reconnects through ``connect_check_health`` with the address
+    it had: a pooled connection is connected again by the pool first, but the per-thread
+    single-connection clients of ``MessageStore`` kept dialling the dead master after a
+    failover (measured: ``Connection refused`` for as long as we watched, while the pool had
+    moved on). Here that path asks the sentinels too.
+    """
+
+    _sock: Any
+
+    def connect_check_health(
+        self, check_health: bool = True, retry_socket_connect: bool = True
+    ) -> None:
+        if self._sock is None and retry_socket_connect:
+            # ``connect`` resolves the master, then calls back here with retry off.
+            self.connect()  # type: ignore[attr-defined]
+            return
+        super().connect_check_health(  # type: ignore[misc]
+            check_health=check_health, retry_socket_connect=retry_socket_connect
+        )
+
+
 def make_redis(settings: Settings | str, *, client_name: str | None = None) -> Redis:
     """A Redis client (a connection pool) with text replies and bounded waits.
 
@@ -59,7 +84,17 @@ def make_redis(settings: Settings | str, *, client_name: str | None = None) -> R
         return Redis.from_url(settings.redis_url, **options)
     from urllib.parse import urlsplit
 
-    from redis.sentinel import Sentinel
+    from redis.sentinel import (
+        Sentinel,
+        SentinelManagedConnection,
+        SentinelManagedSSLConnection,
+    )
+
+    class FollowingConnection(_FollowMaster, SentinelManagedConnection):
+        pass
+
+    class FollowingSSLConnection(_FollowMaster, SentinelManagedSSLConnection):
+        pass
 
     parts = urlsplit(settings.redis_url)
     secret = settings.redis_sentinel_password
@@ -79,6 +114,9 @@ def make_redis(settings: Settings | str, *, client_name: str | None = None) -> R
         username=parts.username,
         password=parts.password,
         ssl=parts.scheme == "rediss",
+        connection_class=FollowingSSLConnection
+        if parts.scheme == "rediss"
+        else FollowingConnection,
         **options,
     )
     return client
