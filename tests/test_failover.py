@@ -474,3 +474,47 @@ def _delete_queue(queue: str) -> None:
             connection.default_channel.queue_delete(queue)
     except Exception:
         pass
+
+
+# -- issue 14 (4): docker/compose.ha.yaml, checked statically as compose.yaml is ------------------
+
+
+def test_compose_ha_adds_a_replica_and_three_sentinels_that_every_process_follows():
+    import re
+
+    import yaml
+
+    from worker.settings import Settings
+
+    docker = ROOT / "docker"
+    base = yaml.safe_load((docker / "compose.yaml").read_text())
+    text = (docker / "compose.ha.yaml").read_text()
+    ha = yaml.safe_load(text)
+    services = ha["services"]
+    sentinels = [name for name in services if name.startswith("sentinel-")]
+    assert len(sentinels) == 3
+    command = services["sentinel-1"]["command"][-1]
+    assert "sentinel monitor notify redis 6379 2" in command  # the compose.yaml master, quorum 2
+    assert "--sentinel" in command
+    replica = services["redis-replica"]["command"]
+    assert replica[replica.index("--replicaof") + 1 : replica.index("--replicaof") + 3] == [
+        "redis",
+        "6379",
+    ]
+    for name in [*sentinels, "redis-replica"]:
+        assert services[name]["networks"] == ["backend"] and "ports" not in services[name]
+    # Every process of compose.yaml follows the sentinels, with settings that load.
+    for role in ("worker", "api", "flower"):
+        assert role in base["services"]
+        env = services[role]["environment"]
+        hosts = {entry.split(":")[0] for entry in env["NOTIFY_REDIS_SENTINELS"].split(",")}
+        assert hosts == set(sentinels)
+        settings = load_settings(
+            redis_url=env["NOTIFY_REDIS_URL"],
+            redis_sentinels=env["NOTIFY_REDIS_SENTINELS"],
+            redis_sentinel_master=env["NOTIFY_REDIS_SENTINEL_MASTER"],
+        )
+        assert settings.celery_broker_url.count("sentinel://") == 3
+        assert env["NOTIFY_REDIS_SENTINEL_MASTER"] in command
+    used = set(re.findall(r"\bNOTIFY_([A-Z0-9_]+)", text))
+    assert used <= {name.upper() for name in Settings.model_fields}, used
