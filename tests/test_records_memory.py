@@ -11,12 +11,16 @@ import json
 import uuid
 from typing import Any
 
+from tests.isolated import Isolated, isolated
 from worker import keys
 from worker.models import Message
 from worker.records import AttemptRecord, Envelope, Failure, MessageStore, now_ms
 from worker.settings import Settings
 
 BUDGET_BYTES = 400
+
+
+__all__ = ["isolated"]  # the fixture
 
 
 def _store(runtime: Any) -> MessageStore:
@@ -64,8 +68,9 @@ def _attempt(n: int, outcome: str, status: int | None, cause: str | None = None)
 
 
 def test_a_delivered_message_is_one_listpack_hash_within_400_bytes_kept_24_hours(
-    runtime: Any,
+    isolated: Isolated,
 ) -> None:
+    runtime = isolated.runtime  # a database of its own: the session worker must not take these
     store = _store(runtime)
     for partner in (None, "acme"):
         message = _typical(partner)
@@ -92,8 +97,9 @@ def test_a_delivered_message_is_one_listpack_hash_within_400_bytes_kept_24_hours
 
 
 def test_a_retried_then_delivered_message_stays_compact_and_keeps_every_attempt(
-    runtime: Any,
+    isolated: Isolated,
 ) -> None:
+    runtime = isolated.runtime  # a database of its own: the session worker must not take these
     store = _store(runtime)
     message = _typical()
     store.create(message.id, message.to_wire())
@@ -116,7 +122,8 @@ def test_a_retried_then_delivered_message_stays_compact_and_keeps_every_attempt(
     assert record["attempt"] == "3"
 
 
-def test_a_timeout_and_a_deferral_keep_their_causes(runtime: Any) -> None:
+def test_a_timeout_and_a_deferral_keep_their_causes(isolated: Isolated) -> None:
+    runtime = isolated.runtime  # a database of its own: the session worker must not take these
     store = _store(runtime)
     message = _typical()
     store.create(message.id, message.to_wire())
@@ -131,7 +138,8 @@ def test_a_timeout_and_a_deferral_keep_their_causes(runtime: Any) -> None:
     assert record["attempts"] == [json.loads(deferred.to_json()), json.loads(timeout.to_json())]
 
 
-def test_dead_letters_and_replays_read_the_compact_record(runtime: Any) -> None:
+def test_dead_letters_and_replays_read_the_compact_record(isolated: Isolated) -> None:
+    runtime = isolated.runtime  # a database of its own: the session worker must not take these
     store = _store(runtime)
     message = _typical("acme")
     store.create(message.id, message.to_wire())
@@ -155,7 +163,8 @@ def test_dead_letters_and_replays_read_the_compact_record(runtime: Any) -> None:
     assert [a["outcome"] for a in record["attempts"]] == ["dead", "delivered"]
 
 
-def test_a_request_of_another_shape_is_kept_as_it_came(runtime: Any) -> None:
+def test_a_request_of_another_shape_is_kept_as_it_came(isolated: Isolated) -> None:
+    runtime = isolated.runtime  # a database of its own: the session worker must not take these
     store = _store(runtime)
     request = {"userId": "u", "sessionId": "s", "templateId": "t", "context": {}, "extra": 1}
     message_id = f"odd-{uuid.uuid4().hex[:8]}"
@@ -166,7 +175,8 @@ def test_a_request_of_another_shape_is_kept_as_it_came(runtime: Any) -> None:
     assert record is not None and json.loads(record["req"]) == request
 
 
-def test_a_record_written_before_the_compact_form_is_still_read(runtime: Any) -> None:
+def test_a_record_written_before_the_compact_form_is_still_read(isolated: Isolated) -> None:
+    runtime = isolated.runtime  # a database of its own: the session worker must not take these
     # The stored shape of earlier releases: the request as JSON, the attempts in a list.
     store = _store(runtime)
     message = _typical()
