@@ -48,6 +48,12 @@ TABLES = ("notify_attempts", "notify_outcomes")
 # partitions at the same moment.
 _SCHEMA_LOCK = 0x6E6F7469  # "noti"
 PRUNE_INTERVAL_SECONDS = 3600
+# How often a writer looks for entries it read but did not write (a failed insert) and for a dead
+# writer's (XAUTOCLAIM); in between it only reads new ones, one round trip a batch.
+RECOVER_INTERVAL_SECONDS = 5.0
+# After a batch smaller than the batch size, a writer waits this long for more: fewer, larger
+# transactions, so the writer's CPU stays small beside the deliveries it records.
+LINGER_SECONDS = 0.25
 
 
 # -- schema --------------------------------------------------------------------------------------
@@ -371,6 +377,8 @@ class HistoryWriter:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._warned = 0.0
+        self._grouped = False
+        self._recovered = 0.0
 
     # one step
 
@@ -384,17 +392,24 @@ class HistoryWriter:
         return self._conn
 
     def _group(self) -> None:
+        if self._grouped:
+            return
         try:
             # From the start of the stream: entries added before any writer ran count too.
             self.redis.xgroup_create(keys.HISTORY_OUTBOX, keys.HISTORY_GROUP, id="0", mkstream=True)
         except ResponseError as error:
             if "BUSYGROUP" not in str(error):
                 raise
+        self._grouped = True
 
     def _read(self) -> list[tuple[str, dict[str, str]]]:
-        # Own entries read and not acknowledged (a failed write) first, then a dead writer's,
-        # then new ones.
-        for source in ("0", "claim", ">"):
+        # Now and then, own entries read and not acknowledged (a failed write) first, then a
+        # dead writer's; new ones always.
+        sources: tuple[str, ...] = (">",)
+        if time.monotonic() - self._recovered >= RECOVER_INTERVAL_SECONDS or not self._recovered:
+            self._recovered = time.monotonic()
+            sources = ("0", "claim", ">")
+        for source in sources:
             if source == "claim":
                 reply = self.redis.xautoclaim(
                     keys.HISTORY_OUTBOX,
@@ -473,10 +488,14 @@ class HistoryWriter:
         pause = 0.5
         while not self._stop.is_set():
             try:
-                if self.step() == 0:
-                    pause = 0.5
+                taken = self.step()
+                pause = 0.5
+                if 0 < taken < self.batch_size:
+                    self._stop.wait(LINGER_SECONDS)
             except (psycopg.Error, RedisError, OSError) as error:
                 self._close()
+                self._grouped = False  # the stream may be gone with a Redis that restarted
+                self._recovered = 0.0
                 if time.monotonic() - self._warned > 60:
                     self._warned = time.monotonic()
                     log.warning("history: cannot write (%s); the outbox keeps the entries", error)
