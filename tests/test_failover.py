@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -31,7 +32,7 @@ from typing import Any
 import pytest
 from redis import Redis
 
-from tests.conftest import ROOT, WorkerProcess, free_port, wait_for
+from tests.conftest import ROOT, TEST_TOKEN, WorkerProcess, free_port, wait_for
 from tests.isolated import Isolated, isolated
 from tests.test_faults import (
     FAST,
@@ -518,3 +519,185 @@ def test_compose_ha_adds_a_replica_and_three_sentinels_that_every_process_follow
         assert env["NOTIFY_REDIS_SENTINEL_MASTER"] in command
     used = set(re.findall(r"\bNOTIFY_([A-Z0-9_]+)", text))
     assert used <= {name.upper() for name in Settings.model_fields}, used
+
+
+# -- issue 14 (3c): a worker cut off from Redis by a network partition -----------------------------
+
+
+class Namespace:
+    """A network namespace joined to this one by a veth pair (``ip netns``; needs root)."""
+
+    def __init__(self) -> None:
+        tag = uuid.uuid4().hex[:6]
+        self.name = f"notify-{tag}"
+        self.outside, self.inside = f"nfa{tag}", f"nfb{tag}"
+        octet = int(tag[:2], 16) % 250 + 2
+        self.host_ip, self.ns_ip = f"10.231.{octet}.1", f"10.231.{octet}.2"
+
+    def _ip(self, *args: str, inside: bool = False) -> None:
+        prefix = ["ip", "netns", "exec", self.name] if inside else []
+        subprocess.run([*prefix, *args], check=True, capture_output=True, timeout=10)
+
+    def create(self) -> Namespace:
+        self._ip("ip", "netns", "add", self.name)
+        self._ip("ip", "link", "add", self.outside, "type", "veth", "peer", "name", self.inside)
+        self._ip("ip", "link", "set", self.inside, "netns", self.name)
+        self._ip("ip", "addr", "add", f"{self.host_ip}/30", "dev", self.outside)
+        self._ip("ip", "link", "set", self.outside, "up")
+        self._ip("ip", "addr", "add", f"{self.ns_ip}/30", "dev", self.inside, inside=True)
+        self._ip("ip", "link", "set", self.inside, "up", inside=True)
+        self._ip("ip", "link", "set", "lo", "up", inside=True)
+        return self
+
+    def cut(self) -> None:
+        """Take the namespace's end of the link down: nothing passes either way (the kernel
+        has no netem or filter qdiscs here). Connections stay open on both sides, as in a
+        partition, and resume when the link comes back."""
+        self._ip("ip", "link", "set", self.inside, "down", inside=True)
+
+    def heal(self) -> None:
+        self._ip("ip", "link", "set", self.inside, "up", inside=True)
+
+    def delete(self) -> None:
+        subprocess.run(["ip", "netns", "delete", self.name], capture_output=True, timeout=10)
+        subprocess.run(["ip", "link", "delete", self.outside], capture_output=True, timeout=10)
+
+
+def namespaces_possible() -> str | None:
+    """None when a namespace with a veth pair can be made here, else why not."""
+    if shutil.which("ip") is None:
+        return "the ip command is not installed"
+    probe = Namespace()
+    try:
+        probe.create()
+    except (subprocess.CalledProcessError, OSError) as error:
+        detail = getattr(error, "stderr", b"") or b""
+        return f"network namespaces cannot be made here ({detail.decode(errors='replace').strip()})"
+    finally:
+        probe.delete()
+    return None
+
+
+@pytest.mark.slow
+def test_worker_partitioned_for_20s_its_waiting_messages_move_and_only_timed_out_posts_repeat(
+    start_worker, worker_logs: Path
+):
+    why_not = namespaces_possible()
+    if why_not:
+        pytest.skip(why_not)
+    ns = Namespace().create()
+    redis = EmbeddedRedis(extra_args=["--bind", "127.0.0.1", ns.host_ip, "--protected-mode", "no"])
+    partitioned: WorkerProcess | None = None
+    runtime: Runtime | None = None
+    try:
+        url = redis.start()
+        with Sandbox(tokens=[TEST_TOKEN], host=ns.host_ip) as api:
+            api.script([], then={"status": 200, "delayMs": 1000})
+            queue = f"notify-part-{uuid.uuid4().hex[:8]}"
+            env = {
+                **DEFAULT_TIMEOUTS,
+                "NOTIFY_REDIS_URL": f"redis://{ns.host_ip}:{redis.port}/0",
+                "NOTIFY_QUEUE_NAME": queue,
+                "NOTIFY_API_BASE_URL": api.url,
+                "NOTIFY_ALLOW_INSECURE_HTTP": "true",
+            }
+            runtime = Runtime.from_settings(load_settings(redis_url=url, queue_name=queue))
+            partitioned = WorkerProcess("part-a", worker_logs, env)
+            _start_in(partitioned, ns.name)
+            start_worker("part-b", **env)
+            sent = requests_for(400)
+            ids = produce(env, sent)
+            name = worker_name(partitioned)
+
+            def held_in_flight() -> list[str]:
+                held = sorted(runtime.redis.smembers(keys.held(name)))
+                return [
+                    i for i, s in zip(held, states(runtime, held), strict=True) if s == "inflight"
+                ]
+
+            wait_for(lambda: len(held_in_flight()) >= 20, timeout=60, what="posts in flight")
+            held = sorted(runtime.redis.smembers(keys.held(name)))
+            ns.cut()
+            cut = time.monotonic()
+            at_cut = dict(zip(held, states(runtime, held), strict=True))
+            in_flight = [i for i, s in at_cut.items() if s == "inflight"]
+            waiting = [i for i, s in at_cut.items() if s in ("queued", "retrying")]
+            wait_for(
+                lambda: delivered_count(runtime, waiting) == len(waiting),
+                timeout=40,
+                interval=0.25,
+                what="the partitioned worker's waiting messages to be delivered by the other",
+            )
+            moved_after = time.monotonic() - cut
+            time.sleep(max(0.0, 20 - (time.monotonic() - cut)))
+            ns.heal()
+            settle(runtime, ids, timeout=120)
+            settled_after = time.monotonic() - cut
+            result = reconcile(runtime, api, sent)  # no kill: every second 2xx is listed
+            report(
+                "partition",
+                cut_s=20,
+                in_flight_at_cut=len(in_flight),
+                waiting_at_cut=len(waiting),
+                waiting_delivered_by_the_other_after_s=f"{moved_after:.1f}",
+                all_settled_after_s=f"{settled_after:.1f}",
+                double_posts=len(result.duplicated),
+            )
+            # The takeover posts nothing twice: the waiting messages moved, the in-flight ones
+            # kept their lease (the worker's connections stayed open on Redis's side). A post in
+            # flight when the link went down reached the API, but its answer did not reach the
+            # worker within the 30 s timeout, so the worker itself retried it: that is the only
+            # double post allowed, bounded by the posts in flight at the cut.
+            assert set(result.duplicated) <= set(in_flight), result.summary()
+            for ident in result.duplicated:
+                record = runtime.store.status(ident) or {}
+                first = (record.get("attempts") or [{}])[0]
+                assert first.get("cause") == "timeout", (ident, record)
+            others = [w for w in result.wrong if w.split(" ")[0] not in result.duplicated]
+            assert not others and not result.missing, result.summary()
+    finally:
+        if partitioned is not None:
+            partitioned.stop()
+        if runtime is not None:
+            runtime.close()
+        redis.stop()
+        ns.delete()
+
+
+def _start_in(worker: WorkerProcess, namespace: str) -> None:
+    """Start ``worker`` inside the network namespace (as ``WorkerProcess.start`` does)."""
+    worker._log = open(worker.log_path, "wb")  # noqa: SIM115 (closed in stop)
+    worker.process = subprocess.Popen(
+        [
+            "ip",
+            "netns",
+            "exec",
+            namespace,
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "worker",
+            "worker",
+            "--loglevel",
+            "INFO",
+            "--hostname",
+            f"{worker.name}@%h",
+            "--without-mingle",
+            "--without-gossip",
+        ],
+        cwd=ROOT,
+        env={**os.environ, **worker.extra_env},
+        stdout=worker._log,
+        stderr=subprocess.STDOUT,
+    )
+    wait_for(
+        lambda: (
+            worker.process is None
+            or worker.process.poll() is not None
+            or b" ready." in worker.log_path.read_bytes()
+        ),
+        timeout=30,
+        what=f"worker {worker.name} to be ready",
+    )
+    assert worker.process is not None and worker.process.poll() is None, worker.log()
