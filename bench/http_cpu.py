@@ -28,7 +28,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from worker.redisserver import free_port  # noqa: E402
+from sandbox.redisserver import free_port  # noqa: E402
 from worker.transport import Answer, CurlTransport, Exchange, ExchangeFailed  # noqa: E402
 
 THREADS = 16
@@ -108,7 +108,7 @@ def main() -> int:
     args = parser.parse_args()
     port = free_port()
     sandbox = subprocess.Popen(
-        [sys.executable, "-m", "worker.sandbox", "--port", str(port), "--token", TOKEN],
+        [sys.executable, "-m", "sandbox.concur", "--port", str(port), "--token", TOKEN],
         cwd=ROOT,
         stdout=subprocess.PIPE,
     )

@@ -46,8 +46,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from worker.processes import stop_processes  # noqa: E402
-from worker.redisserver import EmbeddedRedis, free_port, redis_answers  # noqa: E402
+from sandbox.processes import stop_processes  # noqa: E402
+from sandbox.redisserver import EmbeddedRedis, free_port, redis_answers  # noqa: E402
 
 TOKEN = "bench-token"
 TEMPLATE = "bench"
@@ -158,7 +158,7 @@ class Sandbox:
             [
                 sys.executable,
                 "-m",
-                "worker.sandbox",
+                "sandbox.concur",
                 "--port",
                 str(self.port),
                 "--latency-ms",

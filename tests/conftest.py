@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from worker.processes import stop_processes
-from worker.redisserver import EmbeddedRedis, free_port, redis_answers
-from worker.sandbox import Sandbox
+from sandbox.concur import Sandbox
+from sandbox.processes import stop_processes
+from sandbox.redisserver import EmbeddedRedis, free_port, redis_answers
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_TOKEN = "test-secret-token-4f1c"

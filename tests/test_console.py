@@ -21,9 +21,9 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
+from sandbox.processes import stop_processes
 from tests.conftest import ROOT, free_port, wait_for
 from worker.models import message_id
-from worker.processes import stop_processes
 from worker.records import Failure
 from worker.runtime import Runtime
 

@@ -32,6 +32,9 @@ from typing import Any
 import pytest
 from redis import Redis
 
+from sandbox.concur import Sandbox
+from sandbox.processes import stop_processes
+from sandbox.redisserver import EmbeddedRedis, find_redis_server
 from tests.conftest import ROOT, TEST_TOKEN, WorkerProcess, free_port, wait_for
 from tests.isolated import Isolated, isolated
 from tests.test_faults import (
@@ -48,10 +51,7 @@ from tests.test_faults import (
     states,
 )
 from worker import keys
-from worker.processes import stop_processes
-from worker.redisserver import EmbeddedRedis, find_redis_server
 from worker.runtime import Runtime
-from worker.sandbox import Sandbox
 from worker.settings import load_settings
 
 __all__ = ["api", "isolated"]  # fixtures

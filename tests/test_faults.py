@@ -27,15 +27,15 @@ import httpx
 import pytest
 from redis import Redis
 
+from sandbox.concur import Sandbox
+from sandbox.processes import stop_processes
+from sandbox.redisserver import EmbeddedRedis
 from tests.conftest import ROOT, TEST_TOKEN, WorkerProcess, free_port, wait_for
 from tests.isolated import Isolated, isolated
 from worker import keys
 from worker.deadletters import DeadLetterFilter
 from worker.models import message_id
-from worker.processes import stop_processes
-from worker.redisserver import EmbeddedRedis
 from worker.runtime import Runtime
-from worker.sandbox import Sandbox
 from worker.settings import load_settings
 
 __all__ = ["isolated"]  # the fixture

@@ -25,10 +25,10 @@ from pathlib import Path
 import pytest
 from dotenv import dotenv_values
 
+from sandbox.devstack import update_dotenv
+from sandbox.processes import stop_processes
 from tests.conftest import ROOT, free_port, wait_for
-from worker.devstack import update_dotenv
 from worker.models import is_message_id
-from worker.processes import stop_processes
 
 VENV = Path(sys.executable).parent.parent
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from sandbox.processes import stop_processes
 from tests.conftest import ROOT, free_port, wait_for
 from tests.isolated import Isolated, isolated
-from worker.processes import stop_processes
 
 __all__ = ["isolated"]  # the fixture
 

@@ -180,7 +180,7 @@ def paced(worker_logs: Path) -> Iterator[Runtime]:
     too, and its mover would republish a deferred message (the schedule is per database) to its
     own queue, where no limit applies.
     """
-    from worker.redisserver import EmbeddedRedis
+    from sandbox.redisserver import EmbeddedRedis
 
     redis_server = EmbeddedRedis()
     redis_url = redis_server.start()
@@ -330,7 +330,7 @@ def test_default_burst_keeps_two_workers_within_rate_plus_one_in_every_wall_cloc
     """
     import os
 
-    from worker.redisserver import EmbeddedRedis
+    from sandbox.redisserver import EmbeddedRedis
 
     assert "NOTIFY_RATE_LIMIT_BURST" not in os.environ
     redis_server = EmbeddedRedis()

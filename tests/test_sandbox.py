@@ -17,11 +17,11 @@ from typing import Any
 import httpx
 import pytest
 
-from worker.sandbox import Sandbox
+from sandbox.concur import Sandbox
 
 TOKEN = "sandbox-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-SANDBOX_PY = Path(__file__).resolve().parents[1] / "worker" / "sandbox.py"
+SANDBOX_PY = Path(__file__).resolve().parents[1] / "sandbox" / "concur.py"
 
 
 def body(template_id: str = "tpl-1", **extra: Any) -> dict[str, Any]:

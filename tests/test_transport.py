@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from sandbox.redisserver import free_port
 from worker.concur import ConcurClient
 from worker.models import Message
 from worker.outcomes import ApiResponse, TransportFailure
-from worker.redisserver import free_port
 from worker.transport import MAX_RESPONSE_BYTES, Answer, CurlTransport, Exchange, ExchangeFailed
 
 # What a scripted server does with one request on a connection: write what it likes, and say

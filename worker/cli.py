@@ -468,7 +468,7 @@ def stats_command(as_json: bool, minutes: int, partner: str | None) -> None:
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def sandbox(args: tuple[str, ...]) -> None:
     """Run the local Concur v4 sandbox (see `notify sandbox --help`)."""
-    from worker import sandbox as sandbox_module
+    from sandbox import concur as sandbox_module
 
     sys.exit(sandbox_module.main(list(args)))
 
@@ -523,7 +523,7 @@ def dev(
     Writes what `notify` in another shell needs to reach it into ./.env (made from
     ./.env.example when missing).
     """
-    from worker.devstack import run_dev
+    from sandbox.devstack import run_dev
 
     sys.exit(
         run_dev(

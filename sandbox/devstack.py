@@ -28,9 +28,9 @@ from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 
-from worker.processes import stop_processes
-from worker.redisserver import EmbeddedRedis, redis_answers
-from worker.sandbox import Sandbox
+from sandbox.concur import Sandbox
+from sandbox.processes import stop_processes
+from sandbox.redisserver import EmbeddedRedis, redis_answers
 from worker.settings import load_settings
 
 DEMO_TEMPLATES = "demo-template"

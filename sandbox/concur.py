@@ -68,7 +68,7 @@ Example::
         assert r.status_code == 503  # the next "welcome" request gets 200
         assert sandbox.stats()["byStatus"] == {"503": 1}
 
-From a shell: ``python worker/sandbox.py --port 8099 --latency-ms 20 --token dev-token``.
+From a shell: ``python sandbox/concur.py --port 8099 --latency-ms 20 --token dev-token``.
 """
 
 from __future__ import annotations

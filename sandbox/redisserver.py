@@ -17,7 +17,7 @@ from pathlib import Path
 from redis import Redis
 from redis.exceptions import RedisError
 
-from worker.processes import stop_processes
+from sandbox.processes import stop_processes
 
 
 def redis_answers(url: str, timeout_seconds: float = 0.5) -> bool:
