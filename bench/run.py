@@ -239,6 +239,29 @@ def enqueue_ours(count: int, tag: str) -> float:
     return count / (time.perf_counter() - started)
 
 
+_ENQUEUE = """
+import sys, uuid
+import tasks
+count, tag, template, url = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+run = uuid.uuid4().hex[:6]
+for start in range(0, count, 1000):
+    stop = min(count, start + 1000)
+    tasks.enqueue_many([(f"{tag}{run}-{i}", f"s{i}", template, url) for i in range(start, stop)])
+"""
+
+
+def enqueue_with(tree: Path, env: dict[str, str], count: int, tag: str) -> None:
+    """Queue ``count`` messages with the producer of the checkout at ``tree`` (its own record
+    format: the --before revision's workers must read what their own producer wrote)."""
+    subprocess.run(
+        [sys.executable, "-c", _ENQUEUE, str(count), tag, TEMPLATE, URL],
+        cwd=tree,
+        env={**env, "PYTHONPATH": str(tree)},
+        check=True,
+        timeout=600,
+    )
+
+
 def drain_row(name: str, sandbox: Sandbox, fleet: Fleet, count: int) -> Row:
     """Start ``fleet`` on a queue already holding ``count`` messages; time it to the last 2xx."""
     sandbox.reset()
@@ -395,7 +418,8 @@ def main() -> int:
             rows.append(drain_row("drain (ours)", sandbox, ours(), n))
             rows[-1].figures["enqueue/s batch"] = batch_rate
         if "before" in only:
-            enqueue_ours(n, "db")
+            assert before is not None
+            enqueue_with(before, env, n, "db")
             rows.append(drain_row(f"drain ({args.before})", sandbox, theirs(), n))
 
         if "baseline" in only:
@@ -425,7 +449,7 @@ def main() -> int:
             enqueue_ours(slow_n, "sa")
             rows.append(drain_row("slow-api (ours)", sandbox, ours(), slow_n))
             if before is not None:
-                enqueue_ours(slow_n, "sb")
+                enqueue_with(before, env, slow_n, "sb")
                 rows.append(drain_row(f"slow-api ({args.before})", sandbox, theirs(), slow_n))
             rows.append(dramatiq_row(sandbox, env, slow_n))
             sandbox.latency(args.latency_ms)
