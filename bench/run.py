@@ -301,10 +301,9 @@ def steady_row(
     achieved = total / (time.perf_counter() - started)
     wait_delivered(sandbox, total, timeout=300)
     fleet.stop()
-    pipe = runtime.redis.pipeline(transaction=False)
-    for message_id in ids:
-        pipe.hmget(f"notify:msg:{message_id}", "created", "updated")
-    latencies = [int(u) - int(c) for c, u in pipe.execute()]
+    # The store's own reading of each record (a delivered record keeps "updated" compactly).
+    records = [runtime.store.status(message_id) for message_id in ids]
+    latencies = [int(r["updated"]) - int(r["created"]) for r in records if r]
     return Row(
         name,
         {
