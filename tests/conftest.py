@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -152,11 +152,14 @@ class WorkerProcess:
         self.extra_env = extra_env or {}
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 30.0) -> WorkerProcess:
+    def start(self, timeout: float = 30.0, prefix: Sequence[str] = ()) -> WorkerProcess:
+        """Start the worker and wait until it is ready; ``prefix`` runs it under another
+        command (``ip netns exec NAME``)."""
         env = {**os.environ, **self.extra_env}
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
         self.process = subprocess.Popen(
             [
+                *prefix,
                 sys.executable,
                 "-m",
                 "celery",

@@ -603,7 +603,7 @@ def test_worker_partitioned_for_20s_its_waiting_messages_move_and_only_timed_out
             }
             runtime = Runtime.from_settings(load_settings(redis_url=url, queue_name=queue))
             partitioned = WorkerProcess("part-a", worker_logs, env)
-            _start_in(partitioned, ns.name)
+            partitioned.start(prefix=["ip", "netns", "exec", ns.name])
             start_worker("part-b", **env)
             sent = requests_for(400)
             ids = produce(env, sent)
@@ -662,42 +662,3 @@ def test_worker_partitioned_for_20s_its_waiting_messages_move_and_only_timed_out
             runtime.close()
         redis.stop()
         ns.delete()
-
-
-def _start_in(worker: WorkerProcess, namespace: str) -> None:
-    """Start ``worker`` inside the network namespace (as ``WorkerProcess.start`` does)."""
-    worker._log = open(worker.log_path, "wb")  # noqa: SIM115 (closed in stop)
-    worker.process = subprocess.Popen(
-        [
-            "ip",
-            "netns",
-            "exec",
-            namespace,
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "worker",
-            "worker",
-            "--loglevel",
-            "INFO",
-            "--hostname",
-            f"{worker.name}@%h",
-            "--without-mingle",
-            "--without-gossip",
-        ],
-        cwd=ROOT,
-        env={**os.environ, **worker.extra_env},
-        stdout=worker._log,
-        stderr=subprocess.STDOUT,
-    )
-    wait_for(
-        lambda: (
-            worker.process is None
-            or worker.process.poll() is not None
-            or b" ready." in worker.log_path.read_bytes()
-        ),
-        timeout=30,
-        what=f"worker {worker.name} to be ready",
-    )
-    assert worker.process is not None and worker.process.poll() is None, worker.log()
