@@ -617,11 +617,10 @@ class MessageStore:
         longer than on the API's answers, measured with py-spy).
         """
         now = now_ms()
-        client: Any = self._conn() if len(items) == 1 else self.redis.pipeline(transaction=False)
-        for envelope, owner in items:
-            call = self._claim(
-                keys=[keys.message(envelope.id), keys.SCHEDULE, keys.LIVE],
-                args=[
+        calls: list[tuple[list[str], list[Any]]] = [
+            (
+                [keys.message(envelope.id), keys.SCHEDULE, keys.LIVE],
+                [
                     envelope.id,
                     envelope.gen,
                     now,
@@ -632,10 +631,16 @@ class MessageStore:
                     partner_of(envelope.request),
                     *request_fields(envelope.request),
                 ],
-                client=client,
             )
-        replies = [call] if len(items) == 1 else client.execute()
-        return [_claim_from(reply) for reply in replies]
+            for envelope, owner in items
+        ]
+        if len(calls) == 1:  # one script call is cheaper than a pipeline (no SCRIPT EXISTS)
+            [(call_keys, call_args)] = calls
+            return [_claim_from(self._run(self._claim, keys=call_keys, args=call_args))]
+        pipe = self.redis.pipeline(transaction=False)
+        for call_keys, call_args in calls:
+            self._claim(keys=call_keys, args=call_args, client=pipe)
+        return [_claim_from(reply) for reply in pipe.execute()]
 
     def delivered(self, message_id: str, attempt: AttemptRecord) -> bool:
         """Record a 2xx; False when the message had already finished."""
