@@ -60,7 +60,8 @@ def notify_problem(args: list[str]) -> str | None:
         if not args:
             return None if command is not main else "no command"
         name, args = args[0], args[1:]
-        sub = command.commands.get(name)
+        # get_command: also the commands the dev tooling adds (entry points, worker/cli.py)
+        sub = command.get_command(click.Context(command), name)
         if sub is None:
             return f"{' '.join(path)} has no command {name!r}"
         command, path = sub, [*path, name]

@@ -524,7 +524,7 @@ def test_token_endpoint_outage_defers_messages_and_dead_letters_none(
 
 def raw_broker_message(isolated: Isolated, args: Any, kwargs: Any, task: str | None = None) -> dict:
     """A message exactly as kombu puts it on a Redis list, made by Celery itself."""
-    from worker.celery_app import SEND_TASK, make_app
+    from worker.celeryconfig import SEND_TASK, make_app
 
     scratch = f"scratch-{uuid.uuid4().hex[:8]}"
     app = make_app(load_settings(redis_url=isolated.env["NOTIFY_REDIS_URL"], queue_name=scratch))

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
+from unittest import mock
 
 import pytest
 
 import tasks
 from tests.conftest import wait_for
+from tests.isolated import Isolated, isolated
 from worker import keys
 from worker.records import Envelope
+
+__all__ = ["isolated"]  # the fixture
 
 pytestmark = pytest.mark.usefixtures("celery_worker_process")
 
@@ -104,3 +109,35 @@ def test_scripts_redis_forgot_are_loaded_again_and_the_outcome_is_recorded(runti
 
     assert store.delivered(message_id, AttemptRecord(1, now_ms(), "delivered", 200, None, 5, "c"))
     assert store.status(message_id)["state"] == "delivered"
+
+
+def test_the_mover_stops_taking_due_messages_while_the_broker_is_away_and_loses_none(
+    isolated: Isolated,
+) -> None:
+    from worker.mover import BATCH, BrokerAway, Mover
+    from worker.publisher import Publisher
+
+    store = isolated.runtime.store
+    count = BATCH + 100
+    ids = [f"due-{n}" for n in range(count)]
+    for message_id in ids:
+        store.create(message_id, {"userId": "u", "sessionId": message_id, "templateId": "t"})
+    isolated.runtime.redis.zadd(keys.SCHEDULE, dict.fromkeys(ids, 0))  # all due now
+    broker_up = threading.Event()
+    sent: list[str] = []
+
+    def send(batch: list[Envelope]) -> None:
+        if not broker_up.is_set():
+            raise ConnectionError("broker down")
+        sent.extend(envelope.id for envelope in batch)
+
+    mover = Mover(store, Publisher(send, batch_size=50), interval_seconds=0.1)
+    with mock.patch("worker.mover.FLUSH_SECONDS", 0.3), pytest.raises(BrokerAway):
+        mover.run_once()
+    # One batch taken (and held by the publisher); the rest still wait on the schedule.
+    still_due = isolated.runtime.redis.zcount(keys.SCHEDULE, 0, time.time() * 1000)
+    assert still_due == count - BATCH
+    broker_up.set()
+    assert mover.run_once() == count - BATCH
+    assert mover.publisher.flush(10)
+    assert sorted(sent) == sorted(ids)

@@ -1,13 +1,8 @@
-"""The Celery application (``celery -A worker worker`` finds it as ``worker.app``).
+"""The worker process's Celery app (``celery -A worker worker`` finds it as ``worker.app``).
 
-Settings chosen for an I/O-bound, must-not-lose workload on Redis:
-
-* late acks and reject-on-worker-lost: a message is acknowledged only after its outcome (delivered,
-  retry scheduled, or dead letter) is written to Redis;
-* a threads pool (one shared HTTP client per process, many posts in flight) with a small
-  prefetch multiplier, since each message mostly waits on the network;
-* JSON only, no result backend (outcomes live in our own status records);
-* task events on, so Flower sees tasks from the moment they are sent.
+The app is configured in ``worker.celeryconfig``; this module connects what a worker process
+starts and stops around it: logging, Sentry, the configuration check, the mover and liveness
+threads, the history writer, and the held-message bookkeeping for each received task.
 """
 
 from __future__ import annotations
@@ -15,80 +10,19 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from celery import Celery, signals
+from celery import signals
 
+from worker.celeryconfig import SEND_TASK, app_for
 from worker.history import HistoryWriter, settings_url
 from worker.logs import configure_from_settings
 from worker.monitoring import init_sentry
 from worker.mover import Liveness, Mover
 from worker.runtime import get_runtime
-from worker.settings import Settings, SettingsError, get_settings
+from worker.settings import SettingsError, get_settings
 
-SEND_TASK = "tasks.send_message"
+__all__ = ["SEND_TASK", "app"]
 
-
-def make_app(settings: Settings) -> Celery:
-    """Build the Celery app from the settings."""
-    app = Celery("worker", broker=settings.celery_broker_url, include=["tasks"])
-    app.conf.update(
-        task_default_queue=settings.queue_name,
-        task_routes={SEND_TASK: {"queue": settings.queue_name}},
-        task_serializer="json",
-        accept_content=["json"],
-        result_serializer="json",
-        task_ignore_result=True,
-        result_backend=None,
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_pool="threads",
-        worker_concurrency=settings.worker_concurrency,
-        worker_prefetch_multiplier=settings.worker_prefetch_multiplier,
-        worker_send_task_events=True,
-        task_send_sent_event=True,
-        worker_hijack_root_logger=False,
-        broker_connection_retry_on_startup=True,
-        worker_enable_remote_control=True,
-        # Celery drops a message it cannot decode or run, and exits on a Redis restart; ours
-        # dead-letters the message first and reconnects (worker/consumer.py).
-        worker_consumer="worker.consumer:DeadLetteringConsumer",
-        enable_utc=True,
-        **broker_options(settings),
-    )
-    return app
-
-
-def broker_options(settings: Settings) -> dict[str, Any]:
-    """The broker's part of the Celery configuration: Redis, Redis through Sentinel, RabbitMQ."""
-    if settings.broker_is_amqp:
-        # RabbitMQ: quorum queues (replicated, Raft) and publisher confirms, without which a
-        # publish is not known to have reached the queue (Celery's docs require both). Global
-        # QoS is off with quorum queues (worker_detect_quorum_queues), so the prefetch is per
-        # consumer, as on Redis. Nothing is sent with a countdown (retries wait in our own
-        # schedule in Redis), so Celery's native delayed delivery is never used; the topic
-        # exchange is what it needs if it were.
-        return {
-            "task_default_queue_type": "quorum",
-            "task_default_exchange_type": "topic",
-            "worker_detect_quorum_queues": True,
-            "broker_transport_options": {"confirm_publish": True},
-        }
-    options: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout_seconds}
-    # kombu's Redis transport, surviving a Redis restart (worker/broker.py); rediss:// too.
-    transport = "worker.broker:Transport"
-    if settings.uses_sentinel and not settings.broker_url:
-        transport = "worker.broker:SentinelTransport"
-        secret = settings.redis_sentinel_password
-        options["master_name"] = settings.redis_sentinel_master
-        options["sentinel_kwargs"] = {
-            "password": secret.get_secret_value() if secret else None,
-            "socket_connect_timeout": 2,
-            "socket_timeout": 2,
-        }
-    return {"broker_transport": transport, "broker_transport_options": options}
-
-
-app = make_app(get_settings())
-
+app = app_for(get_settings())
 
 _mover: Mover | None = None
 _liveness: Liveness | None = None
@@ -143,7 +77,7 @@ def _check_configuration(**_: object) -> None:
 def _start_mover(**_: object) -> None:
     global _mover
     runtime = get_runtime()
-    _mover = Mover(runtime.store, runtime.publish, runtime.settings.retry_poll_interval_seconds)
+    _mover = Mover(runtime.store, runtime.publisher, runtime.settings.retry_poll_interval_seconds)
     _mover.start()
     liveness().start()
 

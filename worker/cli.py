@@ -1,4 +1,4 @@
-"""The ``notify`` command: send, inspect failed notifications, run the sandbox or the whole stack.
+"""The ``notify`` command: send, inspect failed notifications, run the services.
 
 User mistakes (bad settings, invalid requests, unknown ids, Redis not answering) print one
 ``error:`` line and exit non-zero; tracebacks are for bugs only.
@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from importlib.metadata import EntryPoint, entry_points
 from typing import Any, TypeVar
 
 import click
@@ -53,7 +54,33 @@ def friendly_errors(function: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-@click.group()
+class _Commands(click.Group):
+    """``notify``'s commands, and those other installed packages add (``notify.commands``).
+
+    The dev tooling (``sandbox/``: ``notify dev``, ``notify sandbox``) declares its commands as
+    entry points rather than being imported from here, so production code never depends on it
+    and an image without it has no such commands. They are loaded only when asked for.
+    """
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *_added_commands()})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is None and cmd_name in _added_commands():
+            try:
+                loaded = _added_commands()[cmd_name].load()
+            except ImportError:  # declared by the project's metadata, not installed here
+                return None
+            command = loaded if isinstance(loaded, click.Command) else None
+        return command
+
+
+def _added_commands() -> dict[str, EntryPoint]:
+    return {point.name: point for point in entry_points(group="notify.commands")}
+
+
+@click.group(cls=_Commands)
 def main() -> None:
     """Deliver partner messages to SAP Concur users, and manage the ones that failed."""
 
@@ -464,15 +491,6 @@ def stats_command(as_json: bool, minutes: int, partner: str | None) -> None:
     views.show(views.stats_view(snapshot, minutes))
 
 
-@main.command(context_settings={"ignore_unknown_options": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def sandbox(args: tuple[str, ...]) -> None:
-    """Run the local Concur v4 sandbox (see `notify sandbox --help`)."""
-    from sandbox import concur as sandbox_module
-
-    sys.exit(sandbox_module.main(list(args)))
-
-
 @main.command()
 @click.option("--host", default=None, help="interface to listen on [NOTIFY_SERVICE_HOST]")
 @click.option("--port", default=None, type=click.IntRange(1, 65535), help="[NOTIFY_SERVICE_PORT]")
@@ -505,34 +523,6 @@ def api(host: str | None, port: int | None, workers: int) -> None:
         # uvicorn's own handlers would bypass our JSON format and redaction; its loggers
         # propagate to the root handler configure_from_settings installed.
         log_config=None,
-    )
-
-
-@main.command()
-@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 32))
-@click.option("--sandbox-port", default=8099, show_default=True, type=int)
-@click.option("--sandbox-latency-ms", default=20.0, show_default=True, type=float)
-@click.option("--api-port", default=8000, show_default=True, type=int)
-@click.option("--flower-port", default=5555, show_default=True, type=int)
-@friendly_errors
-def dev(
-    workers: int, sandbox_port: int, sandbox_latency_ms: float, api_port: int, flower_port: int
-) -> None:
-    """Run the whole stack locally: Redis (if none answers), sandbox, worker(s), API, Flower.
-
-    Writes what `notify` in another shell needs to reach it into ./.env (made from
-    ./.env.example when missing).
-    """
-    from sandbox.devstack import run_dev
-
-    sys.exit(
-        run_dev(
-            workers=workers,
-            sandbox_port=sandbox_port,
-            latency_ms=sandbox_latency_ms,
-            api_port=api_port,
-            flower_port=flower_port,
-        )
     )
 
 

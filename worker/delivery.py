@@ -58,6 +58,7 @@ T = TypeVar("T")
 # larger is refused before it is stored anywhere.
 MAX_REQUEST_BYTES = 16 * 1024
 REDIS_PATIENCE_SECONDS = 60.0
+HAND_BACK_FLUSH_SECONDS = 5.0
 PAUSE_JITTER_MS = 1000  # spreads the messages a breaker paused over a second when it lets go
 TOKEN_UNAVAILABLE = "token_unavailable"  # the cause of an attempt deferred for want of a token
 
@@ -189,6 +190,9 @@ def deliver_task(
     if envelopes and stopping():
         # Same generation: whichever copy a worker claims first wins; the other is refused.
         runtime.publish(envelopes)
+        # Before the process exits: what the broker does not take meanwhile waits for its
+        # grace period on the schedule, or a live worker takes it over (worker.mover).
+        runtime.publisher.flush(HAND_BACK_FLUSH_SECONDS)
         verdicts.extend(["handed_back"] * len(envelopes))
     elif envelopes:
         verdicts.extend(_Batch(runtime, task_id, stopping).run(envelopes))

@@ -2,8 +2,9 @@
 
 Each worker process runs one in a thread; the ``due`` script is atomic, so any number of movers
 share the schedule without publishing a message twice in one grace period (and a second copy
-would be fenced off by ``claim`` anyway). A batch the broker did not take is published again on
-the next tick, not left to the grace period.
+would be fenced off by ``claim`` anyway). It publishes through the process's ``Publisher``, which
+keeps a batch the broker did not take and tries again within seconds; meanwhile the mover takes
+nothing more from the schedule.
 
 Each worker process also runs a ``Liveness`` thread, which keeps three promises:
 
@@ -32,7 +33,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -40,13 +41,25 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker import keys
-from worker.records import Envelope, MessageStore, now_ms
+from worker.publisher import Publisher
+from worker.records import MessageStore, now_ms
 
 log = logging.getLogger("notify.mover")
 
+
+class BrokerAway(Exception):
+    """The publisher still holds due messages it could not put on the queue."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__(
+            f"{count} due messages are waiting for the broker (the publisher holds them)"
+        )
+
+
 BATCH = 500
 MAX_PAUSE_SECONDS = 10.0
-MAX_UNPUBLISHED = 100_000
+# How long the mover waits for the publisher to put a batch on the queue before backing off.
+FLUSH_SECONDS = 5.0
 
 HEARTBEAT_SECONDS = 2.0
 DEAD_AFTER_SECONDS = 15.0
@@ -103,37 +116,27 @@ return rescued
 class Mover:
     """Moves due messages from the schedule to the queue, every ``interval_seconds``."""
 
-    def __init__(
-        self,
-        store: MessageStore,
-        publish: Callable[[list[Envelope]], None],
-        interval_seconds: float,
-    ) -> None:
+    def __init__(self, store: MessageStore, publisher: Publisher, interval_seconds: float) -> None:
         self.store = store
-        self.publish = publish
+        self.publisher = publisher
         self.interval_seconds = interval_seconds
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        # Taken from the schedule (pushed a grace period ahead) but not yet accepted by the
-        # broker: published again first thing on the next tick.
-        self._unpublished: list[Envelope] = []
 
     def run_once(self) -> int:
-        """Publish every message due now; returns how many were published."""
+        """Publish every message due now; returns how many were published.
+
+        Raises ``BrokerAway`` when the publisher could not put a batch on the queue in time: the
+        publisher keeps it and tries again, and the mover takes nothing more from the schedule
+        until it has gone out.
+        """
         moved = 0
-        while self._unpublished:
-            batch = self._unpublished[:BATCH]
-            self.publish(batch)
-            del self._unpublished[: len(batch)]
-            moved += len(batch)
         while True:
             batch = self.store.due(BATCH)
             if batch:
-                try:
-                    self.publish(batch)
-                except Exception:
-                    self._unpublished = batch
-                    raise
+                self.publisher.submit(batch)
+                if not self.publisher.flush(FLUSH_SECONDS):
+                    raise BrokerAway(len(batch))
             moved += len(batch)
             if len(batch) < BATCH:
                 return moved
@@ -150,19 +153,11 @@ class Mover:
                 # An outage is expected to pass: one short line per try, trying less often.
                 log.warning("mover: Redis unavailable (%s); next try in %.1fs", error, pause)
                 pause = min(pause * 2, MAX_PAUSE_SECONDS)
-            except Exception as error:  # the broker, or a bug: the thread goes on either way
-                if self._unpublished:
-                    log.warning(
-                        "mover: publishing %d messages failed (%s: %s); next try in %.1fs",
-                        len(self._unpublished),
-                        type(error).__name__,
-                        error,
-                        pause,
-                    )
-                    del self._unpublished[MAX_UNPUBLISHED:]  # the rest wait for their grace
-                    pause = min(pause * 2, MAX_PAUSE_SECONDS)
-                else:
-                    log.exception("mover tick failed")
+            except BrokerAway as error:
+                log.warning("mover: %s; next try in %.1fs", error, pause)
+                pause = min(pause * 2, MAX_PAUSE_SECONDS)
+            except Exception:  # a bug: the thread goes on
+                log.exception("mover tick failed")
             self._stop.wait(pause)
 
     def start(self) -> None:

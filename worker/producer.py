@@ -55,9 +55,13 @@ def record(
     """
     rt = runtime or get_runtime()
     results = rt.store.create_many([(message.id, message.to_wire()) for message in messages])
-    for message, (created, _state) in zip(messages, results, strict=True):
-        if created:
-            rt.publisher.submit(Envelope(message.id, 1, message.to_wire()))
+    rt.publish(
+        [
+            Envelope(message.id, 1, message.to_wire())
+            for message, (created, _state) in zip(messages, results, strict=True)
+            if created
+        ]
+    )
     return results
 
 
@@ -90,19 +94,13 @@ def enqueue_many(
 
     One Redis round trip records them all and they travel in tasks of ``NOTIFY_BATCH_SIZE``
     messages, so a producer with a batch pays per batch much of what ``enqueue`` pays per
-    message, and so do the workers.
+    message, and so do the workers. Like ``enqueue``, it returns once they are recorded; the
+    publisher puts them on the queue moments later.
     """
     rt = runtime or get_runtime()
     messages = []
     for user_id, session_id, template_id, url in requests:
         body = request_body(session_id, template_id, url)
         messages.append(validate(user_id, body, rt.allowlist, partner=partner))
-    results = rt.store.create_many([(m.id, m.to_wire()) for m in messages])
-    rt.publish(
-        [
-            Envelope(message.id, 1, message.to_wire())
-            for message, (created, _state) in zip(messages, results, strict=True)
-            if created
-        ]
-    )
+    record(messages, runtime=rt)
     return [message.id for message in messages]

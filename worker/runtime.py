@@ -14,10 +14,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from celery import Celery
 from redis import Redis
 
 from worker.allowlist import AllowList
 from worker.breaker import Breaker, BreakerPolicy
+from worker.celeryconfig import SEND_TASK, app_for
 from worker.concur import ConcurClient
 from worker.deadletters import DeadLetterStore
 from worker.publisher import Publisher
@@ -214,23 +216,26 @@ class Runtime:
         self.client.base_url = api_base_for(geolocation, self.settings.api_base_url)
 
     @functools.cached_property
-    def celery(self) -> Any:
+    def celery(self) -> Celery:
         """The Celery app that publishes for this runtime (the process's, if it is the same)."""
-        from worker.celery_app import app, make_app
-
-        if app.conf.broker_url == self.settings.celery_broker_url:
-            return app
-        return make_app(self.settings)
+        return app_for(self.settings)
 
     def publish(self, envelopes: Sequence[Envelope]) -> None:
-        """Put send tasks on the queue: up to ``NOTIFY_BATCH_SIZE`` messages per task.
+        """Queue send tasks for ``envelopes``; returns at once (``worker.publisher``).
 
-        A task's fixed cost in Celery (events, acknowledgement, tracing) is several times the
-        cost of a post, so messages published together travel together; one broker connection
-        publishes them all.
+        Every message reaches the queue this way; ``publisher.flush()`` waits until it has.
         """
-        from worker.celery_app import SEND_TASK
+        self.publisher.submit(envelopes)
 
+    @functools.cached_property
+    def publisher(self) -> Publisher:
+        """The process's one publisher: batches, retries while the broker is away."""
+        return Publisher(self._send_tasks, self.settings.batch_size)
+
+    def _send_tasks(self, envelopes: list[Envelope]) -> None:
+        # Up to NOTIFY_BATCH_SIZE messages per task: a task's fixed cost in Celery (events,
+        # acknowledgement, tracing) is several times the cost of a post, so messages published
+        # together travel together; one broker connection publishes them all.
         size = self.settings.batch_size
         app = self.celery
         with app.producer_or_acquire() as producer:
@@ -247,11 +252,6 @@ class Runtime:
                     argsrepr=f"[{', '.join(envelope.id for envelope in batch)}]",
                     kwargsrepr="{}",
                 )
-
-    @functools.cached_property
-    def publisher(self) -> Publisher:
-        """Publishes single submissions in the background, batched (see ``worker.publisher``)."""
-        return Publisher(self.publish, self.settings.batch_size)
 
     @functools.cached_property
     def rate_limiter(self) -> RateLimiter:
