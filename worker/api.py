@@ -27,6 +27,7 @@ from typing import Any
 from urllib.parse import unquote_to_bytes, urlencode
 
 from kombu.exceptions import OperationalError as BrokerError
+from pydantic import BaseModel
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.applications import Starlette
@@ -36,13 +37,33 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from werkzeug.datastructures import MIMEAccept
+from werkzeug.http import parse_accept_header
 
 from worker import history, notifications
 from worker.console import console_routes
+from worker.contract import (
+    DEFAULT_PAGE_LIMIT,
+    HIGHEST_HTTP_STATUS,
+    LOWEST_HTTP_STATUS,
+    MAX_CURSOR,
+    MAX_PAGE_LIMIT,
+    MAX_REPLAY_RATE,
+    Attempt,
+    ClientStatus,
+    Health,
+    MessageStatus,
+    Notification,
+    NotificationList,
+    Queued,
+    Ready,
+    Replayed,
+    ReplayPreview,
+)
 from worker.deadletters import DeadLetterFilter
 from worker.intake import Intake
 from worker.logs import configure_from_settings
-from worker.models import is_message_id, is_partner_name, partner_of
+from worker.models import ErrorItem, ErrorMessage, is_message_id, is_partner_name, partner_of
 from worker.monitoring import init_sentry
 from worker.openapi import openapi_document
 from worker.producer import record
@@ -71,15 +92,16 @@ INTERNAL_ERROR = "INTERNAL_ERROR"
 PARTNER = "partner"
 OPERATOR = "operator"
 
-DEFAULT_PAGE_LIMIT = 50
-MAX_PAGE_LIMIT = 1000
 _AUTH_SCHEMES = ("bearer", "oauth")  # OAuth: the scheme in Concur's legacy examples
 JSON_TYPE = "application/json"
 XML_TYPE = "application/xml"
+# What an Accept header can choose, in the server's order of preference: on a tie in quality
+# and specificity the first wins (RFC 9110 12.5.1 leaves ties to the server), so JSON.
+_OFFERS = {JSON_TYPE: "json", XML_TYPE: "xml", "text/xml": "xml"}
 
 # state in Redis -> the status a client sees. An attempt in progress is still "queued" from
 # the client's view (it may yet be retried); the raw state is shown alongside.
-STATUS_OF_STATE = {
+STATUS_OF_STATE: dict[str, ClientStatus] = {
     "queued": "queued",
     "inflight": "queued",
     "retrying": "retrying",
@@ -188,50 +210,21 @@ def caller_of(given: bytes | None, policy: ServicePolicy) -> Caller:
 
 
 def negotiate(accept: str | None) -> str | None:
-    """``"json"`` or ``"xml"`` for an ``Accept`` header (JSON when absent), None if neither."""
+    """``"json"`` or ``"xml"`` for an ``Accept`` header (JSON when absent or blank), None if
+    it allows neither (406).
+
+    Parsed and matched by werkzeug (quality, then specificity, then our order: JSON first); a
+    range with a ``q`` that is not a number in 0..1 is dropped, as RFC 9110 says to ignore it.
+    """
     if accept is None or not accept.strip():
         return "json"
-    offers = (
-        ("json", "application", "json"),
-        ("xml", "application", "xml"),
-        ("xml", "text", "xml"),
-    )
-    ranges: list[tuple[str, str, float]] = []
-    for part in accept.split(","):
-        media, *params = part.split(";")
-        kind, _, sub = media.strip().lower().partition("/")
-        quality = 1.0
-        for param in params:
-            name, _, value = param.partition("=")
-            if name.strip().lower() == "q":
-                try:
-                    quality = float(value.strip())
-                except ValueError:
-                    quality = 0.0
-                quality = quality if 0.0 <= quality <= 1.0 else 0.0  # also rejects NaN
-        if kind:
-            ranges.append((kind, sub.strip(), quality))
-    best: tuple[float, int, int, str] | None = None
-    for order, (name, kind, sub) in enumerate(offers):
-        # The most specific range that matches the offer decides its quality.
-        chosen: tuple[int, float, int] | None = None
-        for index, (r_kind, r_sub, quality) in enumerate(ranges):
-            if (r_kind, r_sub) == (kind, sub):
-                specificity = 2
-            elif r_kind == kind and r_sub == "*":
-                specificity = 1
-            elif (r_kind, r_sub) == ("*", "*"):
-                specificity = 0
-            else:
-                continue
-            if chosen is None or specificity > chosen[0]:
-                chosen = (specificity, quality, index)
-        if chosen is None or chosen[1] <= 0:
-            continue
-        score = (chosen[1], -chosen[2], -order, name)
-        if best is None or score[:3] > best[:3]:
-            best = score
-    return best[3] if best else None
+    ranges = parse_accept_header(accept, MIMEAccept)
+    # Media-type parameters (``application/json; charset=utf-8``) tell none of our answers
+    # apart, yet werkzeug matches a range with parameters only to an offer with the same ones:
+    # they are dropped, so such a range still chooses its type.
+    bare = MIMEAccept([(value.partition(";")[0].strip(), quality) for value, quality in ranges])
+    best = bare.best_match(_OFFERS)
+    return None if best is None else _OFFERS[best]
 
 
 def parse_since(value: str) -> int:
@@ -259,45 +252,52 @@ def record_partner(record: dict[str, Any]) -> str:
     return partner_of(_record_request(record))
 
 
-def message_view(message_id: str, record: dict[str, Any], base_url: str) -> dict[str, Any]:
+def _text(value: Any) -> str | None:
+    # A stored value shown as text: records hold what validated requests and attempts wrote,
+    # so this only keeps an odd legacy value from failing the answer's model.
+    if value is None or isinstance(value, str):
+        return value
+    return str(value)
+
+
+def message_view(message_id: str, record: dict[str, Any], base_url: str) -> MessageStatus:
     """A status record (``MessageStore.status``) as the ``GET /messages/{id}`` body."""
     request = _record_request(record)
     context = request.get("context")
     state = str(record.get("state", ""))
-    view: dict[str, Any] = {
-        "id": message_id,
-        "status": STATUS_OF_STATE.get(state, "queued"),
-        "state": state,
-        "partner": partner_of(request),
-        "userId": request.get("userId"),
-        "sessionId": request.get("sessionId"),
-        "templateId": request.get("templateId"),
-        "context": context if isinstance(context, dict) else {},
-        "attempts": [
-            {
-                "number": entry.get("n"),
-                "at": _iso_ms(entry.get("at")),
-                "outcome": entry.get("outcome"),
-                "httpStatus": entry.get("status"),
-                "cause": entry.get("cause"),
-                "durationMs": entry.get("ms"),
-                "correlationId": entry.get("cid"),
-            }
+    return MessageStatus(
+        id=message_id,
+        status=STATUS_OF_STATE.get(state, "queued"),
+        state=state,
+        partner=partner_of(request),
+        userId=_text(request.get("userId")),
+        sessionId=_text(request.get("sessionId")),
+        templateId=_text(request.get("templateId")),
+        context=context if isinstance(context, dict) else {},
+        attempts=[
+            Attempt(
+                number=int_or_none(entry.get("n")),
+                at=_iso_ms(entry.get("at")),
+                outcome=_text(entry.get("outcome")),
+                httpStatus=int_or_none(entry.get("status")),
+                cause=_text(entry.get("cause")),
+                durationMs=int_or_none(entry.get("ms")),
+                correlationId=_text(entry.get("cid")),
+            )
             for entry in record.get("attempts", [])
             if isinstance(entry, dict)
         ],
-        "correlationId": record.get("cid") or None,
-        "lastHttpStatus": int_or_none(record.get("status")),
-        "createdAt": _iso_ms(record.get("created")),
-        "updatedAt": _iso_ms(record.get("updated")),
-        "nextAttemptAt": _iso_ms(record.get("next")) if state == "retrying" else None,
-        "replays": int_or_none(record.get("replays")) or 0,
-        "reason": record.get("reason") or None,
-        "notificationUri": (
+        correlationId=_text(record.get("cid")) or None,
+        lastHttpStatus=int_or_none(record.get("status")),
+        createdAt=_iso_ms(record.get("created")),
+        updatedAt=_iso_ms(record.get("updated")),
+        nextAttemptAt=_iso_ms(record.get("next")) if state == "retrying" else None,
+        replays=int_or_none(record.get("replays")) or 0,
+        reason=_text(record.get("reason")) or None,
+        notificationUri=(
             notifications.notification_uri(base_url, message_id) if state == "failed" else None
         ),
-    }
-    return view
+    )
 
 
 # -- responses -----------------------------------------------------------------------------------
@@ -311,15 +311,27 @@ def json_response(
     return Response(body.encode("ascii"), status, headers, media_type=JSON_TYPE)
 
 
+def model_response(
+    body: BaseModel, status: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    """A JSON answer built through its model (``worker.contract``), the one the OpenAPI
+    document describes: a body that does not fit its description fails here, not at a client.
+
+    A field left unset is left out: only keys that are absent unless given have defaults
+    (``Replayed.ratePerSecond``); every other field is always passed, null or not.
+    """
+    return json_response(body.model_dump(exclude_unset=True), status, headers)
+
+
 def error_response(error: ApiError) -> Response:
     """The seed's ``ErrorMessage``, one entry per problem, each with a fresh ``errorId``."""
-    body = {
-        "errors": [
-            {"errorId": str(uuid.uuid4()), "errorCode": code, "errorMessage": message}
+    body = ErrorMessage(
+        errors=[
+            ErrorItem(errorId=str(uuid.uuid4()), errorCode=code, errorMessage=message)
             for code, message in error.items
         ]
-    }
-    return json_response(body, error.status, error.headers)
+    )
+    return model_response(body, error.status, error.headers)
 
 
 def _xml_response(
@@ -470,9 +482,15 @@ class Service:
                 ) from None
         http_status = query.get("httpStatus")
         if http_status is not None and not (
-            http_status.isascii() and http_status.isdigit() and 100 <= int(http_status) <= 599
+            http_status.isascii()
+            and http_status.isdigit()
+            and LOWEST_HTTP_STATUS <= int(http_status) <= HIGHEST_HTTP_STATUS
         ):
-            raise ApiError(400, INVALID_PARAMETER, "httpStatus must be an HTTP status 100..599")
+            raise ApiError(
+                400,
+                INVALID_PARAMETER,
+                f"httpStatus must be an HTTP status {LOWEST_HTTP_STATUS}..{HIGHEST_HTTP_STATUS}",
+            )
         return DeadLetterFilter(
             reason=query.get("reason") or None,
             template_id=query.get("template") or None,
@@ -514,8 +532,8 @@ class Service:
             raise ApiError(400, "", "", problems=error.problems) from None
         created, state = await self.intake.record(message)
         status = "queued" if created else STATUS_OF_STATE.get(state, "queued")
-        return json_response(
-            {"id": message.id, "status": status, "duplicate": not created},
+        return model_response(
+            Queued(id=message.id, status=status, duplicate=not created),
             202,
             {"Location": f"/messages/{message.id}"},
         )
@@ -541,7 +559,7 @@ class Service:
                     extra={"partner": caller.partner, "message_id": message_id},
                 )
             raise ApiError(404, NOT_FOUND, "no such message (unknown, or its status expired)")
-        return json_response(message_view(message_id, record, self._base_url(request)))
+        return model_response(message_view(message_id, record, self._base_url(request)))
 
     # failed notifications
 
@@ -552,7 +570,7 @@ class Service:
         self._status_param(request, required=True)
         selection = self._filter(request)
         limit = self._int_param(request, "limit", DEFAULT_PAGE_LIMIT, 1, MAX_PAGE_LIMIT)
-        cursor = self._int_param(request, "cursor", 0, 0, 10**12)
+        cursor = self._int_param(request, "cursor", 0, 0, MAX_CURSOR)
         store = self.runtime.deadletters
         page = await run_in_threadpool(
             functools.partial(store.page, selection, cursor=cursor, limit=limit)
@@ -568,9 +586,8 @@ class Service:
             return _xml_response(
                 notifications.notification_list_xml(page.items, base), 200, headers
             )
-        return json_response(
-            [notifications.notification_dict(item, base) for item in page.items], 200, headers
-        )
+        listed = [notifications.notification_dict(item, base) for item in page.items]
+        return model_response(NotificationList.model_validate(listed), 200, headers)
 
     async def show_notification(self, request: Request) -> Response:
         """``GET /notifications/{id}``: one failed notification."""
@@ -583,7 +600,9 @@ class Service:
         base = self._base_url(request)
         if fmt == "xml":
             return _xml_response(notifications.notification_xml(letter, base))
-        return json_response(notifications.notification_dict(letter, base))
+        return model_response(
+            Notification.model_validate(notifications.notification_dict(letter, base))
+        )
 
     async def delete_notification(self, request: Request) -> Response:
         """``DELETE /notifications/{id}``: remove one failed notification (204)."""
@@ -600,8 +619,8 @@ class Service:
         envelope = await run_in_threadpool(self.runtime.deadletters.replay, letter_id)
         if envelope is None:
             raise ApiError(404, NOT_FOUND, "no such failed notification")
-        return json_response(
-            {"id": letter_id, "status": "queued", "duplicate": False},
+        return model_response(
+            Queued(id=letter_id, status="queued", duplicate=False),
             202,
             {"Location": f"/messages/{letter_id}"},
         )
@@ -627,18 +646,18 @@ class Service:
                 rate_per_second = float(rate)
             except ValueError:
                 rate_per_second = -1.0
-            if not (0 < rate_per_second < 1e6):
+            if not (0 < rate_per_second < MAX_REPLAY_RATE):
                 raise ApiError(400, INVALID_PARAMETER, "rate must be a positive number")
         if query.get("dryRun") == "true":
             ids = await run_in_threadpool(store.select, selection)
-            return json_response({"count": len(ids), "ids": ids, "dryRun": True}, 200)
+            return model_response(ReplayPreview(count=len(ids), ids=ids, dryRun=True), 200)
         if rate_per_second is None:
             ids = await run_in_threadpool(store.replay_many, selection)
-            return json_response({"count": len(ids), "ids": ids}, 202)
+            return model_response(Replayed(count=len(ids), ids=ids), 202)
         ids = await run_in_threadpool(store.select, selection)
         paced = BackgroundTask(store.replay_ids, ids, rate_per_second=rate_per_second)
-        response = json_response(
-            {"count": len(ids), "ids": ids, "ratePerSecond": rate_per_second}, 202
+        response = model_response(
+            Replayed(count=len(ids), ids=ids, ratePerSecond=rate_per_second), 202
         )
         response.background = paced
         return response
@@ -647,7 +666,7 @@ class Service:
 
     async def healthz(self, request: Request) -> Response:
         """``GET /healthz``: the process is up."""
-        return json_response({"status": "ok"})
+        return model_response(Health(status="ok"))
 
     async def readyz(self, request: Request) -> Response:
         """``GET /readyz``: Redis answers a PING."""
@@ -655,7 +674,7 @@ class Service:
             await run_in_threadpool(self.runtime.redis.ping)
         except Exception:  # any failure to PING means "not ready", whatever its kind
             raise ApiError(503, SERVICE_UNAVAILABLE, "Redis does not answer") from None
-        return json_response({"status": "ready"})
+        return model_response(Ready(status="ready"))
 
     async def metrics(self, request: Request) -> Response:
         """``GET /metrics``: the operators' counts in the Prometheus text format."""

@@ -1,7 +1,9 @@
 """The seed's shapes at the boundary (pydantic) and the message as the code passes it (dataclass).
 
 ``SendRequest`` is Concur's ``NotificationsPartnerRequestBody``; ``ErrorMessage`` is Concur's
-error body. ``Message`` is one validated request plus its stable id.
+error body. ``Message`` is one validated request plus its stable id. The limits and patterns of
+ids, URLs and partner names are defined here once: validation, the gateway, the worker and the
+OpenAPI document (``worker.openapi``) all take them from this module.
 """
 
 from __future__ import annotations
@@ -26,6 +28,17 @@ MESSAGE_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 DEFAULT_PARTNER = "default"
 PARTNER_PATTERN = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 
+
+def schema_pattern(pattern: re.Pattern[str]) -> str:
+    """``pattern`` as a JSON Schema ``pattern``: anchored at both ends.
+
+    JSON Schema's patterns search (ECMA-262 ``test``), ours are applied with ``fullmatch``; in
+    ECMA-262 ``$`` is the end of the string only, so the anchored form accepts exactly what
+    ``fullmatch`` accepts, and the document cannot state a pattern of its own.
+    """
+    return f"^(?:{pattern.pattern})$"
+
+
 _strict = ConfigDict(strict=True, extra="forbid")
 
 
@@ -39,24 +52,30 @@ class Context(BaseModel):
 class SendRequest(BaseModel):
     """The seed's ``NotificationsPartnerRequestBody``."""
 
-    model_config = _strict
+    # The title names its schema in the OpenAPI document: the seed's name, not ours.
+    model_config = ConfigDict(strict=True, extra="forbid", title="NotificationsPartnerRequestBody")
     sessionId: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
     templateId: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
     context: Context
 
 
 class ErrorItem(BaseModel):
-    """One entry of the seed's ``ErrorMessage.errors``."""
+    """One problem: a fresh ``errorId`` (a UUID), a stable ``errorCode``, a sentence."""
 
-    errorId: str | None = None
-    errorCode: str | None = None
-    errorMessage: str | None = None
+    # The docstrings of these two are their descriptions in the OpenAPI document. The service
+    # always fills all three fields, so its schema requires them; Concur's own answers, which
+    # may leave some out, are read leniently by worker.concur, not through this model.
+    model_config = _strict
+    errorId: str
+    errorCode: str
+    errorMessage: str
 
 
 class ErrorMessage(BaseModel):
-    """The seed's error body: ``{"errors": [{errorId, errorCode, errorMessage}]}``."""
+    """The seed's error body, one entry per problem; every error answer has this shape."""
 
-    errors: list[ErrorItem] = []
+    model_config = _strict
+    errors: list[ErrorItem] = Field(min_length=1)
 
 
 def message_id(user_id: str, session_id: str, template_id: str, partner: str | None = None) -> str:

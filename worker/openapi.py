@@ -1,234 +1,436 @@
-"""The HTTP service's OpenAPI 3.1 document, written by hand (served at ``/openapi.json``).
+"""The HTTP service's OpenAPI 3.1 document (served at ``/openapi.json``), generated.
 
-The gateway's request body and ``ErrorMessage`` are the seed's schemas; ``NotificationList`` and
-``Notification`` follow Concur's "Get Notifications by Status". ``tests/test_api.py`` validates
-this document and checks that it names every route the app serves.
+Every schema is generated from a pydantic model: the seed's request and ``ErrorMessage``
+(``worker.models``) and every answer (``worker.contract``), which are the models the service
+answers through. Parameter limits and patterns are the constants those modules define. What is
+written here is only the route table (``OPERATIONS``): per operation its method, path, summary,
+security, parameters, request model and documented answers. ``tests/test_openapi.py`` checks live
+answers against the document; ``tests/test_api.py`` that it names every route the app serves.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-_REF = "#/components/schemas/"
+from pydantic import BaseModel
+from pydantic.json_schema import GenerateJsonSchema, JsonSchemaMode
+from pydantic_core import core_schema
+
+from worker import contract
+from worker.contract import (
+    DEFAULT_PAGE_LIMIT,
+    HIGHEST_HTTP_STATUS,
+    LOWEST_HTTP_STATUS,
+    MAX_CURSOR,
+    MAX_PAGE_LIMIT,
+    MAX_REPLAY_RATE,
+)
+from worker.models import (
+    MAX_ID_LENGTH,
+    MESSAGE_ID_PATTERN,
+    PARTNER_PATTERN,
+    ErrorMessage,
+    SendRequest,
+    schema_pattern,
+)
+from worker.notifications import NAMESPACE, SUPPORTED_STATUSES
+
+JSON = "application/json"
+XML = "application/xml"
+SCHEMA_REF = "#/components/schemas/{model}"
+PARTNER_KEY = "partnerKey"
+OPERATOR_KEY = "operatorKey"
+
+Schema = dict[str, Any]
 
 
-def _ref(name: str) -> dict[str, str]:
-    return {"$ref": _REF + name}
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """One documented response: what it means, and its body (a model, a plain schema, or none)."""
+
+    description: str
+    body: type[BaseModel] | Schema | None = None
+    media_types: tuple[str, ...] = (JSON,)
+    headers: Mapping[str, Schema] = field(default_factory=dict)
 
 
-def _error(description: str) -> dict[str, Any]:
-    return {
-        "description": description,
-        "content": {"application/json": {"schema": _ref("ErrorMessage")}},
+@dataclass(frozen=True, slots=True)
+class Operation:
+    """One row of the route table."""
+
+    method: str
+    path: str
+    operation_id: str
+    summary: str
+    answers: Mapping[int, Answer]
+    security: tuple[str, ...] = ()  # any one of these keys; () for none
+    params: tuple[Schema, ...] = ()
+    request: type[BaseModel] | None = None
+
+
+# -- parameters: every limit and pattern from the module that enforces it -------------------------
+
+
+def _param(
+    name: str, where: str, schema: Schema, *, required: bool = False, description: str = ""
+) -> Schema:
+    param: Schema = {"name": name, "in": where, "schema": schema}
+    if required or where == "path":
+        param["required"] = True
+    if description:
+        param["description"] = description
+    return param
+
+
+_ID = _param("id", "path", {"type": "string", "pattern": schema_pattern(MESSAGE_ID_PATTERN)})
+_USER_ID = _param("userId", "path", {"type": "string", "minLength": 1, "maxLength": MAX_ID_LENGTH})
+
+
+def _status(*, required: bool) -> Schema:
+    return _param(
+        "status",
+        "query",
+        {"type": "string", "enum": list(SUPPORTED_STATUSES)},
+        required=required,
+        description="Only `failed` is supported.",
+    )
+
+
+_FILTERS = (
+    _param("template", "query", {"type": "string"}),
+    _param("user", "query", {"type": "string"}),
+    _param("reason", "query", {"type": "string"}),
+    _param(
+        "since",
+        "query",
+        {"type": "string"},
+        description="ISO-8601 date or date-time (UTC when no offset); dead-lettered at or after",
+    ),
+    _param(
+        "until",
+        "query",
+        {"type": "string"},
+        description="ISO-8601 date or date-time (UTC when no offset); dead-lettered by then",
+    ),
+    _param("partner", "query", {"type": "string", "pattern": schema_pattern(PARTNER_PATTERN)}),
+    _param(
+        "httpStatus",
+        "query",
+        {"type": "integer", "minimum": LOWEST_HTTP_STATUS, "maximum": HIGHEST_HTTP_STATUS},
+        description="The HTTP status of the last attempt's answer",
+    ),
+)
+_PAGING = (
+    _param(
+        "limit",
+        "query",
+        {"type": "integer", "minimum": 1, "maximum": MAX_PAGE_LIMIT, "default": DEFAULT_PAGE_LIMIT},
+    ),
+    _param(
+        "cursor",
+        "query",
+        {"type": "integer", "minimum": 0, "maximum": MAX_CURSOR, "default": 0},
+        description="From the previous page's `X-Next-Cursor` (or its `Link: rel=next`)",
+    ),
+)
+_REPLAY_OPTIONS = (
+    _param(
+        "dryRun",
+        "query",
+        {"type": "string", "enum": ["true", "false"]},
+        description="true: answer what would be replayed, change nothing",
+    ),
+    _param(
+        "rate",
+        "query",
+        {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": MAX_REPLAY_RATE},
+        description="Replays a second; the paced redrive runs after the answer",
+    ),
+)
+
+# -- answers -------------------------------------------------------------------------------------
+
+
+def _error(description: str, headers: Mapping[str, Schema] | None = None) -> Answer:
+    return Answer(description, ErrorMessage, headers=headers or {})
+
+
+_UNAUTHORIZED = {
+    401: _error(
+        "No key, or a key that is not valid",
+        {"WWW-Authenticate": {"schema": {"type": "string"}}},
+    )
+}
+_FORBIDDEN = {403: _error("The key is valid but lacks the role this endpoint needs")}
+_UNAVAILABLE = {503: _error("Redis or the broker is unavailable")}
+_NOT_ACCEPTABLE = {406: _error("Accept allows neither JSON nor XML")}
+_BAD_FILTER = {400: _error("Unsupported status or a bad parameter")}
+_NO_LETTER = {404: _error("No such failed notification")}
+_OPERATOR_ERRORS = {**_UNAUTHORIZED, **_FORBIDDEN, **_UNAVAILABLE}
+_LOCATION = {"Location": {"description": "/messages/{id}", "schema": {"type": "string"}}}
+
+OPERATIONS: tuple[Operation, ...] = (
+    Operation(
+        "post",
+        "/messages/{userId}/session",
+        "sendMessage",
+        "Queue a message to a Concur user (the v4 contract)",
+        {
+            202: Answer(
+                "Queued (or already queued: duplicate is true)", contract.Queued, headers=_LOCATION
+            ),
+            400: _error("Invalid JSON, schema violation, or not allowed"),
+            413: _error("Body over NOTIFY_SERVICE_MAX_BODY_BYTES"),
+            415: _error("Content-Type is not application/json"),
+            **_UNAUTHORIZED,
+            403: _error("An operator key without a partner key's role"),
+            **_UNAVAILABLE,
+        },
+        security=(PARTNER_KEY,),
+        params=(_USER_ID,),
+        request=SendRequest,
+    ),
+    Operation(
+        "get",
+        "/messages/{id}",
+        "getMessage",
+        "A message's status, attempts and correlation id",
+        {
+            200: Answer("The status", contract.MessageStatus),
+            404: _error("Unknown, another partner's, or its status record expired"),
+            **_UNAUTHORIZED,
+            **_UNAVAILABLE,
+        },
+        security=(PARTNER_KEY, OPERATOR_KEY),
+        params=(_ID,),
+    ),
+    Operation(
+        "get",
+        "/notifications",
+        "listNotifications",
+        "Failed notifications, newest first (Get Notifications by Status)",
+        {
+            200: Answer(
+                "One page; the next is in Link (rel=next)",
+                contract.NotificationList,
+                (JSON, XML),
+                {
+                    "Link": {"schema": {"type": "string"}},
+                    "X-Next-Cursor": {"schema": {"type": "integer"}},
+                },
+            ),
+            **_BAD_FILTER,
+            **_NOT_ACCEPTABLE,
+            **_OPERATOR_ERRORS,
+        },
+        security=(OPERATOR_KEY,),
+        params=(_status(required=True), *_FILTERS, *_PAGING),
+    ),
+    Operation(
+        "post",
+        "/notifications/replay",
+        "replayNotifications",
+        "Replay every failed notification the filters select",
+        {
+            200: Answer("dryRun=true: what would be replayed", contract.ReplayPreview),
+            202: Answer("Sent back through the pipeline (paced: being sent)", contract.Replayed),
+            **_BAD_FILTER,
+            **_OPERATOR_ERRORS,
+        },
+        security=(OPERATOR_KEY,),
+        params=(_status(required=False), *_FILTERS, *_REPLAY_OPTIONS),
+    ),
+    Operation(
+        "get",
+        "/notifications/{id}",
+        "getNotification",
+        "One failed notification",
+        {
+            200: Answer("It", contract.Notification, (JSON, XML)),
+            **_NO_LETTER,
+            **_NOT_ACCEPTABLE,
+            **_OPERATOR_ERRORS,
+        },
+        security=(OPERATOR_KEY,),
+        params=(_ID,),
+    ),
+    Operation(
+        "delete",
+        "/notifications/{id}",
+        "deleteNotification",
+        "Delete one failed notification",
+        {204: Answer("Deleted"), **_NO_LETTER, **_OPERATOR_ERRORS},
+        security=(OPERATOR_KEY,),
+        params=(_ID,),
+    ),
+    Operation(
+        "post",
+        "/notifications/{id}/replay",
+        "replayNotification",
+        "Send one failed notification back through the pipeline",
+        {
+            202: Answer("Queued again", contract.Queued, headers=_LOCATION),
+            **_NO_LETTER,
+            **_OPERATOR_ERRORS,
+        },
+        security=(OPERATOR_KEY,),
+        params=(_ID,),
+    ),
+    Operation(
+        "get", "/healthz", "healthz", "The process is up", {200: Answer("Up", contract.Health)}
+    ),
+    Operation(
+        "get",
+        "/readyz",
+        "readyz",
+        "Redis answers",
+        {200: Answer("Ready", contract.Ready), 503: _error("Redis does not answer")},
+    ),
+    Operation(
+        "get",
+        "/metrics",
+        "metrics",
+        "Operators' counts in the Prometheus text format",
+        {
+            200: Answer("Prometheus text exposition", {"type": "string"}, ("text/plain",)),
+            503: _error("Redis does not answer"),
+        },
+    ),
+    Operation(
+        "get",
+        "/openapi.json",
+        "openapi",
+        "This document",
+        {200: Answer("The OpenAPI document", {"type": "object"})},
+    ),
+)
+
+# -- the document --------------------------------------------------------------------------------
+
+
+# What GenerateJsonSchema passes to field_title_should_be_set (its own alias is private).
+_SchemaOrField = (
+    core_schema.CoreSchema
+    | core_schema.ModelField
+    | core_schema.DataclassField
+    | core_schema.TypedDictField
+    | core_schema.ComputedField
+)
+
+
+class _Untitled(GenerateJsonSchema):
+    """pydantic's generator without the titles it derives from field names ("Sessionid")."""
+
+    def field_title_should_be_set(self, schema: _SchemaOrField) -> bool:
+        """Never: a property's name already says it, a derived title only adds noise."""
+        return False
+
+
+def component_name(model: type[BaseModel]) -> str:
+    """The model's name under ``components/schemas``: its title when it has one (the seed's
+    names), else its class name, as pydantic names the models it nests."""
+    title = model.model_config.get("title")
+    return title if isinstance(title, str) else model.__name__
+
+
+def _models(
+    operations: Iterable[Operation],
+) -> Iterator[tuple[type[BaseModel], JsonSchemaMode]]:
+    for operation in operations:
+        if operation.request is not None:
+            yield operation.request, "validation"
+        for answer in operation.answers.values():
+            if isinstance(answer.body, type):
+                yield answer.body, "serialization"
+
+
+def _add(schemas: dict[str, Schema], name: str, schema: Schema) -> None:
+    # Two different models of one name would silently describe one of them twice.
+    if schemas.setdefault(name, schema) != schema:
+        raise ValueError(f"two different schemas named {name!r}")
+
+
+def _xml_hints(schemas: dict[str, Schema]) -> None:
+    # How worker.notifications writes the failed list as XML: Concur's namespace, a wrapping
+    # NotificationList, and <Errors> holding <Error> elements. Presentation only, so it is said
+    # here next to the namespace rather than in the models.
+    schemas["Notification"]["xml"] = {"namespace": NAMESPACE}
+    schemas["NotificationList"]["xml"] = {
+        "name": "NotificationList",
+        "namespace": NAMESPACE,
+        "wrapped": True,
     }
+    schemas["Failure"]["properties"]["Errors"]["xml"] = {"wrapped": True}
+    schemas["FailureError"]["xml"] = {"name": "Error"}
 
 
-_ERRORS = {
-    "401": _error("No key, or a key that is not valid"),
-    "403": _error("The key is valid but lacks the role this endpoint needs"),
-    "503": _error("Redis or the broker is unavailable"),
-}
-_ID: dict[str, Any] = {
-    "name": "id",
-    "in": "path",
-    "required": True,
-    "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
-}
-_FILTERS: list[dict[str, Any]] = [
-    {
-        "name": "status",
-        "in": "query",
-        "required": True,
-        "description": "Only `failed` is supported.",
-        "schema": {"type": "string", "enum": ["failed"]},
-    },
-    {"name": "template", "in": "query", "schema": {"type": "string"}},
-    {"name": "user", "in": "query", "schema": {"type": "string"}},
-    {"name": "reason", "in": "query", "schema": {"type": "string"}},
-    {
-        "name": "since",
-        "in": "query",
-        "description": "ISO-8601 date or date-time (UTC when no offset); dead-lettered at or after",
-        "schema": {"type": "string"},
-    },
-    {
-        "name": "until",
-        "in": "query",
-        "description": "ISO-8601 date or date-time (UTC when no offset); dead-lettered by then",
-        "schema": {"type": "string"},
-    },
-    {"name": "partner", "in": "query", "schema": {"type": "string"}},
-    {
-        "name": "httpStatus",
-        "in": "query",
-        "description": "The HTTP status of the last attempt's answer",
-        "schema": {"type": "integer", "minimum": 100, "maximum": 599},
-    },
-]
-_PAGING = [
-    {
-        "name": "limit",
-        "in": "query",
-        "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50},
-    },
-    {
-        "name": "cursor",
-        "in": "query",
-        "description": "From the previous page's `X-Next-Cursor` (or its `Link: rel=next`)",
-        "schema": {"type": "integer", "minimum": 0, "default": 0},
-    },
-]
-_NOTIFICATION_CONTENT = {
-    "application/json": {"schema": _ref("Notification")},
-    "application/xml": {"schema": _ref("Notification")},
-}
-_OPERATOR: list[dict[str, list[str]]] = [{"operatorKey": []}]
-_PARTNER: list[dict[str, list[str]]] = [{"partnerKey": []}]
-_NULLABLE_STRING = {"type": ["string", "null"]}
-_TIME = {"type": ["string", "null"], "format": "date-time"}
+def component_schemas(operations: Iterable[Operation] = OPERATIONS) -> dict[str, Schema]:
+    """The JSON Schema of every model the operations name, and of the models those nest."""
+    schemas: dict[str, Schema] = {}
+    for model, mode in _models(operations):
+        schema = model.model_json_schema(
+            ref_template=SCHEMA_REF, schema_generator=_Untitled, mode=mode
+        )
+        for name, nested in schema.pop("$defs", {}).items():
+            _add(schemas, name, nested)
+        _add(schemas, component_name(model), schema)
+    return schemas
 
-_SCHEMAS: dict[str, Any] = {
-    "NotificationsPartnerRequestBody": {
-        "type": "object",
-        "required": ["sessionId", "templateId", "context"],
-        "additionalProperties": False,
-        "properties": {
-            "sessionId": {"type": "string", "minLength": 1, "maxLength": 256},
-            "templateId": {"type": "string", "minLength": 1, "maxLength": 256},
-            "context": {
-                "type": "object",
-                "additionalProperties": False,
-                "properties": {"url": {"type": ["string", "null"], "maxLength": 2048}},
-            },
-        },
-    },
-    "ErrorMessage": {
-        "type": "object",
-        "properties": {
-            "errors": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "properties": {
-                        "errorId": {"type": "string"},
-                        "errorCode": {"type": "string"},
-                        "errorMessage": {"type": "string"},
-                    },
-                },
-            }
-        },
-    },
-    "Queued": {
-        "type": "object",
-        "required": ["id", "status", "duplicate"],
-        "properties": {
-            "id": {"type": "string"},
-            "status": {"type": "string", "enum": ["queued", "retrying", "delivered", "failed"]},
-            "duplicate": {
-                "type": "boolean",
-                "description": "true: the same (userId, sessionId, templateId) was submitted "
-                "before; nothing new was queued and id is the first message's",
-            },
-        },
-    },
-    "Attempt": {
-        "type": "object",
-        "properties": {
-            "number": {"type": ["integer", "null"]},
-            "at": _TIME,
-            "outcome": {"type": ["string", "null"]},
-            "httpStatus": {"type": ["integer", "null"]},
-            "cause": _NULLABLE_STRING,
-            "durationMs": {"type": ["integer", "null"]},
-            "correlationId": _NULLABLE_STRING,
-        },
-    },
-    "MessageStatus": {
-        "type": "object",
-        "required": ["id", "status", "state", "attempts"],
-        "properties": {
-            "id": {"type": "string"},
-            "status": {"type": "string", "enum": ["queued", "retrying", "delivered", "failed"]},
-            "state": {
-                "type": "string",
-                "description": "the internal state; `inflight` (an attempt in progress) shows as "
-                "status `queued`",
-            },
-            "userId": _NULLABLE_STRING,
-            "sessionId": _NULLABLE_STRING,
-            "templateId": _NULLABLE_STRING,
-            "context": {"type": "object"},
-            "attempts": {"type": "array", "items": _ref("Attempt")},
-            "correlationId": _NULLABLE_STRING,
-            "lastHttpStatus": {"type": ["integer", "null"]},
-            "createdAt": _TIME,
-            "updatedAt": _TIME,
-            "nextAttemptAt": _TIME,
-            "replays": {"type": "integer"},
-            "reason": _NULLABLE_STRING,
-            "notificationUri": _NULLABLE_STRING,
-        },
-    },
-    "Failure": {
-        "type": "object",
-        "properties": {
-            "ReasonCode": {"type": "string"},
-            "Detail": _NULLABLE_STRING,
-            "HttpStatus": {"type": ["integer", "null"]},
-            "Errors": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "properties": {
-                        "ErrorId": _NULLABLE_STRING,
-                        "ErrorCode": _NULLABLE_STRING,
-                        "ErrorMessage": _NULLABLE_STRING,
-                    },
-                },
-                "xml": {"wrapped": True},
-            },
-            "Attempts": {"type": "integer"},
-            "FirstAttemptDateTime": _TIME,
-            "LastAttemptDateTime": _TIME,
-            "CorrelationId": _NULLABLE_STRING,
-            "UserId": _NULLABLE_STRING,
-            "SessionId": _NULLABLE_STRING,
-            "TemplateId": _NULLABLE_STRING,
-            "Replays": {"type": "integer"},
-        },
-    },
-    "Notification": {
-        "type": "object",
-        "description": "Concur's Notification element; a null is written in XML as i:nil",
-        "properties": {
-            "Context": _NULLABLE_STRING,
-            "EventDateTime": {"type": ["string", "null"], "examples": ["2012-11-14T19:45:25Z"]},
-            "EventType": {"type": "string"},
-            "NotificationURI": {"type": "string", "format": "uri"},
-            "ObjectType": {"type": "string", "enum": ["NOTIFICATION"]},
-            "ObjectURI": {"type": "string", "format": "uri"},
-            "Failure": _ref("Failure"),
-        },
-        "xml": {"namespace": "http://www.concursolutions.com/api/notification/2012/06"},
-    },
-    "NotificationList": {
-        "type": "array",
-        "items": _ref("Notification"),
-        "xml": {
-            "name": "NotificationList",
-            "namespace": "http://www.concursolutions.com/api/notification/2012/06",
-            "wrapped": True,
-        },
-    },
-    "Replayed": {
-        "type": "object",
-        "properties": {"count": {"type": "integer"}, "ids": {"type": "array"}},
-    },
-}
+
+def _response(answer: Answer) -> Schema:
+    response: Schema = {"description": answer.description}
+    if answer.headers:
+        response["headers"] = dict(answer.headers)
+    if answer.body is not None:
+        schema = (
+            {"$ref": SCHEMA_REF.format(model=component_name(answer.body))}
+            if isinstance(answer.body, type)
+            else answer.body
+        )
+        response["content"] = {media: {"schema": schema} for media in answer.media_types}
+    return response
+
+
+def _operation(operation: Operation) -> Schema:
+    entry: Schema = {
+        "operationId": operation.operation_id,
+        "summary": operation.summary,
+        "security": [{name: []} for name in operation.security],
+    }
+    if operation.params:
+        entry["parameters"] = list(operation.params)
+    if operation.request is not None:
+        ref = SCHEMA_REF.format(model=component_name(operation.request))
+        entry["requestBody"] = {"required": True, "content": {JSON: {"schema": {"$ref": ref}}}}
+    entry["responses"] = {
+        str(status): _response(answer) for status, answer in operation.answers.items()
+    }
+    return entry
+
+
+def paths(operations: Iterable[Operation] = OPERATIONS) -> dict[str, Schema]:
+    """The ``paths`` object of the route table."""
+    result: dict[str, Schema] = {}
+    for operation in operations:
+        result.setdefault(operation.path, {})[operation.method] = _operation(operation)
+    return result
+
+
+@functools.cache
+def _document_parts() -> tuple[dict[str, Schema], dict[str, Schema]]:
+    # Generated once per process: the models and the route table do not change at run time.
+    schemas = component_schemas()
+    _xml_hints(schemas)
+    return schemas, paths()
 
 
 def openapi_document(server_url: str) -> dict[str, Any]:
     """The OpenAPI 3.1 document, with ``server_url`` as its one server."""
+    schemas, operations = copy.deepcopy(_document_parts())
     return {
         "openapi": "3.1.0",
         "info": {
@@ -240,214 +442,18 @@ def openapi_document(server_url: str) -> dict[str, Any]:
         "servers": [{"url": server_url}],
         "components": {
             "securitySchemes": {
-                "partnerKey": {
+                PARTNER_KEY: {
                     "type": "http",
                     "scheme": "bearer",
                     "description": "a key from NOTIFY_GATEWAY_KEYS",
                 },
-                "operatorKey": {
+                OPERATOR_KEY: {
                     "type": "http",
                     "scheme": "bearer",
                     "description": "a key from NOTIFY_OPERATOR_KEYS",
                 },
             },
-            "schemas": _SCHEMAS,
+            "schemas": schemas,
         },
-        "paths": {
-            "/messages/{userId}/session": {
-                "post": {
-                    "operationId": "sendMessage",
-                    "summary": "Queue a message to a Concur user (the v4 contract)",
-                    "security": _PARTNER,
-                    "parameters": [
-                        {
-                            "name": "userId",
-                            "in": "path",
-                            "required": True,
-                            "schema": {"type": "string", "minLength": 1, "maxLength": 256},
-                        }
-                    ],
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "application/json": {"schema": _ref("NotificationsPartnerRequestBody")}
-                        },
-                    },
-                    "responses": {
-                        "202": {
-                            "description": "Queued (or already queued: duplicate is true)",
-                            "headers": {
-                                "Location": {
-                                    "description": "/messages/{id}",
-                                    "schema": {"type": "string"},
-                                }
-                            },
-                            "content": {"application/json": {"schema": _ref("Queued")}},
-                        },
-                        "400": _error("Invalid JSON, schema violation, or not allowed"),
-                        "413": _error("Body over NOTIFY_SERVICE_MAX_BODY_BYTES"),
-                        "415": _error("Content-Type is not application/json"),
-                        **_ERRORS,
-                    },
-                }
-            },
-            "/messages/{id}": {
-                "get": {
-                    "operationId": "getMessage",
-                    "summary": "A message's status, attempts and correlation id",
-                    "security": [*_PARTNER, *_OPERATOR],
-                    "parameters": [_ID],
-                    "responses": {
-                        "200": {
-                            "description": "The status",
-                            "content": {"application/json": {"schema": _ref("MessageStatus")}},
-                        },
-                        "404": _error("Unknown, or its status record expired"),
-                        **_ERRORS,
-                    },
-                }
-            },
-            "/notifications": {
-                "get": {
-                    "operationId": "listNotifications",
-                    "summary": "Failed notifications, newest first (Get Notifications by Status)",
-                    "security": _OPERATOR,
-                    "parameters": [*_FILTERS, *_PAGING],
-                    "responses": {
-                        "200": {
-                            "description": "One page; the next is in Link (rel=next)",
-                            "headers": {
-                                "Link": {"schema": {"type": "string"}},
-                                "X-Next-Cursor": {"schema": {"type": "integer"}},
-                            },
-                            "content": {
-                                "application/json": {"schema": _ref("NotificationList")},
-                                "application/xml": {"schema": _ref("NotificationList")},
-                            },
-                        },
-                        "400": _error("Unsupported status or a bad parameter"),
-                        "406": _error("Accept is neither JSON nor XML"),
-                        **_ERRORS,
-                    },
-                }
-            },
-            "/notifications/replay": {
-                "post": {
-                    "operationId": "replayNotifications",
-                    "summary": "Replay every failed notification the filters select",
-                    "security": _OPERATOR,
-                    "parameters": [
-                        {**_FILTERS[0], "required": False},
-                        *_FILTERS[1:],
-                        {
-                            "name": "dryRun",
-                            "in": "query",
-                            "description": "true: answer what would be replayed, change nothing",
-                            "schema": {"type": "string", "enum": ["true", "false"]},
-                        },
-                        {
-                            "name": "rate",
-                            "in": "query",
-                            "description": "Replays a second; the paced redrive runs after the "
-                            "answer",
-                            "schema": {"type": "number", "exclusiveMinimum": 0},
-                        },
-                    ],
-                    "responses": {
-                        "200": {
-                            "description": "dryRun=true: what would be replayed",
-                            "content": {"application/json": {"schema": _ref("Replayed")}},
-                        },
-                        "202": {
-                            "description": "Sent back through the pipeline (paced: being sent)",
-                            "content": {"application/json": {"schema": _ref("Replayed")}},
-                        },
-                        "400": _error("Unsupported status or a bad parameter"),
-                        **_ERRORS,
-                    },
-                }
-            },
-            "/notifications/{id}": {
-                "get": {
-                    "operationId": "getNotification",
-                    "summary": "One failed notification",
-                    "security": _OPERATOR,
-                    "parameters": [_ID],
-                    "responses": {
-                        "200": {"description": "It", "content": _NOTIFICATION_CONTENT},
-                        "404": _error("No such failed notification"),
-                        "406": _error("Accept is neither JSON nor XML"),
-                        **_ERRORS,
-                    },
-                },
-                "delete": {
-                    "operationId": "deleteNotification",
-                    "summary": "Delete one failed notification",
-                    "security": _OPERATOR,
-                    "parameters": [_ID],
-                    "responses": {
-                        "204": {"description": "Deleted"},
-                        "404": _error("No such failed notification"),
-                        **_ERRORS,
-                    },
-                },
-            },
-            "/notifications/{id}/replay": {
-                "post": {
-                    "operationId": "replayNotification",
-                    "summary": "Send one failed notification back through the pipeline",
-                    "security": _OPERATOR,
-                    "parameters": [_ID],
-                    "responses": {
-                        "202": {
-                            "description": "Queued again",
-                            "content": {"application/json": {"schema": _ref("Queued")}},
-                        },
-                        "404": _error("No such failed notification"),
-                        **_ERRORS,
-                    },
-                }
-            },
-            "/healthz": {
-                "get": {
-                    "operationId": "healthz",
-                    "summary": "The process is up",
-                    "security": [],
-                    "responses": {"200": {"description": "Up"}},
-                }
-            },
-            "/readyz": {
-                "get": {
-                    "operationId": "readyz",
-                    "summary": "Redis answers",
-                    "security": [],
-                    "responses": {
-                        "200": {"description": "Ready"},
-                        "503": _error("Redis does not answer"),
-                    },
-                }
-            },
-            "/metrics": {
-                "get": {
-                    "operationId": "metrics",
-                    "summary": "Operators' counts in the Prometheus text format",
-                    "security": [],
-                    "responses": {
-                        "200": {
-                            "description": "Prometheus text exposition",
-                            "content": {"text/plain": {"schema": {"type": "string"}}},
-                        },
-                        "503": _error("Redis does not answer"),
-                    },
-                }
-            },
-            "/openapi.json": {
-                "get": {
-                    "operationId": "openapi",
-                    "summary": "This document",
-                    "security": [],
-                    "responses": {"200": {"description": "The OpenAPI document"}},
-                }
-            },
-        },
+        "paths": operations,
     }
