@@ -11,9 +11,10 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from importlib.metadata import EntryPoint, entry_points
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -21,6 +22,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker.settings import SettingsError
 from worker.times import iso_utc
+
+if TYPE_CHECKING:
+    from worker.runtime import Runtime
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -76,6 +80,16 @@ class _Commands(click.Group):
         return command
 
 
+@functools.cache
+def _runtime() -> Runtime:
+    """The command's runtime: its Redis gives up after 2 s of outage, since someone waits."""
+    from worker.retries import ANSWERING
+    from worker.runtime import Runtime
+    from worker.settings import get_settings
+
+    return Runtime.from_settings(get_settings(), redis_patience=ANSWERING)
+
+
 def _added_commands() -> dict[str, EntryPoint]:
     return {point.name: point for point in entry_points(group="notify.commands")}
 
@@ -97,7 +111,7 @@ def send(user_id: str, session_id: str, template_id: str, url: str | None) -> No
     from worker.producer import submit
 
     body = request_body(session_id, template_id, url)
-    result = submit(user_id, body)
+    result = submit(user_id, body, runtime=_runtime())
     if result.duplicate:
         click.echo(f"already submitted (state: {result.state}); nothing new queued", err=True)
     click.echo(result.id)
@@ -114,9 +128,8 @@ def _now_ms() -> int:
 def status(message_id: str, as_json: bool) -> None:
     """Show a message's state, attempts, HTTP status, correlation id and next retry."""
     from worker import history, views
-    from worker.runtime import get_runtime
 
-    runtime = get_runtime()
+    runtime = _runtime()
     record = history.message_status(
         runtime.store, history.settings_url(runtime.settings), message_id
     )
@@ -207,9 +220,8 @@ def _filters(function: F) -> F:
 @friendly_errors
 def failed_list(selection: Any, limit: int, cursor: int, as_json: bool) -> None:
     """List dead letters, newest first."""
-    from worker.runtime import get_runtime
 
-    page = get_runtime().deadletters.page(selection, cursor=cursor, limit=limit)
+    page = _runtime().deadletters.page(selection, cursor=cursor, limit=limit)
     if as_json:
         click.echo(
             json.dumps(
@@ -239,9 +251,8 @@ def failed_list(selection: Any, limit: int, cursor: int, as_json: bool) -> None:
 def failed_show(letter_id: str, as_json: bool) -> None:
     """Show one dead letter in full: reason, HTTP status, the API's errors, attempts."""
     from worker import views
-    from worker.runtime import get_runtime
 
-    letter = get_runtime().deadletters.get(letter_id)
+    letter = _runtime().deadletters.get(letter_id)
     if letter is None:
         _fail(f"no failed notification {letter_id!r}", EXIT_NOT_FOUND)
     elif as_json:
@@ -271,6 +282,52 @@ def _ids_or_all(ids: tuple[str, ...], all_: bool, selection: Any) -> list[str] |
     if selection is not None and not all_:
         _fail("filters select with --all only", EXIT_INVALID)
     return list(ids) if ids else None
+
+
+@dataclass(frozen=True)
+class _DeadLetterAction:
+    """What ``failed replay`` and ``failed delete`` do, in their words."""
+
+    verb: str
+    done: str
+    doing: str
+    many: Callable[[list[str], Callable[[int], None]], list[str]]  # selected ids, progress
+    one: Callable[[str], bool]  # False: no such dead letter
+    ask_first: bool = False  # before acting on what --all selects
+
+
+def _act_on_dead_letters(
+    action: _DeadLetterAction,
+    chosen: list[str] | None,
+    selection: Any,
+    *,
+    dry_run: bool,
+    progress: bool | None,
+) -> None:
+    """Act on the ids given, or (``chosen`` None) on every dead letter ``selection`` matches."""
+    from worker import views
+    from worker.deadletters import DeadLetterFilter
+
+    store = _runtime().deadletters
+    if chosen is not None:
+        if dry_run:
+            found = [letter_id for letter_id in chosen if store.get(letter_id) is not None]
+            click.echo(f"would {action.verb} {len(found)}")
+            return
+        missing = [letter_id for letter_id in chosen if not action.one(letter_id)]
+        click.echo(f"{action.done} {len(chosen) - len(missing)}")
+        if missing:
+            _fail(f"no failed notification {', '.join(map(repr, missing))}", EXIT_NOT_FOUND)
+        return
+    selected = store.select(selection or DeadLetterFilter())
+    if dry_run:
+        click.echo(f"would {action.verb} {len(selected)}")
+        return
+    if selected and action.ask_first:
+        click.confirm(f"{action.verb} {len(selected)} dead letters for good?", abort=True)
+    with views.Progress(action.doing, len(selected), progress) as bar:
+        acted = action.many(selected, bar.advance)
+    click.echo(f"{action.done} {len(acted)}")
 
 
 _progress_option = click.option(
@@ -305,29 +362,22 @@ def failed_replay(
     progress: bool | None,
 ) -> None:
     """Send dead letters back through the whole pipeline."""
-    from worker import views
-    from worker.deadletters import DeadLetterFilter
-    from worker.runtime import get_runtime
-
-    store = get_runtime().deadletters
-    chosen = _ids_or_all(ids, all_, selection)
-    if chosen is None:
-        selected = store.select(selection or DeadLetterFilter())
-        if dry_run:
-            click.echo(f"would replay {len(selected)}")
-            return
-        with views.Progress("replaying", len(selected), progress) as bar:
-            replayed = store.replay_ids(selected, rate_per_second=rate, on_progress=bar.advance)
-        click.echo(f"replayed {len(replayed)}")
-        return
-    if dry_run:
-        found = [letter_id for letter_id in chosen if store.get(letter_id) is not None]
-        click.echo(f"would replay {len(found)}")
-        return
-    missing = [letter_id for letter_id in chosen if store.replay(letter_id) is None]
-    click.echo(f"replayed {len(chosen) - len(missing)}")
-    if missing:
-        _fail(f"no failed notification {', '.join(map(repr, missing))}", EXIT_NOT_FOUND)
+    store = _runtime().deadletters
+    _act_on_dead_letters(
+        _DeadLetterAction(
+            "replay",
+            "replayed",
+            "replaying",
+            lambda chosen, advance: store.replay_ids(
+                chosen, rate_per_second=rate, on_progress=advance
+            ),
+            lambda letter_id: store.replay(letter_id) is not None,
+        ),
+        _ids_or_all(ids, all_, selection),
+        selection,
+        dry_run=dry_run,
+        progress=progress,
+    )
 
 
 @failed.command("delete")
@@ -347,31 +397,21 @@ def failed_delete(
     progress: bool | None,
 ) -> None:
     """Delete dead letters (with --all: asks first, unless --yes)."""
-    from worker import views
-    from worker.deadletters import DeadLetterFilter
-    from worker.runtime import get_runtime
-
-    store = get_runtime().deadletters
-    chosen = _ids_or_all(ids, all_, selection)
-    if chosen is None:
-        selected = store.select(selection or DeadLetterFilter())
-        if dry_run:
-            click.echo(f"would delete {len(selected)}")
-            return
-        if selected and not yes:
-            click.confirm(f"delete {len(selected)} dead letters for good?", abort=True)
-        with views.Progress("deleting", len(selected), progress) as bar:
-            deleted = store.delete_ids(selected, on_progress=bar.advance)
-        click.echo(f"deleted {len(deleted)}")
-        return
-    if dry_run:
-        found = [letter_id for letter_id in chosen if store.get(letter_id) is not None]
-        click.echo(f"would delete {len(found)}")
-        return
-    missing = [letter_id for letter_id in chosen if not store.delete(letter_id)]
-    click.echo(f"deleted {len(chosen) - len(missing)}")
-    if missing:
-        _fail(f"no failed notification {', '.join(map(repr, missing))}", EXIT_NOT_FOUND)
+    store = _runtime().deadletters
+    _act_on_dead_letters(
+        _DeadLetterAction(
+            "delete",
+            "deleted",
+            "deleting",
+            lambda chosen, advance: store.delete_ids(chosen, on_progress=advance),
+            store.delete,
+            ask_first=not yes,
+        ),
+        _ids_or_all(ids, all_, selection),
+        selection,
+        dry_run=dry_run,
+        progress=progress,
+    )
 
 
 @main.group()
@@ -423,9 +463,8 @@ def breaker() -> None:
 
 
 def _breaker_line() -> str:
-    from worker.runtime import get_runtime
 
-    breaker = get_runtime().breaker
+    breaker = _runtime().breaker
     status = breaker.status()
     line = f"{status.state}  ({status.failures} of {status.calls} posts failed in the window)"
     if not breaker.policy.enabled:
@@ -442,12 +481,9 @@ def _breaker_line() -> str:
 @friendly_errors
 def breaker_status(as_json: bool) -> None:
     """Show the breaker's state and the failures counted in its window."""
-    from dataclasses import asdict
-
-    from worker.runtime import get_runtime
 
     if as_json:
-        click.echo(json.dumps(asdict(get_runtime().breaker.status()), indent=2))
+        click.echo(json.dumps(asdict(_runtime().breaker.status()), indent=2))
         return
     click.echo(_breaker_line())
 
@@ -456,9 +492,8 @@ def breaker_status(as_json: bool) -> None:
 @friendly_errors
 def breaker_open() -> None:
     """Stop every worker posting until `notify breaker close` (messages keep their attempts)."""
-    from worker.runtime import get_runtime
 
-    get_runtime().breaker.force_open()
+    _runtime().breaker.force_open()
     click.echo(_breaker_line())
 
 
@@ -466,9 +501,8 @@ def breaker_open() -> None:
 @friendly_errors
 def breaker_close() -> None:
     """Let posts through again now, with a fresh failure window."""
-    from worker.runtime import get_runtime
 
-    get_runtime().breaker.close()
+    _runtime().breaker.close()
     click.echo(_breaker_line())
 
 
@@ -479,10 +513,9 @@ def breaker_close() -> None:
 @friendly_errors
 def stats_command(as_json: bool, minutes: int, partner: str | None) -> None:
     """Show queued, in flight, waiting for retry, dead letters by reason, delivered per minute."""
-    from worker.runtime import get_runtime
     from worker.stats import collect
 
-    snapshot = collect(get_runtime(), minutes=minutes, partner=partner)
+    snapshot = collect(_runtime(), minutes=minutes, partner=partner)
     if as_json:
         click.echo(json.dumps(snapshot.to_dict(), indent=2))
         return

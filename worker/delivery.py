@@ -26,14 +26,10 @@ import json
 import logging
 import queue
 import random
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
-
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker import breaker, outcomes, ratelimit
 from worker.concur import Reply
@@ -57,7 +53,6 @@ T = TypeVar("T")
 # A valid request is a few kilobytes at most (ids of 256 characters, a URL of 2048); anything far
 # larger is refused before it is stored anywhere.
 MAX_REQUEST_BYTES = 16 * 1024
-REDIS_PATIENCE_SECONDS = 60.0
 HAND_BACK_FLUSH_SECONDS = 5.0
 PAUSE_JITTER_MS = 1000  # spreads the messages a breaker paused over a second when it lets go
 TOKEN_UNAVAILABLE = "token_unavailable"  # the cause of an attempt deferred for want of a token
@@ -184,7 +179,7 @@ def deliver_task(
     envelopes: list[Envelope] = []
     for item in parse_task(args, kwargs):
         if isinstance(item, Malformed):
-            verdicts.append(_patiently(functools.partial(_dead_malformed, item, runtime, task_id)))
+            verdicts.append(_dead_malformed(item, runtime, task_id))
         else:
             envelopes.append(item)
     if envelopes and stopping():
@@ -202,29 +197,6 @@ def deliver_task(
     for verdict in verdicts:
         counts[verdict] = counts.get(verdict, 0) + 1
     return " ".join(f"{verdict}={count}" for verdict, count in sorted(counts.items()))
-
-
-def _patiently(attempt: Callable[[], T]) -> T:
-    """Run ``attempt``, waiting out a Redis outage of up to ``REDIS_PATIENCE_SECONDS``.
-
-    Without this a task that meets a Redis restart fails, is acknowledged, and its messages wait
-    for the schedule's grace period. Running a claim again is safe: a message it had already
-    claimed is refused as ``busy`` and comes back after its lease.
-    """
-    delay = 0.25
-    waited = 0.0
-    while True:
-        try:
-            return attempt()
-        except (RedisConnectionError, RedisTimeoutError) as error:
-            if waited >= REDIS_PATIENCE_SECONDS:
-                raise
-            log.warning(
-                "Redis unavailable (%s); trying again in %.2fs", type(error).__name__, delay
-            )
-            time.sleep(delay)
-            waited += delay
-            delay = min(delay * 2, 5.0)
 
 
 def _dead_malformed(envelope: Malformed, rt: Runtime, task_id: str) -> str:
@@ -269,13 +241,13 @@ class _Batch:
         verdicts: list[str] = []
         ready: list[_Attempt] = []
         owned = [(envelope, uuid.uuid4().hex) for envelope in envelopes]
-        claims = _patiently(
-            functools.partial(
-                self.rt.store.claim_many, owned, worker=self.rt.worker_name, task_id=self.task_id
-            )
-        )
+        # Redis commands wait out an outage (NOTIFY_REDIS_PATIENCE_SECONDS, worker.redisclient):
+        # without that, a task that met a Redis restart would fail, be acknowledged, and leave
+        # its messages to the schedule's grace period. A claim tried again is safe: a message
+        # it had already claimed is refused as busy and comes back after its lease.
+        claims = self.rt.store.claim_many(owned, worker=self.rt.worker_name, task_id=self.task_id)
         for (envelope, owner), claim in zip(owned, claims, strict=True):
-            taken = _patiently(functools.partial(self._check, envelope, owner, claim))
+            taken = self._check(envelope, owner, claim)
             if isinstance(taken, _Attempt):
                 ready.append(taken)
             else:

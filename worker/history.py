@@ -38,6 +38,7 @@ from redis import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from worker import keys
+from worker.background import Loop
 from worker.models import DEFAULT_PARTNER, partner_of
 from worker.records import MessageStore, attempt_entry, request_fields
 
@@ -349,7 +350,7 @@ def _usual(request: dict[str, Any]) -> bool:
 # -- the writer ----------------------------------------------------------------------------------
 
 
-class HistoryWriter:
+class HistoryWriter(Loop):
     """Drains the outbox into PostgreSQL, a batch at a time, on a thread of its own."""
 
     def __init__(
@@ -374,8 +375,8 @@ class HistoryWriter:
         self._conn: psycopg.Connection[Any] | None = None
         self._days: set[date] = set()
         self._pruned = 0.0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._pause = 0.5
+        super().__init__("notify-history")
         self._warned = 0.0
         self._grouped = False
         self._recovered = 0.0
@@ -484,28 +485,24 @@ class HistoryWriter:
 
     # the thread
 
-    def _loop(self) -> None:
-        pause = 0.5
-        while not self._stop.is_set():
-            try:
-                taken = self.step()
-                pause = 0.5
-                if 0 < taken < self.batch_size:
-                    self._stop.wait(LINGER_SECONDS)
-            except (psycopg.Error, RedisError, OSError) as error:
-                self._close()
-                self._grouped = False  # the stream may be gone with a Redis that restarted
-                self._recovered = 0.0
-                if time.monotonic() - self._warned > 60:
-                    self._warned = time.monotonic()
-                    log.warning("history: cannot write (%s); the outbox keeps the entries", error)
-                self._stop.wait(pause)
-                pause = min(pause * 2, 30.0)
-            except Exception:
-                self._close()
-                log.exception("history writer step failed")
-                self._stop.wait(pause)
-                pause = min(pause * 2, 30.0)
+    def _step(self) -> float:
+        try:
+            taken = self.step()
+            self._pause = 0.5
+            # A part batch: linger for a fuller one (fewer, larger inserts), or go on at once.
+            return LINGER_SECONDS if 0 < taken < self.batch_size else 0.0
+        except (psycopg.Error, RedisError, OSError) as error:
+            self._close()
+            self._grouped = False  # the stream may be gone with a Redis that restarted
+            self._recovered = 0.0
+            if time.monotonic() - self._warned > 60:
+                self._warned = time.monotonic()
+                log.warning("history: cannot write (%s); the outbox keeps the entries", error)
+        except Exception:
+            self._close()
+            log.exception("history writer step failed")
+        pause, self._pause = self._pause, min(self._pause * 2, 30.0)
+        return pause
 
     def _close(self) -> None:
         if self._conn is not None:
@@ -513,16 +510,9 @@ class HistoryWriter:
                 self._conn.close()
             self._conn = None
 
-    def start(self) -> None:
-        """Run on a daemon thread until ``stop``."""
-        self._thread = threading.Thread(target=self._loop, name="notify-history", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self, timeout_seconds: float = 5.0) -> None:
         """Finish the batch in hand and stop."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        super().stop(timeout_seconds)
         self._close()
 
 

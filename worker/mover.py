@@ -31,7 +31,6 @@ Each worker process also runs a ``Liveness`` thread, which keeps three promises:
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Iterable
 
@@ -41,6 +40,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker import keys
+from worker.background import Loop
 from worker.publisher import Publisher
 from worker.records import MessageStore, now_ms
 
@@ -113,15 +113,15 @@ return rescued
 """
 
 
-class Mover:
+class Mover(Loop):
     """Moves due messages from the schedule to the queue, every ``interval_seconds``."""
 
     def __init__(self, store: MessageStore, publisher: Publisher, interval_seconds: float) -> None:
         self.store = store
         self.publisher = publisher
         self.interval_seconds = interval_seconds
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._pause = interval_seconds
+        super().__init__("notify-mover")
 
     def run_once(self) -> int:
         """Publish every message due now; returns how many were published.
@@ -141,40 +141,25 @@ class Mover:
             if len(batch) < BATCH:
                 return moved
 
-    def _loop(self) -> None:
-        pause = self.interval_seconds
-        while not self._stop.is_set():
-            try:
-                moved = self.run_once()
-                if moved:
-                    log.info("mover published %d due messages", moved)
-                pause = self.interval_seconds
-            except (RedisConnectionError, RedisTimeoutError) as error:
-                # An outage is expected to pass: one short line per try, trying less often.
-                log.warning("mover: Redis unavailable (%s); next try in %.1fs", error, pause)
-                pause = min(pause * 2, MAX_PAUSE_SECONDS)
-            except BrokerAway as error:
-                log.warning("mover: %s; next try in %.1fs", error, pause)
-                pause = min(pause * 2, MAX_PAUSE_SECONDS)
-            except Exception:  # a bug: the thread goes on
-                log.exception("mover tick failed")
-            self._stop.wait(pause)
-
-    def start(self) -> None:
-        """Run in a daemon thread until ``stop``."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="notify-mover", daemon=True)
-            self._thread.start()
-
-    def stop(self) -> None:
-        """Stop the thread and wait for it."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
+    def _step(self) -> float:
+        try:
+            moved = self.run_once()
+            if moved:
+                log.info("mover published %d due messages", moved)
+            self._pause = self.interval_seconds
+        except (RedisConnectionError, RedisTimeoutError) as error:
+            # An outage is expected to pass: one short line per try, trying less often.
+            log.warning("mover: Redis unavailable (%s); next try in %.1fs", error, self._pause)
+            self._pause = min(self._pause * 2, MAX_PAUSE_SECONDS)
+        except BrokerAway as error:
+            log.warning("mover: %s; next try in %.1fs", error, self._pause)
+            self._pause = min(self._pause * 2, MAX_PAUSE_SECONDS)
+        except Exception:  # a bug: the thread goes on
+            log.exception("mover tick failed")
+        return self._pause
 
 
-class Liveness:
+class Liveness(Loop):
     """One worker's heartbeat and held messages, and the taking over of dead workers' messages."""
 
     def __init__(
@@ -194,8 +179,7 @@ class Liveness:
         self._reap = redis.register_script(_REAP)
         self._rescue = redis.register_script(_RESCUE)
         self._healthy_since: float | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        super().__init__("notify-liveness")
         self._warned = 0.0
 
     # -- the held messages (called from Celery's signals) --
@@ -280,30 +264,20 @@ class Liveness:
         name = f"notify:{worker}"
         return any(client.get("name") == name for client in self.redis.client_list())
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.tick()
-            except RedisError as error:
-                self._healthy_since = None
-                log.warning("liveness: Redis unavailable (%s)", error)
-            except Exception:
-                self._healthy_since = None
-                log.exception("liveness tick failed")
-            self._stop.wait(self.heartbeat_seconds)
+    def _step(self) -> float:
+        try:
+            self.tick()
+        except RedisError as error:
+            self._healthy_since = None
+            log.warning("liveness: Redis unavailable (%s)", error)
+        except Exception:
+            self._healthy_since = None
+            log.exception("liveness tick failed")
+        return self.heartbeat_seconds
 
-    def start(self) -> None:
-        """Run in a daemon thread until ``stop``."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="notify-liveness", daemon=True)
-            self._thread.start()
-
-    def stop(self) -> None:
+    def stop(self, timeout_seconds: float = 10.0) -> None:
         """Stop the thread; a clean exit leaves nothing held (the broker hands tasks back)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
+        super().stop(timeout_seconds)
         try:
             pipe = self.redis.pipeline(transaction=False)
             pipe.zrem(keys.WORKERS, self.worker)

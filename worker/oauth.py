@@ -208,6 +208,16 @@ def _listed(host: str, port: int, scheme: str, entries: tuple[str, ...]) -> bool
     return False
 
 
+def _grant_form(config: OAuthConfig, grant_type: str, **fields: str) -> dict[str, str]:
+    """A token request's form: the grant, the client's credentials, and the grant's own fields."""
+    return {
+        "grant_type": grant_type,
+        "client_id": config.client_id,
+        "client_secret": config.client_secret,
+        **fields,
+    }
+
+
 def trusted_geolocation(geolocation: str, config: OAuthConfig) -> bool:
     """Whether a geolocation Concur named may be followed (see the module docstring).
 
@@ -678,16 +688,8 @@ class OAuthTokens:
         answered = url
         if refresh_token and not expired:
             try:
-                grant, answered = self.endpoint.request(
-                    url,
-                    {
-                        "grant_type": "refresh_token",
-                        "client_id": config.client_id,
-                        "client_secret": config.client_secret,
-                        "refresh_token": refresh_token,
-                    },
-                    deadline,
-                )
+                form = _grant_form(config, "refresh_token", refresh_token=refresh_token)
+                grant, answered = self.endpoint.request(url, form, deadline)
             except TokenEndpointError as error:
                 if error.code != CODE_BAD_REFRESH_TOKEN:
                     raise TokenUnavailable(f"refresh grant refused: {error}") from None
@@ -702,18 +704,14 @@ class OAuthTokens:
                 )
             refresh_token = None
             try:
-                grant, answered = self.endpoint.request(
-                    url,
-                    {
-                        "grant_type": "password",
-                        "client_id": config.client_id,
-                        "client_secret": config.client_secret,
-                        "username": config.company_id or "",
-                        "password": config.company_auth_token or "",
-                        "credtype": "authtoken",
-                    },
-                    deadline,
+                form = _grant_form(
+                    config,
+                    "password",
+                    username=config.company_id or "",
+                    password=config.company_auth_token or "",
+                    credtype="authtoken",
                 )
+                grant, answered = self.endpoint.request(url, form, deadline)
             except TokenEndpointError as error:
                 raise TokenUnavailable(f"password grant refused: {error}") from None
         # An answer naming a geolocation that may not be followed keeps the one that answered.

@@ -41,8 +41,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker import keys
 from worker.models import DEFAULT_PARTNER, is_partner_name, partner_of
@@ -456,6 +454,28 @@ class Failure:
     worker: str = ""
 
 
+def _back_on_schedule_keys(message_id: str) -> list[str]:
+    # KEYS of the two scripts that put a claimed message back on the schedule (_RETRY, _DEFER).
+    return [keys.message(message_id), keys.SCHEDULE, keys.STATS, keys.LIVE, keys.HISTORY_OUTBOX]
+
+
+def _dead_letter_keys(message_id: str) -> list[str]:
+    # The KEYS a dead letter's scripts share (_DEAD, which adds the history outbox; _REPLAY).
+    return [
+        keys.message(message_id),
+        keys.SCHEDULE,
+        keys.dead_letter(message_id),
+        keys.DEAD_INDEX,
+        keys.STATS,
+        keys.LIVE,
+    ]
+
+
+def _back_on_schedule_args(message_id: str, owner: str, due_ms: int) -> list[Any]:
+    # The first ARGV of both: whose claim it must be, now, and when it is due again.
+    return [message_id, owner, now_ms(), due_ms]
+
+
 class MessageStore:
     """The status records and the schedule; every change is one atomic script."""
 
@@ -491,31 +511,16 @@ class MessageStore:
         self._forget = redis.register_script(_GAUGES + _FORGET)
         self._local = threading.local()
 
-    def _persist(self, script: Any, *, keys: list[str], args: list[Any]) -> Any:
-        """Run an outcome script, waiting out a short Redis outage (a restart) to do so.
-
-        An outcome not written leaves the message in flight until its lease ends, and then it is
-        attempted again: after a 2xx, that would post it twice. So a connection error is retried
-        for up to half the lease. The scripts are safe to repeat: each checks the state (and the
-        owner) first, so a write that landed but whose reply was lost changes nothing again.
-        """
-        deadline = time.monotonic() + self.lease_ms / 2000
-        pause = 0.1
-        while True:
-            try:
-                return self._run(script, keys=keys, args=args)
-            except (RedisConnectionError, RedisTimeoutError):
-                if time.monotonic() + pause > deadline:
-                    raise
-                time.sleep(pause)
-                pause = min(pause * 2, 1.0)
-
     def _run(self, script: Any, *, keys: list[str], args: list[Any]) -> Any:
         """Run ``script`` (a redis-py ``Script``) on this thread's Redis client.
 
         redis-py does the rest: a script Redis forgot (a restart, SCRIPT FLUSH, a failover) is
         loaded again and run once more, and a connection Redis dropped is replaced and the call
-        made once more on the new one. Every script is safe to repeat (see ``_persist``).
+        made again on a new one, for as long as the client's patience lasts (worker.redisclient).
+        That matters most for outcomes: one not written leaves its message in flight until its
+        lease ends, and then it is attempted again (after a 2xx, a second post). Every script is
+        safe to repeat: each checks the state (and the owner) first, so a write that landed but
+        whose reply was lost changes nothing again.
         """
         return script(keys=keys, args=args, client=self._conn())
 
@@ -646,7 +651,7 @@ class MessageStore:
         """Record a 2xx; False when the message had already finished."""
         minute = attempt.at_ms // 60000
         return bool(
-            self._persist(
+            self._run(
                 self._delivered,
                 keys=[
                     keys.message(message_id),
@@ -672,20 +677,11 @@ class MessageStore:
     def retry(self, message_id: str, owner: str, due_ms: int, attempt: AttemptRecord) -> bool:
         """Schedule the next attempt at ``due_ms``; False when this worker no longer holds it."""
         return bool(
-            self._persist(
+            self._run(
                 self._retry,
-                keys=[
-                    keys.message(message_id),
-                    keys.SCHEDULE,
-                    keys.STATS,
-                    keys.LIVE,
-                    keys.HISTORY_OUTBOX,
-                ],
+                keys=_back_on_schedule_keys(message_id),
                 args=[
-                    message_id,
-                    owner,
-                    now_ms(),
-                    due_ms,
+                    *_back_on_schedule_args(message_id, owner, due_ms),
                     attempt.at_ms,
                     attempt.compact(),
                     attempt.status or "",
@@ -710,17 +706,9 @@ class MessageStore:
         """
         stored_request = request if isinstance(request, str) else _dumps(request or {})
         return bool(
-            self._persist(
+            self._run(
                 self._dead,
-                keys=[
-                    keys.message(message_id),
-                    keys.SCHEDULE,
-                    keys.dead_letter(message_id),
-                    keys.DEAD_INDEX,
-                    keys.STATS,
-                    keys.LIVE,
-                    keys.HISTORY_OUTBOX,
-                ],
+                keys=[*_dead_letter_keys(message_id), keys.HISTORY_OUTBOX],
                 args=[
                     message_id,
                     owner,
@@ -744,14 +732,7 @@ class MessageStore:
     def replay(self, message_id: str) -> Envelope | None:
         """Move a dead letter back to queued (new generation); None if there is no such letter."""
         reply = self._replay(
-            keys=[
-                keys.message(message_id),
-                keys.SCHEDULE,
-                keys.dead_letter(message_id),
-                keys.DEAD_INDEX,
-                keys.STATS,
-                keys.LIVE,
-            ],
+            keys=_dead_letter_keys(message_id),
             args=[message_id, now_ms(), self.publish_grace_ms],
         )
         if not reply:
@@ -768,20 +749,11 @@ class MessageStore:
         worker no longer holds it.
         """
         return bool(
-            self._persist(
+            self._run(
                 self._defer,
-                keys=[
-                    keys.message(message_id),
-                    keys.SCHEDULE,
-                    keys.STATS,
-                    keys.LIVE,
-                    keys.HISTORY_OUTBOX,
-                ],
+                keys=_back_on_schedule_keys(message_id),
                 args=[
-                    message_id,
-                    owner,
-                    now_ms(),
-                    due_ms,
+                    *_back_on_schedule_args(message_id, owner, due_ms),
                     attempt.at_ms if attempt else "",
                     attempt.compact() if attempt else "",
                     self._history_flag,

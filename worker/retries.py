@@ -1,7 +1,11 @@
-"""The retry policy as data: exponential backoff with jitter, a cap, and a number of attempts.
+"""Retry policies as data: a message's attempts at the API, and commands to Redis.
 
-Defaults follow Concur's advice (wait about five minutes after a 503): a 60 s base doubling to a
-300 s cap spreads eight attempts over roughly half an hour.
+``RetryPolicy`` is exponential backoff with jitter, a cap, and a number of attempts. Defaults
+follow Concur's advice (wait about five minutes after a 503): a 60 s base doubling to a 300 s cap
+spreads eight attempts over roughly half an hour.
+
+``RedisPatience`` is how long a Redis outage is waited out, the one rule for every Redis command
+(``worker.redisclient`` hands it to redis-py as the clients' retry).
 """
 
 from __future__ import annotations
@@ -56,3 +60,37 @@ class RetryPolicy:
         if retry_after_seconds is not None:
             delay = max(delay, min(retry_after_seconds, self.retry_after_max_seconds))
         return delay
+
+
+@dataclass(frozen=True, slots=True)
+class RedisPatience:
+    """How long a command waits out a Redis outage, and the pauses between its tries.
+
+    Workers and producers wait ``NOTIFY_REDIS_PATIENCE_SECONDS``: an outcome that cannot be
+    written leaves its message in flight until its lease ends, when it is attempted again (a
+    second post after a 2xx), and a claim that fails leaves a task's messages to the publish
+    grace period; a Redis restart or a Sentinel failover takes seconds. Where someone waits for
+    the answer (the HTTP service, the CLI), ``ANSWERING`` gives up soon, with a clear error.
+    """
+
+    seconds: float
+    first_pause_seconds: float = 0.05
+    max_pause_seconds: float = 1.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RedisPatience:
+        """The workers' and producers' patience (``NOTIFY_REDIS_PATIENCE_SECONDS``)."""
+        return cls(seconds=settings.redis_patience_seconds)
+
+    def pause_seconds(self, failures: int) -> float:
+        """The pause after the ``failures``-th failed try: doubling from the first, capped."""
+        exponent = min(max(failures - 1, 0), 62)
+        return min(self.max_pause_seconds, self.first_pause_seconds * (2.0**exponent))
+
+    def may_try_again(self, waited_seconds: float, failures: int) -> bool:
+        """Whether another try fits in the patience after ``waited_seconds`` of failures."""
+        return waited_seconds + self.pause_seconds(failures) <= self.seconds
+
+
+# The HTTP service and the CLI: a partner or an operator waits for the answer.
+ANSWERING = RedisPatience(seconds=2.0)

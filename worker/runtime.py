@@ -12,7 +12,6 @@ import socket
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from celery import Celery
 from redis import Redis
@@ -25,7 +24,8 @@ from worker.deadletters import DeadLetterStore
 from worker.publisher import Publisher
 from worker.ratelimit import RateLimiter, RateLimitPolicy
 from worker.records import Envelope, MessageStore
-from worker.retries import RetryPolicy
+from worker.redisclient import make_redis
+from worker.retries import RedisPatience, RetryPolicy
 from worker.settings import Settings, SettingsError, get_settings
 from worker.tokens import StaticToken, TokenProvider
 from worker.transport import CurlTransport
@@ -34,94 +34,6 @@ from worker.transport import CurlTransport
 def default_worker_name() -> str:
     """This process's name in records and liveness keys: ``host:pid``."""
     return f"{socket.gethostname()}:{os.getpid()}"
-
-
-class _FollowMaster:
-    """Reconnects to wherever the sentinels say the master is now, whichever path reconnects.
-
-    redis-py (8.1) resolves the master in ``SentinelManagedConnection.connect``, but a command
-    sent on a dropped connection reconnects through ``connect_check_health`` with the address
-    it had: a pooled connection is connected again by the pool first, but the per-thread
-    single-connection clients of ``MessageStore`` kept dialling the dead master after a
-    failover (measured: ``Connection refused`` for as long as we watched, while the pool had
-    moved on). Here that path asks the sentinels too.
-    """
-
-    _sock: Any
-
-    def connect_check_health(
-        self, check_health: bool = True, retry_socket_connect: bool = True
-    ) -> None:
-        if self._sock is None and retry_socket_connect:
-            # ``connect`` resolves the master, then calls back here with retry off.
-            self.connect()  # type: ignore[attr-defined]
-            return
-        super().connect_check_health(  # type: ignore[misc]
-            check_health=check_health, retry_socket_connect=retry_socket_connect
-        )
-
-
-def make_redis(settings: Settings | str, *, client_name: str | None = None) -> Redis:
-    """A Redis client (a connection pool) with text replies and bounded waits.
-
-    Given settings that name sentinels (``NOTIFY_REDIS_SENTINELS``), the client is redis-py's
-    ``Sentinel.master_for``: each new connection asks the sentinels where the master is, and a
-    connection that meets a demoted master (``READONLY``) or a dead one is dropped, so the next
-    command (redis-py retries it) reaches the new master. ``NOTIFY_REDIS_URL`` then gives only the
-    database number and the password. ``client_name`` names every connection (``CLIENT LIST``
-    shows whose they are; the mover's liveness check reads it).
-    """
-    options: dict[str, Any] = {
-        "decode_responses": True,
-        "socket_connect_timeout": 5,
-        "socket_timeout": 30,
-        "health_check_interval": 30,
-        "retry_on_timeout": True,
-    }
-    if client_name:
-        options["client_name"] = client_name
-    if isinstance(settings, str):
-        return Redis.from_url(settings, **options)
-    if not settings.uses_sentinel:
-        return Redis.from_url(settings.redis_url, **options)
-    from urllib.parse import urlsplit
-
-    from redis.sentinel import (
-        Sentinel,
-        SentinelManagedConnection,
-        SentinelManagedSSLConnection,
-    )
-
-    class FollowingConnection(_FollowMaster, SentinelManagedConnection):
-        pass
-
-    class FollowingSSLConnection(_FollowMaster, SentinelManagedSSLConnection):
-        pass
-
-    parts = urlsplit(settings.redis_url)
-    secret = settings.redis_sentinel_password
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
-        settings.sentinel_addresses,
-        sentinel_kwargs={
-            "password": secret.get_secret_value() if secret else None,
-            "socket_connect_timeout": 2,
-            "socket_timeout": 2,
-        },
-    )
-    assert settings.redis_sentinel_master is not None  # checked with the settings
-    client: Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
-        settings.redis_sentinel_master,
-        redis_class=Redis,
-        db=int(parts.path.lstrip("/") or 0),
-        username=parts.username,
-        password=parts.password,
-        ssl=parts.scheme == "rediss",
-        connection_class=FollowingSSLConnection
-        if parts.scheme == "rediss"
-        else FollowingConnection,
-        **options,
-    )
-    return client
 
 
 def make_allowlist(settings: Settings) -> AllowList:
@@ -149,11 +61,24 @@ class Runtime:
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, *, transport: CurlTransport | None = None
+        cls,
+        settings: Settings,
+        *,
+        transport: CurlTransport | None = None,
+        redis_patience: RedisPatience | None = None,
     ) -> Runtime:
-        """Build every part from ``settings``."""
+        """Build every part from ``settings``.
+
+        ``redis_patience``: how long Redis commands wait out an outage; by default the workers'
+        and producers' (``NOTIFY_REDIS_PATIENCE_SECONDS``), ``retries.ANSWERING`` where someone
+        waits for the answer.
+        """
         worker_name = default_worker_name()
-        redis = make_redis(settings, client_name=f"notify:{worker_name}")
+        redis = make_redis(
+            settings,
+            patience=redis_patience or RedisPatience.from_settings(settings),
+            client_name=f"notify:{worker_name}",
+        )
         store = MessageStore(
             redis,
             # A queued message not taken within this time is published again (the copy that

@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     # Replicas that must hold a new message's record before it counts as accepted (Redis WAIT);
     # unset: 1 with Sentinel, 0 without.
     redis_wait_replicas: int | None = Field(None, ge=0, le=10)
+    # How long a worker or producer waits out a Redis outage (a restart, a failover), command by
+    # command, before the command fails (worker.retries.RedisPatience).
+    redis_patience_seconds: float = Field(30.0, ge=1, le=600)
     # The Celery broker; unset: the Redis above. amqp:// is RabbitMQ (quorum queues).
     broker_url: str | None = None
     queue_name: str = Field("notifications", min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
