@@ -830,7 +830,7 @@ def test_metrics_serve_the_operators_counts_in_prometheus_format(http):
 
 def test_redis_down_gives_503_with_the_error_schema_and_not_ready():
     dead = _settings(redis_url=f"redis://127.0.0.1:{free_port()}/0")
-    app = create_app(dead, Runtime.from_settings(dead))
+    app = create_app(dead)  # its own runtime, whose Redis gives up after 2 s
     with ServerThread(app) as down, httpx.Client(base_url=down.url, timeout=60) as client:
         assert client.get("/healthz").status_code == 200
         ready = client.get("/readyz")

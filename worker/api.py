@@ -67,7 +67,8 @@ from worker.models import ErrorItem, ErrorMessage, is_message_id, is_partner_nam
 from worker.monitoring import init_sentry
 from worker.openapi import openapi_document
 from worker.producer import record
-from worker.runtime import Runtime, get_runtime
+from worker.retries import ANSWERING
+from worker.runtime import Runtime
 from worker.settings import Settings, get_settings
 from worker.stats import PROMETHEUS_CONTENT_TYPE, collect, render_prometheus
 from worker.times import int_or_none, iso_utc
@@ -723,7 +724,9 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         configure_from_settings(settings)
         init_sentry(settings)
     if runtime is None:
-        runtime = get_runtime() if settings is get_settings() else Runtime.from_settings(settings)
+        # A partner or an operator waits for each answer: while Redis is away, a 503 after 2 s
+        # (they may send again: submissions are idempotent), not a request held for 30.
+        runtime = Runtime.from_settings(settings, redis_patience=ANSWERING)
     service = Service(ServicePolicy.from_settings(settings), runtime)
     routes = [
         Route("/messages/{userId}/session", _handle(service.submit), methods=["POST"]),
