@@ -25,7 +25,6 @@ from typing import Any
 
 import httpx
 import pytest
-from redis import Redis
 
 from sandbox.concur import Sandbox
 from sandbox.processes import stop_processes
@@ -648,12 +647,3 @@ def test_no_secret_reaches_any_worker_or_service_log(
         text = path.read_text(errors="replace")
         for secret in (TEST_TOKEN, GATEWAY_KEY, OPERATOR_KEY):
             assert secret not in text, f"a secret in {path.name}"
-
-
-def test_private_redis_restart_keeps_data_on_the_same_port(private_redis: EmbeddedRedis):
-    client = Redis.from_url(private_redis.url)
-    client.set("kept", "yes")
-    port = private_redis.port
-    private_redis.restart()
-    assert private_redis.port == port
-    assert Redis.from_url(private_redis.url).get("kept") == b"yes"
