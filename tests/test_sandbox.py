@@ -335,7 +335,19 @@ def test_drop_closes_the_connection_without_an_answer(sandbox: Sandbox) -> None:
     assert (stats["dropped"], stats["hung"], stats["byStatus"]) == (1, 0, {"200": 1})
 
 
-def test_stop_releases_hung_and_delayed_requests() -> None:
+def test_garbled_answers_bytes_that_are_not_http(sandbox: Sandbox) -> None:
+    sandbox.script([{"status": 200, "garbled": True}])
+    with httpx.Client(base_url=sandbox.url, headers=AUTH) as c:
+        with pytest.raises(httpx.RemoteProtocolError):
+            send(c)
+        assert send(c).status_code == 200
+    first, second = sandbox.requests()
+    assert (first["status"], second["status"]) == (None, 200)
+    stats = sandbox.stats()
+    assert (stats["garbled"], stats["dropped"], stats["byStatus"]) == (1, 0, {"200": 1})
+
+
+def test_stop_releases_hung_and_delayed_requests(caplog: pytest.LogCaptureFixture) -> None:
     sb = Sandbox()
     url = sb.start()
     sb.script([{"status": 200, "hang": True}, {"status": 200, "delayMs": 60_000}])
@@ -352,6 +364,8 @@ def test_stop_releases_hung_and_delayed_requests() -> None:
     for c in clients:
         c.close()
     sb.stop()  # idempotent
+    # Requests cut short by stop() are not application errors.
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
 
 
 def sandbox_total(sb: Sandbox) -> int:
@@ -399,6 +413,43 @@ def test_raw_http10_and_pipelining(sandbox: Sandbox) -> None:
             data += chunk
     assert data.count(b"HTTP/1.1 200 OK") == 3
     assert b'"delivered": 2' in data
+
+
+def raw_exchange(sandbox: Sandbox, data: bytes) -> bytes:
+    """Send bytes on a fresh connection and read until the sandbox closes it."""
+    with socket.create_connection(("127.0.0.1", int(sandbox.root_url.rsplit(":", 1)[1]))) as s:
+        s.sendall(data)
+        s.settimeout(5)
+        received = b""
+        while chunk := s.recv(65536):
+            received += chunk
+    return received
+
+
+def test_unparseable_request_is_a_json_400_and_a_close(sandbox: Sandbox) -> None:
+    answer = raw_exchange(sandbox, b"NOT AN HTTP REQUEST\r\n\r\n")
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ")
+    assert b"concur-correlationid: " in head and b"connection: close" in head
+    [error] = httpx.Response(400, content=payload).json()["errors"]
+    assert error["errorCode"] == "INVALID_BODY"
+
+
+def test_expect_100_continue_is_answered_before_the_body(sandbox: Sandbox) -> None:
+    payload = b'{"sessionId":"s","templateId":"t","context":{}}'
+    head = (
+        b"POST /notifications/v4/messages/u1/session HTTP/1.1\r\nHost: x\r\n"
+        b"Authorization: Bearer sandbox-token\r\nContent-Type: application/json\r\n"
+        b"Expect: 100-continue\r\nConnection: close\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(payload)
+    )
+    with socket.create_connection(("127.0.0.1", int(sandbox.root_url.rsplit(":", 1)[1]))) as s:
+        s.settimeout(5)
+        s.sendall(head)
+        assert s.recv(65536).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        s.sendall(payload)
+        assert s.recv(65536).startswith(b"HTTP/1.1 200 OK\r\n")
+    assert sandbox.stats()["delivered"] == 1
 
 
 # -- control plane ------------------------------------------------------------------------------
@@ -473,8 +524,11 @@ def test_control_endpoints_match_the_in_process_api(sandbox: Sandbox, client: ht
     assert control.post("/config", json={"latencyMs": -1}).status_code == 400
     assert control.get("/config").json() == config.json()
 
-    assert control.get("/scripts").status_code == 405
+    not_allowed = control.get("/scripts")
+    assert_error_message(not_allowed, 405)
+    assert set(not_allowed.headers["allow"].split(", ")) == {"POST", "DELETE"}
     assert_error_message(control.get("/nope"), 404)
+    assert control.get("/stats/").json() == sandbox.stats()  # a trailing slash is the same path
     control.close()
 
 
