@@ -611,7 +611,7 @@ def backlog_scenario(runtime: Any, command: list[str], env: dict[str, str], coun
     run = uuid.uuid4().hex[:6]
     from concurrent.futures import ThreadPoolExecutor
 
-    from worker.records import Envelope
+    from worker.envelopes import Envelope
 
     def wait_for_retry(message_id: str, request: dict[str, Any]) -> None:
         # What a worker does when the API answers 503: claim, then schedule the retry.
@@ -659,8 +659,9 @@ def _delivered_many(store: Any, count: int, tag: str) -> None:
     """Record ``count`` deliveries through the workers' own scripts (create, claim, 2xx)."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from worker.envelopes import Envelope
     from worker.models import Message
-    from worker.records import AttemptRecord, Envelope, now_ms
+    from worker.records import AttemptRecord, now_ms
 
     def deliver(message: Message) -> None:
         claim = store.claim(

@@ -8,7 +8,7 @@ import pytest
 
 from worker import outcomes
 from worker.concur import parse_errors, parse_retry_after
-from worker.delivery import Malformed, parse_task
+from worker.envelopes import Envelope, Malformed, parse_task
 from worker.models import Message, message_id
 from worker.outcomes import (
     ApiResponse,
@@ -19,7 +19,6 @@ from worker.outcomes import (
     TransportFailure,
     classify,
 )
-from worker.records import Envelope
 from worker.retries import RetryPolicy
 
 POLICY = RetryPolicy(

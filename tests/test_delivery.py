@@ -12,8 +12,8 @@ import pytest
 from tests.isolated import Isolated, isolated
 from worker import keys
 from worker.delivery import deliver_task
+from worker.envelopes import Envelope
 from worker.models import Message
-from worker.records import Envelope
 
 __all__ = ["isolated"]  # the fixture
 

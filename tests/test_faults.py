@@ -595,7 +595,7 @@ def test_poison_messages_on_the_queue_are_dead_lettered_and_the_worker_keeps_goi
     settle(isolated.runtime, ids, timeout=90)
     assert_all_accounted(reconcile(isolated.runtime, api, first + then))
     expected = {
-        # Refused by size before it is stored anywhere (delivery.MAX_REQUEST_BYTES).
+        # Refused by size before it is stored anywhere (envelopes.MAX_REQUEST_BYTES).
         "huge_fields": "malformed_message",
     }
     for name, marker in markers.items():

@@ -26,9 +26,10 @@ from starlette.testclient import TestClient
 from tests import conftest
 from worker import history, keys
 from worker.api import create_app
+from worker.envelopes import Envelope
 from worker.history import HistoryWriter
 from worker.models import Message
-from worker.records import AttemptRecord, Envelope, Failure, MessageStore, now_ms
+from worker.records import AttemptRecord, Failure, MessageStore, now_ms
 from worker.runtime import Runtime
 from worker.settings import load_settings
 

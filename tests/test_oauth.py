@@ -26,8 +26,8 @@ from sandbox.concur import Sandbox
 from sandbox.devstack import TOKEN_KEY, ensure_token_key
 from tests.conftest import LOCAL_REDIS, WorkerProcess, _claim_database, _release_database, wait_for
 from worker import keys
+from worker.envelopes import Envelope
 from worker.oauth import Cipher, OAuthConfig, OAuthTokens, fingerprint, trusted_geolocation
-from worker.records import Envelope
 from worker.runtime import Runtime
 from worker.settings import GEOLOCATIONS, Settings, SettingsError, load_settings
 from worker.stats import collect, render_prometheus

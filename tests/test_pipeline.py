@@ -12,7 +12,7 @@ import pytest
 import tasks
 from tests.conftest import TEST_TOKEN, wait_for
 from worker import keys
-from worker.records import Envelope
+from worker.envelopes import Envelope
 from worker.validation import InvalidRequest
 
 pytestmark = pytest.mark.usefixtures("celery_worker_process")

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
+from worker.envelopes import Envelope
 from worker.publisher import LINGER_SECONDS, Publisher
 from worker.publisher import log as publisher_log
-from worker.records import Envelope
 
 
 def _envelope(number: int) -> Envelope:

@@ -16,13 +16,13 @@ from redis import Redis
 import tasks
 from tests.conftest import WorkerProcess, free_port, wait_for
 from worker import keys, outcomes
+from worker.outcomes import slows_down
 from worker.ratelimit import (
     POLL_CAP_SECONDS,
     RateLimiter,
     RateLimitPolicy,
     Reservation,
     next_step,
-    slows_down,
 )
 from worker.runtime import Runtime
 from worker.settings import load_settings

@@ -13,8 +13,9 @@ from typing import Any
 
 from tests.isolated import Isolated, isolated
 from worker import keys
+from worker.envelopes import Envelope
 from worker.models import Message
-from worker.records import AttemptRecord, Envelope, Failure, MessageStore, now_ms
+from worker.records import AttemptRecord, Failure, MessageStore, now_ms
 from worker.settings import Settings
 
 BUDGET_BYTES = 400

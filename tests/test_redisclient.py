@@ -10,7 +10,8 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from sandbox.redisserver import EmbeddedRedis, free_port
-from worker.records import AttemptRecord, Envelope, MessageStore
+from worker.envelopes import Envelope
+from worker.records import AttemptRecord, MessageStore
 from worker.redisclient import make_redis
 from worker.retries import ANSWERING, RedisPatience
 

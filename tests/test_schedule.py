@@ -13,7 +13,7 @@ import tasks
 from tests.conftest import wait_for
 from tests.isolated import Isolated, isolated
 from worker import keys
-from worker.records import Envelope
+from worker.envelopes import Envelope
 
 __all__ = ["isolated"]  # the fixture
 

@@ -17,8 +17,9 @@ from typing import Any, cast
 from redis import Redis
 
 from worker import keys
+from worker.envelopes import Envelope
 from worker.models import DEFAULT_PARTNER, partner_of
-from worker.records import Envelope, MessageStore
+from worker.records import MessageStore
 from worker.times import int_or_none
 
 SCAN_CHUNK = 500

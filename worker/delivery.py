@@ -33,16 +33,13 @@ from typing import Any, TypeVar
 
 from worker import breaker, outcomes, ratelimit
 from worker.concur import Reply
+from worker.envelopes import Envelope, Malformed, parse_task
 from worker.models import (
-    MAX_RAW_EXCERPT,
     Message,
-    is_message_id,
-    malformed_id,
-    message_id,
     partner_of,
 )
 from worker.outcomes import ApiResponse, TransportFailure
-from worker.records import AttemptRecord, Claim, Envelope, Failure, now_ms
+from worker.records import AttemptRecord, Claim, Failure, now_ms
 from worker.runtime import Runtime
 from worker.tokens import TokenUnavailable
 from worker.validation import InvalidRequest, validate_wire
@@ -50,65 +47,9 @@ from worker.validation import InvalidRequest, validate_wire
 log = logging.getLogger("notify.delivery")
 T = TypeVar("T")
 
-# A valid request is a few kilobytes at most (ids of 256 characters, a URL of 2048); anything far
-# larger is refused before it is stored anywhere.
-MAX_REQUEST_BYTES = 16 * 1024
 HAND_BACK_FLUSH_SECONDS = 5.0
 PAUSE_JITTER_MS = 1000  # spreads the messages a breaker paused over a second when it lets go
 TOKEN_UNAVAILABLE = "token_unavailable"  # the cause of an attempt deferred for want of a token
-
-
-@dataclass(frozen=True, slots=True)
-class Malformed:
-    """A task whose arguments cannot be read as an envelope."""
-
-    id: str
-    detail: str
-    raw: str
-
-
-def _malformed(raw_value: Any, detail: str) -> Malformed:
-    try:
-        raw = json.dumps(raw_value, default=repr, ensure_ascii=False)
-    except (TypeError, ValueError):
-        raw = repr(raw_value)
-    raw = raw[:MAX_RAW_EXCERPT]
-    return Malformed(malformed_id(raw), detail, raw)
-
-
-def parse_envelope(value: Any) -> Envelope | Malformed:
-    """Read one task argument ``{"id", "gen", "req"}``; anything else is ``Malformed``."""
-    if not isinstance(value, dict):
-        return _malformed(value, "an envelope must be an object with id, gen and req")
-    request = value.get("req")
-    if not isinstance(request, dict):
-        return _malformed(value, "req is missing or not an object")
-    if len(json.dumps(request, default=repr)) > MAX_REQUEST_BYTES:
-        return _malformed(value, f"req is larger than {MAX_REQUEST_BYTES} bytes")
-    if "id" not in value and "gen" not in value:
-        # A hand-made task with only the request: give it the id a producer would have.
-        parts = (request.get("userId"), request.get("sessionId"), request.get("templateId"))
-        if not all(isinstance(part, str) for part in parts):
-            return _malformed(value, "req lacks userId, sessionId or templateId")
-        return Envelope(message_id(*parts, partner_of(request)), 1, request)  # type: ignore[arg-type]
-    ident, gen = value.get("id"), value.get("gen")
-    if not isinstance(ident, str) or not is_message_id(ident):
-        return _malformed(value, "id is not a short URL-safe string")
-    if not isinstance(gen, int) or isinstance(gen, bool) or gen < 1:
-        return _malformed(value, "gen is not a positive integer")
-    return Envelope(ident, gen, request)
-
-
-def parse_task(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Envelope | Malformed]:
-    """Read a task's arguments: one envelope per positional argument, no keyword arguments."""
-    if kwargs or not args:
-        return [
-            _malformed(
-                {"args": args, "kwargs": kwargs},
-                "expected one or more envelopes as positional arguments, and nothing else",
-            )
-        ]
-    return [parse_envelope(value) for value in args]
 
 
 def _attempt_record(
@@ -374,7 +315,7 @@ class _Batch:
             if isinstance(outcome, outcomes.RefreshToken):
                 refused.append(attempt)
                 continue
-            if ratelimit.slows_down(outcome):
+            if outcomes.slows_down(outcome):
                 limiter.penalize()  # a 429: every worker slows down for a while
             verdicts.append(self._record(attempt, result, outcome))
         if calls:

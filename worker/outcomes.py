@@ -156,3 +156,10 @@ def classify(
             API_REJECTED, f"the API refused the message ({status})", status, result.errors
         )
     return GiveUp(UNEXPECTED_STATUS, f"unexpected HTTP status {status}", status, result.errors)
+
+
+def slows_down(outcome: Outcome) -> bool:
+    """Whether an attempt's outcome means the API asked everyone to slow down (a 429)."""
+    if isinstance(outcome, Retry):
+        return outcome.cause == "http_429"
+    return isinstance(outcome, GiveUp) and outcome.status == 429

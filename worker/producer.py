@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from worker.envelopes import Envelope
 from worker.models import Message, request_body
-from worker.records import Envelope
 from worker.runtime import Runtime, get_runtime
 from worker.validation import validate
 

@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from worker.records import Envelope
+from worker.envelopes import Envelope
 
 log = logging.getLogger("notify.publisher")
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from redis import Redis
 
-from worker import keys, outcomes
+from worker import keys
 from worker.settings import RATE_LIMIT_MAX_WAIT_SECONDS, Settings
 
 POLL_CAP_SECONDS = 1.0
@@ -125,13 +125,6 @@ def next_step(reservation: Reservation, remaining_seconds: float) -> Step:
     # Holding the message for the attempt's wait budget (rather than deferring at once) keeps a
     # worker from churning through the whole queue, claim and defer, while the pace is saturated.
     return Step("poll", min(POLL_CAP_SECONDS, remaining_seconds))
-
-
-def slows_down(outcome: outcomes.Outcome) -> bool:
-    """Whether an attempt's outcome means the API asked everyone to slow down (a 429)."""
-    if isinstance(outcome, outcomes.Retry):
-        return outcome.cause == "http_429"
-    return isinstance(outcome, outcomes.GiveUp) and outcome.status == 429
 
 
 @dataclass(frozen=True, slots=True)

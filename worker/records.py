@@ -43,6 +43,7 @@ from typing import Any
 from redis import Redis
 
 from worker import keys
+from worker.envelopes import Envelope
 from worker.models import DEFAULT_PARTNER, is_partner_name, partner_of
 
 DELIVERED_COUNTER_TTL_SECONDS = 2 * 3600
@@ -369,19 +370,6 @@ return out
 def now_ms() -> int:
     """Wall-clock milliseconds, the unit of every time stored in Redis."""
     return int(time.time() * 1000)
-
-
-@dataclass(frozen=True, slots=True)
-class Envelope:
-    """What a ``send_message`` task carries: the message id, its generation, the request."""
-
-    id: str
-    gen: int
-    request: dict[str, Any]
-
-    def to_task(self) -> dict[str, Any]:
-        """The task argument."""
-        return {"id": self.id, "gen": self.gen, "req": self.request}
 
 
 @dataclass(frozen=True, slots=True)

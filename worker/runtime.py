@@ -21,9 +21,10 @@ from worker.breaker import Breaker, BreakerPolicy
 from worker.celeryconfig import SEND_TASK, app_for
 from worker.concur import ConcurClient
 from worker.deadletters import DeadLetterStore
+from worker.envelopes import Envelope
 from worker.publisher import Publisher
 from worker.ratelimit import RateLimiter, RateLimitPolicy
-from worker.records import Envelope, MessageStore
+from worker.records import MessageStore
 from worker.redisclient import make_redis
 from worker.retries import RedisPatience, RetryPolicy
 from worker.settings import Settings, SettingsError, get_settings
