@@ -27,7 +27,9 @@ import asyncio
 import contextlib
 import signal
 import socket
+import threading
 from collections.abc import Callable, Generator
+from types import FrameType
 from typing import Any, Protocol, cast
 
 import uvicorn
@@ -209,25 +211,25 @@ class Serving:
             self._on_started()
 
     def run(self, on_started: Callable[[], None], *, install_signals: bool) -> None:
-        """Serve in this thread until :meth:`stop` (or SIGINT/SIGTERM with ``install_signals``).
+        """Serve in this thread until :meth:`stop`, or SIGINT/SIGTERM with ``install_signals``
+        (signals reach only the main thread; elsewhere :meth:`stop` ends it).
 
         ``on_started`` is called on the loop once uvicorn serves the socket.
         """
         self._on_started = on_started
-        try:
+        with contextlib.ExitStack() as stack:
+            stack.callback(self._socket.close)
+            if install_signals and threading.current_thread() is threading.main_thread():
+                # Before the loop starts, so no signal finds the default handler; restored after,
+                # as uvicorn does (signal.signal interrupts uvloop's wait like its own handlers).
+                for signum in (signal.SIGINT, signal.SIGTERM):
+                    previous = signal.signal(signum, self._on_signal)
+                    stack.callback(signal.signal, signum, previous)
             with asyncio.Runner(loop_factory=self._server.config.get_loop_factory()) as runner:
-                runner.run(self._serve(install_signals))
-        finally:
-            self._socket.close()
+                runner.run(self._server.serve(sockets=[self._socket]))
 
-    async def _serve(self, install_signals: bool) -> None:
-        if install_signals:
-            loop = asyncio.get_running_loop()
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                # Only possible on the main thread of a Unix process; elsewhere stop() ends it.
-                with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                    loop.add_signal_handler(signum, self.stop)
-        await self._server.serve(sockets=[self._socket])
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.stop()
 
     def stop(self) -> None:
         """Stop serving, dropping hung and delayed requests; from any thread, idempotent."""
