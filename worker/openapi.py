@@ -162,7 +162,7 @@ def _error(description: str, headers: Mapping[str, Schema] | None = None) -> Ans
 _UNAUTHORIZED = {
     401: _error(
         "No key, or a key that is not valid",
-        {"WWW-Authenticate": {"schema": {"type": "string"}}},
+        {"WWW-Authenticate": {"required": True, "schema": {"type": "string"}}},
     )
 }
 _FORBIDDEN = {403: _error("The key is valid but lacks the role this endpoint needs")}
@@ -171,7 +171,9 @@ _NOT_ACCEPTABLE = {406: _error("Accept allows neither JSON nor XML")}
 _BAD_FILTER = {400: _error("Unsupported status or a bad parameter")}
 _NO_LETTER = {404: _error("No such failed notification")}
 _OPERATOR_ERRORS = {**_UNAUTHORIZED, **_FORBIDDEN, **_UNAVAILABLE}
-_LOCATION = {"Location": {"description": "/messages/{id}", "schema": {"type": "string"}}}
+_LOCATION = {
+    "Location": {"description": "/messages/{id}", "required": True, "schema": {"type": "string"}}
+}
 
 OPERATIONS: tuple[Operation, ...] = (
     Operation(
@@ -358,7 +360,7 @@ def _xml_hints(schemas: dict[str, Schema]) -> None:
     # How worker.notifications writes the failed list as XML: Concur's namespace, a wrapping
     # NotificationList, and <Errors> holding <Error> elements. Presentation only, so it is said
     # here next to the namespace rather than in the models.
-    schemas["Notification"]["xml"] = {"namespace": NAMESPACE}
+    schemas["Notification"]["xml"] = {"name": "Notification", "namespace": NAMESPACE}
     schemas["NotificationList"]["xml"] = {
         "name": "NotificationList",
         "namespace": NAMESPACE,
