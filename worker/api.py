@@ -441,9 +441,7 @@ class Service:
     def _format(self, request: Request) -> str:
         chosen = negotiate(request.headers.get("accept"))
         if chosen is None:
-            raise ApiError(
-                406, NOT_ACCEPTABLE, "supported Accept types: application/json, application/xml"
-            )
+            raise ApiError(406, NOT_ACCEPTABLE, f"supported Accept types: {', '.join(_OFFERS)}")
         return chosen
 
     @staticmethod
