@@ -20,6 +20,7 @@ import click
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from worker.contract import HIGHEST_HTTP_STATUS, LOWEST_HTTP_STATUS
 from worker.settings import SettingsError
 from worker.times import iso_utc
 
@@ -203,7 +204,7 @@ def _filters(function: F) -> F:
             click.option(
                 "--http-status",
                 default=None,
-                type=click.IntRange(100, 599),
+                type=click.IntRange(LOWEST_HTTP_STATUS, HIGHEST_HTTP_STATUS),
                 help="only those whose last answer had this HTTP status",
             ),
         ]

@@ -17,6 +17,7 @@ from typing import Any, cast
 from redis import Redis
 
 from worker import keys
+from worker.contract import DEFAULT_PAGE_LIMIT
 from worker.envelopes import Envelope
 from worker.models import DEFAULT_PARTNER, partner_of
 from worker.records import MessageStore
@@ -161,7 +162,11 @@ class DeadLetterStore:
             position += len(ids)
 
     def page(
-        self, selection: DeadLetterFilter | None = None, *, cursor: int = 0, limit: int = 50
+        self,
+        selection: DeadLetterFilter | None = None,
+        *,
+        cursor: int = 0,
+        limit: int = DEFAULT_PAGE_LIMIT,
     ) -> Page:
         """A page of dead letters, newest first; pass ``next_cursor`` back for the next page."""
         items: list[DeadLetter] = []

@@ -15,7 +15,7 @@ from typing import Any
 
 from worker.models import MAX_RAW_EXCERPT, is_message_id, malformed_id, message_id, partner_of
 
-# A valid request is a few kilobytes at most (ids of 256 characters, a URL of 2048); anything far
+# A valid request is a few kilobytes at most (ids and a URL within models' limits); anything far
 # larger is refused before it is stored anywhere.
 MAX_REQUEST_BYTES = 16 * 1024
 
