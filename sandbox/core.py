@@ -303,12 +303,13 @@ class SandboxCore:
         token = bearer(authorization)
         with self._lock:
             now = time.time()
+            authorized = self._token_ok(token, now)
             if user_id is None:
                 answer = error_answer(404, f"no such resource: {raw_path}")
             elif method != "POST":
                 answer = error_answer(405, f"method {method} is not allowed; use POST")
                 answer.headers.append(("allow", "POST"))
-            elif not self._token_ok(token, now):
+            elif not authorized:
                 answer = error_answer(401, "missing or invalid bearer token")
                 answer.headers.append(("www-authenticate", "Bearer"))
             elif (content_type or "").partition(";")[0].strip().lower() != JSON:
@@ -324,7 +325,16 @@ class SandboxCore:
                 # Record which template a rejected request was for, when the body says so.
                 _, template_id = validate_body(body)
             return self._record(
-                now, connection, method, raw_path, user_id, template_id, body, answer, token
+                now,
+                connection,
+                method,
+                raw_path,
+                user_id,
+                template_id,
+                body,
+                answer,
+                token,
+                authorized,
             )
 
     def refuse(
@@ -334,7 +344,10 @@ class SandboxCore:
         token = bearer(authorization)
         with self._lock:
             now = time.time()
-            return self._record(now, connection, method, raw_path, None, None, b"", answer, token)
+            authorized = self._token_ok(token, now)
+            return self._record(
+                now, connection, method, raw_path, None, None, b"", answer, token, authorized
+            )
 
     def _token_ok(self, token: str | None, now: float) -> bool:
         if token is None:
@@ -352,6 +365,7 @@ class SandboxCore:
         body: bytes,
         answer: Answer,
         token: str | None,
+        authorized: bool,
     ) -> Answer:
         # Called with the lock held.
         self._ledger.record(
@@ -365,7 +379,7 @@ class SandboxCore:
             status=answer.status,
             fault=answer.fault,
             correlation_id=answer.correlation_id,
-            authorized=self._token_ok(token, now),
+            authorized=authorized,
             token=token,
         )
         latency = self._latency_s
