@@ -19,6 +19,11 @@ uvicorn (httptools parser, uvloop) does the HTTP/1.1: framing, keep-alive, pipel
   port fails in the caller's thread and port 0 is known before the loop runs; signals are the
   caller's to install (uvicorn re-raises the one it caught after shutting down, which would turn
   a clean SIGTERM exit into a death by signal).
+
+It leans on uvicorn's protocol and server classes (their ``connection_made``/``connection_lost``,
+``on_message_begin``, ``send_400_response``, ``startup``/``main_loop``/``shutdown`` hooks, as of
+uvicorn 0.54): tests/test_sandbox.py exercises each adjustment, so an upgrade that moves them
+fails there first.
 """
 
 from __future__ import annotations
