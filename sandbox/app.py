@@ -1,8 +1,8 @@
 """The sandbox's ASGI app: the framing rules, the v4 endpoint, and the control plane on Starlette.
 
-Every request first meets the framing rules the real API's front door enforces (headers within
-16 KiB, a ``Content-Length`` body within 64 KiB, no chunked body); a request refused there is
-answered at once and its connection closed. Then:
+Every request first meets the sandbox's framing rules (headers within 16 KiB, a
+``Content-Length`` body within 64 KiB, no chunked body: 413, 413, 411); a request refused there is
+answered at once and its connection closed, its body unread. Then:
 
 * ``/_sandbox/...`` and ``/oauth2/v0/token`` go to a Starlette app (routing, Request/Response,
   JSON errors through its exception handlers): the control plane and the token endpoint, a few
