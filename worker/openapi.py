@@ -21,14 +21,6 @@ from pydantic.json_schema import GenerateJsonSchema, JsonSchemaMode
 from pydantic_core import core_schema
 
 from worker import contract
-from worker.contract import (
-    DEFAULT_PAGE_LIMIT,
-    HIGHEST_HTTP_STATUS,
-    LOWEST_HTTP_STATUS,
-    MAX_CURSOR,
-    MAX_PAGE_LIMIT,
-    MAX_REPLAY_RATE,
-)
 from worker.models import (
     MAX_ID_LENGTH,
     MESSAGE_ID_PATTERN,
@@ -120,7 +112,11 @@ _FILTERS = (
     _param(
         "httpStatus",
         "query",
-        {"type": "integer", "minimum": LOWEST_HTTP_STATUS, "maximum": HIGHEST_HTTP_STATUS},
+        {
+            "type": "integer",
+            "minimum": contract.LOWEST_HTTP_STATUS,
+            "maximum": contract.HIGHEST_HTTP_STATUS,
+        },
         description="The HTTP status of the last attempt's answer",
     ),
 )
@@ -128,12 +124,17 @@ _PAGING = (
     _param(
         "limit",
         "query",
-        {"type": "integer", "minimum": 1, "maximum": MAX_PAGE_LIMIT, "default": DEFAULT_PAGE_LIMIT},
+        {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": contract.MAX_PAGE_LIMIT,
+            "default": contract.DEFAULT_PAGE_LIMIT,
+        },
     ),
     _param(
         "cursor",
         "query",
-        {"type": "integer", "minimum": 0, "maximum": MAX_CURSOR, "default": 0},
+        {"type": "integer", "minimum": 0, "maximum": contract.MAX_CURSOR, "default": 0},
         description="From the previous page's `X-Next-Cursor` (or its `Link: rel=next`)",
     ),
 )
@@ -147,7 +148,7 @@ _REPLAY_OPTIONS = (
     _param(
         "rate",
         "query",
-        {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": MAX_REPLAY_RATE},
+        {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": contract.MAX_REPLAY_RATE},
         description="Replays a second; the paced redrive runs after the answer",
     ),
 )
