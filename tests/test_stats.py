@@ -147,6 +147,7 @@ def test_queued_is_the_broker_queue_length_in_tasks() -> None:
             [(f"stats-q-{uuid.uuid4().hex[:6]}", f"s-{n}", "welcome", None) for n in range(5)],
             runtime=idle,
         )
+        assert idle.publisher.flush()  # enqueue_many returns once they are recorded
         assert collect(idle).queued == 3
     finally:
         idle.redis.delete(*queue_lists(idle.settings.queue_name))
