@@ -33,10 +33,6 @@ class Loop:
             self._thread.join(timeout_seconds)
             self._thread = None
 
-    def pause(self, seconds: float) -> bool:
-        """Wait ``seconds`` inside a step unless asked to stop; True when asked to stop."""
-        return self._stop.wait(seconds)
-
     def _step(self) -> float:
         raise NotImplementedError
 

@@ -72,13 +72,14 @@ class _Commands(click.Group):
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         command = super().get_command(ctx, cmd_name)
-        if command is None and cmd_name in _added_commands():
-            try:
-                loaded = _added_commands()[cmd_name].load()
-            except ImportError:  # declared by the project's metadata, not installed here
-                return None
-            command = loaded if isinstance(loaded, click.Command) else None
-        return command
+        point = None if command is not None else _added_commands().get(cmd_name)
+        if point is None:
+            return command
+        try:
+            loaded = point.load()
+        except ImportError:  # declared by the project's metadata, not installed here
+            return None
+        return loaded if isinstance(loaded, click.Command) else None
 
 
 @functools.cache

@@ -29,7 +29,7 @@ import random
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 from worker import breaker, outcomes, ratelimit
 from worker.concur import Reply
@@ -45,7 +45,6 @@ from worker.tokens import TokenUnavailable
 from worker.validation import InvalidRequest, validate_wire
 
 log = logging.getLogger("notify.delivery")
-T = TypeVar("T")
 
 HAND_BACK_FLUSH_SECONDS = 5.0
 PAUSE_JITTER_MS = 1000  # spreads the messages a breaker paused over a second when it lets go

@@ -42,8 +42,9 @@ _Item = Sequence[Envelope] | threading.Event
 class Publisher:
     """Publishes submitted envelopes from a daemon thread, in batches of ``batch_size``.
 
-    ``send`` is the one function that puts tasks on the broker (``Runtime`` gives its own); it
-    raises when the broker does not take them.
+    ``send`` is the one function that puts a task on the broker, one batch of at most
+    ``batch_size`` envelopes per call (``Runtime`` gives its own); it raises when the broker
+    does not take it.
     """
 
     def __init__(self, send: Callable[[list[Envelope]], None], batch_size: int) -> None:

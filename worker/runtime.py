@@ -156,28 +156,22 @@ class Runtime:
     @functools.cached_property
     def publisher(self) -> Publisher:
         """The process's one publisher: batches, retries while the broker is away."""
-        return Publisher(self._send_tasks, self.settings.batch_size)
+        return Publisher(self._send_task, self.settings.batch_size)
 
-    def _send_tasks(self, envelopes: list[Envelope]) -> None:
-        # Up to NOTIFY_BATCH_SIZE messages per task: a task's fixed cost in Celery (events,
-        # acknowledgement, tracing) is several times the cost of a post, so messages published
-        # together travel together; one broker connection publishes them all.
-        size = self.settings.batch_size
-        app = self.celery
-        with app.producer_or_acquire() as producer:
-            for start in range(0, len(envelopes), size):
-                batch = envelopes[start : start + size]
-                app.send_task(
-                    SEND_TASK,
-                    args=[envelope.to_task() for envelope in batch],
-                    queue=self.settings.queue_name,
-                    producer=producer,
-                    # What Flower shows as the task's arguments: the message ids. Left to
-                    # itself, Celery builds a safe repr of every request body, which cost a
-                    # producer a tenth of its CPU (py-spy); the bodies are in Redis anyway.
-                    argsrepr=f"[{', '.join(envelope.id for envelope in batch)}]",
-                    kwargsrepr="{}",
-                )
+    def _send_task(self, batch: list[Envelope]) -> None:
+        # One task for the batch the publisher made (up to NOTIFY_BATCH_SIZE messages): a
+        # task's fixed cost in Celery (events, acknowledgement, tracing) is several times the
+        # cost of a post, so messages published together travel together.
+        self.celery.send_task(
+            SEND_TASK,
+            args=[envelope.to_task() for envelope in batch],
+            queue=self.settings.queue_name,
+            # What Flower shows as the task's arguments: the message ids. Left to itself,
+            # Celery builds a safe repr of every request body, which cost a producer a tenth of
+            # its CPU (py-spy); the bodies are in Redis anyway.
+            argsrepr=f"[{', '.join(envelope.id for envelope in batch)}]",
+            kwargsrepr="{}",
+        )
 
     @functools.cached_property
     def rate_limiter(self) -> RateLimiter:
