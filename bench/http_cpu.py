@@ -5,7 +5,7 @@
 Each client sends the same small v4 POST from 16 threads (ours: each thread hands batches of 20
 to the one libcurl engine, as a worker does); the figure is this process's CPU time (user +
 system) per post, so the sandbox's own CPU is not in it. ``--before REF`` adds the hand-written
-transport of that git revision (``worker/transport.py`` ``PooledTransport``) for comparison.
+transport of that git revision (``worker/concur/transport.py`` ``PooledTransport``) for comparison.
 It prints figures and asserts nothing.
 """
 
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from sandbox.redisserver import free_port  # noqa: E402
-from worker.transport import Answer, CurlTransport, Exchange, ExchangeFailed  # noqa: E402
+from worker.concur.transport import Answer, CurlTransport, Exchange, ExchangeFailed  # noqa: E402
 
 THREADS = 16
 TOKEN = "bench-token"
@@ -85,9 +85,9 @@ def httpx_transport(url: str, posts: int, transport: httpx.BaseTransport) -> flo
 
 
 def before_transport(ref: str) -> httpx.BaseTransport:
-    """``PooledTransport`` from ``worker/transport.py`` at ``ref``, loaded from git."""
+    """``PooledTransport`` from ``worker/concur/transport.py`` at ``ref``, loaded from git."""
     source = subprocess.run(
-        ["git", "-C", str(ROOT), "show", f"{ref}:worker/transport.py"],
+        ["git", "-C", str(ROOT), "show", f"{ref}:worker/concur/transport.py"],
         check=True,
         capture_output=True,
         text=True,

@@ -7,7 +7,7 @@ one JSON line: accepted/s (202 answers per second), latency percentiles, the req
 counts by status (an exchange that got no answer is counted under its failure kind: ``timeout``,
 ``connect`` or ``protocol``).
 
-The HTTP is the project's own libcurl engine (``worker.transport.CurlTransport``: one multi
+The HTTP is the project's own libcurl engine (``worker.concur.transport.CurlTransport``: one multi
 handle, one engine thread, keep-alive connections): each of the ``--connections`` slots sends its
 next request from the completion callback of the previous one, so the tool spends no thread or
 task per request and its own CPU stays well below the server's.
@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from worker.transport import Answer, CurlTransport, Done, Exchange, ExchangeFailed
+from worker.concur.transport import Answer, CurlTransport, Done, Exchange, ExchangeFailed
 
 _TIMEOUT_SECONDS = 30.0
 _CONNECT_TIMEOUT_SECONDS = 10.0

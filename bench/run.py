@@ -605,7 +605,7 @@ def gateway_scenario(
 
 def backlog_scenario(runtime: Any, command: list[str], env: dict[str, str], count: int) -> Row:
     """Seed ``count`` messages waiting for retry through the workers' own scripts; measure."""
-    from worker.records import AttemptRecord, now_ms
+    from worker.store.records import AttemptRecord, now_ms
 
     redis = runtime.redis
     store = runtime.store
@@ -615,7 +615,7 @@ def backlog_scenario(runtime: Any, command: list[str], env: dict[str, str], coun
     run = uuid.uuid4().hex[:6]
     from concurrent.futures import ThreadPoolExecutor
 
-    from worker.envelopes import Envelope
+    from worker.queue.envelopes import Envelope
 
     def wait_for_retry(message_id: str, request: dict[str, Any]) -> None:
         # What a worker does when the API answers 503: claim, then schedule the retry.
@@ -663,9 +663,9 @@ def _delivered_many(store: Any, count: int, tag: str) -> None:
     """Record ``count`` deliveries through the workers' own scripts (create, claim, 2xx)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from worker.envelopes import Envelope
-    from worker.models import Message
-    from worker.records import AttemptRecord, now_ms
+    from worker.queue.envelopes import Envelope
+    from worker.shapes.models import Message
+    from worker.store.records import AttemptRecord, now_ms
 
     def deliver(message: Message) -> None:
         claim = store.claim(
@@ -700,8 +700,8 @@ def history_scenario(
     history rows written per second."""
     import psycopg
 
-    from worker import history, keys
-    from worker.records import MessageStore
+    from worker.store import history, keys
+    from worker.store.records import MessageStore
 
     redis = runtime.redis
     rows: list[Row] = []

@@ -38,10 +38,10 @@ sys.path.insert(0, str(ROOT))
 from sandbox.concur import Sandbox  # noqa: E402
 from sandbox.processes import stop_processes  # noqa: E402
 from sandbox.redisserver import EmbeddedRedis, free_port  # noqa: E402
-from worker import keys  # noqa: E402
-from worker.models import message_id  # noqa: E402
 from worker.runtime import Runtime  # noqa: E402
 from worker.settings import load_settings  # noqa: E402
+from worker.shapes.models import message_id  # noqa: E402
+from worker.store import keys  # noqa: E402
 
 TOKEN = "soak-token-" + uuid.uuid4().hex
 GATEWAY_KEY = "soak-gateway-" + uuid.uuid4().hex

@@ -1,7 +1,8 @@
 """``notify sandbox`` and ``notify dev``: the dev tooling's commands, added to ``notify``.
 
 They are declared as entry points (group ``notify.commands`` in pyproject.toml) and found by
-``worker.cli`` when asked for, so the production package never imports this one: an image without
+``worker.front.cli`` when asked for, so the production package never imports this one: an image
+without
 ``sandbox/`` simply has no such commands.
 """
 
@@ -11,7 +12,7 @@ import sys
 
 import click
 
-from worker.cli import friendly_errors
+from worker.front.cli import friendly_errors
 
 
 @click.command(context_settings={"ignore_unknown_options": True})

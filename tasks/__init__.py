@@ -1,4 +1,4 @@
-"""The ``send_message`` task, and the producer helpers partners call (``worker.producer``).
+"""The ``send_message`` task, and the producer helpers partners call (``worker.intake.producer``).
 
 ``enqueue`` validates before it queues (raising ``InvalidRequest``, queuing nothing) and returns
 the message id; sending the same (user, session, template) again for the same partner returns
@@ -12,10 +12,10 @@ from typing import Any
 from celery import Task
 
 from worker.celery_app import SEND_TASK, app
-from worker.delivery import deliver_task
-from worker.producer import Enqueued, enqueue, enqueue_many, record, submit
+from worker.delivery.attempts import deliver_task
+from worker.intake.producer import Enqueued, enqueue, enqueue_many, record, submit
+from worker.rules.validation import InvalidRequest, Problem
 from worker.runtime import get_runtime
-from worker.validation import InvalidRequest, Problem
 
 __all__ = [
     "Enqueued",
@@ -31,7 +31,7 @@ __all__ = [
 
 @app.task(name=SEND_TASK, bind=True, acks_late=True, ignore_result=True)
 def send_message(self: Task, *args: Any, **kwargs: Any) -> str:
-    """Attempt delivery of one message (see ``worker.delivery``).
+    """Attempt delivery of one message (see ``worker.delivery.attempts``).
 
     Takes ``*args, **kwargs`` on purpose: a malformed task must reach our code and be
     dead-lettered, not fail in Celery's argument check before we can see it.

@@ -23,10 +23,10 @@ import yaml
 
 from tests.conftest import ROOT, free_port, wait_for
 from tests.test_api import ServerThread
-from worker.api import create_app
+from worker.front.api import create_app
+from worker.front.stats import collect, render_prometheus
 from worker.runtime import Runtime
 from worker.settings import load_settings
-from worker.stats import collect, render_prometheus
 
 PROMETHEUS_DIR = ROOT / "docker" / "prometheus"
 DASHBOARD = ROOT / "docker" / "grafana" / "dashboards" / "partner-notify.json"

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.provisional import domains
 
-from worker.allowlist import AllowList, Refusal, normalise_host
+from worker.rules.allowlist import AllowList, Refusal, normalise_host
 
 ALLOW = AllowList.from_entries(
     templates={"welcome", "expense-approved"},
@@ -544,7 +544,7 @@ def test_the_public_suffix_list_is_the_packages_own_and_needs_no_network(tmp_pat
         "    raise OSError('no network in this test')\n"
         "socket.socket.connect = refuse\n"
         "socket.create_connection = refuse\n"
-        "from worker.allowlist import AllowList\n"
+        "from worker.rules.allowlist import AllowList\n"
         "AllowList.from_entries([], ['*.example.co.uk'])\n"
         "try:\n"
         "    AllowList.from_entries([], ['*.co.uk'])\n"

@@ -25,15 +25,15 @@ from openapi_spec_validator import validate as validate_openapi
 from starlette.routing import Route
 
 from tests.conftest import free_port, wait_for
-from worker import keys
-from worker.api import create_app, negotiate
-from worker.cli import main as notify_cli
-from worker.deadletters import DeadLetter
-from worker.models import is_message_id, message_id
-from worker.notifications import NAMESPACE, XSI_NAMESPACE, notification_list_xml
-from worker.records import Failure
+from worker.front.api import create_app, negotiate
+from worker.front.cli import main as notify_cli
+from worker.front.notifications import NAMESPACE, XSI_NAMESPACE, notification_list_xml
 from worker.runtime import Runtime
 from worker.settings import load_settings
+from worker.shapes.models import is_message_id, message_id
+from worker.store import keys
+from worker.store.deadletters import DeadLetter
+from worker.store.records import Failure
 
 PARTNER_KEY = "partner-key-" + uuid.uuid4().hex
 OTHER_PARTNER_KEY = "partner-key-" + uuid.uuid4().hex
@@ -897,7 +897,8 @@ def test_openapi_document_is_valid_and_describes_every_route(http, server):
     for route in app.routes:
         assert isinstance(route, Route)
         if route.path.startswith("/console"):
-            continue  # the console's HTML pages (worker/console.py) are for browsers, not the API
+            # the console's HTML pages (worker/front/console.py) are for browsers, not the API
+            continue
         for method in route.methods - {"HEAD"}:
             assert method.lower() in document["paths"][route.path], (method, route.path)
 

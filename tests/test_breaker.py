@@ -23,10 +23,10 @@ from tests.test_faults import (
     settle,
     workers_env,
 )
-from worker import breaker as breakers
-from worker.breaker import Breaker, BreakerPolicy, counts_as_failure
-from worker.outcomes import ApiResponse, TransportFailure
-from worker.stats import collect, render_prometheus
+from worker.front.stats import collect, render_prometheus
+from worker.limits import breaker as breakers
+from worker.limits.breaker import Breaker, BreakerPolicy, counts_as_failure
+from worker.rules.outcomes import ApiResponse, TransportFailure
 
 __all__ = ["api", "isolated"]  # fixtures
 
@@ -130,7 +130,7 @@ def _notify(isolated: Isolated, *args: str, **env: str) -> str:
     done = subprocess.run(
         [str(ROOT / ".venv" / "bin" / "notify"), *args]
         if (ROOT / ".venv" / "bin" / "notify").exists()
-        else [sys.executable, "-m", "worker.cli", *args],
+        else [sys.executable, "-m", "worker.front.cli", *args],
         env={**os.environ, **isolated.env, **env},
         cwd=ROOT,
         capture_output=True,

@@ -287,7 +287,7 @@ def test_stats_is_a_table_that_fits_the_terminal():
     ],
 )
 def test_relative_times_read_as_words(offset_s, words):
-    from worker.views import relative, when
+    from worker.front.views import relative, when
 
     now_ms = 1_764_090_760_000
     assert relative(now_ms + int(offset_s * 1000), now_ms) == words

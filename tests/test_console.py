@@ -1,4 +1,5 @@
-"""The dead-letter console (``/console``, worker/console.py) of the real ``notify api`` process,
+"""The dead-letter console (``/console``, worker/front/console.py) of the real ``notify api``
+process,
 over real HTTP and against real Redis: its sessions, CSRF tokens and cookie flags with httpx, and
 the whole operator's path in a real browser (Debian's Chromium through Playwright): log in,
 filter, open a dead letter the real pipeline made, replay it and see it delivered."""
@@ -23,9 +24,9 @@ import pytest
 
 from sandbox.processes import stop_processes
 from tests.conftest import ROOT, free_port, wait_for
-from worker.models import message_id
-from worker.records import Failure
 from worker.runtime import Runtime
+from worker.shapes.models import message_id
+from worker.store.records import Failure
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

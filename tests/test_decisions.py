@@ -6,11 +6,10 @@ import random
 
 import pytest
 
-from worker import outcomes
-from worker.concur import parse_errors, parse_retry_after
-from worker.envelopes import Envelope, Malformed, parse_task
-from worker.models import Message, message_id
-from worker.outcomes import (
+from worker.concur.client import parse_errors, parse_retry_after
+from worker.queue.envelopes import Envelope, Malformed, parse_task
+from worker.rules import outcomes
+from worker.rules.outcomes import (
     ApiResponse,
     Delivered,
     GiveUp,
@@ -19,7 +18,8 @@ from worker.outcomes import (
     TransportFailure,
     classify,
 )
-from worker.retries import RetryPolicy
+from worker.rules.retries import RetryPolicy
+from worker.shapes.models import Message, message_id
 
 POLICY = RetryPolicy(
     max_attempts=4, backoff_base_seconds=10, backoff_max_seconds=60, jitter_ratio=0.0

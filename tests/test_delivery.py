@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 
 from tests.isolated import Isolated, isolated
-from worker import keys
-from worker.delivery import deliver_task
-from worker.envelopes import Envelope
-from worker.models import Message
+from worker.delivery.attempts import deliver_task
+from worker.queue.envelopes import Envelope
+from worker.shapes.models import Message
+from worker.store import keys
 
 __all__ = ["isolated"]  # the fixture
 

@@ -275,7 +275,7 @@ def test_dockerfile_pip_steps_build_and_install_exactly_the_pins_and_the_project
             python,
             "-c",
             "import pycurl, httptools, uvloop, websockets, watchfiles, yaml, uvicorn, flower; "
-            "import worker.celery_app, worker.api, worker.cli; print(pycurl.version)",
+            "import worker.celery_app, worker.front.api, worker.front.cli; print(pycurl.version)",
         ],
         cwd=tmp_path,
         env={**_clean_env(), "NOTIFY_REDIS_URL": "redis://127.0.0.1:1/0"},

@@ -16,7 +16,7 @@ import click
 import pytest
 
 from tests.conftest import ROOT
-from worker.cli import main
+from worker.front.cli import main
 from worker.settings import ENV_PREFIX, Settings
 
 SHELL_BLOCKS = {"", "sh", "bash", "shell", "console"}
@@ -60,7 +60,7 @@ def notify_problem(args: list[str]) -> str | None:
         if not args:
             return None if command is not main else "no command"
         name, args = args[0], args[1:]
-        # get_command: also the commands the dev tooling adds (entry points, worker/cli.py)
+        # get_command: also the commands the dev tooling adds (entry points, worker/front/cli.py)
         sub = command.get_command(click.Context(command), name)
         if sub is None:
             return f"{' '.join(path)} has no command {name!r}"

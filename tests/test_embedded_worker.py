@@ -13,7 +13,7 @@ import pytest
 
 import tasks
 from tests.conftest import wait_for
-from worker.envelopes import Envelope
+from worker.queue.envelopes import Envelope
 
 QUEUE = f"notify-embedded-{uuid.uuid4().hex[:8]}"
 

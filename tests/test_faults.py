@@ -31,11 +31,11 @@ from sandbox.processes import stop_processes
 from sandbox.redisserver import EmbeddedRedis
 from tests.conftest import ROOT, TEST_TOKEN, WorkerProcess, free_port, wait_for
 from tests.isolated import Isolated, isolated
-from worker import keys
-from worker.deadletters import DeadLetterFilter
-from worker.models import message_id
 from worker.runtime import Runtime
 from worker.settings import load_settings
+from worker.shapes.models import message_id
+from worker.store import keys
+from worker.store.deadletters import DeadLetterFilter
 
 __all__ = ["isolated"]  # the fixture
 
@@ -523,7 +523,7 @@ def test_token_endpoint_outage_defers_messages_and_dead_letters_none(
 
 def raw_broker_message(isolated: Isolated, args: Any, kwargs: Any, task: str | None = None) -> dict:
     """A message exactly as kombu puts it on a Redis list, made by Celery itself."""
-    from worker.celeryconfig import SEND_TASK, make_app
+    from worker.queue.config import SEND_TASK, make_app
 
     scratch = f"scratch-{uuid.uuid4().hex[:8]}"
     app = make_app(load_settings(redis_url=isolated.env["NOTIFY_REDIS_URL"], queue_name=scratch))

@@ -24,14 +24,14 @@ from redis import Redis
 from starlette.testclient import TestClient
 
 from tests import conftest
-from worker import history, keys
-from worker.api import create_app
-from worker.envelopes import Envelope
-from worker.history import HistoryWriter
-from worker.models import Message
-from worker.records import AttemptRecord, Failure, MessageStore, now_ms
+from worker.front.api import create_app
+from worker.queue.envelopes import Envelope
 from worker.runtime import Runtime
 from worker.settings import load_settings
+from worker.shapes.models import Message
+from worker.store import history, keys
+from worker.store.history import HistoryWriter
+from worker.store.records import AttemptRecord, Failure, MessageStore, now_ms
 
 OPERATOR_KEY = "operator-key-" + uuid.uuid4().hex
 
@@ -264,7 +264,7 @@ def test_old_partitions_are_dropped(pg_url: str) -> None:
 _WRITER = """
 import sys
 from redis import Redis
-from worker.history import HistoryWriter
+from worker.store.history import HistoryWriter
 redis = Redis.from_url(sys.argv[1], decode_responses=True)
 writer = HistoryWriter(redis, sys.argv[2], consumer="doomed", batch_size=200, block_ms=10)
 print("ready", flush=True)

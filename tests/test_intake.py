@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 import tasks
-from worker.intake import Intake, Recorded
-from worker.models import Message
+from worker.intake.intake import Intake, Recorded
+from worker.shapes.models import Message
 
 
 def _message(session: str, user: str = "intake-user") -> Message:

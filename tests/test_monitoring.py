@@ -16,8 +16,8 @@ import pytest
 
 from tests.conftest import TEST_TOKEN, wait_for
 from tests.isolated import Isolated, isolated
-from worker.logs import JsonFormatter, RedactingFilter, add_secret, redact, settings_secrets
-from worker.monitoring import scrub
+from worker.ops.logs import JsonFormatter, RedactingFilter, add_secret, redact, settings_secrets
+from worker.ops.monitoring import scrub
 from worker.settings import load_settings
 
 __all__ = ["isolated"]  # the fixture
@@ -123,7 +123,7 @@ def test_redact_hides_the_oauth_scheme_but_not_the_word():
 
 
 def test_runtime_secrets_are_bounded_to_the_latest():
-    from worker import logs
+    from worker.ops import logs
 
     first = "runtime-token-000000"
     logs.add_runtime_secret(first)

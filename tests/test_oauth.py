@@ -25,14 +25,14 @@ from redis import Redis
 from sandbox.concur import Sandbox
 from sandbox.devstack import TOKEN_KEY, ensure_token_key
 from tests.conftest import LOCAL_REDIS, WorkerProcess, _claim_database, _release_database, wait_for
-from worker import keys
-from worker.envelopes import Envelope
-from worker.oauth import Cipher, OAuthConfig, OAuthTokens, fingerprint, trusted_geolocation
+from worker.concur.oauth import Cipher, OAuthConfig, OAuthTokens, fingerprint, trusted_geolocation
+from worker.concur.tokens import TokenUnavailable
+from worker.front.stats import collect, render_prometheus
+from worker.queue.envelopes import Envelope
+from worker.rules.validation import validate
 from worker.runtime import Runtime
 from worker.settings import GEOLOCATIONS, Settings, SettingsError, load_settings
-from worker.stats import collect, render_prometheus
-from worker.tokens import TokenUnavailable
-from worker.validation import validate
+from worker.store import keys
 
 CLIENT_SECRET = "sandbox-client-secret"
 COMPANY_ID = "sandbox-company"
@@ -518,8 +518,8 @@ def test_a_foreign_geolocation_already_stored_in_redis_is_not_used(oauth):
 
 def test_tokens_fetched_at_run_time_are_redacted_from_logs_and_sentry(oauth):
     # Issue 11, item 7: a bare token in a log line or a Sentry event was left as it was.
-    from worker.logs import redact
-    from worker.monitoring import scrub
+    from worker.ops.logs import redact
+    from worker.ops.monitoring import scrub
 
     tokens = oauth.provider()
     access = tokens.token()
@@ -529,7 +529,7 @@ def test_tokens_fetched_at_run_time_are_redacted_from_logs_and_sentry(oauth):
     event = {"message": line, "extra": {"note": access}}
     assert access not in json.dumps(scrub(event, {}))
     # A restarted process that only reads the stored refresh token back knows it too.
-    from worker import logs
+    from worker.ops import logs
 
     logs._runtime_secrets.clear()
     with logs._secrets_lock:

@@ -31,11 +31,11 @@ from tests.test_api import (
     _dead_letter,
     _settings,
 )
-from worker.api import create_app
-from worker.contract import MAX_PAGE_LIMIT
-from worker.models import MAX_ID_LENGTH, MESSAGE_ID_PATTERN, schema_pattern
-from worker.notifications import XSI_NAMESPACE
+from worker.front.api import create_app
+from worker.front.notifications import XSI_NAMESPACE
 from worker.runtime import Runtime
+from worker.shapes.contract import MAX_PAGE_LIMIT
+from worker.shapes.models import MAX_ID_LENGTH, MESSAGE_ID_PATTERN, schema_pattern
 
 NIL = f"{{{XSI_NAMESPACE}}}nil"
 XML_ACCEPT = {**OPERATOR, "Accept": "application/xml"}

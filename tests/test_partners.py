@@ -23,13 +23,13 @@ from prometheus_client.parser import text_string_to_metric_families
 import tasks
 from tests.conftest import wait_for
 from tests.test_api import ServerThread
-from worker.api import create_app
-from worker.cli import main as notify_cli
-from worker.models import DEFAULT_PARTNER, Message, message_id
-from worker.records import Failure
+from worker.front.api import create_app
+from worker.front.cli import main as notify_cli
+from worker.rules.validation import InvalidRequest, validate_wire
 from worker.runtime import Runtime
 from worker.settings import SettingsError, load_settings
-from worker.validation import InvalidRequest, validate_wire
+from worker.shapes.models import DEFAULT_PARTNER, Message, message_id
+from worker.store.records import Failure
 
 A_KEY = "acme-key-" + uuid.uuid4().hex
 B_KEY = "beta-key-" + uuid.uuid4().hex

@@ -11,9 +11,9 @@ import pytest
 
 import tasks
 from tests.conftest import TEST_TOKEN, wait_for
-from worker import keys
-from worker.envelopes import Envelope
-from worker.validation import InvalidRequest
+from worker.queue.envelopes import Envelope
+from worker.rules.validation import InvalidRequest
+from worker.store import keys
 
 pytestmark = pytest.mark.usefixtures("celery_worker_process")
 

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from worker.envelopes import Envelope
-from worker.publisher import LINGER_SECONDS, Publisher
-from worker.publisher import log as publisher_log
+from worker.queue.envelopes import Envelope
+from worker.queue.publisher import LINGER_SECONDS, Publisher
+from worker.queue.publisher import log as publisher_log
 
 
 def _envelope(number: int) -> Envelope:

@@ -15,17 +15,18 @@ from redis import Redis
 
 import tasks
 from tests.conftest import WorkerProcess, free_port, wait_for
-from worker import keys, outcomes
-from worker.outcomes import slows_down
-from worker.ratelimit import (
+from worker.limits.ratelimit import (
     POLL_CAP_SECONDS,
     RateLimiter,
     RateLimitPolicy,
     Reservation,
     next_step,
 )
+from worker.rules import outcomes
+from worker.rules.outcomes import slows_down
 from worker.runtime import Runtime
 from worker.settings import load_settings
+from worker.store import keys
 
 RATE = 20
 BURST = 5
@@ -286,7 +287,7 @@ def test_a_429_halves_the_pace_of_every_worker(paced: Runtime, sandbox: Any, use
 def test_a_message_without_a_permit_in_time_waits_on_the_schedule_without_spending_an_attempt(
     paced: Runtime, sandbox: Any, user_id: str
 ) -> None:
-    from worker.stats import collect
+    from worker.front.stats import collect
 
     # Someone else holds the next 8 s of slots: the worker can wait 5 s at most.
     hog = RateLimiter(paced.redis, RateLimitPolicy(per_second=RATE, burst=BURST))

@@ -12,11 +12,11 @@ import uuid
 from typing import Any
 
 from tests.isolated import Isolated, isolated
-from worker import keys
-from worker.envelopes import Envelope
-from worker.models import Message
-from worker.records import AttemptRecord, Failure, MessageStore, now_ms
+from worker.queue.envelopes import Envelope
 from worker.settings import Settings
+from worker.shapes.models import Message
+from worker.store import keys
+from worker.store.records import AttemptRecord, Failure, MessageStore, now_ms
 
 BUDGET_BYTES = 400
 

@@ -10,10 +10,10 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from sandbox.redisserver import EmbeddedRedis, free_port
-from worker.envelopes import Envelope
-from worker.records import AttemptRecord, MessageStore
-from worker.redisclient import make_redis
-from worker.retries import ANSWERING, RedisPatience
+from worker.queue.envelopes import Envelope
+from worker.rules.retries import ANSWERING, RedisPatience
+from worker.store.records import AttemptRecord, MessageStore
+from worker.store.redisclient import make_redis
 
 
 @pytest.fixture

@@ -15,11 +15,11 @@ import pytest
 from tests.conftest import ROOT, wait_for
 from tests.isolated import Isolated, isolated
 from tests.test_api import OPERATOR_KEY, ServerThread, _settings
-from worker import keys
-from worker.api import create_app
-from worker.deadletters import DeadLetterFilter, redrive_schedule
-from worker.models import Message
-from worker.records import Failure
+from worker.front.api import create_app
+from worker.shapes.models import Message
+from worker.store import keys
+from worker.store.deadletters import DeadLetterFilter, redrive_schedule
+from worker.store.records import Failure
 
 __all__ = ["isolated"]  # the fixture
 

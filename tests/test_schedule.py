@@ -12,8 +12,8 @@ import pytest
 import tasks
 from tests.conftest import wait_for
 from tests.isolated import Isolated, isolated
-from worker import keys
-from worker.envelopes import Envelope
+from worker.queue.envelopes import Envelope
+from worker.store import keys
 
 __all__ = ["isolated"]  # the fixture
 
@@ -93,7 +93,7 @@ def test_a_message_whose_worker_died_mid_attempt_is_taken_over_after_its_lease(
 def test_scripts_redis_forgot_are_loaded_again_and_the_outcome_is_recorded(runtime: Any) -> None:
     # What a Redis restart does to the script cache: the next claim and outcome still work,
     # on the same per-thread connection that speaks to Redis directly.
-    from worker.records import MessageStore
+    from worker.store.records import MessageStore
 
     store = MessageStore(
         runtime.redis, publish_grace_seconds=3600, lease_seconds=60, status_ttl_seconds=600
@@ -105,7 +105,7 @@ def test_scripts_redis_forgot_are_loaded_again_and_the_outcome_is_recorded(runti
     claim = store.claim(Envelope(message_id, 1, request), owner="me", worker="w", task_id="t")
     assert (claim.verdict, claim.attempt) == ("go", 1)
     runtime.redis.script_flush()
-    from worker.records import AttemptRecord, now_ms
+    from worker.store.records import AttemptRecord, now_ms
 
     assert store.delivered(message_id, AttemptRecord(1, now_ms(), "delivered", 200, None, 5, "c"))
     assert store.status(message_id)["state"] == "delivered"
@@ -114,8 +114,8 @@ def test_scripts_redis_forgot_are_loaded_again_and_the_outcome_is_recorded(runti
 def test_the_mover_stops_taking_due_messages_while_the_broker_is_away_and_loses_none(
     isolated: Isolated,
 ) -> None:
-    from worker.mover import BATCH, BrokerAway, Mover
-    from worker.publisher import Publisher
+    from worker.delivery.mover import BATCH, BrokerAway, Mover
+    from worker.queue.publisher import Publisher
 
     store = isolated.runtime.store
     count = BATCH + 100
@@ -132,7 +132,7 @@ def test_the_mover_stops_taking_due_messages_while_the_broker_is_away_and_loses_
         sent.extend(envelope.id for envelope in batch)
 
     mover = Mover(store, Publisher(send, batch_size=50), interval_seconds=0.1)
-    with mock.patch("worker.mover.FLUSH_SECONDS", 0.3), pytest.raises(BrokerAway):
+    with mock.patch("worker.delivery.mover.FLUSH_SECONDS", 0.3), pytest.raises(BrokerAway):
         mover.run_once()
     # One batch taken (and held by the publisher); the rest still wait on the schedule.
     still_due = isolated.runtime.redis.zcount(keys.SCHEDULE, 0, time.time() * 1000)

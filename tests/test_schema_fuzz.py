@@ -22,8 +22,8 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from tests.test_api import OPERATOR_KEY, PARTNER_KEY, ServerThread, _message_keys, _settings
-from worker.api import create_app
-from worker.openapi import openapi_document
+from worker.front.api import create_app
+from worker.front.openapi import openapi_document
 from worker.runtime import Runtime
 
 

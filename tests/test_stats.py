@@ -13,11 +13,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import tasks
 from tests.conftest import wait_for
-from worker import keys, outcomes
-from worker.cli import main
+from worker.front.cli import main
+from worker.front.stats import Stats, build, collect, queue_lists, render_prometheus
+from worker.rules import outcomes
 from worker.runtime import Runtime
 from worker.settings import load_settings
-from worker.stats import Stats, build, collect, queue_lists, render_prometheus
+from worker.store import keys
 
 pytestmark = pytest.mark.usefixtures("celery_worker_process")
 

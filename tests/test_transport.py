@@ -19,10 +19,16 @@ from pathlib import Path
 import pytest
 
 from sandbox.redisserver import free_port
-from worker.concur import ConcurClient
-from worker.models import Message
-from worker.outcomes import ApiResponse, TransportFailure
-from worker.transport import MAX_RESPONSE_BYTES, Answer, CurlTransport, Exchange, ExchangeFailed
+from worker.concur.client import ConcurClient
+from worker.concur.transport import (
+    MAX_RESPONSE_BYTES,
+    Answer,
+    CurlTransport,
+    Exchange,
+    ExchangeFailed,
+)
+from worker.rules.outcomes import ApiResponse, TransportFailure
+from worker.shapes.models import Message
 
 # What a scripted server does with one request on a connection: write what it likes, and say
 # whether the connection stays open for the next request.

@@ -1,6 +1,6 @@
 """The worker process's Celery app (``celery -A worker worker`` finds it as ``worker.app``).
 
-The app is configured in ``worker.celeryconfig``; this module connects what a worker process
+The app is configured in ``worker.queue.config``; this module connects what a worker process
 starts and stops around it: logging, Sentry, the configuration check, the mover and liveness
 threads, the history writer, and the held-message bookkeeping for each received task.
 """
@@ -12,13 +12,13 @@ from typing import Any
 
 from celery import signals
 
-from worker.celeryconfig import SEND_TASK, app_for
-from worker.history import HistoryWriter, settings_url
-from worker.logs import configure_from_settings
-from worker.monitoring import init_sentry
-from worker.mover import Liveness, Mover
+from worker.delivery.mover import Liveness, Mover
+from worker.ops.logs import configure_from_settings
+from worker.ops.monitoring import init_sentry
+from worker.queue.config import SEND_TASK, app_for
 from worker.runtime import get_runtime
 from worker.settings import SettingsError, get_settings
+from worker.store.history import HistoryWriter, settings_url
 
 __all__ = ["SEND_TASK", "app"]
 
@@ -29,7 +29,9 @@ _liveness: Liveness | None = None
 
 
 def liveness() -> Liveness:
-    """This worker process's heartbeat and held messages (worker/mover.py), made on first use."""
+    """This worker process's heartbeat and held messages (worker/delivery/mover.py), made on first
+    use.
+    """
     global _liveness
     if _liveness is None:
         runtime = get_runtime()

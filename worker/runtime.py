@@ -16,20 +16,20 @@ from dataclasses import dataclass, field
 from celery import Celery
 from redis import Redis
 
-from worker.allowlist import AllowList
-from worker.breaker import Breaker, BreakerPolicy
-from worker.celeryconfig import SEND_TASK, app_for
-from worker.concur import ConcurClient
-from worker.deadletters import DeadLetterStore
-from worker.envelopes import Envelope
-from worker.publisher import Publisher
-from worker.ratelimit import RateLimiter, RateLimitPolicy
-from worker.records import MessageStore
-from worker.redisclient import make_redis
-from worker.retries import RedisPatience, RetryPolicy
+from worker.concur.client import ConcurClient
+from worker.concur.tokens import StaticToken, TokenProvider
+from worker.concur.transport import CurlTransport
+from worker.limits.breaker import Breaker, BreakerPolicy
+from worker.limits.ratelimit import RateLimiter, RateLimitPolicy
+from worker.queue.config import SEND_TASK, app_for
+from worker.queue.envelopes import Envelope
+from worker.queue.publisher import Publisher
+from worker.rules.allowlist import AllowList
+from worker.rules.retries import RedisPatience, RetryPolicy
 from worker.settings import Settings, SettingsError, get_settings
-from worker.tokens import StaticToken, TokenProvider
-from worker.transport import CurlTransport
+from worker.store.deadletters import DeadLetterStore
+from worker.store.records import MessageStore
+from worker.store.redisclient import make_redis
 
 
 def default_worker_name() -> str:
@@ -128,7 +128,7 @@ class Runtime:
     def _make_tokens(self) -> TokenProvider:
         if not self.settings.uses_oauth:
             return StaticToken(self.settings)
-        from worker.oauth import OAuthTokens
+        from worker.concur.oauth import OAuthTokens
 
         return OAuthTokens.from_settings(
             self.settings, self.redis, on_geolocation=self._follow_geolocation
@@ -137,7 +137,7 @@ class Runtime:
     def _follow_geolocation(self, geolocation: str) -> None:
         # Concur said where the company lives: posts go there from now on (one str assignment,
         # so threads posting meanwhile see the old or the new base, never a mix).
-        from worker.oauth import api_base_for
+        from worker.concur.oauth import api_base_for
 
         self.client.base_url = api_base_for(geolocation, self.settings.api_base_url)
 
@@ -147,7 +147,7 @@ class Runtime:
         return app_for(self.settings)
 
     def publish(self, envelopes: Sequence[Envelope]) -> None:
-        """Queue send tasks for ``envelopes``; returns at once (``worker.publisher``).
+        """Queue send tasks for ``envelopes``; returns at once (``worker.queue.publisher``).
 
         Every message reaches the queue this way; ``publisher.flush()`` waits until it has.
         """

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from worker.models import DEFAULT_PARTNER, is_partner_name
+from worker.shapes.models import DEFAULT_PARTNER, is_partner_name
 
 ENV_PREFIX = "NOTIFY_"
 US_BASE_URL = "https://us.api.concursolutions.com/notifications/v4"
@@ -69,7 +69,7 @@ class Settings(BaseSettings):
     # unset: 1 with Sentinel, 0 without.
     redis_wait_replicas: int | None = Field(None, ge=0, le=10)
     # How long a worker or producer waits out a Redis outage (a restart, a failover), command by
-    # command, before the command fails (worker.retries.RedisPatience).
+    # command, before the command fails (worker.rules.retries.RedisPatience).
     redis_patience_seconds: float = Field(30.0, ge=1, le=600)
     # The Celery broker; unset: the Redis above. amqp:// is RabbitMQ (quorum queues).
     broker_url: str | None = None
@@ -78,7 +78,7 @@ class Settings(BaseSettings):
     api_base_url: str = US_BASE_URL
     api_token: SecretStr | None = None
 
-    # Concur company OAuth (worker/oauth.py); when set, these win over NOTIFY_API_TOKEN.
+    # Concur company OAuth (worker/concur/oauth.py); when set, these win over NOTIFY_API_TOKEN.
     oauth_client_id: str | None = None
     oauth_client_secret: SecretStr | None = None
     oauth_company_id: str | None = None
@@ -113,21 +113,22 @@ class Settings(BaseSettings):
     retry_poll_interval_seconds: float = Field(1.0, gt=0, le=60)
     status_ttl_seconds: int = Field(24 * 3600, ge=60)
 
-    # The durable history in PostgreSQL (worker/history.py); unset: none beyond the hot window.
+    # The durable history in PostgreSQL (worker/store/history.py); unset: none beyond the hot
+    # window.
     history_url: SecretStr | None = None
     history_days: int = Field(30, ge=1, le=3650)
     history_batch_size: int = Field(1000, ge=1, le=50_000)
     # An outbox batch a writer read and did not acknowledge (it died) is taken over after this.
     history_claim_idle_seconds: float = Field(60.0, gt=0, le=86400)
 
-    # The global rate limit (worker/ratelimit.py), shared by every worker through Redis.
+    # The global rate limit (worker/limits/ratelimit.py), shared by every worker through Redis.
     rate_limit_per_second: float = Field(0.0, ge=0, le=100_000)  # 0: off
     # Posts allowed at once after an idle spell; 1 (the default) paces strictly, so no second
     # sees more than rate + 1 posts start.
     rate_limit_burst: int = Field(1, ge=1, le=100_000)
     rate_limit_penalty_seconds: float = Field(60.0, ge=0, le=3600)  # half pace after a 429
 
-    # The fleet-wide circuit breaker (worker/breaker.py): when the API is failing, no worker
+    # The fleet-wide circuit breaker (worker/limits/breaker.py): when the API is failing, no worker
     # posts, and waiting messages keep their attempts.
     breaker_enabled: bool = True
     breaker_window_seconds: int = Field(60, ge=1, le=3600)

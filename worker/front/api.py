@@ -1,0 +1,763 @@
+"""The HTTP service (``notify api``): a Concur v4 gateway for partner apps, message status, and
+the failed-notification endpoints for operators; an ASGI app on Starlette, served by uvicorn.
+
+* ``POST /messages/{userId}/session`` takes exactly Concur's v4 request and queues it (202).
+* ``GET /messages/{id}`` shows a message's status and attempts.
+* ``GET /notifications?status=failed`` and ``GET|DELETE /notifications/{id}``,
+  ``POST /notifications/{id}/replay``, ``POST /notifications/replay`` serve the dead letters in
+  the shape of Concur's "Get Notifications by Status" (JSON or XML by ``Accept``).
+* ``/healthz``, ``/readyz``, ``/metrics`` (Prometheus; no key, like Flower's), ``/openapi.json``.
+
+Every error is the seed's ``ErrorMessage``. Redis calls block, so they run off the event loop: the
+gateway's through the intake thread, in groups (``worker.intake.intake``), the others in the thread
+pool.
+Keys arrive only in the ``Authorization`` header, which no log line carries.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import json
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import unquote_to_bytes, urlencode
+
+from kombu.exceptions import OperationalError as BrokerError
+from pydantic import BaseModel
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from werkzeug.datastructures import MIMEAccept
+from werkzeug.http import parse_accept_header
+
+from worker.front import notifications
+from worker.front.console import console_routes
+from worker.front.openapi import openapi_document
+from worker.front.stats import PROMETHEUS_CONTENT_TYPE, collect, render_prometheus
+from worker.intake.intake import Intake
+from worker.intake.producer import record
+from worker.ops.logs import configure_from_settings
+from worker.ops.monitoring import init_sentry
+from worker.rules.retries import ANSWERING
+from worker.rules.validation import InvalidRequest, Problem, validate
+from worker.runtime import Runtime
+from worker.settings import Settings, get_settings
+from worker.shapes.contract import (
+    DEFAULT_PAGE_LIMIT,
+    HIGHEST_HTTP_STATUS,
+    LOWEST_HTTP_STATUS,
+    MAX_CURSOR,
+    MAX_PAGE_LIMIT,
+    MAX_REPLAY_RATE,
+    Attempt,
+    ClientStatus,
+    Health,
+    MessageStatus,
+    Notification,
+    NotificationList,
+    Queued,
+    Ready,
+    Replayed,
+    ReplayPreview,
+)
+from worker.shapes.models import ErrorItem, ErrorMessage, is_message_id, is_partner_name, partner_of
+from worker.shapes.times import int_or_none, iso_utc
+from worker.store import history
+from worker.store.deadletters import DeadLetterFilter
+
+log = logging.getLogger(__name__)
+
+# Stable errorCodes of our own (validation.py defines those of a bad request body).
+UNAUTHORIZED = "UNAUTHORIZED"
+FORBIDDEN = "FORBIDDEN"
+NOT_FOUND = "NOT_FOUND"
+METHOD_NOT_ALLOWED = "METHOD_NOT_ALLOWED"
+NOT_ACCEPTABLE = "NOT_ACCEPTABLE"
+PAYLOAD_TOO_LARGE = "PAYLOAD_TOO_LARGE"
+UNSUPPORTED_MEDIA_TYPE = "UNSUPPORTED_MEDIA_TYPE"
+INVALID_HEADER = "INVALID_HEADER"
+INVALID_PARAMETER = "INVALID_PARAMETER"
+UNSUPPORTED_STATUS = "UNSUPPORTED_STATUS"
+SERVICE_UNAVAILABLE = "SERVICE_UNAVAILABLE"
+INTERNAL_ERROR = "INTERNAL_ERROR"
+
+PARTNER = "partner"
+OPERATOR = "operator"
+
+_AUTH_SCHEMES = ("bearer", "oauth")  # OAuth: the scheme in Concur's legacy examples
+JSON_TYPE = "application/json"
+XML_TYPE = "application/xml"
+# What an Accept header can choose, in the server's order of preference: on a tie in quality
+# and specificity the first wins (RFC 9110 12.5.1 leaves ties to the server), so JSON.
+_OFFERS = {JSON_TYPE: "json", XML_TYPE: "xml", "text/xml": "xml"}
+
+# state in Redis -> the status a client sees. An attempt in progress is still "queued" from
+# the client's view (it may yet be retried); the raw state is shown alongside.
+STATUS_OF_STATE: dict[str, ClientStatus] = {
+    "queued": "queued",
+    "inflight": "queued",
+    "retrying": "retrying",
+    "delivered": "delivered",
+    "failed": "failed",
+}
+
+
+class ApiError(Exception):
+    """An answer in the seed's error schema: HTTP status, one or more (code, message)."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        headers: dict[str, str] | None = None,
+        problems: list[Problem] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.items = [(p.code, p.message) for p in problems] if problems else [(code, message)]
+        self.headers = headers or {}
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePolicy:
+    """What the HTTP service needs from the settings: keys, body limit, public URL."""
+
+    gateway_keys: tuple[tuple[bytes, str], ...]  # (key, partner name)
+    operator_keys: tuple[bytes, ...]
+    max_body_bytes: int
+    public_url: str | None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ServicePolicy:
+        """Read the service's part of the settings."""
+        return cls(
+            gateway_keys=tuple(
+                (key.get_secret_value().encode(), partner)
+                for partner, key in settings.gateway_partners
+            ),
+            operator_keys=tuple(k.get_secret_value().encode() for k in settings.operator_keys),
+            max_body_bytes=settings.service_max_body_bytes,
+            public_url=settings.service_public_url,
+        )
+
+
+# -- pure helpers --------------------------------------------------------------------------------
+
+
+def presented_key(authorization: str | None) -> bytes | None:
+    """The key in an ``Authorization: Bearer <key>`` (or ``OAuth <key>``) header, else None."""
+    if not authorization:
+        return None
+    scheme, _, key = authorization.strip().partition(" ")
+    key = key.strip()
+    if scheme.lower() not in _AUTH_SCHEMES or not key:
+        return None
+    return key.encode("utf-8", "surrogateescape")
+
+
+def _any_matches(given: bytes, keys: tuple[bytes, ...]) -> bool:
+    # Compares with every key, without stopping at a match, in constant time per key.
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(given, key)
+    return matched
+
+
+def partner_of_key(given: bytes | None, policy: ServicePolicy) -> str | None:
+    """The partner whose gateway key ``given`` is, or None."""
+    if given is None:
+        return None
+    matched: str | None = None
+    for key, partner in policy.gateway_keys:
+        # Every key is compared, in constant time each; no key names two partners (settings).
+        if hmac.compare_digest(given, key):
+            matched = partner
+    return matched
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who presented the request's key: its roles and, for a gateway key, its partner."""
+
+    roles: frozenset[str]
+    partner: str | None
+
+    @property
+    def operator(self) -> bool:
+        """Operators see every partner's messages."""
+        return OPERATOR in self.roles
+
+
+def caller_of(given: bytes | None, policy: ServicePolicy) -> Caller:
+    """The roles and partner a presented key grants."""
+    partner = partner_of_key(given, policy)
+    roles = set()
+    if partner is not None:
+        roles.add(PARTNER)
+    if given is not None and _any_matches(given, policy.operator_keys):
+        roles.add(OPERATOR)
+    return Caller(frozenset(roles), partner)
+
+
+def negotiate(accept: str | None) -> str | None:
+    """``"json"`` or ``"xml"`` for an ``Accept`` header (JSON when absent or blank), None if
+    it allows neither (406).
+
+    Parsed and matched by werkzeug (quality, then specificity, then our order: JSON first); a
+    range with a ``q`` that is not a number in 0..1 is dropped, as RFC 9110 says to ignore it.
+    """
+    if accept is None or not accept.strip():
+        return "json"
+    ranges = parse_accept_header(accept, MIMEAccept)
+    # Media-type parameters (``application/json; charset=utf-8``) tell none of our answers
+    # apart, yet werkzeug matches a range with parameters only to an offer with the same ones:
+    # they are dropped, so such a range still chooses its type.
+    bare = MIMEAccept([(value.partition(";")[0].strip(), quality) for value, quality in ranges])
+    best = bare.best_match(_OFFERS)
+    return None if best is None else _OFFERS[best]
+
+
+def parse_since(value: str) -> int:
+    """An ISO-8601 date or date-time as epoch milliseconds (UTC when no offset is given)."""
+    moment = datetime.fromisoformat(value.strip())
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp() * 1000)
+
+
+def _iso_ms(ms: Any) -> str | None:
+    return iso_utc(ms, millis=True)
+
+
+def _record_request(record: dict[str, Any]) -> dict[str, Any]:
+    try:
+        request = json.loads(record.get("req") or "{}")
+    except ValueError:
+        request = {}
+    return request if isinstance(request, dict) else {}
+
+
+def record_partner(record: dict[str, Any]) -> str:
+    """The partner a status record belongs to (``default`` for records from before partners)."""
+    return partner_of(_record_request(record))
+
+
+def _text(value: Any) -> str | None:
+    # A stored value shown as text: records hold what validated requests and attempts wrote,
+    # so this only keeps an odd legacy value from failing the answer's model.
+    if value is None or isinstance(value, str):
+        return value
+    return str(value)
+
+
+def message_view(message_id: str, record: dict[str, Any], base_url: str) -> MessageStatus:
+    """A status record (``MessageStore.status``) as the ``GET /messages/{id}`` body."""
+    request = _record_request(record)
+    context = request.get("context")
+    state = str(record.get("state", ""))
+    return MessageStatus(
+        id=message_id,
+        status=STATUS_OF_STATE.get(state, "queued"),
+        state=state,
+        partner=partner_of(request),
+        userId=_text(request.get("userId")),
+        sessionId=_text(request.get("sessionId")),
+        templateId=_text(request.get("templateId")),
+        context=context if isinstance(context, dict) else {},
+        attempts=[
+            Attempt(
+                number=int_or_none(entry.get("n")),
+                at=_iso_ms(entry.get("at")),
+                outcome=_text(entry.get("outcome")),
+                httpStatus=int_or_none(entry.get("status")),
+                cause=_text(entry.get("cause")),
+                durationMs=int_or_none(entry.get("ms")),
+                correlationId=_text(entry.get("cid")),
+            )
+            for entry in record.get("attempts", [])
+            if isinstance(entry, dict)
+        ],
+        correlationId=_text(record.get("cid")) or None,
+        lastHttpStatus=int_or_none(record.get("status")),
+        createdAt=_iso_ms(record.get("created")),
+        updatedAt=_iso_ms(record.get("updated")),
+        nextAttemptAt=_iso_ms(record.get("next")) if state == "retrying" else None,
+        replays=int_or_none(record.get("replays")) or 0,
+        reason=_text(record.get("reason")) or None,
+        notificationUri=(
+            notifications.notification_uri(base_url, message_id) if state == "failed" else None
+        ),
+    )
+
+
+# -- responses -----------------------------------------------------------------------------------
+
+
+def json_response(
+    content: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    """A JSON response; ASCII-escaped, so any string (even a lone surrogate) encodes."""
+    body = json.dumps(content, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
+    return Response(body.encode("ascii"), status, headers, media_type=JSON_TYPE)
+
+
+def model_response(
+    body: BaseModel, status: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    """A JSON answer built through its model (``worker.shapes.contract``), the one the OpenAPI
+    document describes: a body that does not fit its description fails here, not at a client.
+
+    A field left unset is left out: only keys that are absent unless given have defaults
+    (``Replayed.ratePerSecond``); every other field is always passed, null or not.
+    """
+    return json_response(body.model_dump(exclude_unset=True), status, headers)
+
+
+def error_response(error: ApiError) -> Response:
+    """The seed's ``ErrorMessage``, one entry per problem, each with a fresh ``errorId``."""
+    body = ErrorMessage(
+        errors=[
+            ErrorItem(errorId=str(uuid.uuid4()), errorCode=code, errorMessage=message)
+            for code, message in error.items
+        ]
+    )
+    return model_response(body, error.status, error.headers)
+
+
+def _xml_response(
+    body: bytes, status: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    return Response(body, status, headers, media_type=f"{XML_TYPE}; charset=utf-8")
+
+
+# -- the app -------------------------------------------------------------------------------------
+
+
+class Service:
+    """The endpoints, over one runtime and one policy."""
+
+    def __init__(self, policy: ServicePolicy, runtime: Runtime) -> None:
+        self.policy = policy
+        self.runtime = runtime
+        self.intake = Intake(functools.partial(record, runtime=runtime))
+
+    # helpers
+
+    def _base_url(self, request: Request) -> str:
+        # Never the request's Host header: a client could point NotificationURI, ObjectURI,
+        # Link and the OpenAPI servers at a host of its choosing. Without a configured public
+        # URL the URIs are relative ("/notifications/<id>").
+        return self.policy.public_url or ""
+
+    def _require(self, request: Request, role: str, *, also: str | None = None) -> Caller:
+        caller = caller_of(presented_key(request.headers.get("authorization")), self.policy)
+        roles = caller.roles
+        if role in roles or (also is not None and also in roles):
+            return caller
+        if roles:
+            raise ApiError(403, FORBIDDEN, f"this key does not grant the {role} role")
+        raise ApiError(
+            401,
+            UNAUTHORIZED,
+            "a valid key is required: Authorization: Bearer <key>",
+            headers={"WWW-Authenticate": 'Bearer realm="notify"'},
+        )
+
+    @staticmethod
+    def _id(request: Request, name: str = "id") -> str:
+        value = str(request.path_params[name])
+        # Anything but an id's form cannot exist and must not reach a Redis key name.
+        if not is_message_id(value):
+            raise ApiError(404, NOT_FOUND, "no such id")
+        return value
+
+    @staticmethod
+    def _user_id(request: Request) -> str:
+        """The ``{userId}`` path segment, decoded strictly as UTF-8.
+
+        The server decodes the path leniently (invalid UTF-8 becomes U+FFFD), so ``%FF`` and
+        ``%FE`` would be one user: the segment is decoded again from the raw path, strictly.
+        """
+        decoded = str(request.path_params["userId"])
+        raw_path = request.scope.get("raw_path")
+        if not isinstance(raw_path, bytes):
+            return decoded
+        segments = raw_path.split(b"?", 1)[0].split(b"/")
+        if len(segments) < 3 or segments[-1] != b"session":
+            return decoded
+        try:
+            unquote_to_bytes(segments[-2]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ApiError(
+                400, "INVALID_USER_ID", "userId is not valid UTF-8 once percent-decoded"
+            ) from None
+        return decoded
+
+    def _check_json_content_type(self, request: Request) -> None:
+        raw = request.headers.get("content-type")
+        if raw is None:
+            raise ApiError(415, UNSUPPORTED_MEDIA_TYPE, "Content-Type: application/json required")
+        media, *params = raw.split(";")
+        if media.strip().lower() != JSON_TYPE:
+            raise ApiError(415, UNSUPPORTED_MEDIA_TYPE, "Content-Type: application/json required")
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "charset" and value.strip().strip('"').lower() not in (
+                "utf-8",
+                "utf8",
+            ):
+                raise ApiError(415, UNSUPPORTED_MEDIA_TYPE, "the body must be UTF-8 JSON")
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.policy.max_body_bytes
+        too_large = ApiError(413, PAYLOAD_TOO_LARGE, f"the body is larger than {limit} bytes")
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not declared.strip().isdigit():
+                raise ApiError(400, INVALID_HEADER, "Content-Length is not a number")
+            if int(declared) > limit:
+                raise too_large
+        # The declared length may be absent (chunked) or wrong: count what actually arrives.
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _format(self, request: Request) -> str:
+        chosen = negotiate(request.headers.get("accept"))
+        if chosen is None:
+            raise ApiError(406, NOT_ACCEPTABLE, f"supported Accept types: {', '.join(_OFFERS)}")
+        return chosen
+
+    @staticmethod
+    def _status_param(request: Request, *, required: bool) -> None:
+        status = request.query_params.get("status")
+        if status is None and not required:
+            return
+        if status not in notifications.SUPPORTED_STATUSES:
+            supported = ", ".join(notifications.SUPPORTED_STATUSES)
+            raise ApiError(
+                400, UNSUPPORTED_STATUS, f"status must be one of: {supported} (got {status!r})"
+            )
+
+    @staticmethod
+    def _filter(request: Request) -> DeadLetterFilter:
+        query = request.query_params
+        partner = query.get("partner") or None
+        if partner is not None and not is_partner_name(partner):
+            raise ApiError(400, INVALID_PARAMETER, "partner is not a partner name")
+        since = query.get("since")
+        since_ms = None
+        if since is not None:
+            try:
+                since_ms = parse_since(since)
+            except (ValueError, OverflowError, OSError):
+                raise ApiError(
+                    400, INVALID_PARAMETER, "since must be an ISO-8601 date-time"
+                ) from None
+        until = query.get("until")
+        until_ms = None
+        if until is not None:
+            try:
+                until_ms = parse_since(until)
+            except (ValueError, OverflowError, OSError):
+                raise ApiError(
+                    400, INVALID_PARAMETER, "until must be an ISO-8601 date-time"
+                ) from None
+        http_status = query.get("httpStatus")
+        if http_status is not None and not (
+            http_status.isascii()
+            and http_status.isdigit()
+            and LOWEST_HTTP_STATUS <= int(http_status) <= HIGHEST_HTTP_STATUS
+        ):
+            raise ApiError(
+                400,
+                INVALID_PARAMETER,
+                f"httpStatus must be an HTTP status {LOWEST_HTTP_STATUS}..{HIGHEST_HTTP_STATUS}",
+            )
+        return DeadLetterFilter(
+            reason=query.get("reason") or None,
+            template_id=query.get("template") or None,
+            user_id=query.get("user") or None,
+            since_ms=since_ms,
+            partner=partner,
+            http_status=None if http_status is None else int(http_status),
+            until_ms=until_ms,
+        )
+
+    @staticmethod
+    def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
+        raw = request.query_params.get(name)
+        if raw is None:
+            return default
+        if not raw.isascii() or not raw.isdigit() or not low <= int(raw) <= high:
+            raise ApiError(400, INVALID_PARAMETER, f"{name} must be an integer {low}..{high}")
+        return int(raw)
+
+    # gateway
+
+    async def submit(self, request: Request) -> Response:
+        """``POST /messages/{userId}/session``: validate and queue a v4 request."""
+        caller = self._require(request, PARTNER)
+        self._check_json_content_type(request)
+        raw = await self._read_body(request)
+        try:
+            body = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as error:
+            what = "UTF-8" if isinstance(error, UnicodeDecodeError) else "valid JSON"
+            raise ApiError(400, "INVALID_JSON", f"the body is not {what}") from None
+        user_id = self._user_id(request)
+        try:
+            # Pure and cached: cheaper here than a hop to a thread.
+            # The partner is part of the id and the idempotency key: the same request from two
+            # partners is two messages, and neither can pre-empt the other's.
+            message = validate(user_id, body, self.runtime.allowlist, partner=caller.partner)
+        except InvalidRequest as error:
+            raise ApiError(400, "", "", problems=error.problems) from None
+        created, state = await self.intake.record(message)
+        status = "queued" if created else STATUS_OF_STATE.get(state, "queued")
+        return model_response(
+            Queued(id=message.id, status=status, duplicate=not created),
+            202,
+            {"Location": f"/messages/{message.id}"},
+        )
+
+    async def message_status(self, request: Request) -> Response:
+        """``GET /messages/{id}``: the message's status and attempts."""
+        caller = self._require(request, PARTNER, also=OPERATOR)
+        message_id = self._id(request)
+        record = await run_in_threadpool(
+            history.message_status,
+            self.runtime.store,
+            history.settings_url(self.runtime.settings),
+            message_id,
+        )
+        # Another partner's message is "no such message", exactly as an unknown id: a 403 would
+        # tell a partner which ids exist. Operators see every partner's.
+        if record is None or not (caller.operator or record_partner(record) == caller.partner):
+            if record is not None:
+                log.info(
+                    "partner %s asked for message %s of another partner: 404",
+                    caller.partner,
+                    message_id,
+                    extra={"partner": caller.partner, "message_id": message_id},
+                )
+            raise ApiError(404, NOT_FOUND, "no such message (unknown, or its status expired)")
+        return model_response(message_view(message_id, record, self._base_url(request)))
+
+    # failed notifications
+
+    async def list_notifications(self, request: Request) -> Response:
+        """``GET /notifications?status=failed``: a page of dead letters, newest first."""
+        self._require(request, OPERATOR)
+        fmt = self._format(request)
+        self._status_param(request, required=True)
+        selection = self._filter(request)
+        limit = self._int_param(request, "limit", DEFAULT_PAGE_LIMIT, 1, MAX_PAGE_LIMIT)
+        cursor = self._int_param(request, "cursor", 0, 0, MAX_CURSOR)
+        store = self.runtime.deadletters
+        page = await run_in_threadpool(
+            functools.partial(store.page, selection, cursor=cursor, limit=limit)
+        )
+        base = self._base_url(request)
+        headers: dict[str, str] = {}
+        if page.next_cursor is not None:
+            query = {key: value for key, value in request.query_params.items() if key != "cursor"}
+            query.update(cursor=str(page.next_cursor), limit=str(limit))
+            headers["Link"] = f'<{base}/notifications?{urlencode(query)}>; rel="next"'
+            headers["X-Next-Cursor"] = str(page.next_cursor)
+        if fmt == "xml":
+            return _xml_response(
+                notifications.notification_list_xml(page.items, base), 200, headers
+            )
+        listed = [notifications.notification_dict(item, base) for item in page.items]
+        return model_response(NotificationList.model_validate(listed), 200, headers)
+
+    async def show_notification(self, request: Request) -> Response:
+        """``GET /notifications/{id}``: one failed notification."""
+        self._require(request, OPERATOR)
+        fmt = self._format(request)
+        letter_id = self._id(request)
+        letter = await run_in_threadpool(self.runtime.deadletters.get, letter_id)
+        if letter is None:
+            raise ApiError(404, NOT_FOUND, "no such failed notification")
+        base = self._base_url(request)
+        if fmt == "xml":
+            return _xml_response(notifications.notification_xml(letter, base))
+        return model_response(
+            Notification.model_validate(notifications.notification_dict(letter, base))
+        )
+
+    async def delete_notification(self, request: Request) -> Response:
+        """``DELETE /notifications/{id}``: remove one failed notification (204)."""
+        self._require(request, OPERATOR)
+        letter_id = self._id(request)
+        if not await run_in_threadpool(self.runtime.deadletters.delete, letter_id):
+            raise ApiError(404, NOT_FOUND, "no such failed notification")
+        return Response(status_code=204)
+
+    async def replay_notification(self, request: Request) -> Response:
+        """``POST /notifications/{id}/replay``: send it back through the pipeline (202)."""
+        self._require(request, OPERATOR)
+        letter_id = self._id(request)
+        envelope = await run_in_threadpool(self.runtime.deadletters.replay, letter_id)
+        if envelope is None:
+            raise ApiError(404, NOT_FOUND, "no such failed notification")
+        return model_response(
+            Queued(id=letter_id, status="queued", duplicate=False),
+            202,
+            {"Location": f"/messages/{letter_id}"},
+        )
+
+    async def replay_many(self, request: Request) -> Response:
+        """``POST /notifications/replay?<filters>[&dryRun=true][&rate=N]``: replay the selected.
+
+        ``dryRun=true`` answers 200 with what would be replayed and changes nothing. ``rate``
+        paces the redrive (replays a second); it then runs after the answer (202 with the ids
+        selected), in this process: one that stops midway leaves the rest as dead letters.
+        """
+        self._require(request, OPERATOR)
+        self._status_param(request, required=False)
+        selection = self._filter(request)
+        store = self.runtime.deadletters
+        query = request.query_params
+        if query.get("dryRun") not in (None, "true", "false"):
+            raise ApiError(400, INVALID_PARAMETER, "dryRun must be true or false")
+        rate = query.get("rate")
+        rate_per_second = None
+        if rate is not None:
+            try:
+                rate_per_second = float(rate)
+            except ValueError:
+                rate_per_second = -1.0
+            if not (0 < rate_per_second < MAX_REPLAY_RATE):
+                raise ApiError(400, INVALID_PARAMETER, "rate must be a positive number")
+        if query.get("dryRun") == "true":
+            ids = await run_in_threadpool(store.select, selection)
+            return model_response(ReplayPreview(count=len(ids), ids=ids, dryRun=True), 200)
+        if rate_per_second is None:
+            ids = await run_in_threadpool(store.replay_many, selection)
+            return model_response(Replayed(count=len(ids), ids=ids), 202)
+        ids = await run_in_threadpool(store.select, selection)
+        paced = BackgroundTask(store.replay_ids, ids, rate_per_second=rate_per_second)
+        response = model_response(
+            Replayed(count=len(ids), ids=ids, ratePerSecond=rate_per_second), 202
+        )
+        response.background = paced
+        return response
+
+    # operations
+
+    async def healthz(self, request: Request) -> Response:
+        """``GET /healthz``: the process is up."""
+        return model_response(Health(status="ok"))
+
+    async def readyz(self, request: Request) -> Response:
+        """``GET /readyz``: Redis answers a PING."""
+        try:
+            await run_in_threadpool(self.runtime.redis.ping)
+        except Exception:  # any failure to PING means "not ready", whatever its kind
+            raise ApiError(503, SERVICE_UNAVAILABLE, "Redis does not answer") from None
+        return model_response(Ready(status="ready"))
+
+    async def metrics(self, request: Request) -> Response:
+        """``GET /metrics``: the operators' counts in the Prometheus text format."""
+        snapshot = await run_in_threadpool(collect, self.runtime)
+        return Response(render_prometheus(snapshot), media_type=PROMETHEUS_CONTENT_TYPE)
+
+    async def openapi(self, request: Request) -> Response:
+        """``GET /openapi.json``: this service's OpenAPI 3 document."""
+        return json_response(openapi_document(self._base_url(request) or "/"))
+
+
+def _handle(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[..., Any]:
+    # Turns ApiError into the error schema; Redis or broker outages into 503.
+    @functools.wraps(endpoint)
+    async def wrapped(request: Request) -> Response:
+        try:
+            return await endpoint(request)
+        except ApiError as error:
+            return error_response(error)
+        except (RedisConnectionError, RedisTimeoutError, BrokerError) as error:
+            log.warning("503: Redis or the broker is unavailable (%s)", type(error).__name__)
+            return error_response(
+                ApiError(503, SERVICE_UNAVAILABLE, "the queue is unavailable; try again later")
+            )
+
+    return wrapped
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {404: NOT_FOUND, 405: METHOD_NOT_ALLOWED}.get(exc.status_code, INVALID_PARAMETER)
+    headers = dict(exc.headers) if exc.headers else None
+    return error_response(ApiError(exc.status_code, code, str(exc.detail), headers=headers))
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    return error_response(ApiError(500, INTERNAL_ERROR, "internal error"))
+
+
+def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> Starlette:
+    """The ASGI app; by default over the process settings and runtime."""
+    if settings is None:
+        settings = get_settings()
+        # Each `notify api --workers N` child builds its app here: give it the same JSON logs and
+        # Sentry as the parent (both are idempotent).
+        configure_from_settings(settings)
+        init_sentry(settings)
+    if runtime is None:
+        # A partner or an operator waits for each answer: while Redis is away, a 503 after 2 s
+        # (they may send again: submissions are idempotent), not a request held for 30.
+        runtime = Runtime.from_settings(settings, redis_patience=ANSWERING)
+    service = Service(ServicePolicy.from_settings(settings), runtime)
+    routes = [
+        Route("/messages/{userId}/session", _handle(service.submit), methods=["POST"]),
+        Route("/messages/{id}", _handle(service.message_status), methods=["GET"]),
+        Route("/notifications", _handle(service.list_notifications), methods=["GET"]),
+        Route("/notifications/replay", _handle(service.replay_many), methods=["POST"]),
+        Route("/notifications/{id}", _handle(service.show_notification), methods=["GET"]),
+        Route("/notifications/{id}", _handle(service.delete_notification), methods=["DELETE"]),
+        Route("/notifications/{id}/replay", _handle(service.replay_notification), methods=["POST"]),
+        Route("/healthz", _handle(service.healthz), methods=["GET"]),
+        Route("/readyz", _handle(service.readyz), methods=["GET"]),
+        Route("/metrics", _handle(service.metrics), methods=["GET"]),
+        Route("/openapi.json", _handle(service.openapi), methods=["GET"]),
+        *console_routes(settings, runtime),  # /console: the dead-letter console
+    ]
+    app = Starlette(
+        routes=routes,
+        exception_handlers={HTTPException: _http_error, Exception: _server_error},
+    )
+    # A trailing slash is a 404 in the error schema, not a redirect a POST cannot follow.
+    app.router.redirect_slashes = False
+    return app
+
+
+@functools.cache
+def _default_app() -> Starlette:
+    return create_app()
+
+
+def __getattr__(name: str) -> Any:
+    # ``uvicorn worker.front.api:app`` works, yet importing this module reads no settings.
+    if name == "app":
+        return _default_app()
+    raise AttributeError(name)

@@ -1,0 +1,630 @@
+"""The ``notify`` command: send, inspect failed notifications, run the services.
+
+User mistakes (bad settings, invalid requests, unknown ids, Redis not answering) print one
+``error:`` line and exit non-zero; tracebacks are for bugs only.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from importlib.metadata import EntryPoint, entry_points
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from worker.settings import SettingsError
+from worker.shapes.contract import HIGHEST_HTTP_STATUS, LOWEST_HTTP_STATUS
+from worker.shapes.times import iso_utc
+
+if TYPE_CHECKING:
+    from worker.runtime import Runtime
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_INVALID = 1
+EXIT_CONFIG = 2
+EXIT_UNAVAILABLE = 3
+EXIT_NOT_FOUND = 4
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def friendly_errors(function: F) -> F:
+    """Turn the errors a user can cause or fix into one line and an exit code."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from worker.rules.validation import InvalidRequest
+
+        try:
+            return function(*args, **kwargs)
+        except SettingsError as error:
+            _fail(str(error), EXIT_CONFIG)
+        except InvalidRequest as error:
+            _fail(f"invalid request: {error}", EXIT_INVALID)
+        except (RedisConnectionError, RedisTimeoutError, OSError) as error:
+            _fail(f"cannot reach Redis or the broker: {error}", EXIT_UNAVAILABLE)
+
+    return wrapper  # type: ignore[return-value]
+
+
+class _Commands(click.Group):
+    """``notify``'s commands, and those other installed packages add (``notify.commands``).
+
+    The dev tooling (``sandbox/``: ``notify dev``, ``notify sandbox``) declares its commands as
+    entry points rather than being imported from here, so production code never depends on it
+    and an image without it has no such commands. They are loaded only when asked for.
+    """
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *_added_commands()})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        point = None if command is not None else _added_commands().get(cmd_name)
+        if point is None:
+            return command
+        try:
+            loaded = point.load()
+        except ImportError:  # declared by the project's metadata, not installed here
+            return None
+        return loaded if isinstance(loaded, click.Command) else None
+
+
+@functools.cache
+def _runtime() -> Runtime:
+    """The command's runtime: its Redis gives up after 2 s of outage, since someone waits."""
+    from worker.rules.retries import ANSWERING
+    from worker.runtime import Runtime
+    from worker.settings import get_settings
+
+    return Runtime.from_settings(get_settings(), redis_patience=ANSWERING)
+
+
+def _added_commands() -> dict[str, EntryPoint]:
+    return {point.name: point for point in entry_points(group="notify.commands")}
+
+
+@click.group(cls=_Commands)
+def main() -> None:
+    """Deliver partner messages to SAP Concur users, and manage the ones that failed."""
+
+
+@main.command()
+@click.argument("user_id")
+@click.option("--session", "session_id", required=True, help="sessionId of the v4 body")
+@click.option("--template", "template_id", required=True, help="templateId (must be allowed)")
+@click.option("--url", default=None, help="context.url (must be allowed)")
+@friendly_errors
+def send(user_id: str, session_id: str, template_id: str, url: str | None) -> None:
+    """Validate and queue one message; print its id."""
+    from worker.intake.producer import submit
+    from worker.shapes.models import request_body
+
+    body = request_body(session_id, template_id, url)
+    result = submit(user_id, body, runtime=_runtime())
+    if result.duplicate:
+        click.echo(f"already submitted (state: {result.state}); nothing new queued", err=True)
+    click.echo(result.id)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@main.command()
+@click.argument("message_id")
+@click.option("--json", "as_json", is_flag=True, help="print the stored record as JSON")
+@friendly_errors
+def status(message_id: str, as_json: bool) -> None:
+    """Show a message's state, attempts, HTTP status, correlation id and next retry."""
+    from worker.front import views
+    from worker.store import history
+
+    runtime = _runtime()
+    record = history.message_status(
+        runtime.store, history.settings_url(runtime.settings), message_id
+    )
+    if record is None:
+        _fail(f"no message {message_id!r} (unknown, or its status record expired)", EXIT_NOT_FOUND)
+        return
+    if as_json:
+        click.echo(json.dumps(record, indent=2, sort_keys=True))
+        return
+    letter = runtime.deadletters.get(message_id) if record.get("state") == "failed" else None
+    views.show(views.message_view(message_id, record, _now_ms(), letter))
+
+
+@main.group()
+def failed() -> None:
+    """List, show, replay or delete dead letters (failed notifications)."""
+
+
+TIME_FORMATS = ["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M:%S%z"]
+
+
+def _filters(function: F) -> F:
+    """Add --reason, --template, --user, --since, --until, --partner, --http-status; pass them
+    on as one ``selection``."""
+
+    @functools.wraps(function)
+    def wrapper(
+        *args: Any,
+        reason: str | None,
+        template_id: str | None,
+        user_id: str | None,
+        since: datetime | None,
+        until: datetime | None,
+        partner: str | None,
+        http_status: int | None,
+        **kwargs: Any,
+    ) -> Any:
+        from worker.store.deadletters import DeadLetterFilter
+
+        chosen = DeadLetterFilter(
+            reason=reason,
+            template_id=template_id,
+            user_id=user_id,
+            since_ms=_epoch_ms(since),
+            partner=partner,
+            http_status=http_status,
+            # --until 2026-11-25 means through the end of that day (or second).
+            until_ms=None if until is None else _epoch_ms(until, through=True),
+        )
+        selection = None if chosen == DeadLetterFilter() else chosen
+        return function(*args, selection=selection, **kwargs)
+
+    for option in reversed(
+        [
+            click.option("--reason", default=None, help="only this reason code"),
+            click.option("--template", "template_id", default=None, help="only this templateId"),
+            click.option("--user", "user_id", default=None, help="only this userId"),
+            click.option(
+                "--since",
+                default=None,
+                type=click.DateTime(TIME_FORMATS),
+                help="only those that failed at or after this time (UTC unless an offset is given)",
+            ),
+            click.option(
+                "--until",
+                default=None,
+                type=click.DateTime(TIME_FORMATS),
+                help="only those that failed at or before this time (a date: through that day)",
+            ),
+            click.option("--partner", default=None, help="only this partner's (see GATEWAY_KEYS)"),
+            click.option(
+                "--http-status",
+                default=None,
+                type=click.IntRange(LOWEST_HTTP_STATUS, HIGHEST_HTTP_STATUS),
+                help="only those whose last answer had this HTTP status",
+            ),
+        ]
+    ):
+        wrapper = option(wrapper)
+    return wrapper  # type: ignore[return-value]
+
+
+@failed.command("list")
+@_filters
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 10_000))
+@click.option("--cursor", default=0, type=click.IntRange(0), help="from a previous page")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@friendly_errors
+def failed_list(selection: Any, limit: int, cursor: int, as_json: bool) -> None:
+    """List dead letters, newest first."""
+
+    page = _runtime().deadletters.page(selection, cursor=cursor, limit=limit)
+    if as_json:
+        click.echo(
+            json.dumps(
+                {"items": [item.to_dict() for item in page.items], "nextCursor": page.next_cursor},
+                indent=2,
+            )
+        )
+        return
+    if not page.items:
+        click.echo("no failed notifications")
+        return
+    from rich.console import Group
+    from rich.text import Text
+
+    from worker.front import views
+
+    parts: list[Any] = [views.dead_letters_table(page.items)]
+    if page.next_cursor is not None:
+        parts.append(Text(f"more: --cursor {page.next_cursor}"))
+    views.show(Group(*parts))
+
+
+@failed.command("show")
+@click.argument("letter_id")
+@click.option("--json", "as_json", is_flag=True, help="print the dead letter as JSON")
+@friendly_errors
+def failed_show(letter_id: str, as_json: bool) -> None:
+    """Show one dead letter in full: reason, HTTP status, the API's errors, attempts."""
+    from worker.front import views
+
+    letter = _runtime().deadletters.get(letter_id)
+    if letter is None:
+        _fail(f"no failed notification {letter_id!r}", EXIT_NOT_FOUND)
+    elif as_json:
+        click.echo(json.dumps(letter.to_dict(), indent=2))
+    else:
+        views.show(views.dead_letter_view(letter, _now_ms()))
+
+
+def _epoch_ms(moment: datetime | None, *, through: bool = False) -> int | None:
+    """Epoch ms of a --since/--until time (UTC unless it has an offset); ``through``: the
+    last millisecond of the day (a bare date) or of the second it names."""
+    if moment is None:
+        return None
+    aware = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    ms = int(aware.timestamp() * 1000)
+    if through:
+        whole_day = (aware.hour, aware.minute, aware.second) == (0, 0, 0)
+        ms += 86_399_999 if whole_day else 999
+    return ms
+
+
+def _ids_or_all(ids: tuple[str, ...], all_: bool, selection: Any) -> list[str] | None:
+    if ids and all_:
+        _fail("give ids or --all, not both", EXIT_INVALID)
+    if not ids and not all_:
+        _fail("give one or more ids, or --all (optionally with filters)", EXIT_INVALID)
+    if selection is not None and not all_:
+        _fail("filters select with --all only", EXIT_INVALID)
+    return list(ids) if ids else None
+
+
+@dataclass(frozen=True)
+class _DeadLetterAction:
+    """What ``failed replay`` and ``failed delete`` do, in their words."""
+
+    verb: str
+    done: str
+    doing: str
+    many: Callable[[list[str], Callable[[int], None]], list[str]]  # selected ids, progress
+    one: Callable[[str], bool]  # False: no such dead letter
+    ask_first: bool = False  # before acting on what --all selects
+
+
+def _act_on_dead_letters(
+    action: _DeadLetterAction,
+    chosen: list[str] | None,
+    selection: Any,
+    *,
+    dry_run: bool,
+    progress: bool | None,
+) -> None:
+    """Act on the ids given, or (``chosen`` None) on every dead letter ``selection`` matches."""
+    from worker.front import views
+    from worker.store.deadletters import DeadLetterFilter
+
+    store = _runtime().deadletters
+    if chosen is not None:
+        if dry_run:
+            found = [letter_id for letter_id in chosen if store.get(letter_id) is not None]
+            click.echo(f"would {action.verb} {len(found)}")
+            return
+        missing = [letter_id for letter_id in chosen if not action.one(letter_id)]
+        click.echo(f"{action.done} {len(chosen) - len(missing)}")
+        if missing:
+            _fail(f"no failed notification {', '.join(map(repr, missing))}", EXIT_NOT_FOUND)
+        return
+    selected = store.select(selection or DeadLetterFilter())
+    if dry_run:
+        click.echo(f"would {action.verb} {len(selected)}")
+        return
+    if selected and action.ask_first:
+        click.confirm(f"{action.verb} {len(selected)} dead letters for good?", abort=True)
+    with views.Progress(action.doing, len(selected), progress) as bar:
+        acted = action.many(selected, bar.advance)
+    click.echo(f"{action.done} {len(acted)}")
+
+
+_progress_option = click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="a progress bar on stderr [default: when stderr is a terminal and the work is long]",
+)
+# Bulk replay marks this many dead letters queued, then publishes them (as tasks of
+# NOTIFY_BATCH_SIZE); a crash in between leaves the marked ones on the schedule, which hands
+# them out after the grace period, as DeadLetterStore.replay_many does for all at once.
+
+
+@failed.command("replay")
+@click.argument("ids", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="every dead letter the filters select")
+@_filters
+@click.option("--dry-run", is_flag=True, help="count what would be replayed; change nothing")
+@click.option(
+    "--rate",
+    default=None,
+    type=click.FloatRange(min=0, min_open=True),
+    help="replay at most this many a second (with --all)",
+)
+@_progress_option
+@friendly_errors
+def failed_replay(
+    ids: tuple[str, ...],
+    all_: bool,
+    selection: Any,
+    dry_run: bool,
+    rate: float | None,
+    progress: bool | None,
+) -> None:
+    """Send dead letters back through the whole pipeline."""
+    store = _runtime().deadletters
+    _act_on_dead_letters(
+        _DeadLetterAction(
+            "replay",
+            "replayed",
+            "replaying",
+            lambda chosen, advance: store.replay_ids(
+                chosen, rate_per_second=rate, on_progress=advance
+            ),
+            lambda letter_id: store.replay(letter_id) is not None,
+        ),
+        _ids_or_all(ids, all_, selection),
+        selection,
+        dry_run=dry_run,
+        progress=progress,
+    )
+
+
+@failed.command("delete")
+@click.argument("ids", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="every dead letter the filters select")
+@_filters
+@click.option("--dry-run", is_flag=True, help="count what would be deleted; change nothing")
+@click.option("--yes", is_flag=True, help="delete what --all selects without asking")
+@_progress_option
+@friendly_errors
+def failed_delete(
+    ids: tuple[str, ...],
+    all_: bool,
+    selection: Any,
+    dry_run: bool,
+    yes: bool,
+    progress: bool | None,
+) -> None:
+    """Delete dead letters (with --all: asks first, unless --yes)."""
+    store = _runtime().deadletters
+    _act_on_dead_letters(
+        _DeadLetterAction(
+            "delete",
+            "deleted",
+            "deleting",
+            lambda chosen, advance: store.delete_ids(chosen, on_progress=advance),
+            store.delete,
+            ask_first=not yes,
+        ),
+        _ids_or_all(ids, all_, selection),
+        selection,
+        dry_run=dry_run,
+        progress=progress,
+    )
+
+
+@main.group()
+def db() -> None:
+    """The PostgreSQL history (NOTIFY_HISTORY_URL): its schema and its old days."""
+
+
+def _history_url() -> str:
+    from worker.settings import get_settings
+    from worker.store import history
+
+    url = history.settings_url(get_settings())
+    if url is None:
+        _fail("NOTIFY_HISTORY_URL is not set: there is no history database", 2)
+        raise SystemExit(2)
+    return url
+
+
+@db.command("upgrade")
+@friendly_errors
+def db_upgrade() -> None:
+    """Apply the history schema's migrations not applied yet (safe to run again)."""
+    from worker.store import history
+
+    url = _history_url()
+    applied = history.upgrade(url)
+    for name in applied:
+        click.echo(f"applied {name}")
+    click.echo(f"schema at version {history.schema_version(url)}")
+
+
+@db.command("prune")
+@friendly_errors
+def db_prune() -> None:
+    """Drop the history's daily partitions older than NOTIFY_HISTORY_DAYS (writers do it hourly)."""
+    from worker.settings import get_settings
+    from worker.store import history
+
+    with history.connect(_history_url()) as conn:
+        dropped = history.prune(conn, get_settings().history_days)
+    click.echo(
+        f"dropped {len(dropped)} partitions" + (f": {', '.join(dropped)}" if dropped else "")
+    )
+
+
+@main.group()
+def breaker() -> None:
+    """The fleet-wide circuit breaker: see it, or force it open or closed."""
+
+
+def _breaker_line() -> str:
+
+    breaker = _runtime().breaker
+    status = breaker.status()
+    line = f"{status.state}  ({status.failures} of {status.calls} posts failed in the window)"
+    if not breaker.policy.enabled:
+        line += "; the breaker is off (NOTIFY_BREAKER_ENABLED=false): workers ignore it"
+    if status.until_ms:
+        line += f"; posts may resume at {iso_utc(status.until_ms)}"
+    if status.open_seconds:
+        line += f"; open for {status.open_seconds:g}s at a time now"
+    return line
+
+
+@breaker.command("status")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@friendly_errors
+def breaker_status(as_json: bool) -> None:
+    """Show the breaker's state and the failures counted in its window."""
+
+    if as_json:
+        click.echo(json.dumps(asdict(_runtime().breaker.status()), indent=2))
+        return
+    click.echo(_breaker_line())
+
+
+@breaker.command("open")
+@friendly_errors
+def breaker_open() -> None:
+    """Stop every worker posting until `notify breaker close` (messages keep their attempts)."""
+
+    _runtime().breaker.force_open()
+    click.echo(_breaker_line())
+
+
+@breaker.command("close")
+@friendly_errors
+def breaker_close() -> None:
+    """Let posts through again now, with a fresh failure window."""
+
+    _runtime().breaker.close()
+    click.echo(_breaker_line())
+
+
+@main.command("stats")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@click.option("--minutes", default=15, show_default=True, type=click.IntRange(1, 120))
+@click.option("--partner", default=None, help="cumulative totals of this partner only")
+@friendly_errors
+def stats_command(as_json: bool, minutes: int, partner: str | None) -> None:
+    """Show queued, in flight, waiting for retry, dead letters by reason, delivered per minute."""
+    from worker.front.stats import collect
+
+    snapshot = collect(_runtime(), minutes=minutes, partner=partner)
+    if as_json:
+        click.echo(json.dumps(snapshot.to_dict(), indent=2))
+        return
+    from worker.front import views
+
+    views.show(views.stats_view(snapshot, minutes))
+
+
+@main.command()
+@click.option("--host", default=None, help="interface to listen on [NOTIFY_SERVICE_HOST]")
+@click.option("--port", default=None, type=click.IntRange(1, 65535), help="[NOTIFY_SERVICE_PORT]")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64))
+@friendly_errors
+def api(host: str | None, port: int | None, workers: int) -> None:
+    """Run the HTTP service: the v4 gateway, message status, failed notifications."""
+    import uvicorn
+
+    from worker.settings import get_settings
+
+    settings = get_settings()  # a bad setting stops here, with one line
+    for name, keys in (("GATEWAY", settings.gateway_keys), ("OPERATOR", settings.operator_keys)):
+        if not keys:
+            click.echo(f"warning: NOTIFY_{name}_KEYS is empty: its endpoints answer 401", err=True)
+    from worker.ops.logs import configure_from_settings
+    from worker.ops.monitoring import init_sentry
+
+    configure_from_settings(settings)
+    init_sentry(settings)
+    uvicorn.run(
+        "worker.front.api:create_app",
+        factory=True,
+        host=host or settings.service_host,
+        port=port or settings.service_port,
+        workers=workers,
+        # Access lines hold method, path and status only, never headers (no Authorization).
+        server_header=False,
+        timeout_graceful_shutdown=30,
+        # uvicorn's own handlers would bypass our JSON format and redaction; its loggers
+        # propagate to the root handler configure_from_settings installed.
+        log_config=None,
+    )
+
+
+def flower_command(
+    port: int, address: str | None, log_level: str = "info"
+) -> tuple[list[str], dict[str, str]]:
+    """The argv and environment that run Flower for this app, with auth from the settings.
+
+    The credentials travel in Flower's own environment variables (``FLOWER_BASIC_AUTH``,
+    ``FLOWER_COOKIE_SECRET``), not on the command line, where ``ps`` would show them.
+    """
+    import os
+
+    from worker.settings import get_settings
+
+    settings = get_settings()
+    if settings.flower_basic_auth is None or not settings.flower_basic_auth.get_secret_value():
+        raise SettingsError(
+            "NOTIFY_FLOWER_BASIC_AUTH: not set; Flower shows every message and can stop workers, "
+            "so it needs user:password"
+        )
+    env = dict(os.environ)
+    env["FLOWER_BASIC_AUTH"] = settings.flower_basic_auth.get_secret_value()
+    if settings.flower_cookie_secret is not None:
+        env["FLOWER_COOKIE_SECRET"] = settings.flower_cookie_secret.get_secret_value()
+    argv = [sys.executable, "-m", "celery", "-A", "worker", "flower", f"--port={port}"]
+    if address is not None:
+        argv.append(f"--address={address}")
+    # Scaled-down workers would otherwise be listed as offline forever.
+    argv.append("--purge_offline_workers=300")
+    argv.append(f"--logging={log_level}")
+    return argv, env
+
+
+@main.command()
+@click.option("--port", type=click.IntRange(1, 65535), default=None, help="[NOTIFY_FLOWER_PORT]")
+@click.option("--address", default=None, help="interface to listen on (default: all)")
+@click.option(
+    "--wait-for-worker",
+    "wait_seconds",
+    default=120.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="start Flower once a worker answers inspect ping, or after this many seconds (0: at once)",
+)
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    help="Flower's own log lines (warning: problems only)",
+)
+@friendly_errors
+def flower(port: int | None, address: str | None, wait_seconds: float, log_level: str) -> None:
+    """Run Flower (the Celery dashboard) with basic auth from NOTIFY_FLOWER_BASIC_AUTH.
+
+    It starts once the first worker answers `inspect ping`, so its first look finds the workers.
+    """
+    import os
+
+    from worker.settings import get_settings
+
+    argv, env = flower_command(port or get_settings().flower_port, address, log_level)
+    if wait_seconds > 0:
+        from worker import app as celery_app
+        from worker.front.flowerstart import wait_for_worker
+
+        wait_for_worker(celery_app, wait_seconds, lambda line: click.echo(line, err=True))
+    os.execve(argv[0], argv, env)

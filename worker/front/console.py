@@ -1,0 +1,642 @@
+"""The dead-letter console: ``/console`` in the HTTP service, for operators in a browser.
+
+A table of dead letters with filters (reason, template, partner, time range) and paging, a
+summary on top (deliveries per minute, retry backlog, dead letters by reason, the circuit
+breaker), a detail view with every attempt and Concur's ``errors[]``, and replay / delete behind
+a confirmation page. Server-rendered HTML (Jinja2 through Starlette's templates, inline CSS, no
+script), mounted by ``worker.front.api.create_app``.
+
+Security:
+
+* Login takes an operator key (``NOTIFY_OPERATOR_KEYS``) in a form; the key is never stored, not
+  even in the cookie. The session is a cookie (``HttpOnly``, ``SameSite=Strict``, ``Path=/console``,
+  ``Secure`` over https) holding a small JSON payload signed with HMAC-SHA256. The signing key is
+  derived from the operator keys, so every ``notify api`` process accepts the same sessions, and
+  changing the keys ends every session. A session lasts ``SESSION_SECONDS``.
+* Every POST (login included: the cookie carries a token from the login page on) must carry the
+  session's CSRF token in its form; a wrong or missing token is a 403. Logging in issues a new
+  token (no fixation).
+* Pages are ``Cache-Control: no-store`` with a strict Content-Security-Policy (no script at all,
+  forms only to this origin, no framing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlencode
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import BaseRoute, Route
+from starlette.templating import Jinja2Templates
+
+from worker.front.stats import Stats, collect
+from worker.rules import outcomes
+from worker.runtime import Runtime
+from worker.settings import Settings
+from worker.shapes.models import is_message_id, is_partner_name, partner_of
+from worker.shapes.times import iso_utc
+from worker.store import history
+from worker.store.deadletters import DeadLetter, DeadLetterFilter
+
+log = logging.getLogger(__name__)
+
+PREFIX = "/console"
+COOKIE = "notify_console"
+SESSION_SECONDS = 8 * 3600
+MAX_FORM_BYTES = 16 * 1024
+PAGE_SIZES = (25, 50, 100)
+DEFAULT_PAGE_SIZE = 25
+SUMMARY_MINUTES = 15
+# A refused login answers this much later: guessing keys by the thousand gets slow.
+LOGIN_FAILURE_DELAY_SECONDS = 0.5
+# Message states still moving: their page reloads itself until the state is final.
+MOVING_STATES = frozenset({"queued", "inflight", "retrying"})
+
+TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates" / "console"))
+
+_HEADERS = {
+    "Cache-Control": "no-store",
+    "Content-Security-Policy": (
+        "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; "
+        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+}
+
+
+# -- pure helpers --------------------------------------------------------------------------------
+
+
+def format_ms(value: Any) -> str:
+    """Epoch milliseconds as ``YYYY-MM-DD HH:MM:SS UTC``; ``-`` when absent."""
+    shown = iso_utc(value)
+    return "-" if shown is None else shown.replace("T", " ").replace("Z", " UTC")
+
+
+def parse_moment(value: str, *, end: bool = False) -> int | None:
+    """A ``datetime-local`` input (or any ISO-8601 date-time; UTC unless an offset is given)
+    as epoch milliseconds; None when empty. Raises ValueError when it is not a date-time.
+
+    ``end``: the last millisecond the value names (``12:05`` is up to ``12:05:59.999``), for
+    the upper bound of a range typed to the minute or the second.
+    """
+    value = value.strip()
+    if not value:
+        return None
+    moment = datetime.fromisoformat(value)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    ms = int(moment.timestamp() * 1000)
+    if end and moment.microsecond == 0:
+        clock = value.partition("T")[2] or value.partition(" ")[2]
+        ms += 999 if clock.count(":") >= 2 else (59_999 if clock else 86_399_999)
+    return ms
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """The table's filters and page, as read from the query string (values as typed)."""
+
+    reason: str = ""
+    template: str = ""
+    partner: str = ""
+    since: str = ""
+    until: str = ""
+    cursor: int = 0
+    limit: int = DEFAULT_PAGE_SIZE
+
+    def params(self, **changes: Any) -> str:
+        """The query string of these filters (empty values left out), with ``changes``."""
+        values = {
+            "reason": self.reason,
+            "template": self.template,
+            "partner": self.partner,
+            "since": self.since,
+            "until": self.until,
+            "cursor": str(self.cursor) if self.cursor else "",
+            "limit": str(self.limit) if self.limit != DEFAULT_PAGE_SIZE else "",
+        }
+        values.update({key: str(value) for key, value in changes.items()})
+        return urlencode({key: value for key, value in values.items() if value not in ("", "0")})
+
+    @property
+    def filtered(self) -> bool:
+        """Whether any filter is set."""
+        return any((self.reason, self.template, self.partner, self.since, self.until))
+
+
+def read_query(params: Any) -> tuple[Query, DeadLetterFilter, list[str]]:
+    """The query, the store filter it means, and a message per value that could not be used."""
+    problems: list[str] = []
+
+    def text(name: str, limit: int = 200) -> str:
+        return str(params.get(name) or "").strip()[:limit]
+
+    reason = text("reason")
+    if reason and reason not in outcomes.REASONS:
+        problems.append(f"unknown reason {reason!r}")
+        reason = ""
+    partner = text("partner")
+    if partner and not is_partner_name(partner):
+        problems.append(f"{partner!r} is not a partner name")
+        partner = ""
+    bounds: dict[str, int | None] = {}
+    moments: dict[str, str] = {}
+    for name in ("since", "until"):
+        moments[name] = text(name, 40)
+        try:
+            bounds[name] = parse_moment(moments[name], end=name == "until")
+        except (ValueError, OverflowError, OSError):
+            problems.append(f"{name} is not a date and time")
+            moments[name], bounds[name] = "", None
+    cursor_raw = text("cursor", 13)
+    cursor = int(cursor_raw) if cursor_raw.isascii() and cursor_raw.isdigit() else 0
+    limit_raw = text("limit", 4)
+    limit = int(limit_raw) if limit_raw.isdigit() and int(limit_raw) in PAGE_SIZES else 0
+    query = Query(
+        reason=reason,
+        template=text("template"),
+        partner=partner,
+        since=moments["since"],
+        until=moments["until"],
+        cursor=cursor,
+        limit=limit or DEFAULT_PAGE_SIZE,
+    )
+    selection = DeadLetterFilter(
+        reason=query.reason or None,
+        template_id=query.template or None,
+        since_ms=bounds["since"],
+        until_ms=bounds["until"],
+        partner=query.partner or None,
+    )
+    return query, selection, problems
+
+
+def safe_next(value: str | None) -> str:
+    """Where to go after logging in: a console path only (never another site)."""
+    if (
+        value
+        and value.startswith(PREFIX)
+        and (len(value) == len(PREFIX) or value[len(PREFIX)] in "/?")
+        and "\\" not in value
+        and value.isprintable()
+    ):
+        return value
+    return PREFIX
+
+
+# -- sessions ------------------------------------------------------------------------------------
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+class Sessions:
+    """Signed session cookies: ``<payload>.<signature>``, both base64url."""
+
+    def __init__(self, operator_keys: tuple[bytes, ...]) -> None:
+        self.operator_keys = operator_keys
+        if operator_keys:
+            material = b"\0".join(sorted(operator_keys))
+            self.secret = hmac.new(material, b"notify console session v1", "sha256").digest()
+        else:  # nobody can log in; the login page still needs a token
+            self.secret = secrets.token_bytes(32)
+
+    def fingerprint(self, key: bytes) -> str:
+        """A short name for an operator key, for logs (the key itself is never kept)."""
+        return hmac.new(self.secret, b"operator:" + key, "sha256").hexdigest()[:12]
+
+    def operator_of(self, key: bytes) -> str | None:
+        """The fingerprint of ``key`` when it is an operator key; every key is compared."""
+        matched = False
+        for candidate in self.operator_keys:
+            matched |= hmac.compare_digest(key, candidate)
+        return self.fingerprint(key) if matched and key else None
+
+    def encode(self, payload: dict[str, Any]) -> str:
+        """Sign a payload."""
+        body = _b64(json.dumps(payload, separators=(",", ":"), sort_keys=True).encode())
+        signature = hmac.new(self.secret, body.encode("ascii"), hashlib.sha256).digest()
+        return f"{body}.{_b64(signature)}"
+
+    def decode(self, cookie: str | None, now: float | None = None) -> dict[str, Any] | None:
+        """The payload of a cookie this service signed and that has not expired, else None."""
+        if not cookie or len(cookie) > 4096 or not cookie.isascii():
+            return None
+        body, _, signature = cookie.partition(".")
+        expected = hmac.new(self.secret, body.encode("ascii"), hashlib.sha256).digest()
+        try:
+            if not hmac.compare_digest(_unb64(signature), expected):
+                return None
+            payload = json.loads(_unb64(body))
+        except ValueError:
+            return None
+        if not isinstance(payload, dict) or not isinstance(payload.get("csrf"), str):
+            return None
+        expires = payload.get("exp")
+        if not isinstance(expires, int) or expires < (now if now is not None else time.time()):
+            return None
+        return payload
+
+    def fresh(self, operator: str | None = None) -> dict[str, Any]:
+        """A new payload: a new CSRF token, and the operator once logged in."""
+        payload: dict[str, Any] = {
+            "csrf": secrets.token_urlsafe(32),
+            "exp": int(time.time()) + SESSION_SECONDS,
+        }
+        if operator:
+            payload["op"] = operator
+        return payload
+
+
+# -- the pages -----------------------------------------------------------------------------------
+
+
+class Unauthenticated(Exception):
+    """No valid session."""
+
+
+class CsrfRefused(Exception):
+    """A POST without the session's CSRF token."""
+
+
+class Console:
+    """The console's endpoints over one runtime."""
+
+    def __init__(self, settings: Settings, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.sessions = Sessions(
+            tuple(k.get_secret_value().encode() for k in settings.operator_keys)
+        )
+        self.public_url = settings.service_public_url or ""
+
+    # helpers
+
+    def _secure(self, request: Request) -> bool:
+        return request.url.scheme == "https" or self.public_url.startswith("https://")
+
+    def _set_session(self, request: Request, response: Response, payload: dict[str, Any]) -> None:
+        response.set_cookie(
+            COOKIE,
+            self.sessions.encode(payload),
+            max_age=SESSION_SECONDS,
+            path=PREFIX,
+            secure=self._secure(request),
+            httponly=True,
+            samesite="strict",
+        )
+
+    def _session(self, request: Request) -> dict[str, Any] | None:
+        return self.sessions.decode(request.cookies.get(COOKIE))
+
+    def _operator(self, request: Request) -> dict[str, Any]:
+        session = self._session(request)
+        if session is None or not isinstance(session.get("op"), str):
+            raise Unauthenticated
+        return session
+
+    @staticmethod
+    async def _form(request: Request) -> dict[str, str]:
+        # application/x-www-form-urlencoded, parsed here (no multipart parser needed).
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_FORM_BYTES:
+                return {}
+        try:
+            fields = parse_qs(body.decode("utf-8"), max_num_fields=20)
+        except (UnicodeDecodeError, ValueError):
+            return {}
+        return {name: values[0] for name, values in fields.items()}
+
+    @staticmethod
+    def _check_csrf(session: dict[str, Any] | None, form: dict[str, str]) -> None:
+        given = form.get("csrf", "")
+        if session is None or not given or not hmac.compare_digest(given, session["csrf"]):
+            raise CsrfRefused
+
+    def _page(
+        self,
+        request: Request,
+        name: str,
+        context: dict[str, Any],
+        status: int = 200,
+        session: dict[str, Any] | None = None,
+    ) -> Response:
+        context = {
+            "prefix": PREFIX,
+            "session": session,
+            "csrf": (session or {}).get("csrf"),
+            **context,
+        }
+        response = TEMPLATES.TemplateResponse(request, name, context, status_code=status)
+        response.headers.update(_HEADERS)
+        return response
+
+    @staticmethod
+    def _id(request: Request) -> str | None:
+        value = str(request.path_params["id"])
+        return value if is_message_id(value) else None
+
+    def _summary(self, stats: Stats) -> dict[str, Any]:
+        minutes = list(stats.delivered_per_minute)
+        peak = max((m.delivered for m in minutes), default=0) or 1
+        return {
+            "stats": stats,
+            "delivered_last_minute": stats.delivered_last_minute,
+            "minutes": [
+                {
+                    "at": format_ms(m.minute_start_ms)[11:16],
+                    "count": m.delivered,
+                    "height": max(2, round(100 * m.delivered / peak)) if m.delivered else 0,
+                }
+                for m in minutes
+            ],
+            "backlog": stats.retry_waiting,
+            "reasons": sorted(
+                ((reason, count) for reason, count in stats.dead_letters.items() if count),
+                key=lambda item: (-item[1], item[0]),
+            ),
+            "partners": sorted(stats.partners),
+        }
+
+    # endpoints
+
+    async def index(self, request: Request) -> Response:
+        """``GET /console``: the summary and a page of dead letters."""
+        session = self._operator(request)
+        query, selection, problems = read_query(request.query_params)
+        store = self.runtime.deadletters
+        stats = await run_in_threadpool(
+            functools.partial(collect, self.runtime, minutes=SUMMARY_MINUTES)
+        )
+        page = await run_in_threadpool(
+            functools.partial(store.page, selection, cursor=query.cursor, limit=query.limit)
+        )
+        return self._page(
+            request,
+            "index.html",
+            {
+                **self._summary(stats),
+                "query": query,
+                "problems": problems,
+                "letters": page.items,
+                "next_cursor": page.next_cursor,
+                "reason_names": outcomes.REASONS,
+                "page_sizes": PAGE_SIZES,
+                "notice": _notice(request.query_params.get("done"), request.query_params.get("id")),
+            },
+            session=session,
+        )
+
+    async def message(self, request: Request) -> Response:
+        """``GET /console/messages/{id}``: a dead letter (or, once replayed, its message)."""
+        session = self._operator(request)
+        message_id = self._id(request)
+        if message_id is None:
+            return self._not_found(request, session)
+        letter, record = await run_in_threadpool(self._read, message_id)
+        if letter is None and record is None:
+            return self._not_found(request, session)
+        request_body = letter.request if letter is not None else _request_of(record)
+        state = str((record or {}).get("state") or ("failed" if letter else ""))
+        attempts = [
+            entry for entry in (record or {}).get("attempts", []) if isinstance(entry, dict)
+        ]
+        errors_attempt = None
+        if letter is not None and letter.errors:
+            for entry in attempts:
+                if letter.correlation_id and entry.get("cid") == letter.correlation_id:
+                    errors_attempt = entry.get("n")
+        return self._page(
+            request,
+            "message.html",
+            {
+                "id": message_id,
+                "letter": letter,
+                "record": record or {},
+                "state": state,
+                "moving": state in MOVING_STATES,
+                "attempts": attempts,
+                "errors_attempt": errors_attempt,
+                "request_body": request_body,
+                "request_json": json.dumps(request_body, indent=2, ensure_ascii=False),
+                "partner": partner_of(request_body),
+                "notice": _notice(request.query_params.get("done"), message_id),
+            },
+            session=session,
+        )
+
+    def _read(self, message_id: str) -> tuple[DeadLetter | None, dict[str, Any] | None]:
+        record = history.message_status(
+            self.runtime.store, history.settings_url(self.runtime.settings), message_id
+        )
+        return self.runtime.deadletters.get(message_id), record
+
+    def _not_found(self, request: Request, session: dict[str, Any]) -> Response:
+        return self._page(
+            request,
+            "error.html",
+            {"title": "Not found", "text": "No such dead letter or message (or it expired)."},
+            404,
+            session,
+        )
+
+    async def confirm(self, request: Request) -> Response:
+        """``GET /console/messages/{id}/replay|delete``: the confirmation step."""
+        session = self._operator(request)
+        action = str(request.path_params["action"])
+        message_id = self._id(request)
+        letter = None
+        if message_id is not None and action in ("replay", "delete"):
+            letter = await run_in_threadpool(self.runtime.deadletters.get, message_id)
+        if letter is None:
+            return self._not_found(request, session)
+        return self._page(
+            request, "confirm.html", {"action": action, "letter": letter}, session=session
+        )
+
+    async def act(self, request: Request) -> Response:
+        """``POST /console/messages/{id}/replay|delete``: do it (CSRF token required)."""
+        session = self._operator(request)
+        self._check_csrf(session, await self._form(request))
+        action = str(request.path_params["action"])
+        message_id = self._id(request)
+        if message_id is None or action not in ("replay", "delete"):
+            return self._not_found(request, session)
+        store = self.runtime.deadletters
+        if action == "replay":
+            done = await run_in_threadpool(store.replay, message_id) is not None
+        else:
+            done = await run_in_threadpool(store.delete, message_id)
+        if not done:
+            return self._not_found(request, session)
+        log.info(
+            "console: operator %s: %s %s",
+            session["op"],
+            action,
+            message_id,
+            extra={"operator": session["op"], "message_id": message_id, "action": action},
+        )
+        if action == "replay":
+            target = f"{PREFIX}/messages/{message_id}?done=replayed"
+        else:
+            target = f"{PREFIX}?{urlencode({'done': 'deleted', 'id': message_id})}"
+        return RedirectResponse(target, 303, headers=_HEADERS)
+
+    async def login_form(self, request: Request) -> Response:
+        """``GET /console/login``: the form; sets a pre-login cookie holding its CSRF token."""
+        session = self._session(request)
+        if session is not None and session.get("op"):
+            return RedirectResponse(safe_next(request.query_params.get("next")), 303)
+        session = session or self.sessions.fresh()
+        response = self._page(
+            request,
+            "login.html",
+            {"next": safe_next(request.query_params.get("next")), "error": None},
+            session=session,
+        )
+        self._set_session(request, response, session)
+        return response
+
+    async def login(self, request: Request) -> Response:
+        """``POST /console/login``: an operator key for a session."""
+        session = self._session(request)
+        form = await self._form(request)
+        self._check_csrf(session, form)
+        target = safe_next(form.get("next"))
+        key = form.get("key", "").strip().encode("utf-8", "surrogateescape")
+        operator = self.sessions.operator_of(key)
+        if operator is None:
+            log.warning("console: login refused (not an operator key)")
+            await asyncio.sleep(LOGIN_FAILURE_DELAY_SECONDS)
+            return self._page(
+                request,
+                "login.html",
+                {"next": target, "error": "That is not an operator key."},
+                401,
+                session,
+            )
+        log.info("console: operator %s logged in", operator, extra={"operator": operator})
+        response = RedirectResponse(target, 303, headers=_HEADERS)
+        self._set_session(request, response, self.sessions.fresh(operator))
+        return response
+
+    async def logout(self, request: Request) -> Response:
+        """``POST /console/logout``: end the session (CSRF token required)."""
+        session = self._session(request)
+        self._check_csrf(session, await self._form(request))
+        response = RedirectResponse(f"{PREFIX}/login", 303, headers=_HEADERS)
+        response.delete_cookie(
+            COOKIE, path=PREFIX, secure=self._secure(request), httponly=True, samesite="strict"
+        )
+        return response
+
+
+def _notice(done: str | None, message_id: str | None) -> str | None:
+    if done == "deleted" and message_id and is_message_id(message_id):
+        return f"Deleted dead letter {message_id}."
+    if done == "replayed":
+        return "Replayed: the message is back in the queue."
+    return None
+
+
+def _request_of(record: dict[str, Any] | None) -> dict[str, Any]:
+    try:
+        value = json.loads((record or {}).get("req") or "{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _guard(
+    endpoint: Callable[[Request], Awaitable[Response]],
+) -> Callable[[Request], Awaitable[Response]]:
+    # No session: a page redirects to the login form, a POST is 401. Bad CSRF token: 403.
+    # Redis down: 503. Every answer is HTML.
+    @functools.wraps(endpoint)
+    async def wrapped(request: Request) -> Response:
+        try:
+            return await endpoint(request)
+        except Unauthenticated:
+            if request.method in ("GET", "HEAD"):
+                target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+                login = f"{PREFIX}/login?{urlencode({'next': safe_next(target)})}"
+                return RedirectResponse(login, 303, headers=_HEADERS)
+            return _plain_page(request, 401, "Not logged in", "Log in with an operator key.")
+        except CsrfRefused:
+            log.warning(
+                "console: %s %s refused: CSRF token missing or wrong",
+                request.method,
+                request.url.path,
+            )
+            return _plain_page(
+                request,
+                403,
+                "Form expired",
+                "This form's security token is missing or wrong. Reload the page and try again.",
+            )
+        except (RedisConnectionError, RedisTimeoutError) as error:
+            log.warning("console 503: Redis is unavailable (%s)", type(error).__name__)
+            return _plain_page(request, 503, "Unavailable", "Redis does not answer; try again.")
+
+    return wrapped
+
+
+def _plain_page(request: Request, status: int, title: str, text: str) -> Response:
+    response = TEMPLATES.TemplateResponse(
+        request,
+        "error.html",
+        {"prefix": PREFIX, "session": None, "csrf": None, "title": title, "text": text},
+        status_code=status,
+    )
+    response.headers.update(_HEADERS)
+    return response
+
+
+TEMPLATES.env.filters["when"] = format_ms
+
+
+def console_routes(settings: Settings, runtime: Runtime) -> list[BaseRoute]:
+    """The console's routes, for the service's route list."""
+    console = Console(settings, runtime)
+
+    def guarded(endpoint: Callable[[Request], Awaitable[Response]]) -> Any:
+        return _guard(endpoint)
+
+    return [
+        Route(PREFIX, guarded(console.index), methods=["GET"]),
+        Route(f"{PREFIX}/login", guarded(console.login_form), methods=["GET"]),
+        Route(f"{PREFIX}/login", guarded(console.login), methods=["POST"]),
+        Route(f"{PREFIX}/logout", guarded(console.logout), methods=["POST"]),
+        Route(f"{PREFIX}/messages/{{id}}", guarded(console.message), methods=["GET"]),
+        Route(f"{PREFIX}/messages/{{id}}/{{action}}", guarded(console.confirm), methods=["GET"]),
+        Route(f"{PREFIX}/messages/{{id}}/{{action}}", guarded(console.act), methods=["POST"]),
+    ]
+
+
+__all__ = ["console_routes"]

@@ -1,0 +1,463 @@
+"""The HTTP service's OpenAPI 3.1 document (served at ``/openapi.json``), generated.
+
+Every schema is generated from a pydantic model: the seed's request and ``ErrorMessage``
+(``worker.shapes.models``) and every answer (``worker.shapes.contract``), which are the models the
+service
+answers through. Parameter limits and patterns are the constants those modules define. What is
+written here is only the route table (``OPERATIONS``): per operation its method, path, summary,
+security, parameters, request model and documented answers. ``tests/test_openapi.py`` checks live
+answers against the document; ``tests/test_api.py`` that it names every route the app serves.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.json_schema import GenerateJsonSchema, JsonSchemaMode
+from pydantic_core import core_schema
+
+from worker.front.notifications import NAMESPACE, SUPPORTED_STATUSES
+from worker.shapes import contract
+from worker.shapes.models import (
+    MAX_ID_LENGTH,
+    MESSAGE_ID_PATTERN,
+    PARTNER_PATTERN,
+    ErrorMessage,
+    SendRequest,
+    schema_pattern,
+)
+
+JSON = "application/json"
+XML = "application/xml"
+SCHEMA_REF = "#/components/schemas/{model}"
+PARTNER_KEY = "partnerKey"
+OPERATOR_KEY = "operatorKey"
+
+Schema = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """One documented response: what it means, and its body (a model, a plain schema, or none)."""
+
+    description: str
+    body: type[BaseModel] | Schema | None = None
+    media_types: tuple[str, ...] = (JSON,)
+    headers: Mapping[str, Schema] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    """One row of the route table."""
+
+    method: str
+    path: str
+    operation_id: str
+    summary: str
+    answers: Mapping[int, Answer]
+    security: tuple[str, ...] = ()  # any one of these keys; () for none
+    params: tuple[Schema, ...] = ()
+    request: type[BaseModel] | None = None
+
+
+# -- parameters: every limit and pattern from the module that enforces it -------------------------
+
+
+def _param(
+    name: str, where: str, schema: Schema, *, required: bool = False, description: str = ""
+) -> Schema:
+    param: Schema = {"name": name, "in": where, "schema": schema}
+    if required or where == "path":
+        param["required"] = True
+    if description:
+        param["description"] = description
+    return param
+
+
+_ID = _param("id", "path", {"type": "string", "pattern": schema_pattern(MESSAGE_ID_PATTERN)})
+_USER_ID = _param("userId", "path", {"type": "string", "minLength": 1, "maxLength": MAX_ID_LENGTH})
+
+
+def _status(*, required: bool) -> Schema:
+    return _param(
+        "status",
+        "query",
+        {"type": "string", "enum": list(SUPPORTED_STATUSES)},
+        required=required,
+        description="Only `failed` is supported.",
+    )
+
+
+_FILTERS = (
+    _param("template", "query", {"type": "string"}),
+    _param("user", "query", {"type": "string"}),
+    _param("reason", "query", {"type": "string"}),
+    _param(
+        "since",
+        "query",
+        {"type": "string"},
+        description="ISO-8601 date or date-time (UTC when no offset); dead-lettered at or after",
+    ),
+    _param(
+        "until",
+        "query",
+        {"type": "string"},
+        description="ISO-8601 date or date-time (UTC when no offset); dead-lettered by then",
+    ),
+    _param("partner", "query", {"type": "string", "pattern": schema_pattern(PARTNER_PATTERN)}),
+    _param(
+        "httpStatus",
+        "query",
+        {
+            "type": "integer",
+            "minimum": contract.LOWEST_HTTP_STATUS,
+            "maximum": contract.HIGHEST_HTTP_STATUS,
+        },
+        description="The HTTP status of the last attempt's answer",
+    ),
+)
+_PAGING = (
+    _param(
+        "limit",
+        "query",
+        {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": contract.MAX_PAGE_LIMIT,
+            "default": contract.DEFAULT_PAGE_LIMIT,
+        },
+    ),
+    _param(
+        "cursor",
+        "query",
+        {"type": "integer", "minimum": 0, "maximum": contract.MAX_CURSOR, "default": 0},
+        description="From the previous page's `X-Next-Cursor` (or its `Link: rel=next`)",
+    ),
+)
+_REPLAY_OPTIONS = (
+    _param(
+        "dryRun",
+        "query",
+        {"type": "string", "enum": ["true", "false"]},
+        description="true: answer what would be replayed, change nothing",
+    ),
+    _param(
+        "rate",
+        "query",
+        {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": contract.MAX_REPLAY_RATE},
+        description="Replays a second; the paced redrive runs after the answer",
+    ),
+)
+
+# -- answers -------------------------------------------------------------------------------------
+
+
+def _error(description: str, headers: Mapping[str, Schema] | None = None) -> Answer:
+    return Answer(description, ErrorMessage, headers=headers or {})
+
+
+_UNAUTHORIZED = {
+    401: _error(
+        "No key, or a key that is not valid",
+        {"WWW-Authenticate": {"required": True, "schema": {"type": "string"}}},
+    )
+}
+_FORBIDDEN = {403: _error("The key is valid but lacks the role this endpoint needs")}
+_UNAVAILABLE = {503: _error("Redis or the broker is unavailable")}
+_NOT_ACCEPTABLE = {406: _error("Accept allows neither JSON nor XML")}
+_BAD_FILTER = {400: _error("Unsupported status or a bad parameter")}
+_NO_LETTER = {404: _error("No such failed notification")}
+_OPERATOR_ERRORS = {**_UNAUTHORIZED, **_FORBIDDEN, **_UNAVAILABLE}
+_LOCATION = {
+    "Location": {"description": "/messages/{id}", "required": True, "schema": {"type": "string"}}
+}
+
+OPERATIONS: tuple[Operation, ...] = (
+    Operation(
+        "post",
+        "/messages/{userId}/session",
+        "sendMessage",
+        "Queue a message to a Concur user (the v4 contract)",
+        {
+            202: Answer(
+                "Queued (or already queued: duplicate is true)", contract.Queued, headers=_LOCATION
+            ),
+            400: _error("Invalid JSON, schema violation, or not allowed"),
+            413: _error("Body over NOTIFY_SERVICE_MAX_BODY_BYTES"),
+            415: _error("Content-Type is not application/json"),
+            **_UNAUTHORIZED,
+            403: _error("An operator key without a partner key's role"),
+            **_UNAVAILABLE,
+        },
+        security=(PARTNER_KEY,),
+        params=(_USER_ID,),
+        request=SendRequest,
+    ),
+    Operation(
+        "get",
+        "/messages/{id}",
+        "getMessage",
+        "A message's status, attempts and correlation id",
+        {
+            200: Answer("The status", contract.MessageStatus),
+            404: _error("Unknown, another partner's, or its status record expired"),
+            **_UNAUTHORIZED,
+            **_UNAVAILABLE,
+        },
+        security=(PARTNER_KEY, OPERATOR_KEY),
+        params=(_ID,),
+    ),
+    Operation(
+        "get",
+        "/notifications",
+        "listNotifications",
+        "Failed notifications, newest first (Get Notifications by Status)",
+        {
+            200: Answer(
+                "One page; the next is in Link (rel=next)",
+                contract.NotificationList,
+                (JSON, XML),
+                {
+                    "Link": {"schema": {"type": "string"}},
+                    "X-Next-Cursor": {"schema": {"type": "integer"}},
+                },
+            ),
+            **_BAD_FILTER,
+            **_NOT_ACCEPTABLE,
+            **_OPERATOR_ERRORS,
+        },
+        security=(OPERATOR_KEY,),
+        params=(_status(required=True), *_FILTERS, *_PAGING),
+    ),
+    Operation(
+        "post",
+        "/notifications/replay",
+        "replayNotifications",
+        "Replay every failed notification the filters select",
+        {
+            200: Answer("dryRun=true: what would be replayed", contract.ReplayPreview),
+            202: Answer("Sent back through the pipeline (paced: being sent)", contract.Replayed),
+            **_BAD_FILTER,
+            **_OPERATOR_ERRORS,
+        },
+        security=(OPERATOR_KEY,),
+        params=(_status(required=False), *_FILTERS, *_REPLAY_OPTIONS),
+    ),
+    Operation(
+        "get",
+        "/notifications/{id}",
+        "getNotification",
+        "One failed notification",
+        {
+            200: Answer("It", contract.Notification, (JSON, XML)),
+            **_NO_LETTER,
+            **_NOT_ACCEPTABLE,
+            **_OPERATOR_ERRORS,
+        },
+        security=(OPERATOR_KEY,),
+        params=(_ID,),
+    ),
+    Operation(
+        "delete",
+        "/notifications/{id}",
+        "deleteNotification",
+        "Delete one failed notification",
+        {204: Answer("Deleted"), **_NO_LETTER, **_OPERATOR_ERRORS},
+        security=(OPERATOR_KEY,),
+        params=(_ID,),
+    ),
+    Operation(
+        "post",
+        "/notifications/{id}/replay",
+        "replayNotification",
+        "Send one failed notification back through the pipeline",
+        {
+            202: Answer("Queued again", contract.Queued, headers=_LOCATION),
+            **_NO_LETTER,
+            **_OPERATOR_ERRORS,
+        },
+        security=(OPERATOR_KEY,),
+        params=(_ID,),
+    ),
+    Operation(
+        "get", "/healthz", "healthz", "The process is up", {200: Answer("Up", contract.Health)}
+    ),
+    Operation(
+        "get",
+        "/readyz",
+        "readyz",
+        "Redis answers",
+        {200: Answer("Ready", contract.Ready), 503: _error("Redis does not answer")},
+    ),
+    Operation(
+        "get",
+        "/metrics",
+        "metrics",
+        "Operators' counts in the Prometheus text format",
+        {
+            200: Answer("Prometheus text exposition", {"type": "string"}, ("text/plain",)),
+            503: _error("Redis does not answer"),
+        },
+    ),
+    Operation(
+        "get",
+        "/openapi.json",
+        "openapi",
+        "This document",
+        {200: Answer("The OpenAPI document", {"type": "object"})},
+    ),
+)
+
+# -- the document --------------------------------------------------------------------------------
+
+
+# What GenerateJsonSchema passes to field_title_should_be_set (its own alias is private).
+_SchemaOrField = (
+    core_schema.CoreSchema
+    | core_schema.ModelField
+    | core_schema.DataclassField
+    | core_schema.TypedDictField
+    | core_schema.ComputedField
+)
+
+
+class _Untitled(GenerateJsonSchema):
+    """pydantic's generator without the titles it derives from field names ("Sessionid")."""
+
+    def field_title_should_be_set(self, schema: _SchemaOrField) -> bool:
+        """Never: a property's name already says it, a derived title only adds noise."""
+        return False
+
+
+def component_name(model: type[BaseModel]) -> str:
+    """The model's name under ``components/schemas``: its title when it has one (the seed's
+    names), else its class name, as pydantic names the models it nests."""
+    title = model.model_config.get("title")
+    return title if isinstance(title, str) else model.__name__
+
+
+def _models(
+    operations: Iterable[Operation],
+) -> Iterator[tuple[type[BaseModel], JsonSchemaMode]]:
+    for operation in operations:
+        if operation.request is not None:
+            yield operation.request, "validation"
+        for answer in operation.answers.values():
+            if isinstance(answer.body, type):
+                yield answer.body, "serialization"
+
+
+def _add(schemas: dict[str, Schema], name: str, schema: Schema) -> None:
+    # Two different models of one name would silently describe one of them twice.
+    if schemas.setdefault(name, schema) != schema:
+        raise ValueError(f"two different schemas named {name!r}")
+
+
+def _xml_hints(schemas: dict[str, Schema]) -> None:
+    # How worker.front.notifications writes the failed list as XML: Concur's namespace, a wrapping
+    # NotificationList, and <Errors> holding <Error> elements. Presentation only, so it is said
+    # here next to the namespace rather than in the models.
+    schemas["Notification"]["xml"] = {"name": "Notification", "namespace": NAMESPACE}
+    schemas["NotificationList"]["xml"] = {
+        "name": "NotificationList",
+        "namespace": NAMESPACE,
+        "wrapped": True,
+    }
+    schemas["Failure"]["properties"]["Errors"]["xml"] = {"wrapped": True}
+    schemas["FailureError"]["xml"] = {"name": "Error"}
+
+
+def component_schemas(operations: Iterable[Operation] = OPERATIONS) -> dict[str, Schema]:
+    """The JSON Schema of every model the operations name, and of the models those nest."""
+    schemas: dict[str, Schema] = {}
+    for model, mode in _models(operations):
+        schema = model.model_json_schema(
+            ref_template=SCHEMA_REF, schema_generator=_Untitled, mode=mode
+        )
+        for name, nested in schema.pop("$defs", {}).items():
+            _add(schemas, name, nested)
+        _add(schemas, component_name(model), schema)
+    return schemas
+
+
+def _response(answer: Answer) -> Schema:
+    response: Schema = {"description": answer.description}
+    if answer.headers:
+        response["headers"] = dict(answer.headers)
+    if answer.body is not None:
+        schema = (
+            {"$ref": SCHEMA_REF.format(model=component_name(answer.body))}
+            if isinstance(answer.body, type)
+            else answer.body
+        )
+        response["content"] = {media: {"schema": schema} for media in answer.media_types}
+    return response
+
+
+def _operation(operation: Operation) -> Schema:
+    entry: Schema = {
+        "operationId": operation.operation_id,
+        "summary": operation.summary,
+        "security": [{name: []} for name in operation.security],
+    }
+    if operation.params:
+        entry["parameters"] = list(operation.params)
+    if operation.request is not None:
+        ref = SCHEMA_REF.format(model=component_name(operation.request))
+        entry["requestBody"] = {"required": True, "content": {JSON: {"schema": {"$ref": ref}}}}
+    entry["responses"] = {
+        str(status): _response(answer) for status, answer in operation.answers.items()
+    }
+    return entry
+
+
+def paths(operations: Iterable[Operation] = OPERATIONS) -> dict[str, Schema]:
+    """The ``paths`` object of the route table."""
+    result: dict[str, Schema] = {}
+    for operation in operations:
+        result.setdefault(operation.path, {})[operation.method] = _operation(operation)
+    return result
+
+
+@functools.cache
+def _document_parts() -> tuple[dict[str, Schema], dict[str, Schema]]:
+    # Generated once per process: the models and the route table do not change at run time.
+    schemas = component_schemas()
+    _xml_hints(schemas)
+    return schemas, paths()
+
+
+def openapi_document(server_url: str) -> dict[str, Any]:
+    """The OpenAPI 3.1 document, with ``server_url`` as its one server."""
+    schemas, operations = copy.deepcopy(_document_parts())
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "partner-notify HTTP service",
+            "version": "1.0.0",
+            "description": "A Concur Notifications v4 gateway that queues instead of sending, and "
+            "Concur's Get Notifications by Status over the dead-letter store.",
+        },
+        "servers": [{"url": server_url}],
+        "components": {
+            "securitySchemes": {
+                PARTNER_KEY: {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "a key from NOTIFY_GATEWAY_KEYS",
+                },
+                OPERATOR_KEY: {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "a key from NOTIFY_OPERATOR_KEYS",
+                },
+            },
+            "schemas": schemas,
+        },
+        "paths": operations,
+    }

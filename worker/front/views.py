@@ -1,0 +1,397 @@
+"""What ``notify`` shows a person: messages, dead letters and counts as text for a terminal.
+
+Pure functions from the stored shapes (a status record from ``MessageStore.status``, a
+``DeadLetter``, a stats ``Snapshot``) to ``rich`` renderables, plus the few helpers that print
+them: times as ISO-8601 UTC with a relative hint ("in 4 min", "2 h ago"), tables that fit the
+terminal's width (ids are folded, never cut; free text is shortened with an ellipsis), and a
+pager when the output is taller than the terminal. ``--json`` bypasses all of this.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import sys
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Literal
+
+import click
+from rich.console import Console, Group, RenderableType
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    TaskID,
+    TaskProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.progress import Progress as RichProgress
+from rich.table import Table
+from rich.text import Text
+
+from worker.shapes.times import int_or_none, iso_utc
+
+if TYPE_CHECKING:
+    from worker.front.stats import Stats
+    from worker.store.deadletters import DeadLetter
+
+# state in Redis -> what it means to a person.
+STATE_TEXT = {
+    "queued": "queued (waiting for a worker)",
+    "inflight": "in flight (an attempt is under way)",
+    "retrying": "retrying (waiting for the next attempt)",
+    "delivered": "delivered",
+    "failed": "failed (a dead letter)",
+}
+OUTCOME_STYLE = {"delivered": "green", "retry": "yellow", "dead": "red", "deferred": "cyan"}
+STATE_STYLE = {"delivered": "green", "retrying": "yellow", "failed": "red", "inflight": "cyan"}
+
+
+def iso(ms: Any) -> str:
+    """Epoch milliseconds as ``2026-11-25T17:12:40Z``; ``-`` for none."""
+    return iso_utc(ms) or "-"
+
+
+def relative(ms: Any, now_ms: int) -> str:
+    """How far ``ms`` is from now, in words: ``in 4 min``, ``35 s ago``, ``now``."""
+    number = int_or_none(ms)
+    if not number or number <= 0:
+        return ""
+    seconds = (number - now_ms) / 1000
+    span = abs(seconds)
+    if span < 1:
+        return "now"
+    if span < 60:
+        words = f"{span:.0f} s"
+    elif span < 3600:
+        words = f"{span / 60:.0f} min"
+    elif span < 86_400:
+        hours, minutes = divmod(round(span / 60), 60)
+        words = f"{hours} h" + (f" {minutes} min" if minutes else "")
+    else:
+        days, hours = divmod(round(span / 3600), 24)
+        words = f"{days} d" + (f" {hours} h" if hours else "")
+    return f"in {words}" if seconds > 0 else f"{words} ago"
+
+
+def when(ms: Any, now_ms: int) -> str:
+    """ISO time with its relative hint: ``2026-11-25T17:16:40Z (in 4 min)``."""
+    text = iso(ms)
+    hint = relative(ms, now_ms)
+    return f"{text} ({hint})" if hint and text != "-" else text
+
+
+def _request(record: Mapping[str, Any]) -> dict[str, Any]:
+    raw = record.get("req")
+    if isinstance(raw, dict):
+        return raw
+    try:
+        value = json.loads(raw) if raw else {}
+    except (TypeError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _fields() -> Table:
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
+    return table
+
+
+def _add_request(fields: Table, request: Mapping[str, Any], partner: Any = None) -> None:
+    context = request.get("context")
+    url = context.get("url") if isinstance(context, dict) else None
+    fields.add_row("user", str(request.get("userId") or "-"))
+    fields.add_row("session", str(request.get("sessionId") or "-"))
+    fields.add_row("template", str(request.get("templateId") or "-"))
+    if url:
+        fields.add_row("url", str(url))
+    if partner and partner != "default":  # the partner of bare keys: nothing to tell
+        fields.add_row("partner", str(partner))
+
+
+def attempts_table(entries: Iterable[Mapping[str, Any]], width: int | None = None) -> Table:
+    """A message's attempts, oldest first: number, time, outcome, HTTP status, correlation id;
+    the duration and the cause too when the terminal has room (100 columns)."""
+    wide = (width or terminal_width()) >= 100
+    table = Table(
+        title="attempts", title_justify="left", header_style="bold", box=None, pad_edge=False
+    )
+    table.add_column("#", justify="right", no_wrap=True, min_width=2)
+    table.add_column("AT (UTC)", no_wrap=True, min_width=20)
+    table.add_column("OUTCOME", no_wrap=True, min_width=9)
+    table.add_column("HTTP", justify="right", no_wrap=True, min_width=4)
+    if wide:
+        table.add_column("TOOK", justify="right", no_wrap=True, min_width=7)
+    table.add_column("CORRELATION ID", overflow="fold", min_width=12)
+    if wide:
+        table.add_column("CAUSE", overflow="ellipsis", no_wrap=True, max_width=40)
+    for entry in entries:
+        outcome = str(entry.get("outcome") or "-")
+        duration = int_or_none(entry.get("ms"))
+        cells: list[str | Text] = [
+            str(entry.get("n") or "-"),
+            iso(entry.get("at")),
+            Text(outcome, style=OUTCOME_STYLE.get(outcome, "")),
+            str(entry.get("status") or "-"),
+        ]
+        if wide:
+            cells.append("-" if duration is None else f"{duration} ms")
+        cells.append(str(entry.get("cid") or "-"))
+        if wide:
+            cells.append(str(entry.get("cause") or ""))
+        table.add_row(*cells)
+    return table
+
+
+def message_view(
+    message_id: str,
+    record: Mapping[str, Any],
+    now_ms: int,
+    letter: DeadLetter | None = None,
+    width: int | None = None,
+) -> RenderableType:
+    """A status record (``MessageStore.status``) for a person; ``letter`` adds the failure."""
+    state = str(record.get("state") or "unknown")
+    fields = _fields()
+    fields.add_row("message", message_id)
+    fields.add_row("state", Text(STATE_TEXT.get(state, state), style=STATE_STYLE.get(state, "")))
+    _add_request(fields, _request(record), record.get("partner"))
+    entries = [entry for entry in record.get("attempts", []) if isinstance(entry, Mapping)]
+    posted = int_or_none(record.get("attempt"))
+    fields.add_row("attempts", str(posted if posted is not None else len(entries)))
+    fields.add_row("HTTP status", str(int_or_none(record.get("status")) or "-"))
+    fields.add_row("correlation id", str(record.get("cid") or "-"))
+    fields.add_row("created", when(record.get("created"), now_ms))
+    fields.add_row("updated", when(record.get("updated"), now_ms))
+    if state == "retrying":
+        fields.add_row("next retry", when(record.get("next"), now_ms))
+    if state == "inflight":
+        fields.add_row("lease ends", when(record.get("lease"), now_ms))
+    if state == "failed":
+        reason = letter.reason if letter is not None else str(record.get("reason") or "-")
+        fields.add_row("dead-letter reason", Text(reason, style="red"))
+        if letter is not None and letter.detail:
+            fields.add_row("detail", letter.detail)
+        if letter is not None:
+            for error in letter.errors:
+                fields.add_row("API error", _error_text(error))
+    replays = int_or_none(record.get("replays"))
+    if replays:
+        fields.add_row("replays", str(replays))
+    parts: list[RenderableType] = [fields]
+    if entries:
+        parts += [Text(""), attempts_table(entries, width)]
+    return Group(*parts)
+
+
+def _error_text(error: Mapping[str, Any]) -> str:
+    code = error.get("errorCode") or error.get("ErrorCode") or error.get("code")
+    text = error.get("errorMessage") or error.get("ErrorMessage") or error.get("message")
+    if code is None and text is None:
+        return json.dumps(error, ensure_ascii=False)
+    return f"{code or '-'}: {text or ''}".rstrip(": ")
+
+
+def dead_letter_view(letter: DeadLetter, now_ms: int) -> RenderableType:
+    """One dead letter in full, for a person."""
+    fields = _fields()
+    fields.add_row("dead letter", letter.id)
+    fields.add_row("reason", Text(letter.reason or "-", style="red"))
+    if letter.detail:
+        fields.add_row("detail", letter.detail)
+    fields.add_row("HTTP status", str(letter.status or "-"))
+    for error in letter.errors:
+        fields.add_row("API error", _error_text(error))
+    _add_request(fields, letter.request, letter.request.get("partner"))
+    fields.add_row("attempts", str(letter.attempts))
+    fields.add_row("first attempt", when(letter.first_attempt_ms, now_ms))
+    fields.add_row("last attempt", when(letter.last_attempt_ms, now_ms))
+    fields.add_row("failed at", when(letter.dead_ms, now_ms))
+    fields.add_row("created", when(letter.created_ms, now_ms))
+    fields.add_row("correlation id", letter.correlation_id or "-")
+    fields.add_row("replays", str(letter.replays))
+    if letter.worker or letter.task_id:
+        fields.add_row("worker / task", f"{letter.worker or '-'} / {letter.task_id or '-'}")
+    hint = Text(f"replay: notify failed replay {letter.id}", style="dim")
+    return Group(fields, Text(""), hint)
+
+
+# Columns of `notify failed list` after the id and the time (never shortened): their narrowest
+# useful widths; a narrow terminal drops whole columns in _DROP_ORDER, then shortens those in
+# _SHRINK_ORDER with an ellipsis.
+_NARROWEST = {"REASON": 10, "HTTP": 4, "TEMPLATE": 8, "USER": 8}
+_DROP_ORDER = ("TEMPLATE", "HTTP", "USER")
+_SHRINK_ORDER = ("USER", "TEMPLATE", "REASON")
+_GAP = 2
+
+
+def clip(text: str, width: int) -> str:
+    """``text`` in at most ``width`` characters, ending in an ellipsis when shortened."""
+    return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
+
+
+def dead_letters_table(letters: Iterable[DeadLetter], width: int | None = None) -> Table:
+    """A page of dead letters, newest first, as a table that fits ``width`` columns."""
+    letters = list(letters)
+    width = width or terminal_width()
+    cells = [
+        {
+            "REASON": letter.reason or "-",
+            "HTTP": str(letter.status or "-"),
+            "TEMPLATE": letter.template_id or "-",
+            "USER": letter.user_id or "-",
+        }
+        for letter in letters
+    ]
+    id_width = max((len(letter.id) for letter in letters), default=2)
+    budget = width - id_width - _GAP - 20
+    widths = {name: max([len(name)] + [len(row[name]) for row in cells]) for name in _NARROWEST}
+    for name in _DROP_ORDER:
+        if sum(min(widths[n], _NARROWEST[n]) + _GAP for n in widths) <= budget:
+            break
+        del widths[name]
+    for name in _SHRINK_ORDER:
+        excess = sum(w + _GAP for w in widths.values()) - budget
+        if excess <= 0 or name not in widths:
+            continue
+        widths[name] -= min(excess, max(widths[name] - _NARROWEST[name], 0))
+    table = Table(header_style="bold", expand=False, box=None, pad_edge=False)
+    table.add_column("ID", no_wrap=True, min_width=id_width)
+    table.add_column("FAILED AT (UTC)", no_wrap=True, min_width=20)
+    for name, column_width in widths.items():
+        justify: Literal["left", "right"] = "right" if name == "HTTP" else "left"
+        table.add_column(name, no_wrap=True, width=column_width, justify=justify)
+    for letter, row in zip(letters, cells, strict=True):
+        values: list[str | Text] = [
+            clip(row[name], column_width) for name, column_width in widths.items()
+        ]
+        if "REASON" in widths:
+            values[0] = Text(str(values[0]), style="red")
+        table.add_row(letter.id, iso(letter.dead_ms), *values)
+    return table
+
+
+def stats_view(snapshot: Stats, minutes: int) -> RenderableType:
+    """``notify stats``: the counts, then delivered per minute as a small bar chart."""
+    fields = _fields()
+    dead = ", ".join(f"{r} {n}" for r, n in sorted(snapshot.dead_letters.items()) if n)
+    rows = [
+        (f"queued (queue {snapshot.queue})", str(snapshot.queued)),
+        ("reserved by workers", str(snapshot.reserved)),
+        ("in flight", str(snapshot.inflight)),
+        ("waiting for retry", str(snapshot.retry_waiting)),
+        ("dead letters", f"{snapshot.dead_letters_total}" + (f"  ({dead})" if dead else "")),
+        ("delivered, last full minute", str(snapshot.delivered_last_minute)),
+        ("delivered in all", str(snapshot.totals.get("delivered", 0))),
+        ("retries in all", str(snapshot.totals.get("retried", 0))),
+        ("dead-lettered in all", str(snapshot.totals.get("dead_lettered", 0))),
+        ("rate-limit penalty", f"x{snapshot.rate_limit_penalty_factor:g}"),
+        ("circuit breaker", str(snapshot.breaker_state)),
+    ]
+    for name, value in rows:
+        fields.add_row(name, value)
+    chart = Table(
+        title=f"delivered per minute (UTC, oldest first, last {minutes})",
+        title_justify="left",
+        header_style="bold",
+        box=None,
+        pad_edge=False,
+    )
+    chart.add_column("minute", no_wrap=True)
+    chart.add_column("delivered", justify="right", no_wrap=True)
+    chart.add_column("", overflow="crop", no_wrap=True, ratio=1)
+    peak = max((minute.delivered for minute in snapshot.delivered_per_minute), default=0)
+    for minute in snapshot.delivered_per_minute:
+        share = minute.delivered / peak if peak else 0.0
+        chart.add_row(
+            iso(minute.minute_start_ms)[11:16],
+            str(minute.delivered),
+            Text("█" * max(round(share * 40), 1 if minute.delivered else 0), style="green"),
+        )
+    return Group(fields, Text(""), chart)
+
+
+def terminal_width() -> int:
+    """Columns to fit: ``COLUMNS`` when set, else the terminal's, else 100 (piped output)."""
+    fallback = 100
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit() and int(columns) > 0:
+        return int(columns)
+    if sys.stdout.isatty():
+        return shutil.get_terminal_size((fallback, 24)).columns
+    return fallback
+
+
+def render(renderable: RenderableType, *, width: int | None = None) -> str:
+    """The renderable as text for stdout: colours only on a terminal, at the terminal's width
+    (``COLUMNS`` when set, else 100 when not a terminal)."""
+    terminal = sys.stdout.isatty()
+    width = width or terminal_width()
+    buffer = io.StringIO()
+    console = Console(
+        file=buffer,
+        width=width,
+        force_terminal=terminal,
+        no_color=not terminal,
+        highlight=False,
+        soft_wrap=False,
+    )
+    console.print(renderable)
+    # Tables pad every line to their width; trailing blanks only get in a reader's way.
+    return "".join(line.rstrip() + "\n" for line in buffer.getvalue().splitlines())
+
+
+def show(renderable: RenderableType, *, pager: bool = True) -> None:
+    """Print to stdout; through the pager (``$PAGER``, else ``less``) when stdout is a terminal
+    and the text is taller than it."""
+    text = render(renderable)
+    height = shutil.get_terminal_size((100, 24)).lines
+    if pager and sys.stdout.isatty() and text.count("\n") > height - 2:
+        os.environ.setdefault("LESS", "FRX")  # keep colours; quit at once if it fits after all
+        click.echo_via_pager(text)
+    else:
+        click.echo(text, nl=False)
+
+
+# Fewer items than this finish before a bar would be worth drawing.
+PROGRESS_MIN_ITEMS = 100
+
+
+class Progress:
+    """A progress bar on stderr for a long bulk operation; ``enabled`` None means: when stderr
+    is a terminal and there are at least ``PROGRESS_MIN_ITEMS`` items."""
+
+    def __init__(self, label: str, total: int, enabled: bool | None = None) -> None:
+        if enabled is None:
+            enabled = total >= PROGRESS_MIN_ITEMS and sys.stderr.isatty()
+        self._bar: RichProgress | None = None
+        self._task: TaskID | None = None
+        if enabled:
+            self._bar = RichProgress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TaskProgressColumn(),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+                transient=False,
+            )
+            self._task = self._bar.add_task(label, total=total)
+
+    def __enter__(self) -> Progress:
+        if self._bar is not None:
+            self._bar.start()
+        return self
+
+    def advance(self, count: int) -> None:
+        """``count`` more items are done."""
+        if self._bar is not None and self._task is not None:
+            self._bar.advance(self._task, count)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()

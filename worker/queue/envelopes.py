@@ -1,0 +1,92 @@
+"""The queue's wire format: what a ``send_message`` task carries, and reading it back.
+
+A task's positional arguments are envelopes ``{"id", "gen", "req"}``: the message id, its
+generation (``claim`` fences off older copies) and the v4 request. Producers, the mover and
+replays write them (``Envelope.to_task``); a worker reads them with ``parse_task``, and anything
+that is not an envelope becomes ``Malformed`` (a ``malformed_message`` dead letter, never an
+error that loses the task). Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from worker.shapes.models import (
+    MAX_RAW_EXCERPT,
+    is_message_id,
+    malformed_id,
+    message_id,
+    partner_of,
+)
+
+# A valid request is a few kilobytes at most (ids and a URL within models' limits); anything far
+# larger is refused before it is stored anywhere.
+MAX_REQUEST_BYTES = 16 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """What a ``send_message`` task carries: the message id, its generation, the request."""
+
+    id: str
+    gen: int
+    request: dict[str, Any]
+
+    def to_task(self) -> dict[str, Any]:
+        """The task argument."""
+        return {"id": self.id, "gen": self.gen, "req": self.request}
+
+
+@dataclass(frozen=True, slots=True)
+class Malformed:
+    """A task whose arguments cannot be read as an envelope."""
+
+    id: str
+    detail: str
+    raw: str
+
+
+def _malformed(raw_value: Any, detail: str) -> Malformed:
+    try:
+        raw = json.dumps(raw_value, default=repr, ensure_ascii=False)
+    except (TypeError, ValueError):
+        raw = repr(raw_value)
+    raw = raw[:MAX_RAW_EXCERPT]
+    return Malformed(malformed_id(raw), detail, raw)
+
+
+def parse_envelope(value: Any) -> Envelope | Malformed:
+    """Read one task argument ``{"id", "gen", "req"}``; anything else is ``Malformed``."""
+    if not isinstance(value, dict):
+        return _malformed(value, "an envelope must be an object with id, gen and req")
+    request = value.get("req")
+    if not isinstance(request, dict):
+        return _malformed(value, "req is missing or not an object")
+    if len(json.dumps(request, default=repr)) > MAX_REQUEST_BYTES:
+        return _malformed(value, f"req is larger than {MAX_REQUEST_BYTES} bytes")
+    if "id" not in value and "gen" not in value:
+        # A hand-made task with only the request: give it the id a producer would have.
+        parts = (request.get("userId"), request.get("sessionId"), request.get("templateId"))
+        if not all(isinstance(part, str) for part in parts):
+            return _malformed(value, "req lacks userId, sessionId or templateId")
+        return Envelope(message_id(*parts, partner_of(request)), 1, request)  # type: ignore[arg-type]
+    ident, gen = value.get("id"), value.get("gen")
+    if not isinstance(ident, str) or not is_message_id(ident):
+        return _malformed(value, "id is not a short URL-safe string")
+    if not isinstance(gen, int) or isinstance(gen, bool) or gen < 1:
+        return _malformed(value, "gen is not a positive integer")
+    return Envelope(ident, gen, request)
+
+
+def parse_task(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Envelope | Malformed]:
+    """Read a task's arguments: one envelope per positional argument, no keyword arguments."""
+    if kwargs or not args:
+        return [
+            _malformed(
+                {"args": args, "kwargs": kwargs},
+                "expected one or more envelopes as positional arguments, and nothing else",
+            )
+        ]
+    return [parse_envelope(value) for value in args]

@@ -1,0 +1,187 @@
+"""The HTTP service's answers and the limits of its parameters, as pydantic models and constants.
+
+``worker.front.api`` builds every JSON answer through these models and ``worker.front.openapi``
+generates the
+document's schemas from them, so an answer and its description cannot drift apart: a key the
+gateway adds, drops or retypes fails the model (``extra="forbid"``, strict) before it reaches a
+client. The request body and the error body are the seed's (``worker.shapes.models``); the failed
+list
+follows Concur's "Get Notifications by Status" (``worker.front.notifications`` builds its dicts and
+the XML). Pure: no I/O, nothing above ``worker.shapes.models``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, RootModel
+from pydantic.config import JsonDict
+from pydantic.json_schema import SkipJsonSchema
+
+from worker.shapes.models import MESSAGE_ID_PATTERN, PARTNER_PATTERN, schema_pattern
+
+# Paging of the failed list: a page is at most MAX_PAGE_LIMIT dead letters.
+DEFAULT_PAGE_LIMIT = 50
+MAX_PAGE_LIMIT = 1000
+MAX_CURSOR = 10**12  # a cursor is an offset into the dead-letter index; far past any real one
+# The httpStatus filter: a status an HTTP answer can have.
+LOWEST_HTTP_STATUS = 100
+HIGHEST_HTTP_STATUS = 599
+# A paced redrive's rate (replays a second), exclusive; past it pacing means nothing.
+MAX_REPLAY_RATE = 1e6
+
+# The status a client sees (worker.front.api maps the stored states onto these).
+ClientStatus = Literal["queued", "retrying", "delivered", "failed"]
+
+MessageId = Annotated[str, Field(pattern=schema_pattern(MESSAGE_ID_PATTERN))]
+PartnerName = Annotated[str, Field(pattern=schema_pattern(PARTNER_PATTERN))]
+# Times are written by worker.shapes.times (ISO-8601 UTC, "Z"); kept as text so the answer shows
+# them
+# exactly as written.
+Timestamp = Annotated[str, Field(json_schema_extra={"format": "date-time"})]
+UriReference = Annotated[str, Field(json_schema_extra={"format": "uri-reference"})]
+
+# Strict and closed: an answer with a key or a type the model does not describe is a bug.
+_answer = ConfigDict(strict=True, extra="forbid")
+
+
+class Queued(BaseModel):
+    """``202`` of the gateway and of a single replay: the message's id and where it stands."""
+
+    model_config = _answer
+    id: MessageId
+    status: ClientStatus
+    duplicate: bool = Field(
+        description="true: the same (userId, sessionId, templateId) was submitted before by "
+        "this partner; nothing new was queued and id is the first message's"
+    )
+
+
+class Attempt(BaseModel):
+    """One delivery attempt in a message's status."""
+
+    model_config = _answer
+    number: int | None
+    at: Timestamp | None
+    outcome: str | None
+    httpStatus: int | None
+    cause: str | None
+    durationMs: int | None
+    correlationId: str | None
+
+
+class MessageStatus(BaseModel):
+    """``GET /messages/{id}``: a message's status, request and attempts."""
+
+    model_config = _answer
+    id: MessageId
+    status: ClientStatus
+    state: str = Field(
+        description="the internal state; `inflight` (an attempt in progress) shows as status "
+        "`queued`"
+    )
+    partner: PartnerName
+    userId: str | None
+    sessionId: str | None
+    templateId: str | None
+    context: dict[str, object]
+    attempts: list[Attempt]
+    correlationId: str | None
+    lastHttpStatus: int | None
+    createdAt: Timestamp | None
+    updatedAt: Timestamp | None
+    nextAttemptAt: Timestamp | None
+    replays: int
+    reason: str | None
+    notificationUri: UriReference | None
+
+
+class FailureError(BaseModel):
+    """One of Concur's ``errors`` on the last answer, in the failed list's PascalCase."""
+
+    model_config = _answer
+    ErrorId: str | None
+    ErrorCode: str | None
+    ErrorMessage: str | None
+
+
+class Failure(BaseModel):
+    """Why and how a notification failed (our addition to Concur's ``Notification``)."""
+
+    model_config = _answer
+    ReasonCode: str
+    Detail: str | None
+    HttpStatus: int | None
+    Errors: list[FailureError]
+    Attempts: int
+    FirstAttemptDateTime: Timestamp | None
+    LastAttemptDateTime: Timestamp | None
+    CorrelationId: str | None
+    UserId: str | None
+    SessionId: str | None
+    TemplateId: str | None
+    Replays: int
+    Partner: PartnerName
+
+
+class Notification(BaseModel):
+    """Concur's ``Notification`` element for one dead letter (fields in the seed's order).
+
+    In XML a null is written as ``i:nil``; the JSON carries the same keys and values.
+    """
+
+    model_config = _answer
+    Context: str | None
+    EventDateTime: Timestamp | None
+    EventType: str
+    NotificationURI: UriReference
+    ObjectType: str = Field(description="always `NOTIFICATION`, as in Concur's examples")
+    ObjectURI: UriReference
+    Failure: Failure
+
+
+class NotificationList(RootModel[list[Notification]]):
+    """A page of the failed list: a plain list, as in Concur's examples (paging is in headers)."""
+
+
+ReplayRate = Annotated[float, Field(gt=0, lt=MAX_REPLAY_RATE)]
+
+
+def _no_default(schema: JsonDict) -> None:
+    # A key that is absent unless given has no default worth documenting ("null" would be one).
+    schema.pop("default", None)
+
+
+class Replayed(BaseModel):
+    """``202`` of the bulk replay: what was sent back (or, paced, is being sent)."""
+
+    model_config = _answer
+    count: int = Field(ge=0)
+    ids: list[MessageId]
+    # Only when paced; absent otherwise, never null (worker.front.api leaves unset fields out).
+    ratePerSecond: ReplayRate | SkipJsonSchema[None] = Field(
+        default=None, json_schema_extra=_no_default
+    )
+
+
+class ReplayPreview(BaseModel):
+    """``200`` of the bulk replay with ``dryRun=true``: what would be replayed."""
+
+    model_config = _answer
+    count: int = Field(ge=0)
+    ids: list[MessageId]
+    dryRun: Literal[True]
+
+
+class Health(BaseModel):
+    """``GET /healthz``: the process is up."""
+
+    model_config = _answer
+    status: Literal["ok"]
+
+
+class Ready(BaseModel):
+    """``GET /readyz``: Redis answers."""
+
+    model_config = _answer
+    status: Literal["ready"]

@@ -1,0 +1,178 @@
+"""The seed's shapes at the boundary (pydantic) and the message as the code passes it (dataclass).
+
+``SendRequest`` is Concur's ``NotificationsPartnerRequestBody``; ``ErrorMessage`` is Concur's
+error body. ``Message`` is one validated request plus its stable id. The limits and patterns of
+ids, URLs and partner names are defined here once: validation, the gateway, the worker and the
+OpenAPI document (``worker.front.openapi``) all take them from this module.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_ID_LENGTH = 256
+MAX_URL_LENGTH = 2048
+# The one pattern of message and dead-letter ids (``message_id`` and the malformed-task ids):
+# short URL-safe strings. Always applied with ``fullmatch`` (``is_message_id``): ``match`` with
+# ``$`` would also accept a trailing newline, and such an id must never reach a Redis key name.
+MESSAGE_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# Partners (``NOTIFY_GATEWAY_KEYS=name:key,...``): a request's partner is part of its id and its
+# idempotency key. A bare key, and every record written before partners had names, is ``default``.
+DEFAULT_PARTNER = "default"
+PARTNER_PATTERN = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
+
+
+def schema_pattern(pattern: re.Pattern[str]) -> str:
+    """``pattern`` as a JSON Schema ``pattern``: anchored at both ends.
+
+    JSON Schema's patterns search (ECMA-262 ``test``), ours are applied with ``fullmatch``; in
+    ECMA-262 ``$`` is the end of the string only, so the anchored form accepts exactly what
+    ``fullmatch`` accepts, and the document cannot state a pattern of its own.
+    """
+    return f"^(?:{pattern.pattern})$"
+
+
+_strict = ConfigDict(strict=True, extra="forbid")
+
+
+class Context(BaseModel):
+    """``context`` of the v4 body: the URL applied to the template (optional)."""
+
+    model_config = _strict
+    url: str | None = Field(None, max_length=MAX_URL_LENGTH)
+
+
+class SendRequest(BaseModel):
+    """The seed's ``NotificationsPartnerRequestBody``."""
+
+    # The title names its schema in the OpenAPI document: the seed's name, not ours.
+    model_config = ConfigDict(strict=True, extra="forbid", title="NotificationsPartnerRequestBody")
+    sessionId: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    templateId: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    context: Context
+
+
+class ErrorItem(BaseModel):
+    """One problem: a fresh ``errorId`` (a UUID), a stable ``errorCode``, a sentence."""
+
+    # The docstrings of these two are their descriptions in the OpenAPI document. The service
+    # always fills all three fields, so its schema requires them; Concur's own answers, which
+    # may leave some out, are read leniently by worker.concur.client, not through this model.
+    model_config = _strict
+    errorId: str
+    errorCode: str
+    errorMessage: str
+
+
+class ErrorMessage(BaseModel):
+    """The seed's error body, one entry per problem; every error answer has this shape."""
+
+    model_config = _strict
+    errors: list[ErrorItem] = Field(min_length=1)
+
+
+def message_id(user_id: str, session_id: str, template_id: str, partner: str | None = None) -> str:
+    """The stable, URL-safe id of a request: the same (partner, user, session, template) gives
+    the same id.
+
+    The id doubles as the idempotency key, so a request sent twice is found, not queued twice.
+    It is per partner: partner ``default`` keeps the unkeyed hash every earlier id was made with,
+    any other partner's hash is keyed with its name, so two partners sending the same triple get
+    unrelated ids and neither can make the other's request a "duplicate".
+    """
+    data = "\x1f".join((user_id, session_id, template_id)).encode("utf-8", "surrogatepass")
+    if partner is None or partner == DEFAULT_PARTNER:
+        digest = hashlib.blake2b(data, digest_size=15).digest()
+    else:
+        key = partner.encode("utf-8", "surrogatepass")[:64]  # blake2b keys are at most 64 bytes
+        digest = hashlib.blake2b(data, digest_size=15, key=key).digest()
+    return base64.b32encode(digest).decode("ascii").lower()
+
+
+def is_partner_name(value: object) -> bool:
+    """Whether ``value`` is a valid partner name (lower-case letters, digits, ``_.-``)."""
+    return isinstance(value, str) and PARTNER_PATTERN.fullmatch(value) is not None
+
+
+def partner_of(request: Mapping[str, Any] | None) -> str:
+    """The partner a stored or queued request belongs to (``default`` when it names none)."""
+    value = request.get("partner") if request else None
+    return value if isinstance(value, str) and is_partner_name(value) else DEFAULT_PARTNER
+
+
+def is_message_id(value: object) -> bool:
+    """Whether ``value`` has the form of a message or dead-letter id (the whole string)."""
+    return isinstance(value, str) and MESSAGE_ID_PATTERN.fullmatch(value) is not None
+
+
+def request_body(session_id: Any, template_id: Any, url: Any = None) -> dict[str, Any]:
+    """The seed's v4 body from its parts (``context`` is ``{}`` without a URL); not validated."""
+    context: dict[str, Any] = {} if url is None else {"url": url}
+    return {"sessionId": session_id, "templateId": template_id, "context": context}
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One validated send request."""
+
+    id: str
+    user_id: str
+    session_id: str
+    template_id: str
+    url: str | None = None
+    partner: str = DEFAULT_PARTNER
+
+    @classmethod
+    def create(
+        cls,
+        user_id: str,
+        session_id: str,
+        template_id: str,
+        url: str | None = None,
+        partner: str | None = None,
+    ) -> Message:
+        """A message with its id derived from the request and partner (see ``message_id``)."""
+        partner = partner or DEFAULT_PARTNER
+        return cls(
+            message_id(user_id, session_id, template_id, partner),
+            user_id,
+            session_id,
+            template_id,
+            url,
+            partner,
+        )
+
+    def body(self) -> dict[str, Any]:
+        """Exactly the seed's request body."""
+        return request_body(self.session_id, self.template_id, self.url)
+
+    def to_wire(self) -> dict[str, Any]:
+        """The request as stored in Redis and carried by a task (user id plus the v4 body).
+
+        A partner other than ``default`` is recorded as ``"partner"`` (never sent to Concur);
+        partner ``default``'s form is the one every earlier record has.
+        """
+        wire = {"userId": self.user_id, **self.body()}
+        if self.partner != DEFAULT_PARTNER:
+            wire["partner"] = self.partner
+        return wire
+
+
+MAX_RAW_EXCERPT = 4096  # how much of an unreadable message a dead letter keeps
+
+
+def malformed_id(raw: str) -> str:
+    """The id of the dead letter of an unreadable message or task, from its raw content.
+
+    Never from a field the message claims, so a malformed message cannot overwrite another
+    message's record; stable, so a redelivered copy lands on the same dead letter.
+    """
+    digest = hashlib.blake2b(raw.encode("utf-8", "replace"), digest_size=12).hexdigest()
+    return f"bad{digest}"
