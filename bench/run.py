@@ -605,7 +605,7 @@ def gateway_scenario(
 
 def backlog_scenario(runtime: Any, command: list[str], env: dict[str, str], count: int) -> Row:
     """Seed ``count`` messages waiting for retry through the workers' own scripts; measure."""
-    from worker.store.records import AttemptRecord, now_ms
+    from worker.store.codec import AttemptRecord, now_ms
 
     redis = runtime.redis
     store = runtime.store
@@ -665,7 +665,7 @@ def _delivered_many(store: Any, count: int, tag: str) -> None:
 
     from worker.queue.envelopes import Envelope
     from worker.shapes.models import Message
-    from worker.store.records import AttemptRecord, now_ms
+    from worker.store.codec import AttemptRecord, now_ms
 
     def deliver(message: Message) -> None:
         claim = store.claim(

@@ -32,8 +32,7 @@ from worker.runtime import Runtime
 from worker.settings import load_settings
 from worker.shapes.models import is_message_id, message_id
 from worker.store import keys
-from worker.store.deadletters import DeadLetter
-from worker.store.records import Failure
+from worker.store.codec import DeadLetter, Failure
 
 PARTNER_KEY = "partner-key-" + uuid.uuid4().hex
 OTHER_PARTNER_KEY = "partner-key-" + uuid.uuid4().hex

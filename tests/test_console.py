@@ -26,7 +26,7 @@ from sandbox.processes import stop_processes
 from tests.conftest import ROOT, free_port, wait_for
 from worker.runtime import Runtime
 from worker.shapes.models import message_id
-from worker.store.records import Failure
+from worker.store.codec import Failure
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

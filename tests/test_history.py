@@ -30,8 +30,9 @@ from worker.runtime import Runtime
 from worker.settings import load_settings
 from worker.shapes.models import Message
 from worker.store import history, keys
+from worker.store.codec import AttemptRecord, Failure, now_ms
 from worker.store.history import HistoryWriter
-from worker.store.records import AttemptRecord, Failure, MessageStore, now_ms
+from worker.store.records import MessageStore
 
 OPERATOR_KEY = "operator-key-" + uuid.uuid4().hex
 
@@ -338,4 +339,4 @@ def test_without_a_history_url_nothing_goes_to_the_outbox(redis: Redis) -> None:
     _go(store, message, 1)
     store.delivered(message.id, _attempt(1, "delivered", 200))
     assert redis.xlen(keys.HISTORY_OUTBOX) == 0
-    assert history.message_status(store, None, "nosuchmessage") is None
+    assert store.lookup("nosuchmessage") is None

@@ -29,7 +29,7 @@ from worker.rules.validation import InvalidRequest, validate_wire
 from worker.runtime import Runtime
 from worker.settings import SettingsError, load_settings
 from worker.shapes.models import DEFAULT_PARTNER, Message, message_id
-from worker.store.records import Failure
+from worker.store.codec import Failure
 
 A_KEY = "acme-key-" + uuid.uuid4().hex
 B_KEY = "beta-key-" + uuid.uuid4().hex

@@ -16,7 +16,8 @@ from worker.queue.envelopes import Envelope
 from worker.settings import Settings
 from worker.shapes.models import Message
 from worker.store import keys
-from worker.store.records import AttemptRecord, Failure, MessageStore, now_ms
+from worker.store.codec import AttemptRecord, Failure, now_ms
+from worker.store.records import MessageStore
 
 BUDGET_BYTES = 400
 

@@ -12,7 +12,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from sandbox.redisserver import EmbeddedRedis, free_port
 from worker.queue.envelopes import Envelope
 from worker.rules.retries import ANSWERING, RedisPatience
-from worker.store.records import AttemptRecord, MessageStore
+from worker.store.codec import AttemptRecord
+from worker.store.records import MessageStore
 from worker.store.redisclient import make_redis
 
 

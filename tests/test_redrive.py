@@ -18,8 +18,8 @@ from tests.test_api import OPERATOR_KEY, ServerThread, _settings
 from worker.front.api import create_app
 from worker.shapes.models import Message
 from worker.store import keys
+from worker.store.codec import Failure
 from worker.store.deadletters import DeadLetterFilter, redrive_schedule
-from worker.store.records import Failure
 
 __all__ = ["isolated"]  # the fixture
 

@@ -105,7 +105,7 @@ def test_scripts_redis_forgot_are_loaded_again_and_the_outcome_is_recorded(runti
     claim = store.claim(Envelope(message_id, 1, request), owner="me", worker="w", task_id="t")
     assert (claim.verdict, claim.attempt) == ("go", 1)
     runtime.redis.script_flush()
-    from worker.store.records import AttemptRecord, now_ms
+    from worker.store.codec import AttemptRecord, now_ms
 
     assert store.delivered(message_id, AttemptRecord(1, now_ms(), "delivered", 200, None, 5, "c"))
     assert store.status(message_id)["state"] == "delivered"

@@ -28,7 +28,8 @@ from worker.rules.allowlist import AllowList
 from worker.rules.retries import RedisPatience, RetryPolicy
 from worker.settings import Settings, SettingsError, get_settings
 from worker.store.deadletters import DeadLetterStore
-from worker.store.records import MessageStore
+from worker.store.history import settings_url
+from worker.store.records import MessageStore, ReplicaWait
 from worker.store.redisclient import make_redis
 
 
@@ -87,8 +88,9 @@ class Runtime:
             publish_grace_seconds=settings.visibility_timeout_seconds,
             lease_seconds=settings.inflight_lease_seconds,
             status_ttl_seconds=settings.status_ttl_seconds,
-            wait_replicas=settings.wait_replicas,
+            replica_wait=ReplicaWait.from_settings(settings),
             history=settings.history_url is not None,
+            history_url=settings_url(settings),
         )
         return cls(
             settings=settings,

@@ -44,7 +44,7 @@ from worker.shapes.models import (
     Message,
     partner_of,
 )
-from worker.store.records import AttemptRecord, Claim, Failure, now_ms
+from worker.store.codec import AttemptRecord, Claim, Failure, now_ms
 
 log = logging.getLogger("notify.delivery")
 

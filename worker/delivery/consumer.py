@@ -25,7 +25,7 @@ from celery.worker.consumer import Consumer
 from worker.rules import outcomes
 from worker.runtime import get_runtime
 from worker.shapes.models import MAX_RAW_EXCERPT, malformed_id
-from worker.store.records import Failure
+from worker.store.codec import Failure
 
 log = logging.getLogger("notify.consumer")
 

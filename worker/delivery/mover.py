@@ -42,7 +42,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from worker.ops.background import Loop
 from worker.queue.publisher import Publisher
 from worker.store import keys
-from worker.store.records import MessageStore, now_ms
+from worker.store.codec import now_ms
+from worker.store.records import MessageStore
 
 log = logging.getLogger("notify.mover")
 

@@ -23,7 +23,6 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote_to_bytes, urlencode
 
@@ -71,10 +70,10 @@ from worker.shapes.contract import (
     Replayed,
     ReplayPreview,
 )
-from worker.shapes.models import ErrorItem, ErrorMessage, is_message_id, is_partner_name, partner_of
+from worker.shapes.models import ErrorItem, ErrorMessage, is_message_id, is_partner_name
 from worker.shapes.times import int_or_none, iso_utc
-from worker.store import history
-from worker.store.deadletters import DeadLetterFilter
+from worker.store.codec import StatusRecord
+from worker.store.query import DeadLetterFilter, read_filter
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +93,15 @@ INTERNAL_ERROR = "INTERNAL_ERROR"
 
 PARTNER = "partner"
 OPERATOR = "operator"
+
+# What a refused filter value (``read_filter``) is told, by its name there.
+_FILTER_ERRORS = {
+    "since": "since must be an ISO-8601 date-time",
+    "until": "until must be an ISO-8601 date-time",
+    "http_status": (
+        f"httpStatus must be an HTTP status {LOWEST_HTTP_STATUS}..{HIGHEST_HTTP_STATUS}"
+    ),
+}
 
 _AUTH_SCHEMES = ("bearer", "oauth")  # OAuth: the scheme in Concur's legacy examples
 JSON_TYPE = "application/json"
@@ -230,29 +238,8 @@ def negotiate(accept: str | None) -> str | None:
     return None if best is None else _OFFERS[best]
 
 
-def parse_since(value: str) -> int:
-    """An ISO-8601 date or date-time as epoch milliseconds (UTC when no offset is given)."""
-    moment = datetime.fromisoformat(value.strip())
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return int(moment.timestamp() * 1000)
-
-
 def _iso_ms(ms: Any) -> str | None:
     return iso_utc(ms, millis=True)
-
-
-def _record_request(record: dict[str, Any]) -> dict[str, Any]:
-    try:
-        request = json.loads(record.get("req") or "{}")
-    except ValueError:
-        request = {}
-    return request if isinstance(request, dict) else {}
-
-
-def record_partner(record: dict[str, Any]) -> str:
-    """The partner a status record belongs to (``default`` for records from before partners)."""
-    return partner_of(_record_request(record))
 
 
 def _text(value: Any) -> str | None:
@@ -263,16 +250,16 @@ def _text(value: Any) -> str | None:
     return str(value)
 
 
-def message_view(message_id: str, record: dict[str, Any], base_url: str) -> MessageStatus:
-    """A status record (``MessageStore.status``) as the ``GET /messages/{id}`` body."""
-    request = _record_request(record)
+def message_view(message_id: str, record: StatusRecord, base_url: str) -> MessageStatus:
+    """A status record (``MessageStore.lookup``) as the ``GET /messages/{id}`` body."""
+    request = record.request
     context = request.get("context")
-    state = str(record.get("state", ""))
+    state = record.state
     return MessageStatus(
         id=message_id,
         status=STATUS_OF_STATE.get(state, "queued"),
         state=state,
-        partner=partner_of(request),
+        partner=record.partner,
         userId=_text(request.get("userId")),
         sessionId=_text(request.get("sessionId")),
         templateId=_text(request.get("templateId")),
@@ -287,8 +274,7 @@ def message_view(message_id: str, record: dict[str, Any], base_url: str) -> Mess
                 durationMs=int_or_none(entry.get("ms")),
                 correlationId=_text(entry.get("cid")),
             )
-            for entry in record.get("attempts", [])
-            if isinstance(entry, dict)
+            for entry in record.attempts
         ],
         correlationId=_text(record.get("cid")) or None,
         lastHttpStatus=int_or_none(record.get("status")),
@@ -463,44 +449,18 @@ class Service:
         partner = query.get("partner") or None
         if partner is not None and not is_partner_name(partner):
             raise ApiError(400, INVALID_PARAMETER, "partner is not a partner name")
-        since = query.get("since")
-        since_ms = None
-        if since is not None:
-            try:
-                since_ms = parse_since(since)
-            except (ValueError, OverflowError, OSError):
-                raise ApiError(
-                    400, INVALID_PARAMETER, "since must be an ISO-8601 date-time"
-                ) from None
-        until = query.get("until")
-        until_ms = None
-        if until is not None:
-            try:
-                until_ms = parse_since(until)
-            except (ValueError, OverflowError, OSError):
-                raise ApiError(
-                    400, INVALID_PARAMETER, "until must be an ISO-8601 date-time"
-                ) from None
-        http_status = query.get("httpStatus")
-        if http_status is not None and not (
-            http_status.isascii()
-            and http_status.isdigit()
-            and LOWEST_HTTP_STATUS <= int(http_status) <= HIGHEST_HTTP_STATUS
-        ):
-            raise ApiError(
-                400,
-                INVALID_PARAMETER,
-                f"httpStatus must be an HTTP status {LOWEST_HTTP_STATUS}..{HIGHEST_HTTP_STATUS}",
-            )
-        return DeadLetterFilter(
-            reason=query.get("reason") or None,
-            template_id=query.get("template") or None,
-            user_id=query.get("user") or None,
-            since_ms=since_ms,
+        selection, refused = read_filter(
+            reason=query.get("reason"),
+            template=query.get("template"),
+            user=query.get("user"),
             partner=partner,
-            http_status=None if http_status is None else int(http_status),
-            until_ms=until_ms,
+            since=query.get("since"),
+            until=query.get("until"),
+            http_status=query.get("httpStatus"),
         )
+        if refused:
+            raise ApiError(400, INVALID_PARAMETER, _FILTER_ERRORS[refused[0]])
+        return selection
 
     @staticmethod
     def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
@@ -543,15 +503,10 @@ class Service:
         """``GET /messages/{id}``: the message's status and attempts."""
         caller = self._require(request, PARTNER, also=OPERATOR)
         message_id = self._id(request)
-        record = await run_in_threadpool(
-            history.message_status,
-            self.runtime.store,
-            history.settings_url(self.runtime.settings),
-            message_id,
-        )
+        record = await run_in_threadpool(self.runtime.store.lookup, message_id)
         # Another partner's message is "no such message", exactly as an unknown id: a 403 would
         # tell a partner which ids exist. Operators see every partner's.
-        if record is None or not (caller.operator or record_partner(record) == caller.partner):
+        if record is None or not (caller.operator or record.partner == caller.partner):
             if record is not None:
                 log.info(
                     "partner %s asked for message %s of another partner: 404",

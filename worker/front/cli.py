@@ -12,7 +12,6 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from importlib.metadata import EntryPoint, entry_points
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -130,19 +129,16 @@ def _now_ms() -> int:
 def status(message_id: str, as_json: bool) -> None:
     """Show a message's state, attempts, HTTP status, correlation id and next retry."""
     from worker.front import views
-    from worker.store import history
 
     runtime = _runtime()
-    record = history.message_status(
-        runtime.store, history.settings_url(runtime.settings), message_id
-    )
+    record = runtime.store.lookup(message_id)
     if record is None:
         _fail(f"no message {message_id!r} (unknown, or its status record expired)", EXIT_NOT_FOUND)
         return
     if as_json:
-        click.echo(json.dumps(record, indent=2, sort_keys=True))
+        click.echo(json.dumps(record.to_dict(), indent=2, sort_keys=True))
         return
-    letter = runtime.deadletters.get(message_id) if record.get("state") == "failed" else None
+    letter = runtime.deadletters.get(message_id) if record.state == "failed" else None
     views.show(views.message_view(message_id, record, _now_ms(), letter))
 
 
@@ -152,6 +148,24 @@ def failed() -> None:
 
 
 TIME_FORMATS = ["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M:%S%z"]
+
+
+class _Time(click.DateTime):
+    """A --since/--until time: click's check (these formats, its message), handed on as typed
+    for the one time parser (worker.store.query: --until 2026-11-25 is through that day)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        """The text, once click's formats accept it and so does ``parse_time``."""
+        if not isinstance(value, str):
+            return value
+        super().convert(value, param, ctx)
+        from worker.store.query import parse_time
+
+        try:
+            parse_time(value)
+        except ValueError as error:
+            self.fail(str(error), param, ctx)
+        return value
 
 
 def _filters(function: F) -> F:
@@ -164,23 +178,23 @@ def _filters(function: F) -> F:
         reason: str | None,
         template_id: str | None,
         user_id: str | None,
-        since: datetime | None,
-        until: datetime | None,
+        since: str | None,
+        until: str | None,
         partner: str | None,
         http_status: int | None,
         **kwargs: Any,
     ) -> Any:
-        from worker.store.deadletters import DeadLetterFilter
+        from worker.store.query import DeadLetterFilter, read_filter
 
-        chosen = DeadLetterFilter(
+        # The options' types checked every value already: nothing is refused here.
+        chosen, _refused = read_filter(
             reason=reason,
-            template_id=template_id,
-            user_id=user_id,
-            since_ms=_epoch_ms(since),
+            template=template_id,
+            user=user_id,
             partner=partner,
-            http_status=http_status,
-            # --until 2026-11-25 means through the end of that day (or second).
-            until_ms=None if until is None else _epoch_ms(until, through=True),
+            since=since,
+            until=until,
+            http_status=None if http_status is None else str(http_status),
         )
         selection = None if chosen == DeadLetterFilter() else chosen
         return function(*args, selection=selection, **kwargs)
@@ -193,13 +207,13 @@ def _filters(function: F) -> F:
             click.option(
                 "--since",
                 default=None,
-                type=click.DateTime(TIME_FORMATS),
+                type=_Time(TIME_FORMATS),
                 help="only those that failed at or after this time (UTC unless an offset is given)",
             ),
             click.option(
                 "--until",
                 default=None,
-                type=click.DateTime(TIME_FORMATS),
+                type=_Time(TIME_FORMATS),
                 help="only those that failed at or before this time (a date: through that day)",
             ),
             click.option("--partner", default=None, help="only this partner's (see GATEWAY_KEYS)"),
@@ -262,19 +276,6 @@ def failed_show(letter_id: str, as_json: bool) -> None:
         click.echo(json.dumps(letter.to_dict(), indent=2))
     else:
         views.show(views.dead_letter_view(letter, _now_ms()))
-
-
-def _epoch_ms(moment: datetime | None, *, through: bool = False) -> int | None:
-    """Epoch ms of a --since/--until time (UTC unless it has an offset); ``through``: the
-    last millisecond of the day (a bare date) or of the second it names."""
-    if moment is None:
-        return None
-    aware = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-    ms = int(aware.timestamp() * 1000)
-    if through:
-        whole_day = (aware.hour, aware.minute, aware.second) == (0, 0, 0)
-        ms += 86_399_999 if whole_day else 999
-    return ms
 
 
 def _ids_or_all(ids: tuple[str, ...], all_: bool, selection: Any) -> list[str] | None:

@@ -33,7 +33,6 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode
@@ -52,8 +51,8 @@ from worker.runtime import Runtime
 from worker.settings import Settings
 from worker.shapes.models import is_message_id, is_partner_name, partner_of
 from worker.shapes.times import iso_utc
-from worker.store import history
-from worker.store.deadletters import DeadLetter, DeadLetterFilter
+from worker.store.codec import DeadLetter, StatusRecord
+from worker.store.query import DeadLetterFilter, read_filter
 
 log = logging.getLogger(__name__)
 
@@ -90,26 +89,6 @@ def format_ms(value: Any) -> str:
     """Epoch milliseconds as ``YYYY-MM-DD HH:MM:SS UTC``; ``-`` when absent."""
     shown = iso_utc(value)
     return "-" if shown is None else shown.replace("T", " ").replace("Z", " UTC")
-
-
-def parse_moment(value: str, *, end: bool = False) -> int | None:
-    """A ``datetime-local`` input (or any ISO-8601 date-time; UTC unless an offset is given)
-    as epoch milliseconds; None when empty. Raises ValueError when it is not a date-time.
-
-    ``end``: the last millisecond the value names (``12:05`` is up to ``12:05:59.999``), for
-    the upper bound of a range typed to the minute or the second.
-    """
-    value = value.strip()
-    if not value:
-        return None
-    moment = datetime.fromisoformat(value)
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    ms = int(moment.timestamp() * 1000)
-    if end and moment.microsecond == 0:
-        clock = value.partition("T")[2] or value.partition(" ")[2]
-        ms += 999 if clock.count(":") >= 2 else (59_999 if clock else 86_399_999)
-    return ms
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,15 +138,18 @@ def read_query(params: Any) -> tuple[Query, DeadLetterFilter, list[str]]:
     if partner and not is_partner_name(partner):
         problems.append(f"{partner!r} is not a partner name")
         partner = ""
-    bounds: dict[str, int | None] = {}
-    moments: dict[str, str] = {}
-    for name in ("since", "until"):
-        moments[name] = text(name, 40)
-        try:
-            bounds[name] = parse_moment(moments[name], end=name == "until")
-        except (ValueError, OverflowError, OSError):
-            problems.append(f"{name} is not a date and time")
-            moments[name], bounds[name] = "", None
+    moments = {name: text(name, 40) for name in ("since", "until")}
+    # A ``datetime-local`` input is typed to the minute: ``until`` 12:05 is up to 12:05:59.999.
+    selection, refused = read_filter(
+        reason=reason,
+        template=text("template"),
+        partner=partner,
+        since=moments["since"] or None,
+        until=moments["until"] or None,
+    )
+    for name in refused:
+        problems.append(f"{name} is not a date and time")
+        moments[name] = ""
     cursor_raw = text("cursor", 13)
     cursor = int(cursor_raw) if cursor_raw.isascii() and cursor_raw.isdigit() else 0
     limit_raw = text("limit", 4)
@@ -180,13 +162,6 @@ def read_query(params: Any) -> tuple[Query, DeadLetterFilter, list[str]]:
         until=moments["until"],
         cursor=cursor,
         limit=limit or DEFAULT_PAGE_SIZE,
-    )
-    selection = DeadLetterFilter(
-        reason=query.reason or None,
-        template_id=query.template or None,
-        since_ms=bounds["since"],
-        until_ms=bounds["until"],
-        partner=query.partner or None,
     )
     return query, selection, problems
 
@@ -422,11 +397,9 @@ class Console:
         letter, record = await run_in_threadpool(self._read, message_id)
         if letter is None and record is None:
             return self._not_found(request, session)
-        request_body = letter.request if letter is not None else _request_of(record)
-        state = str((record or {}).get("state") or ("failed" if letter else ""))
-        attempts = [
-            entry for entry in (record or {}).get("attempts", []) if isinstance(entry, dict)
-        ]
+        request_body = letter.request if letter is not None else record.request if record else {}
+        state = (record.state if record else "") or ("failed" if letter else "")
+        attempts = record.attempts if record else []
         errors_attempt = None
         if letter is not None and letter.errors:
             for entry in attempts:
@@ -438,7 +411,7 @@ class Console:
             {
                 "id": message_id,
                 "letter": letter,
-                "record": record or {},
+                "record": record.fields if record else {},
                 "state": state,
                 "moving": state in MOVING_STATES,
                 "attempts": attempts,
@@ -451,10 +424,8 @@ class Console:
             session=session,
         )
 
-    def _read(self, message_id: str) -> tuple[DeadLetter | None, dict[str, Any] | None]:
-        record = history.message_status(
-            self.runtime.store, history.settings_url(self.runtime.settings), message_id
-        )
+    def _read(self, message_id: str) -> tuple[DeadLetter | None, StatusRecord | None]:
+        record = self.runtime.store.lookup(message_id)
         return self.runtime.deadletters.get(message_id), record
 
     def _not_found(self, request: Request, session: dict[str, Any]) -> Response:
@@ -563,14 +534,6 @@ def _notice(done: str | None, message_id: str | None) -> str | None:
     if done == "replayed":
         return "Replayed: the message is back in the queue."
     return None
-
-
-def _request_of(record: dict[str, Any] | None) -> dict[str, Any]:
-    try:
-        value = json.loads((record or {}).get("req") or "{}")
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 def _guard(

@@ -10,7 +10,7 @@ Where each number comes from, and what it costs:
   priority sub-lists). Messages a worker has already prefetched are not in it; they are
   ``reserved`` (kombu's ``unacked`` hash, ``HLEN``: every queue on this Redis database).
 * ``inflight``, ``retry_waiting`` and ``dead_letters`` by reason: gauges in ``keys.LIVE`` that
-  the Lua scripts of ``worker/store/records.py`` change in the same atomic step as the message's
+  the Lua scripts of ``worker/store/lua/`` change in the same atomic step as the message's
   state, so reading them is O(1) and exact, rather than a scan of the schedule or the dead-letter
   index (O(n) per scrape). ``retry_waiting`` includes messages the rate limit put back. Only
   records written by this version are counted: records from before it (an upgrade with messages
@@ -41,7 +41,8 @@ from worker.rules import outcomes
 from worker.runtime import Runtime
 from worker.shapes.models import is_partner_name
 from worker.store import keys
-from worker.store.records import DELIVERED_COUNTER_TTL_SECONDS, now_ms
+from worker.store.codec import now_ms
+from worker.store.records import DELIVERED_COUNTER_TTL_SECONDS
 
 DEFAULT_MINUTES = 15
 MAX_MINUTES = DELIVERED_COUNTER_TTL_SECONDS // 60

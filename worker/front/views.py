@@ -1,6 +1,6 @@
 """What ``notify`` shows a person: messages, dead letters and counts as text for a terminal.
 
-Pure functions from the stored shapes (a status record from ``MessageStore.status``, a
+Pure functions from the stored shapes (a ``StatusRecord`` from ``MessageStore.lookup``, a
 ``DeadLetter``, a stats ``Snapshot``) to ``rich`` renderables, plus the few helpers that print
 them: times as ISO-8601 UTC with a relative hint ("in 4 min", "2 h ago"), tables that fit the
 terminal's width (ids are folded, never cut; free text is shortened with an ellipsis), and a
@@ -35,7 +35,7 @@ from worker.shapes.times import int_or_none, iso_utc
 
 if TYPE_CHECKING:
     from worker.front.stats import Stats
-    from worker.store.deadletters import DeadLetter
+    from worker.store.codec import DeadLetter, StatusRecord
 
 # state in Redis -> what it means to a person.
 STATE_TEXT = {
@@ -81,17 +81,6 @@ def when(ms: Any, now_ms: int) -> str:
     text = iso(ms)
     hint = relative(ms, now_ms)
     return f"{text} ({hint})" if hint and text != "-" else text
-
-
-def _request(record: Mapping[str, Any]) -> dict[str, Any]:
-    raw = record.get("req")
-    if isinstance(raw, dict):
-        return raw
-    try:
-        value = json.loads(raw) if raw else {}
-    except (TypeError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 def _fields() -> Table:
@@ -149,18 +138,18 @@ def attempts_table(entries: Iterable[Mapping[str, Any]], width: int | None = Non
 
 def message_view(
     message_id: str,
-    record: Mapping[str, Any],
+    record: StatusRecord,
     now_ms: int,
     letter: DeadLetter | None = None,
     width: int | None = None,
 ) -> RenderableType:
-    """A status record (``MessageStore.status``) for a person; ``letter`` adds the failure."""
-    state = str(record.get("state") or "unknown")
+    """A status record (``MessageStore.lookup``) for a person; ``letter`` adds the failure."""
+    state = record.state or "unknown"
     fields = _fields()
     fields.add_row("message", message_id)
     fields.add_row("state", Text(STATE_TEXT.get(state, state), style=STATE_STYLE.get(state, "")))
-    _add_request(fields, _request(record), record.get("partner"))
-    entries = [entry for entry in record.get("attempts", []) if isinstance(entry, Mapping)]
+    _add_request(fields, record.request, record.get("partner"))
+    entries = record.attempts
     posted = int_or_none(record.get("attempt"))
     fields.add_row("attempts", str(posted if posted is not None else len(entries)))
     fields.add_row("HTTP status", str(int_or_none(record.get("status")) or "-"))

@@ -1,114 +1,32 @@
 """The dead-letter store: list, show, replay and delete messages that failed for good.
 
 Dead letters are written by ``records.MessageStore.dead_letter`` (atomically with the message's
-state, before the broker message is acknowledged); this module reads and manages them. Replay
-sends a letter back through the whole pipeline (validation included) with a new generation and
-a replay count; delete removes it and the message's status record.
+state, before the broker message is acknowledged); this module reads them (as
+``codec.DeadLetter``, selected by ``query.DeadLetterFilter``) and manages them. Replay sends a
+letter back through the whole pipeline (validation included) with a new generation and a replay
+count; delete removes it and the message's status record.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
-from typing import Any, cast
+from dataclasses import dataclass
+from typing import cast
 
 from redis import Redis
 
 from worker.queue.envelopes import Envelope
 from worker.shapes.contract import DEFAULT_PAGE_LIMIT
-from worker.shapes.models import DEFAULT_PARTNER, partner_of
-from worker.shapes.times import int_or_none
 from worker.store import keys
+from worker.store.codec import DeadLetter
+from worker.store.query import DeadLetterFilter
 from worker.store.records import MessageStore
+
+__all__ = ["DeadLetter", "DeadLetterFilter", "DeadLetterStore", "Page", "redrive_schedule"]
 
 SCAN_CHUNK = 500
 REPLAY_CHUNK = 200  # dead letters replayed and published together in a bulk replay
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    """One message that failed for good, with everything an operator needs to decide."""
-
-    id: str
-    user_id: str
-    request: dict[str, Any]
-    reason: str
-    detail: str
-    status: int | None
-    errors: list[dict[str, Any]]
-    attempts: int
-    first_attempt_ms: int | None
-    last_attempt_ms: int | None
-    dead_ms: int
-    created_ms: int | None
-    correlation_id: str | None
-    task_id: str | None
-    worker: str | None
-    replays: int
-    partner: str = DEFAULT_PARTNER
-
-    @property
-    def template_id(self) -> str | None:
-        """The request's template id, when the request had one."""
-        value = self.request.get("templateId")
-        return value if isinstance(value, str) else None
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (snake_case keys) for the CLI."""
-        return asdict(self)
-
-    @classmethod
-    def from_hash(cls, data: dict[str, str]) -> DeadLetter:
-        """Read the stored hash."""
-        request = _json_object(data.get("req"))
-        errors = _json_list(data.get("errors"))
-        user_id = request.get("userId")
-        return cls(
-            id=data["id"],
-            user_id=user_id if isinstance(user_id, str) else "",
-            request=request,
-            reason=data.get("reason", ""),
-            detail=data.get("detail", ""),
-            status=int_or_none(data.get("status")),
-            errors=errors,
-            attempts=int_or_none(data.get("attempts")) or 0,
-            first_attempt_ms=int_or_none(data.get("first")),
-            last_attempt_ms=int_or_none(data.get("last")),
-            dead_ms=int_or_none(data.get("dead")) or 0,
-            created_ms=int_or_none(data.get("created")),
-            correlation_id=data.get("cid") or None,
-            task_id=data.get("task") or None,
-            worker=data.get("worker") or None,
-            replays=int_or_none(data.get("replays")) or 0,
-            partner=partner_of(request),
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetterFilter:
-    """Which dead letters an operator means; every field left None matches all."""
-
-    reason: str | None = None
-    template_id: str | None = None
-    user_id: str | None = None
-    since_ms: int | None = None
-    partner: str | None = None
-    http_status: int | None = None  # the API's answer on the last attempt
-    until_ms: int | None = None  # dead-lettered at or before this time
-
-    def matches(self, letter: DeadLetter) -> bool:
-        """Whether ``letter`` is selected."""
-        return (
-            (self.partner is None or letter.partner == self.partner)
-            and (self.reason is None or letter.reason == self.reason)
-            and (self.template_id is None or letter.template_id == self.template_id)
-            and (self.user_id is None or letter.user_id == self.user_id)
-            and (self.since_ms is None or letter.dead_ms >= self.since_ms)
-            and (self.until_ms is None or letter.dead_ms <= self.until_ms)
-            and (self.http_status is None or letter.status == self.http_status)
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,19 +189,3 @@ def redrive_schedule(
     for start in range(0, len(ids), size):
         due = 0.0 if rate_per_second is None else start / rate_per_second
         yield due, ids[start : start + size]
-
-
-def _json_object(raw: str | None) -> dict[str, Any]:
-    try:
-        value = json.loads(raw) if raw else {}
-    except ValueError:
-        return {"raw": raw}
-    return value if isinstance(value, dict) else {"raw": value}
-
-
-def _json_list(raw: str | None) -> list[dict[str, Any]]:
-    try:
-        value = json.loads(raw) if raw else []
-    except ValueError:
-        return []
-    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []

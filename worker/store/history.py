@@ -3,9 +3,9 @@
 Redis keeps what is live and a short window of recent outcomes (``NOTIFY_STATUS_TTL_SECONDS``);
 the history keeps the rest for ``NOTIFY_HISTORY_DAYS``. Nothing here is on a post's path:
 
-* The outcome scripts (worker/store/records.py) add one entry per attempt and outcome to the outbox
-  stream ``keys.HISTORY_OUTBOX`` in the same atomic step as the record. A worker that dies after
-  a post loses nothing the history needs: it is in Redis.
+* The outcome scripts (worker/store/lua/, run by records.py) add one entry per attempt and
+  outcome to the outbox stream ``keys.HISTORY_OUTBOX`` in the same atomic step as the record. A
+  worker that dies after a post loses nothing the history needs: it is in Redis.
 * ``HistoryWriter``, a thread in each worker, reads the outbox through the consumer group
   ``keys.HISTORY_GROUP`` in batches, inserts them (one multi-row ``INSERT ... SELECT FROM
   unnest(...)`` per table, ``ON CONFLICT DO NOTHING`` on each entry's unique key), commits, and
@@ -14,8 +14,8 @@ the history keeps the rest for ``NOTIFY_HISTORY_DAYS``. Nothing here is on a pos
   again, which adds nothing twice.
 * Tables are partitioned by day (UTC); the writer makes each day's partitions as it needs them
   and drops those older than ``NOTIFY_HISTORY_DAYS`` once an hour.
-* ``message_status`` answers ``GET /messages/{id}``, ``notify status`` and the console: Redis
-  first, then the history.
+* ``read_status`` is where ``MessageStore.lookup`` (``GET /messages/{id}``, ``notify status``,
+  the console) finds a message Redis no longer holds.
 
 The schema is plain versioned SQL (worker/store/migrations/NNNN_*.sql), applied by ``notify db
 upgrade`` (and by a writer that finds it missing).
@@ -40,7 +40,7 @@ from redis.exceptions import RedisError, ResponseError
 from worker.ops.background import Loop
 from worker.shapes.models import DEFAULT_PARTNER, partner_of
 from worker.store import keys
-from worker.store.records import MessageStore, attempt_entry, request_fields
+from worker.store.codec import attempt_entry, dumps, is_usual, loads_object
 
 log = logging.getLogger("notify.history")
 
@@ -245,13 +245,13 @@ class Rows:
         self.outcomes: list[tuple[Any, ...]] = []
 
     def add(self, fields: dict[str, str]) -> None:
-        """One outbox entry (worker/store/records.py's ``outbox``): an attempt, an outcome, or
+        """One outbox entry (``outbox`` in worker/store/lua/gauges.lua): an attempt, an outcome, or
         both.
         """
         message_id = fields.get("id", "")
         seq = _ms(fields.get("k")) or 0
         at = _ms(fields.get("at")) or 0
-        request = _json_object(fields.get("rq"))
+        request = loads_object(fields.get("rq"))
         partner = partner_of(request) if "rq" in fields else fields.get("p", DEFAULT_PARTNER)
         template = fields["t"] if "t" in fields else request.get("templateId")
         entry: dict[str, Any] | None = None
@@ -274,7 +274,7 @@ class Rows:
             )
         if "st" not in fields:
             return
-        compact = _usual(request)
+        compact = is_usual(request)
         context = request.get("context")
         finished = _ms(fields.get("up")) or at
         created = _ms(fields.get("cr"))
@@ -335,18 +335,6 @@ class Rows:
 
 def _text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
-
-
-def _json_object(raw: Any) -> dict[str, Any]:
-    try:
-        value = json.loads(raw) if raw else {}
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
-def _usual(request: dict[str, Any]) -> bool:
-    return request_fields(request)[:1] != ["req"]
 
 
 # -- the writer ----------------------------------------------------------------------------------
@@ -566,7 +554,7 @@ def lookup(url: str, message_id: str) -> dict[str, Any] | None:
             request["partner"] = partner
     return {
         "state": state,
-        "req": json.dumps(request, separators=(",", ":"), ensure_ascii=False),
+        "req": dumps(request),
         "partner": partner,
         "attempt": "" if count is None else str(count),
         "status": "" if status is None else str(status),
@@ -591,18 +579,14 @@ def lookup(url: str, message_id: str) -> dict[str, Any] | None:
     }
 
 
-def message_status(
-    store: MessageStore, history_url: str | None, message_id: str
-) -> dict[str, Any] | None:
-    """Redis first (``MessageStore.status``), then the history when one is configured."""
-    record = store.status(message_id)
-    if record is not None or not history_url:
-        return record
+def read_status(url: str, message_id: str) -> dict[str, Any] | None:
+    """``lookup``, or None (logged) when the history cannot be read: a status answer does not
+    fail because the history is down."""
     try:
-        return lookup(history_url, message_id)
+        return lookup(url, message_id)
     except psycopg.Error as error:
         log.warning("history: cannot read message %s (%s)", message_id, error)
-        conn = getattr(_readers, history_url, None)
+        conn = getattr(_readers, url, None)
         if conn is not None:
             conn.close()
         return None

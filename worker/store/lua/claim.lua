@@ -1,0 +1,25 @@
+-- KEYS: record, schedule, live
+-- ARGV: id, gen, now ms, lease ms, owner, worker, task id, partner, request field pairs...
+local now = tonumber(ARGV[3])
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then
+  -- A task without a record: made by hand, or its record was lost. The task's copy of the
+  -- request becomes the record, so it is tracked like any other.
+  redis.call('HSET', KEYS[1], 'state', 'queued', 'gen', ARGV[2], 'attempt', 0, 'created', now)
+  set_pairs(KEYS[1], 9)
+  if ARGV[8] ~= 'default' then redis.call('HSET', KEYS[1], 'partner', ARGV[8]) end
+  state = 'queued'
+end
+if state == 'delivered' or state == 'failed' then return {'done', state} end
+if redis.call('HGET', KEYS[1], 'gen') ~= ARGV[2] then return {'stale', state} end
+if state == 'inflight' and tonumber(redis.call('HGET', KEYS[1], 'lease') or 0) > now then
+  return {'busy', state}
+end
+local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
+shift(KEYS[3], state, 'inflight')
+local lease = now + tonumber(ARGV[4])
+redis.call('HSET', KEYS[1], 'state', 'inflight', 'lease', lease, 'owner', ARGV[5],
+           'worker', ARGV[6], 'task', ARGV[7], 'updated', now, 'last', now)
+redis.call('HSETNX', KEYS[1], 'first', now)
+redis.call('ZADD', KEYS[2], lease, ARGV[1])
+return {'go', tostring(attempt), request_json(KEYS[1])}

@@ -1,0 +1,23 @@
+-- KEYS: record, schedule, stats, live, history outbox
+-- ARGV: id, owner, now ms, due ms, attempt at ms ('' = none), attempt rest, history
+if redis.call('HGET', KEYS[1], 'state') ~= 'inflight'
+   or redis.call('HGET', KEYS[1], 'owner') ~= ARGV[2] then
+  return 0  -- this worker lost the message (its lease ran out); the new holder decides
+end
+if ARGV[5] ~= '' then
+  local k = add_attempt(KEYS[1], ARGV[5], ARGV[6])
+  if ARGV[7] == '1' then outbox(KEYS[5], KEYS[1], ARGV[1], k, ARGV[5], ARGV[6], false) end
+end
+local gen = redis.call('HINCRBY', KEYS[1], 'gen', 1)
+-- Nothing was posted: give back the attempt the claim counted.
+if redis.call('HINCRBY', KEYS[1], 'attempt', -1) <= 0 then
+  redis.call('HSET', KEYS[1], 'attempt', 0)
+  redis.call('HDEL', KEYS[1], 'first', 'last')
+end
+redis.call('HSET', KEYS[1], 'state', 'retrying', 'next', ARGV[4], 'updated', ARGV[3], 'lease', 0)
+redis.call('HDEL', KEYS[1], 'owner')
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
+redis.call('HINCRBY', KEYS[3], 'deferred', 1)
+by_partner(KEYS[1], 'deferred')
+shift(KEYS[4], 'inflight', 'retrying')
+return gen

@@ -1,0 +1,64 @@
+local function shift(live, from, to)
+  if from == to then return end
+  if from == 'inflight' or from == 'retrying' then redis.call('HINCRBY', live, from, -1) end
+  if to == 'inflight' or to == 'retrying' then redis.call('HINCRBY', live, to, 1) end
+end
+-- The same cumulative counter, by the message's partner (records without one: 'default').
+local function by_partner(record, name)
+  local partner = redis.call('HGET', record, 'partner') or 'default'
+  redis.call('HINCRBY', '@PARTNER_STATS@' .. partner, name, 1)
+end
+-- A record made from a request alone (a replayed letter whose record is gone) takes the
+-- request's partner, if it names one.
+local function adopt_partner(record, req)
+  local ok, parsed = pcall(cjson.decode, req)
+  local name = ok and type(parsed) == 'table' and parsed['partner']
+  if type(name) == 'string' and #name <= 64 and string.match(name, '^[a-z0-9][a-z0-9_.-]*$') then
+    redis.call('HSET', record, 'partner', name)
+  end
+end
+-- Attempts live in the record itself: field 'a<k>' is the k-th (from 1), as
+-- '<at - created>|<number>|<outcome>|<status>|<cause>|<ms>|<cid>' (``AttemptRecord.compact``).
+local function attempt_count(record)
+  local k = 0
+  while redis.call('HEXISTS', record, 'a' .. (k + 1)) == 1 do k = k + 1 end
+  return k
+end
+local function add_attempt(record, at, rest)
+  local k = attempt_count(record) + 1
+  local created = tonumber(redis.call('HGET', record, 'created')) or 0
+  redis.call('HSET', record, 'a' .. k, string.format('%d', tonumber(at) - created) .. rest)
+  return k
+end
+-- The history outbox (``keys.HISTORY_OUTBOX``): one entry per attempt and outcome, written in
+-- the same atomic step as the record, drained into PostgreSQL by worker/store/history.py.
+-- (id, k, at) is the entry's unique key there.
+local function outbox(stream, record, id, k, at, rest, final)
+  local f = {'id', id, 'k', k, 'at', at}
+  if rest then
+    table.insert(f, 'e'); table.insert(f, rest)
+  end
+  if not final then  -- an attempt alone: the message's partner and template, for their indexes
+    local pt = redis.call('HMGET', record, 'partner', 't')
+    if pt[1] then table.insert(f, 'p'); table.insert(f, pt[1]) end
+    if pt[2] then
+      table.insert(f, 't'); table.insert(f, pt[2])
+    else
+      table.insert(f, 'rq'); table.insert(f, request_json(record) or '')
+    end
+  end
+  if final then
+    local r = redis.call('HMGET', record, 'state', 'reason', 'status', 'cid', 'attempt', 'replays',
+                         'created', 'updated')
+    if not r[8] then  -- a delivered record keeps it as 'du'
+      local du = tonumber(redis.call('HGET', record, 'du')) or 0
+      r[8] = string.format('%d', (tonumber(r[7]) or 0) + du)
+    end
+    local names = {'st', 'rs', 'hs', 'ci', 'na', 'rp', 'cr', 'up'}
+    for i, name in ipairs(names) do
+      table.insert(f, name); table.insert(f, r[i] or '')
+    end
+    table.insert(f, 'rq'); table.insert(f, request_json(record) or '')
+  end
+  redis.call('XADD', stream, '*', unpack(f))
+end
