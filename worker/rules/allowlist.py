@@ -279,11 +279,13 @@ def _wildcard_dns_service(host: str) -> str | None:
     return None
 
 
-def _encoded_rule(rule: str) -> str | None:
+def _encoded_label(label: str) -> str:
     try:
-        return ".".join(idna.encode(label, uts46=True).decode("ascii") for label in rule.split("."))
+        return idna.encode(label, uts46=True).decode("ascii")
     except (idna.IDNAError, UnicodeError):
-        return None  # a rule IDNA2008 cannot write names no host this module accepts
+        # A label IDNA2008 cannot write is no label of a host this module accepts; kept as it
+        # is, so that the names above it still count as having a rule below them.
+        return label
 
 
 @functools.cache
@@ -301,13 +303,9 @@ def _public_suffixes_below() -> dict[str, str]:
             words = line.split()
             if not words or words[0].startswith(("//", "!")):
                 continue
-            rule = _encoded_rule(words[0].lower().removeprefix("*."))
-            if rule is None:
-                continue
-            labels = rule.split(".")
-            # "*.x.y": every child of x.y is public, so x.y itself has rules below it.
-            first = 0 if words[0].startswith("*.") else 1
-            for start in range(first, len(labels)):
+            labels = [_encoded_label(label) for label in words[0].lower().split(".")]
+            # Every name above the rule has it below; for "*.x.y" that includes x.y itself.
+            for start in range(1, len(labels)):
                 name = ".".join(labels[start:])
                 if name not in below or len(words[0]) < len(below[name]):
                     below[name] = words[0].lower()
