@@ -40,7 +40,7 @@ from sandbox.processes import stop_processes  # noqa: E402
 from sandbox.redisserver import EmbeddedRedis, free_port  # noqa: E402
 from worker.runtime import Runtime  # noqa: E402
 from worker.settings import load_settings  # noqa: E402
-from worker.shapes.models import message_id  # noqa: E402
+from worker.shapes.models import BARE_KEY_PARTNER, message_id  # noqa: E402
 from worker.store import keys  # noqa: E402
 
 TOKEN = "soak-token-" + uuid.uuid4().hex
@@ -167,7 +167,7 @@ def _reconcile(
             posts[(record["userId"], body.get("sessionId"))].append(record)
     counts = collections.Counter[str]()
     for user, session in accepted:
-        ident = message_id(user, session, "soak")
+        ident = message_id(user, session, "soak", BARE_KEY_PARTNER)
         record = runtime.store.status(ident) or {}
         state = record.get("state")
         ok = posts.get((user, session), [])
@@ -243,7 +243,7 @@ def main() -> int:
 
         print(f"soak: {args.rate}/s for {args.minutes} min, logs in {log_dir}", flush=True)
         accepted, statuses = asyncio.run(_send(base, args.rate, seconds, on_tick))
-        ids = [message_id(u, s, "soak") for u, s in accepted]
+        ids = [message_id(u, s, "soak", BARE_KEY_PARTNER) for u, s in accepted]
         settle_deadline = time.monotonic() + args.settle_minutes * 60
         while time.monotonic() < settle_deadline:
             peak_rss = max(peak_rss, *(w.rss_bytes() for w in workers))

@@ -28,7 +28,7 @@ from worker.front.cli import main as notify_cli
 from worker.rules.validation import InvalidRequest, validate_wire
 from worker.runtime import Runtime
 from worker.settings import SettingsError, load_settings
-from worker.shapes.models import DEFAULT_PARTNER, Message, message_id
+from worker.shapes.models import BARE_KEY_PARTNER, DEFAULT_PARTNER, Message, message_id
 from worker.store.codec import Failure
 
 A_KEY = "acme-key-" + uuid.uuid4().hex
@@ -102,22 +102,29 @@ def test_partner_sending_the_same_request_first_does_not_make_anothers_a_duplica
     assert again["id"] == second["id"] and again["duplicate"] is True
 
 
-def test_bare_key_is_partner_default_and_keeps_the_ids_of_before(http, runtime, user_id):
+def test_bare_key_is_a_partner_of_its_own_kept_apart_from_unkeyed_producers(http, runtime, user_id):
     session = f"s-{uuid.uuid4().hex[:8]}"
     sent = _send(http, user_id, _body(session), BARE)
-    # The unkeyed hash every id was made with before partners had names.
+    assert sent["id"] == message_id(user_id, session, "welcome", BARE_KEY_PARTNER)
+    assert json.loads(runtime.store.status(sent["id"])["req"])["partner"] == BARE_KEY_PARTNER
+    assert http.get(f"/messages/{sent['id']}", headers=BARE).json()["partner"] == BARE_KEY_PARTNER
+
+    # The same request from an unkeyed producer (notify send, tasks.enqueue) is another message:
+    # neither makes the other a "duplicate".
+    unkeyed = tasks.enqueue(user_id, session, "welcome", runtime=runtime)
+    assert unkeyed != sent["id"]
+    # The unkeyed hash every id was made with before partners had names: partner default's.
     data = "\x1f".join((user_id, session, "welcome")).encode()
     old = base64.b32encode(hashlib.blake2b(data, digest_size=15).digest()).decode().lower()
-    assert sent["id"] == old == message_id(user_id, session, "welcome")
-    assert "partner" not in json.loads(runtime.store.status(sent["id"])["req"])
-    assert http.get(f"/messages/{sent['id']}", headers=BARE).json()["partner"] == DEFAULT_PARTNER
-    assert http.get(f"/messages/{sent['id']}", headers=ACME).status_code == 404
-
-    # A record written before partners existed (no partner anywhere) is partner default's.
+    assert unkeyed == old == message_id(user_id, session, "welcome")
+    # ...and the bare key does not read it, nor records written before partners existed.
+    assert http.get(f"/messages/{unkeyed}", headers=BARE).status_code == 404
     legacy = Message.create(f"{user_id}-old", "s-old", "welcome")
     runtime.store.create(legacy.id, {"userId": legacy.user_id, **legacy.body()})
-    assert http.get(f"/messages/{legacy.id}", headers=BARE).status_code == 200
-    assert http.get(f"/messages/{legacy.id}", headers=BETA).status_code == 404
+    assert http.get(f"/messages/{legacy.id}", headers=BARE).status_code == 404
+    assert http.get(f"/messages/{legacy.id}", headers=OPERATOR).json()["partner"] == (
+        DEFAULT_PARTNER
+    )
 
 
 def test_enqueue_takes_a_partner_and_its_id_is_that_partners(http, runtime, user_id):
@@ -222,7 +229,7 @@ def test_end_to_end_the_partner_is_never_sent_and_dead_letters_and_metrics_carry
 def test_gateway_keys_name_partners_and_a_key_names_only_one():
     settings = load_settings(gateway_keys=f"acme:{A_KEY}, {BARE_KEY} ,beta:{B_KEY}")
     pairs = [(name, key.get_secret_value()) for name, key in settings.gateway_partners]
-    assert pairs == [("acme", A_KEY), ("default", BARE_KEY), ("beta", B_KEY)]
+    assert pairs == [("acme", A_KEY), (BARE_KEY_PARTNER, BARE_KEY), ("beta", B_KEY)]
     with pytest.raises(SettingsError, match="NOTIFY_GATEWAY_KEYS: one key is given to two"):
         load_settings(gateway_keys=f"acme:{A_KEY},beta:{A_KEY}")
     with pytest.raises(SettingsError, match="NOTIFY_GATEWAY_KEYS") as error:

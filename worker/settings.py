@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from worker.shapes.models import DEFAULT_PARTNER, is_partner_name
+from worker.shapes.models import BARE_KEY_PARTNER, DEFAULT_PARTNER, is_partner_name
 
 ENV_PREFIX = "NOTIFY_"
 US_BASE_URL = "https://us.api.concursolutions.com/notifications/v4"
@@ -230,7 +230,7 @@ class Settings(BaseSettings):
 
     @property
     def gateway_partners(self) -> tuple[tuple[str, SecretStr], ...]:
-        """``(partner name, key)`` for each ``NOTIFY_GATEWAY_KEYS`` entry (bare: ``default``)."""
+        """``(partner name, key)`` for each ``NOTIFY_GATEWAY_KEYS`` entry (bare: ``gateway``)."""
         pairs = []
         for entry in self.gateway_keys:
             partner, key = split_partner_key(entry.get_secret_value())
@@ -357,7 +357,22 @@ class Settings(BaseSettings):
             )
         self._check_oauth()
         self._check_plain_http()
+        self._check_key_roles()
         return self
+
+    def _check_key_roles(self) -> None:
+        # A partner's key that is also an operator key makes that partner an operator: every
+        # partner's messages, replay, delete. Name the partner, never the key.
+        operator = {key.get_secret_value() for key in self.operator_keys}
+        shared = sorted(
+            partner for partner, key in self.gateway_partners if key.get_secret_value() in operator
+        )
+        if shared:
+            raise ValueError(
+                f"{ENV_PREFIX}OPERATOR_KEYS: a key of {ENV_PREFIX}GATEWAY_KEYS is an operator key "
+                f"too (partner {', '.join(repr(p) for p in shared)}); that partner would be an "
+                "operator: give operators keys of their own"
+            )
 
     def _check_plain_http(self) -> None:
         if self.allow_insecure_http:
@@ -471,17 +486,24 @@ class Settings(BaseSettings):
 
 
 def split_partner_key(entry: str) -> tuple[str, str]:
-    """``name:key`` as ``(name, key)``; a bare key (no ``:``) is partner ``default``'s.
+    """``name:key`` as ``(name, key)``; a bare key (no ``:``) is partner ``gateway``'s.
 
-    Raises ``ValueError`` (never quoting the key) when the name is not a partner name.
+    Raises ``ValueError`` (never quoting the key) when the name is not a partner name, or is
+    ``default``: that is the partner of unkeyed producers (``notify send``), which no key names.
     """
     name, colon, key = entry.partition(":")
     if not colon:
-        return DEFAULT_PARTNER, entry
+        return BARE_KEY_PARTNER, entry
     if not is_partner_name(name):
         raise ValueError(
-            "each entry is name:key or a bare key (partner 'default', no ':' in it); a name is "
-            "1-64 lower-case letters, digits, '_', '.' or '-', starting with a letter or digit"
+            f"each entry is name:key or a bare key (partner {BARE_KEY_PARTNER!r}, no ':' in it); "
+            "a name is 1-64 lower-case letters, digits, '_', '.' or '-', starting with a letter "
+            "or digit"
+        )
+    if name == DEFAULT_PARTNER:
+        raise ValueError(
+            f"partner {DEFAULT_PARTNER!r} is the one of unkeyed producers (notify send, "
+            "tasks.enqueue); a key must name another partner"
         )
     if len(key) < MIN_KEY_LENGTH:
         raise ValueError(f"the key of partner {name!r} is shorter than {MIN_KEY_LENGTH} characters")

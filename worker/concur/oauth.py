@@ -26,6 +26,11 @@ Any other is not followed (the current one is kept), logged at WARNING and count
 ``notify_oauth_geolocation_refused_total``: followed, it would receive the client secret, the
 refresh token and every message.
 
+The exchange runs on the transport of the v4 posts (``worker.concur.transport``, libcurl): one
+deadline for the whole exchange (connecting, sending and reading the answer: a server dripping
+a byte a second cannot stretch it), at most ``MAX_RESPONSE_BYTES`` (64 KiB) of answer, no
+redirects followed, TLS verified, proxies from the environment.
+
 Errors: ``code`` 16 names the right geolocation (the request is repeated there once); code 108
 is a bad or expired refresh token (the password grant takes over when company credentials are
 configured). Anything else that leaves no usable token (endpoint down, 5xx, timeout, a refused
@@ -48,15 +53,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import SplitResult, urlsplit
+from urllib.parse import SplitResult, urlencode, urlsplit
 
-import httpx
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from redis import Redis
 from redis.exceptions import LockError
 
 from worker.concur.client import USER_AGENT
 from worker.concur.tokens import TokenUnavailable
+from worker.concur.transport import CurlTransport, Exchange, ExchangeFailed
 from worker.ops.logs import add_runtime_secret, add_secret
 from worker.settings import Settings, is_loopback_host
 from worker.store import keys
@@ -94,7 +99,8 @@ class OAuthConfig:
     extra_geolocation_hosts: tuple[str, ...] = ()
     allow_insecure_http: bool = False
     connect_timeout_seconds: float = 5.0
-    read_timeout_seconds: float = 30.0
+    # One deadline for each exchange with the token endpoint, the whole answer read included.
+    timeout_seconds: float = 30.0
     fetch_budget_seconds: float = 70.0
 
     @classmethod
@@ -117,7 +123,7 @@ class OAuthConfig:
             extra_geolocation_hosts=tuple(settings.oauth_extra_geolocation_hosts),
             allow_insecure_http=settings.allow_insecure_http,
             connect_timeout_seconds=settings.http_connect_timeout_seconds,
-            read_timeout_seconds=settings.http_timeout_seconds,
+            timeout_seconds=settings.http_timeout_seconds,
             fetch_budget_seconds=settings.token_fetch_budget_seconds,
         )
 
@@ -448,23 +454,32 @@ return 0
 """
 
 
+# What each ExchangeFailed.kind means for a token request (worker.concur.transport's tree).
+_FAILED = {
+    "timeout": "gave no whole answer within the deadline",
+    "connect": "unreachable",
+    "protocol": "broke off, or answered more than 64 KiB",
+}
+# Token requests are rare (one an hour per process, a few after a failure): a handful of
+# connections is plenty.
+_TOKEN_CONNECTIONS = 4
+
+
 class TokenEndpoint:
     """Posts grants to Concur's token endpoint; follows a code-16 geolocation once."""
 
     def __init__(
         self,
         config: OAuthConfig,
-        http: httpx.Client | None = None,
+        transport: CurlTransport | None = None,
         *,
         on_untrusted: Callable[[str, str], None] | None = None,
     ) -> None:
         self.config = config
         # Told (geolocation, where it came from) about a geolocation that is not followed.
         self.on_untrusted = on_untrusted
-        self.http = http or httpx.Client(
-            headers={"Accept": "application/json", "User-Agent": USER_AGENT},
-            follow_redirects=False,
-        )
+        self._owns_transport = transport is None
+        self.transport = transport or CurlTransport(_TOKEN_CONNECTIONS)
 
     def request(self, url: str, form: dict[str, str], deadline: float) -> tuple[Grant, str]:
         """Run one grant at ``url``; the grant and the URL that answered it.
@@ -490,31 +505,44 @@ class TokenEndpoint:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TokenUnavailable("no time left for the token request")
-        timeout = httpx.Timeout(
-            min(self.config.read_timeout_seconds, remaining),
-            connect=min(self.config.connect_timeout_seconds, remaining),
+        exchange = Exchange(
+            "POST",
+            url,
+            (
+                "Accept: application/json",
+                f"User-Agent: {USER_AGENT}",
+                "Content-Type: application/x-www-form-urlencoded",
+            ),
+            urlencode(form).encode("ascii"),
+            # The whole exchange, the answer's last byte included, within this one deadline.
+            timeout_seconds=min(self.config.timeout_seconds, remaining),
+            connect_timeout_seconds=min(self.config.connect_timeout_seconds, remaining),
         )
         try:
-            response = self.http.post(url, data=form, timeout=timeout)
-        except httpx.HTTPError as error:
+            answer = self.transport.request(exchange)
+        except ExchangeFailed as failure:
+            # The failure's detail is libcurl's sentence (what went wrong, bytes received); it
+            # never holds the request's form, so no secret reaches the message.
             raise TokenUnavailable(
-                f"token endpoint {url} unreachable ({type(error).__name__})"
+                f"token endpoint {url} {_FAILED.get(failure.kind, failure.kind)} after "
+                f"{failure.elapsed_seconds:.1f} s ({failure.detail})"
             ) from None
-        if response.status_code >= 500 or response.status_code == 429:
-            raise TokenUnavailable(f"token endpoint {url} answered {response.status_code}")
-        if response.is_success:
+        if answer.status >= 500 or answer.status == 429:
+            raise TokenUnavailable(f"token endpoint {url} answered {answer.status}")
+        if 200 <= answer.status < 300:
             try:
-                return parse_grant(response.json(), time.time())
-            except ValueError as error:
+                return parse_grant(json.loads(answer.body), time.time())
+            except ValueError as error:  # JSON errors name a position, never the text
                 raise TokenUnavailable(f"token endpoint {url}: {error}") from None
-        refused = parse_error(response.status_code, response.content)
+        refused = parse_error(answer.status, answer.body)
         if refused is None:
-            raise TokenUnavailable(f"token endpoint {url} answered {response.status_code}")
+            raise TokenUnavailable(f"token endpoint {url} answered {answer.status}")
         raise refused
 
     def close(self) -> None:
-        """Close the pooled connections."""
-        self.http.close()
+        """Close the connections (the transport's, when it is this endpoint's own)."""
+        if self._owns_transport:
+            self.transport.close()
 
 
 class _CoolingDown(TokenUnavailable):
@@ -530,12 +558,12 @@ class OAuthTokens:
         redis: Redis,
         *,
         on_geolocation: Callable[[str], None] | None = None,
-        http: httpx.Client | None = None,
+        transport: CurlTransport | None = None,
     ) -> None:
         self.config = config
         self.redis = redis
         self.state = TokenStateStore(redis, config.client_id, Cipher(config.encryption_key))
-        self.endpoint = TokenEndpoint(config, http, on_untrusted=self._untrusted)
+        self.endpoint = TokenEndpoint(config, transport, on_untrusted=self._untrusted)
         self.lock_key = keys.oauth_lock(config.client_id)
         self._on_geolocation = on_geolocation
         add_secret(config.client_secret, config.company_auth_token, config.initial_refresh_token)

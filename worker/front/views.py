@@ -5,6 +5,11 @@ Pure functions from the stored shapes (a ``StatusRecord`` from ``MessageStore.lo
 them: times as ISO-8601 UTC with a relative hint ("in 4 min", "2 h ago"), tables that fit the
 terminal's width (ids are folded, never cut; free text is shortened with an ellipsis), and a
 pager when the output is taller than the terminal. ``--json`` bypasses all of this.
+
+Every value shown comes from partners or from Concur (ids, URLs, error texts), so it is shown
+as plain text (``plain``): a ``rich.text.Text``, never markup (``[link=…]`` stays those
+characters), with C0/C1 control characters written out (``\\x1b``), so a stored value cannot
+clear an operator's screen, retitle the terminal or hide a link in it.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import sys
 from collections.abc import Iterable, Mapping
@@ -47,6 +53,20 @@ STATE_TEXT = {
 }
 OUTCOME_STYLE = {"delivered": "green", "retry": "yellow", "dead": "red", "deferred": "cyan"}
 STATE_STYLE = {"delivered": "green", "retrying": "yellow", "failed": "red", "inflight": "cyan"}
+
+# C0 controls, DEL and C1 controls: ESC starts terminal sequences (CSI, OSC 8 links, titles),
+# and C1's CSI (U+009B) and OSC (U+009D) do the same on terminals that read 8-bit controls.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` with each control character written as an escape: ``\\x1b``, ``\\x0a``."""
+    return _CONTROL.sub(lambda found: f"\\x{ord(found.group()):02x}", text)
+
+
+def plain(value: Any, style: str = "") -> Text:
+    """``value`` as text to show as it is: no markup, control characters escaped."""
+    return Text(printable(str(value)), style=style)
 
 
 def iso(ms: Any) -> str:
@@ -93,13 +113,13 @@ def _fields() -> Table:
 def _add_request(fields: Table, request: Mapping[str, Any], partner: Any = None) -> None:
     context = request.get("context")
     url = context.get("url") if isinstance(context, dict) else None
-    fields.add_row("user", str(request.get("userId") or "-"))
-    fields.add_row("session", str(request.get("sessionId") or "-"))
-    fields.add_row("template", str(request.get("templateId") or "-"))
+    fields.add_row("user", plain(request.get("userId") or "-"))
+    fields.add_row("session", plain(request.get("sessionId") or "-"))
+    fields.add_row("template", plain(request.get("templateId") or "-"))
     if url:
-        fields.add_row("url", str(url))
-    if partner and partner != "default":  # the partner of bare keys: nothing to tell
-        fields.add_row("partner", str(partner))
+        fields.add_row("url", plain(url))
+    if partner and partner != "default":  # the partner of unkeyed producers: nothing to tell
+        fields.add_row("partner", plain(partner))
 
 
 def attempts_table(entries: Iterable[Mapping[str, Any]], width: int | None = None) -> Table:
@@ -121,17 +141,17 @@ def attempts_table(entries: Iterable[Mapping[str, Any]], width: int | None = Non
     for entry in entries:
         outcome = str(entry.get("outcome") or "-")
         duration = int_or_none(entry.get("ms"))
-        cells: list[str | Text] = [
-            str(entry.get("n") or "-"),
-            iso(entry.get("at")),
-            Text(outcome, style=OUTCOME_STYLE.get(outcome, "")),
-            str(entry.get("status") or "-"),
+        cells: list[Text] = [
+            plain(entry.get("n") or "-"),
+            plain(iso(entry.get("at"))),
+            plain(outcome, style=OUTCOME_STYLE.get(outcome, "")),
+            plain(entry.get("status") or "-"),
         ]
         if wide:
-            cells.append("-" if duration is None else f"{duration} ms")
-        cells.append(str(entry.get("cid") or "-"))
+            cells.append(plain("-" if duration is None else f"{duration} ms"))
+        cells.append(plain(entry.get("cid") or "-"))
         if wide:
-            cells.append(str(entry.get("cause") or ""))
+            cells.append(plain(entry.get("cause") or ""))
         table.add_row(*cells)
     return table
 
@@ -146,31 +166,31 @@ def message_view(
     """A status record (``MessageStore.lookup``) for a person; ``letter`` adds the failure."""
     state = record.state or "unknown"
     fields = _fields()
-    fields.add_row("message", message_id)
-    fields.add_row("state", Text(STATE_TEXT.get(state, state), style=STATE_STYLE.get(state, "")))
+    fields.add_row("message", plain(message_id))
+    fields.add_row("state", plain(STATE_TEXT.get(state, state), style=STATE_STYLE.get(state, "")))
     _add_request(fields, record.request, record.get("partner"))
     entries = record.attempts
     posted = int_or_none(record.get("attempt"))
-    fields.add_row("attempts", str(posted if posted is not None else len(entries)))
-    fields.add_row("HTTP status", str(int_or_none(record.get("status")) or "-"))
-    fields.add_row("correlation id", str(record.get("cid") or "-"))
-    fields.add_row("created", when(record.get("created"), now_ms))
-    fields.add_row("updated", when(record.get("updated"), now_ms))
+    fields.add_row("attempts", plain(posted if posted is not None else len(entries)))
+    fields.add_row("HTTP status", plain(int_or_none(record.get("status")) or "-"))
+    fields.add_row("correlation id", plain(record.get("cid") or "-"))
+    fields.add_row("created", plain(when(record.get("created"), now_ms)))
+    fields.add_row("updated", plain(when(record.get("updated"), now_ms)))
     if state == "retrying":
-        fields.add_row("next retry", when(record.get("next"), now_ms))
+        fields.add_row("next retry", plain(when(record.get("next"), now_ms)))
     if state == "inflight":
-        fields.add_row("lease ends", when(record.get("lease"), now_ms))
+        fields.add_row("lease ends", plain(when(record.get("lease"), now_ms)))
     if state == "failed":
         reason = letter.reason if letter is not None else str(record.get("reason") or "-")
-        fields.add_row("dead-letter reason", Text(reason, style="red"))
+        fields.add_row("dead-letter reason", plain(reason, style="red"))
         if letter is not None and letter.detail:
-            fields.add_row("detail", letter.detail)
+            fields.add_row("detail", plain(letter.detail))
         if letter is not None:
             for error in letter.errors:
-                fields.add_row("API error", _error_text(error))
+                fields.add_row("API error", plain(_error_text(error)))
     replays = int_or_none(record.get("replays"))
     if replays:
-        fields.add_row("replays", str(replays))
+        fields.add_row("replays", plain(replays))
     parts: list[RenderableType] = [fields]
     if entries:
         parts += [Text(""), attempts_table(entries, width)]
@@ -188,24 +208,24 @@ def _error_text(error: Mapping[str, Any]) -> str:
 def dead_letter_view(letter: DeadLetter, now_ms: int) -> RenderableType:
     """One dead letter in full, for a person."""
     fields = _fields()
-    fields.add_row("dead letter", letter.id)
-    fields.add_row("reason", Text(letter.reason or "-", style="red"))
+    fields.add_row("dead letter", plain(letter.id))
+    fields.add_row("reason", plain(letter.reason or "-", style="red"))
     if letter.detail:
-        fields.add_row("detail", letter.detail)
-    fields.add_row("HTTP status", str(letter.status or "-"))
+        fields.add_row("detail", plain(letter.detail))
+    fields.add_row("HTTP status", plain(letter.status or "-"))
     for error in letter.errors:
-        fields.add_row("API error", _error_text(error))
+        fields.add_row("API error", plain(_error_text(error)))
     _add_request(fields, letter.request, letter.request.get("partner"))
-    fields.add_row("attempts", str(letter.attempts))
-    fields.add_row("first attempt", when(letter.first_attempt_ms, now_ms))
-    fields.add_row("last attempt", when(letter.last_attempt_ms, now_ms))
-    fields.add_row("failed at", when(letter.dead_ms, now_ms))
-    fields.add_row("created", when(letter.created_ms, now_ms))
-    fields.add_row("correlation id", letter.correlation_id or "-")
-    fields.add_row("replays", str(letter.replays))
+    fields.add_row("attempts", plain(letter.attempts))
+    fields.add_row("first attempt", plain(when(letter.first_attempt_ms, now_ms)))
+    fields.add_row("last attempt", plain(when(letter.last_attempt_ms, now_ms)))
+    fields.add_row("failed at", plain(when(letter.dead_ms, now_ms)))
+    fields.add_row("created", plain(when(letter.created_ms, now_ms)))
+    fields.add_row("correlation id", plain(letter.correlation_id or "-"))
+    fields.add_row("replays", plain(letter.replays))
     if letter.worker or letter.task_id:
-        fields.add_row("worker / task", f"{letter.worker or '-'} / {letter.task_id or '-'}")
-    hint = Text(f"replay: notify failed replay {letter.id}", style="dim")
+        fields.add_row("worker / task", plain(f"{letter.worker or '-'} / {letter.task_id or '-'}"))
+    hint = plain(f"replay: notify failed replay {letter.id}", style="dim")
     return Group(fields, Text(""), hint)
 
 
@@ -227,16 +247,17 @@ def dead_letters_table(letters: Iterable[DeadLetter], width: int | None = None) 
     """A page of dead letters, newest first, as a table that fits ``width`` columns."""
     letters = list(letters)
     width = width or terminal_width()
+    # Escaped before widths are measured, so a column is as wide as what it shows.
     cells = [
         {
-            "REASON": letter.reason or "-",
+            "REASON": printable(letter.reason or "-"),
             "HTTP": str(letter.status or "-"),
-            "TEMPLATE": letter.template_id or "-",
-            "USER": letter.user_id or "-",
+            "TEMPLATE": printable(letter.template_id or "-"),
+            "USER": printable(letter.user_id or "-"),
         }
         for letter in letters
     ]
-    id_width = max((len(letter.id) for letter in letters), default=2)
+    id_width = max((len(printable(letter.id)) for letter in letters), default=2)
     budget = width - id_width - _GAP - 20
     widths = {name: max([len(name)] + [len(row[name]) for row in cells]) for name in _NARROWEST}
     for name in _DROP_ORDER:
@@ -255,19 +276,17 @@ def dead_letters_table(letters: Iterable[DeadLetter], width: int | None = None) 
         justify: Literal["left", "right"] = "right" if name == "HTTP" else "left"
         table.add_column(name, no_wrap=True, width=column_width, justify=justify)
     for letter, row in zip(letters, cells, strict=True):
-        values: list[str | Text] = [
-            clip(row[name], column_width) for name, column_width in widths.items()
-        ]
+        values = [plain(clip(row[name], column_width)) for name, column_width in widths.items()]
         if "REASON" in widths:
-            values[0] = Text(str(values[0]), style="red")
-        table.add_row(letter.id, iso(letter.dead_ms), *values)
+            values[0].stylize("red")
+        table.add_row(plain(letter.id), plain(iso(letter.dead_ms)), *values)
     return table
 
 
 def stats_view(snapshot: Stats, minutes: int) -> RenderableType:
     """``notify stats``: the counts, then delivered per minute as a small bar chart."""
     fields = _fields()
-    dead = ", ".join(f"{r} {n}" for r, n in sorted(snapshot.dead_letters.items()) if n)
+    dead = printable(", ".join(f"{r} {n}" for r, n in sorted(snapshot.dead_letters.items()) if n))
     rows = [
         (f"queued (queue {snapshot.queue})", str(snapshot.queued)),
         ("reserved by workers", str(snapshot.reserved)),
@@ -282,7 +301,7 @@ def stats_view(snapshot: Stats, minutes: int) -> RenderableType:
         ("circuit breaker", str(snapshot.breaker_state)),
     ]
     for name, value in rows:
-        fields.add_row(name, value)
+        fields.add_row(plain(name), plain(value))
     chart = Table(
         title=f"delivered per minute (UTC, oldest first, last {minutes})",
         title_justify="left",
@@ -297,8 +316,8 @@ def stats_view(snapshot: Stats, minutes: int) -> RenderableType:
     for minute in snapshot.delivered_per_minute:
         share = minute.delivered / peak if peak else 0.0
         chart.add_row(
-            iso(minute.minute_start_ms)[11:16],
-            str(minute.delivered),
+            plain(iso(minute.minute_start_ms)[11:16]),
+            plain(minute.delivered),
             Text("█" * max(round(share * 40), 1 if minute.delivered else 0), style="green"),
         )
     return Group(fields, Text(""), chart)

@@ -20,7 +20,8 @@ from typing import Final
 from urllib.parse import urlsplit
 
 import idna
-from publicsuffixlist import PublicSuffixList
+import unicodedataplus
+from publicsuffixlist import PSLFILE, PublicSuffixList
 
 from worker.shapes.models import MAX_URL_LENGTH
 
@@ -54,8 +55,38 @@ _PERCENT_ESCAPE_RE: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _ENTRY_FORBIDDEN: Final = frozenset("/\\@?#%[]")
 
 
+# Services that answer any name under them with an address chosen by whoever writes the name
+# ("10.0.0.1.nip.io" is 10.0.0.1, "anything.localtest.me" is 127.0.0.1): a name there is
+# nobody's site, so no entry may name one, exact or wildcard. From each service's own
+# documentation; extend it when another such service is seen in an entry.
+WILDCARD_DNS_SERVICES: Final = frozenset(
+    {
+        "nip.io",
+        "sslip.io",
+        "xip.io",
+        "traefik.me",
+        "localtest.me",
+        "lvh.me",
+        "vcap.me",
+        "lacolhost.com",
+        "localhost.direct",
+    }
+)
+
+# UTS 39's "highly restrictive" level: a label's letters come from one script, or Latin joined
+# with one of these (Japanese: Han, Hiragana, Katakana; Korean: Han, Hangul; Han with Bopomofo).
+_LATIN: Final = "Latn"
+_CJK_WITH_LATIN: Final = frozenset({"Hanb", "Jpan", "Kore"})
+# Common (digits, '-') and Inherited (combining marks) characters go with any script.
+_ANY_SCRIPT: Final = frozenset({"Zyyy", "Zinh"})
+
+
 class _IpLikeHostError(ValueError):
     """A host that a browser would read as an IP address; lets check_url give a precise reason."""
+
+
+class _MixedScriptHostError(ValueError):
+    """A label mixing scripts (``apple`` spelt with a Cyrillic ``a``): a look-alike name."""
 
 
 @dataclass(frozen=True)
@@ -84,8 +115,9 @@ def normalise_host(host: str) -> str:
 
     UTS-46 mapping is applied, so ``BÜCHER.example.`` becomes ``xn--bcher-kva.example``.
     Exactly one trailing dot is removed. Raises ``ValueError`` if the result is not a valid DNS
-    host name, including names whose last label is numeric (they would be read as IPv4), and
-    names where a character other than ``.`` would turn into a label separator.
+    host name, including names whose last label is numeric (they would be read as IPv4), names
+    where a character other than ``.`` would turn into a label separator, and labels that mix
+    scripts (see ``_is_one_script``).
     """
     if not isinstance(host, str) or not host:
         raise ValueError("host name is empty")
@@ -105,6 +137,10 @@ def normalise_host(host: str) -> str:
         # to a browser, and the allow-list must not depend on which one renders the link.
         if not _LABEL_RE.fullmatch(label):
             raise ValueError("host name contains an invalid label")
+        if label.startswith("xn--") and not _is_one_script(idna.decode(label)):
+            raise _MixedScriptHostError(
+                "host name mixes scripts in one label (as a look-alike name would)"
+            )
         encoded_labels.append(label)
     normalised = ".".join(encoded_labels)
     if len(normalised) > _MAX_HOST_LENGTH:
@@ -112,6 +148,46 @@ def normalise_host(host: str) -> str:
     if _NUMERIC_LABEL_RE.fullmatch(encoded_labels[-1]):
         raise _IpLikeHostError("host name ends in a number, so it would be read as an IP address")
     return normalised
+
+
+def _script_set(ch: str) -> frozenset[str] | None:
+    """UTS 39's augmented script set of ``ch``; None for a character of every script."""
+    codes = set(unicodedataplus.script_extensions(ch))
+    if codes & _ANY_SCRIPT:
+        return None
+    if "Hani" in codes:
+        codes |= {"Hanb", "Jpan", "Kore"}
+    if codes & {"Hira", "Kana"}:
+        codes.add("Jpan")
+    if "Hang" in codes:
+        codes.add("Kore")
+    if "Bopo" in codes:
+        codes.add("Hanb")
+    return frozenset(codes)
+
+
+def _resolved(sets: Iterable[frozenset[str] | None]) -> frozenset[str] | None:
+    """The scripts every character shares (None: no character narrows it)."""
+    shared: frozenset[str] | None = None
+    for scripts in sets:
+        if scripts is not None:
+            shared = scripts if shared is None else shared & scripts
+    return shared
+
+
+def _is_one_script(label: str) -> bool:
+    """Whether ``label`` (Unicode) passes UTS 39's "highly restrictive" test.
+
+    Its letters are of one script, or Latin with Han and Hiragana/Katakana (Japanese), Han and
+    Hangul (Korean) or Han and Bopomofo. So ``apple`` with a Cyrillic ``a`` (U+0430) fails,
+    ``пример`` and ``東京shop`` pass.
+    """
+    sets = [_script_set(ch) for ch in label]
+    shared = _resolved(sets)
+    if shared is None or shared:
+        return True
+    without_latin = _resolved(s for s in sets if s is None or _LATIN not in s)
+    return without_latin is None or bool(without_latin & _CJK_WITH_LATIN)
 
 
 def _parse_port(text: str) -> int:
@@ -156,6 +232,12 @@ def _parse_domain_entry(entry: object) -> tuple[bool, str, int]:
         raise ValueError("IP addresses are not allowed, use a host name") from exc
     if host == "localhost" or host.endswith(".localhost"):
         raise ValueError("localhost is this machine, not a partner's site")
+    service = _wildcard_dns_service(host)
+    if service is not None:
+        raise ValueError(
+            f"{service!r} is a wildcard DNS service (any name under it resolves to an address "
+            "of the writer's choosing), not a partner's site"
+        )
     if wildcard:
         # "*.com" would hand out a whole TLD; require a registrable-looking base.
         if host.count(".") < 1:
@@ -165,6 +247,14 @@ def _parse_domain_entry(entry: object) -> tuple[bool, str, int]:
             raise ValueError(
                 f"{host!r} is a public suffix (anyone can register names under it); "
                 "name the partner's own domain"
+            )
+        below = _public_suffixes_below().get(host)
+        if below is not None:
+            # "*.amazonaws.com" covers s3.amazonaws.com, under which anyone names a bucket.
+            raise ValueError(
+                f"{host!r} has public suffixes under it (such as {below!r}: anyone can register "
+                "names there), so a wildcard over it is open to anyone; list the partner's own "
+                "hosts or a wildcard under them"
             )
         return True, "." + host, port
     if _is_public_suffix(host):
@@ -179,6 +269,49 @@ def _public_suffixes() -> PublicSuffixList:
     return PublicSuffixList()
 
 
+def _wildcard_dns_service(host: str) -> str | None:
+    """The wildcard DNS service ``host`` is at or under, or None."""
+    labels = host.split(".")
+    for start in range(len(labels) - 1):
+        name = ".".join(labels[start:])
+        if name in WILDCARD_DNS_SERVICES:
+            return name
+    return None
+
+
+def _encoded_label(label: str) -> str:
+    try:
+        return idna.encode(label, uts46=True).decode("ascii")
+    except (idna.IDNAError, UnicodeError):
+        # A label IDNA2008 cannot write is no label of a host this module accepts; kept as it
+        # is, so that the names above it still count as having a rule below them.
+        return label
+
+
+@functools.cache
+def _public_suffixes_below() -> dict[str, str]:
+    """Every name with a public-suffix rule strictly under it, mapped to one such rule.
+
+    Built once from the package's bundled list (the same file ``PublicSuffixList`` reads, ICANN
+    and private sections): ``amazonaws.com`` maps to a rule like ``s3.amazonaws.com``, so
+    "is there a rule below this base" is one dict look-up. Exception rules (``!www.ck``) make a
+    name registrable, not public, so they add nothing.
+    """
+    below: dict[str, str] = {}
+    with open(PSLFILE, encoding="utf-8") as lines:
+        for line in lines:
+            words = line.split()
+            if not words or words[0].startswith(("//", "!")):
+                continue
+            labels = [_encoded_label(label) for label in words[0].lower().split(".")]
+            # Every name above the rule has it below; for "*.x.y" that includes x.y itself.
+            for start in range(1, len(labels)):
+                name = ".".join(labels[start:])
+                if name not in below or len(words[0]) < len(below[name]):
+                    below[name] = words[0].lower()
+    return below
+
+
 def _is_public_suffix(host: str) -> bool:
     """Whether ``host`` (normalised, IDNA) is itself a public suffix (``com``, ``co.uk``)."""
     return bool(_public_suffixes().is_public(host))
@@ -189,8 +322,12 @@ def _is_plain_idna(raw_host: str, normalised: str) -> bool:
 
     UTS-46 also folds full-width and other compatibility forms; some clients do that and some
     reject the name, so a URL relying on it would mean different things to different readers.
+    IDNA2008 takes NFC text only: the Kelvin sign (U+212A, whose NFC form is ``K``) is mapped by
+    UTS-46 and by ``str.lower()``, not by plain IDNA, so a host spelt with it is refused here.
     """
     bare = raw_host[:-1] if raw_host.endswith(".") else raw_host
+    if not unicodedata.is_normalized("NFC", bare):
+        return False
     try:
         plain = idna.encode(bare.lower(), strict=True).decode("ascii")
     except (idna.IDNAError, UnicodeError):
@@ -209,6 +346,10 @@ def _checked_host(host_text: str) -> str | Refusal:
         host = normalise_host(host_text)
     except _IpLikeHostError:
         return _url_refusal("the context URL must not use an IP address as host")
+    except _MixedScriptHostError:
+        return _url_refusal(
+            "the context URL host mixes scripts in one label (a look-alike of another name)"
+        )
     except ValueError:
         return _url_refusal("the context URL host is not a valid DNS host name")
     if not _is_plain_idna(host_text, host):

@@ -90,6 +90,15 @@ def _schema_problems(error: ValidationError) -> list[Problem]:
             problems.append(Problem(field, "MISSING_FIELD", f"{field} is required"))
         elif kind == "extra_forbidden":
             problems.append(Problem(field, "UNKNOWN_FIELD", f"{field} is not part of the request"))
+        elif kind == "string_pattern_mismatch":
+            # The one pattern of the request's text fields (models.TEXT_ID_PATTERN).
+            problems.append(
+                Problem(
+                    field,
+                    "INVALID_FIELD",
+                    f"{field} must not contain control characters (U+0000-U+001F, U+007F-U+009F)",
+                )
+            )
         else:
             problems.append(Problem(field, "INVALID_FIELD", f"{field}: {item['msg']}"))
     return problems

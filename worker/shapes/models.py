@@ -24,9 +24,18 @@ MAX_URL_LENGTH = 2048
 # ``$`` would also accept a trailing newline, and such an id must never reach a Redis key name.
 MESSAGE_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # Partners (``NOTIFY_GATEWAY_KEYS=name:key,...``): a request's partner is part of its id and its
-# idempotency key. A bare key, and every record written before partners had names, is ``default``.
+# idempotency key. Unkeyed producers (``notify send``, ``tasks.enqueue``), and every record written
+# before partners had names, are ``default``; no gateway key can be (settings refuse the name).
 DEFAULT_PARTNER = "default"
+# The partner of a bare gateway key (no ``name:``): a partner like any other, kept apart from the
+# unkeyed producers, so it neither reads their messages nor makes their requests "duplicates".
+BARE_KEY_PARTNER = "gateway"
 PARTNER_PATTERN = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
+# sessionId and templateId: any text but control characters (C0, DEL, C1). They are shown to
+# operators (``notify status``, the console) and a control character there is a terminal
+# command (ESC [2J clears the screen, ESC ] 8 hides a link), never part of an id. Written with
+# \u escapes, which Python, pydantic's regex engine and ECMA-262 all read alike.
+TEXT_ID_PATTERN = re.compile(r"[^\u0000-\u001f\u007f-\u009f]*")
 
 
 def schema_pattern(pattern: re.Pattern[str]) -> str:
@@ -54,8 +63,12 @@ class SendRequest(BaseModel):
 
     # The title names its schema in the OpenAPI document: the seed's name, not ours.
     model_config = ConfigDict(strict=True, extra="forbid", title="NotificationsPartnerRequestBody")
-    sessionId: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
-    templateId: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    sessionId: str = Field(
+        min_length=1, max_length=MAX_ID_LENGTH, pattern=schema_pattern(TEXT_ID_PATTERN)
+    )
+    templateId: str = Field(
+        min_length=1, max_length=MAX_ID_LENGTH, pattern=schema_pattern(TEXT_ID_PATTERN)
+    )
     context: Context
 
 
