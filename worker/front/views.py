@@ -35,6 +35,7 @@ from worker.shapes.times import int_or_none, iso_utc
 
 if TYPE_CHECKING:
     from worker.front.stats import Stats
+    from worker.store.companies import Company
     from worker.store.deadletters import DeadLetter
 
 # state in Redis -> what it means to a person.
@@ -294,6 +295,9 @@ def stats_view(snapshot: Stats, minutes: int) -> RenderableType:
     ]
     for name, value in rows:
         fields.add_row(name, value)
+    companies = ", ".join(f"{n} {state}" for state, n in snapshot.companies.items() if n)
+    if companies:
+        fields.add_row("companies (registry)", Text(companies))
     chart = Table(
         title=f"delivered per minute (UTC, oldest first, last {minutes})",
         title_justify="left",
@@ -313,6 +317,51 @@ def stats_view(snapshot: Stats, minutes: int) -> RenderableType:
             Text("█" * max(round(share * 40), 1 if minute.delivered else 0), style="green"),
         )
     return Group(fields, Text(""), chart)
+
+
+COMPANY_STATE_STYLE = {"connected": "green", "needs_reconnect": "yellow", "disconnected": "red"}
+
+
+def _company_name(company: Company) -> Text:
+    # Every value as Text: what Concur or Redis hands back is shown, never read as markup.
+    return Text(f"{company.id} (settings)" if company.from_settings else company.id)
+
+
+def companies_table(companies: Iterable[Company], now_ms: int) -> Table:
+    """``notify companies list``: id, state, geolocation, connected, last refreshed."""
+    table = Table(header_style="bold", expand=False, box=None, pad_edge=False)
+    table.add_column("ID", no_wrap=True)
+    table.add_column("STATE", no_wrap=True)
+    table.add_column("GEOLOCATION", overflow="fold")
+    table.add_column("CONNECTED (UTC)", no_wrap=True)
+    table.add_column("LAST REFRESHED", no_wrap=True)
+    for company in companies:
+        table.add_row(
+            _company_name(company),
+            Text(company.state, style=COMPANY_STATE_STYLE.get(company.state, "")),
+            Text(company.geolocation or "-"),
+            Text(iso(company.connected_ms)),
+            Text(when(company.refreshed_ms, now_ms)),
+        )
+    return table
+
+
+def company_view(company: Company, now_ms: int) -> RenderableType:
+    """``notify companies show``: one company in full (never its token)."""
+    fields = _fields()
+    fields.add_row("company", _company_name(company))
+    fields.add_row("state", Text(company.state, style=COMPANY_STATE_STYLE.get(company.state, "")))
+    fields.add_row("reason", Text(company.reason or "-"))
+    fields.add_row("geolocation", Text(company.geolocation or "-"))
+    fields.add_row("connected", Text(when(company.connected_ms, now_ms)))
+    fields.add_row("last refreshed", Text(when(company.refreshed_ms, now_ms)))
+    fields.add_row("state changed", Text(when(company.state_ms, now_ms)))
+    fields.add_row("refresh token expires", Text(when(company.refresh_expires_ms, now_ms)))
+    parts: list[RenderableType] = [fields]
+    if company.state == "needs_reconnect":
+        hint = f"reconnect: notify companies connect {company.id} --request-token -"
+        parts += [Text(""), Text(hint, style="dim")]
+    return Group(*parts)
 
 
 def terminal_width() -> int:
