@@ -6,6 +6,8 @@ the failed-notification endpoints for operators; an ASGI app on Starlette, serve
 * ``GET /notifications?status=failed`` and ``GET|DELETE /notifications/{id}``,
   ``POST /notifications/{id}/replay``, ``POST /notifications/replay`` serve the dead letters in
   the shape of Concur's "Get Notifications by Status" (JSON or XML by ``Accept``).
+* ``GET /companies``, ``GET|PUT|DELETE /companies/{companyId}``: the company registry for
+  operators (``CompanyEndpoints``; connecting asks Concur through ``worker.concur.companies``).
 * ``/healthz``, ``/readyz``, ``/metrics`` (Prometheus; no key, like Flower's), ``/openapi.json``.
 
 Every error is the seed's ``ErrorMessage``. Redis calls block, so they run off the event loop: the

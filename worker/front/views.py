@@ -31,6 +31,7 @@ from rich.progress import Progress as RichProgress
 from rich.table import Table
 from rich.text import Text
 
+from worker.settings import GEOLOCATIONS
 from worker.shapes.times import int_or_none, iso_utc
 
 if TYPE_CHECKING:
@@ -327,21 +328,34 @@ def _company_name(company: Company) -> Text:
     return Text(f"{company.id} (settings)" if company.from_settings else company.id)
 
 
+def geolocation_name(geolocation: str | None) -> str:
+    """A geolocation as short as it stays clear: Concur's name for it (``us2``) when it is one
+    of the known base hosts, else its host (and port)."""
+    if not geolocation:
+        return "-"
+    base = geolocation.rstrip("/")
+    for name, known in GEOLOCATIONS.items():
+        if base == known:
+            return name
+    return base.partition("://")[2] or base
+
+
 def companies_table(companies: Iterable[Company], now_ms: int) -> Table:
-    """``notify companies list``: id, state, geolocation, connected, last refreshed."""
+    """``notify companies list``: id, state, geolocation, connected, last refreshed; narrow
+    enough for 100 columns (``show`` and ``--json`` have the full values)."""
     table = Table(header_style="bold", expand=False, box=None, pad_edge=False)
     table.add_column("ID", no_wrap=True)
     table.add_column("STATE", no_wrap=True)
-    table.add_column("GEOLOCATION", overflow="fold")
-    table.add_column("CONNECTED (UTC)", no_wrap=True)
+    table.add_column("GEOLOCATION", no_wrap=True, overflow="ellipsis", max_width=30)
+    table.add_column("CONNECTED", no_wrap=True)
     table.add_column("LAST REFRESHED", no_wrap=True)
     for company in companies:
         table.add_row(
             _company_name(company),
             Text(company.state, style=COMPANY_STATE_STYLE.get(company.state, "")),
-            Text(company.geolocation or "-"),
-            Text(iso(company.connected_ms)),
-            Text(when(company.refreshed_ms, now_ms)),
+            Text(geolocation_name(company.geolocation)),
+            Text(iso(company.connected_ms)[:10]),  # the day; `show` has the time
+            Text(relative(company.refreshed_ms, now_ms) or "-"),
         )
     return table
 
