@@ -39,7 +39,7 @@ from worker.concur.oauth import (
     trusted_geolocation,
 )
 from worker.concur.tokens import TokenUnavailable, is_loopback_url
-from worker.ops.logs import add_runtime_secret, add_secret
+from worker.ops.logs import add_runtime_secret
 from worker.settings import Settings
 from worker.shapes.models import DEFAULT_COMPANY, is_company_id
 from worker.shapes.times import int_or_none
@@ -98,7 +98,9 @@ def connect(
     given = request_token or refresh_token or ""
     if not given.strip():
         raise ValueError("the token is empty")
-    add_secret(given)  # redacted from every log line and Sentry event from now on
+    # Redacted from every log line and Sentry event from now on; kept with the latest runtime
+    # secrets (a bounded list), since a service connects companies by the thousand.
+    add_runtime_secret(given)
     if request_token is not None:
         what = "request token"
         form = grant_form(
