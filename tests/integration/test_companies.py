@@ -28,6 +28,7 @@ from sandbox.concur import Sandbox
 from tests.conftest import free_port, wait_for
 from worker.front.stats import collect, render_prometheus
 from worker.runtime import Runtime
+from worker.settings import load_settings
 from worker.store import keys
 from worker.store.companies import CompanyRegistry
 from worker.store.sealing import Cipher
@@ -261,6 +262,24 @@ def test_connecting_without_the_apps_oauth_client_is_a_settings_error(case):
     result = notify("companies", "connect", case.company_id, "--request-token", "t", env=env)
     assert result.returncode == 2
     assert "NOTIFY_OAUTH_CLIENT_ID" in result.stderr
+
+
+def test_client_credentials_alone_leave_the_default_company_to_the_static_token(case):
+    settings = load_settings(
+        oauth_client_id=case.client_id,
+        oauth_client_secret=CLIENT_SECRET,
+        token_encryption_key=FERNET_KEY,
+        oauth_company_id=None,
+        oauth_company_auth_token=None,
+        oauth_refresh_token=None,
+        api_token="static-default-company-token",
+    )
+    runtime = Runtime.from_settings(settings)
+    try:
+        assert runtime.tokens.token() == "static-default-company-token"
+    finally:
+        runtime.close()
+    assert case.sandbox.oauth_stats()["grants"] == {}  # no grant for a company it does not have
 
 
 # -- the registry's own rules ----------------------------------------------------------------------
