@@ -26,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sandbox.concur import Sandbox
 from tests.conftest import free_port, wait_for
+from worker.concur.companies import default_company
 from worker.front.stats import collect, render_prometheus
 from worker.runtime import Runtime
 from worker.settings import load_settings
@@ -280,6 +281,27 @@ def test_client_credentials_alone_leave_the_default_company_to_the_static_token(
     finally:
         runtime.close()
     assert case.sandbox.oauth_stats()["grants"] == {}  # no grant for a company it does not have
+
+
+def test_an_oauth_default_company_shows_the_geolocation_its_tokens_follow(case, runtime):
+    settings = load_settings(
+        oauth_client_id=case.client_id,
+        oauth_client_secret=CLIENT_SECRET,
+        oauth_token_url=f"{case.sandbox.root_url}/oauth2/v0/token",
+        token_encryption_key=FERNET_KEY,
+        oauth_company_id=case.company_id,
+        oauth_company_auth_token=case.request_token,
+        oauth_refresh_token=None,
+    )
+    state = keys.oauth_state(case.client_id)
+    runtime.redis.hset(state, mapping={"geolocation": case.sandbox.root_url, "updated": 5_000})
+    shown = default_company(settings, runtime.redis)
+    assert (shown.id, shown.state, shown.from_settings) == ("default", "connected", True)
+    assert (shown.geolocation, shown.refreshed_ms) == (case.sandbox.root_url, 5_000)
+    assert shown.reason == "from the settings (NOTIFY_OAUTH_*)"
+    # A stored geolocation the tokens would not follow is not shown as theirs either.
+    runtime.redis.hset(state, "geolocation", "https://evil.example")
+    assert default_company(settings, runtime.redis).geolocation == case.sandbox.root_url
 
 
 # -- the registry's own rules ----------------------------------------------------------------------
