@@ -200,7 +200,8 @@ def test_api_base_url_that_is_neither_url_nor_geolocation_names_the_variable():
             {"oauth_client_id": "c", "oauth_client_secret": "s", "oauth_company_id": "x"},
             "NOTIFY_OAUTH_COMPANY_AUTH_TOKEN",
         ),
-        ({"oauth_client_id": "c", "oauth_client_secret": "s"}, "NOTIFY_OAUTH_REFRESH_TOKEN"),
+        # Client credentials alone are valid (the company registry's), but never without a key.
+        ({"oauth_client_id": "c", "oauth_client_secret": "s"}, "NOTIFY_TOKEN_ENCRYPTION_KEY"),
         ({"oauth_client_secret": "s"}, "NOTIFY_OAUTH_CLIENT_ID"),
         ({"token_encryption_key": "not-a-key"}, "NOTIFY_TOKEN_ENCRYPTION_KEY"),
     ],

@@ -17,10 +17,12 @@ from typing import Any
 
 import httpx
 import pytest
+from cryptography.fernet import Fernet
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 from openapi_spec_validator import validate as validate_openapi
 
+from sandbox.concur import Sandbox
 from tests.conftest import free_port
 from tests.test_api import (
     MAX_BODY,
@@ -45,8 +47,22 @@ Answer = tuple[str, str, httpx.Response]  # (method, path template, the answer)
 
 
 @pytest.fixture(scope="module")
-def served(runtime: Runtime) -> Iterator[ServerThread]:
-    with ServerThread(create_app(_settings(), runtime)) as running:
+def concur() -> Iterator[Sandbox]:
+    """A sandbox of this module's own, whose token endpoint connects the companies."""
+    with Sandbox(tokens=[f"static-{uuid.uuid4().hex}"]) as sandbox:
+        yield sandbox
+
+
+@pytest.fixture(scope="module")
+def served(runtime: Runtime, concur: Sandbox) -> Iterator[ServerThread]:
+    # The app's OAuth client (and no company of its own), so PUT /companies can connect one.
+    settings = _settings(
+        oauth_client_id=f"app-{uuid.uuid4().hex[:8]}",
+        oauth_client_secret="sandbox-client-secret",
+        oauth_token_url=f"{concur.root_url}/oauth2/v0/token",
+        token_encryption_key=Fernet.generate_key().decode(),
+    )
+    with ServerThread(create_app(settings, runtime)) as running:
         yield running
 
 
@@ -147,7 +163,7 @@ def check_answer(
 # -- the answers ---------------------------------------------------------------------------------
 
 
-def _answers(http: httpx.Client, runtime: Runtime) -> Iterator[Answer]:
+def _answers(http: httpx.Client, runtime: Runtime, concur: Sandbox) -> Iterator[Answer]:
     """A live answer for each documented (operation, status, media type) but the 503s."""
     user = f"user-{uuid.uuid4().hex[:12]}"
     send = f"/messages/{user}/session"
@@ -214,8 +230,39 @@ def _answers(http: httpx.Client, runtime: Runtime) -> Iterator[Answer]:
     yield "DELETE", one, http.delete(f"/notifications/{gone}")
     yield "DELETE", one, http.delete(f"/notifications/{gone}", headers=PARTNER)
 
+    yield from _company_answers(http, concur)
+
     for path in ("/healthz", "/readyz", "/metrics", "/openapi.json"):
         yield "GET", path, http.get(path)
+
+
+def _company_answers(http: httpx.Client, concur: Sandbox) -> Iterator[Answer]:
+    """A live answer for each documented answer of the /companies operations but the 503s."""
+    company = str(uuid.uuid4())
+    request_token = f"request-{uuid.uuid4().hex}"
+    concur.configure_oauth(company_id=company, auth_token=request_token)
+    one, listed = "/companies/{companyId}", "/companies"
+    path = f"/companies/{company}"
+    yield "PUT", one, http.put(path, json={"requestToken": request_token}, headers=OPERATOR)
+    yield "PUT", one, http.put(path, json={"requestToken": "wrong"}, headers=OPERATOR)
+    yield "PUT", one, http.put(path, json={}, headers=OPERATOR)
+    big = b'{"requestToken": "' + b"a" * MAX_BODY + b'"}'
+    json_type = {"Content-Type": "application/json"}
+    yield "PUT", one, http.put(path, content=big, headers={**OPERATOR, **json_type})
+    plain = {**OPERATOR, "Content-Type": "text/plain"}
+    yield "PUT", one, http.put(path, content=b"{}", headers=plain)
+    yield "PUT", one, http.put(path, json={"requestToken": request_token})
+    yield "PUT", one, http.put(path, json={"requestToken": request_token}, headers=PARTNER)
+    for headers in (OPERATOR, {}, PARTNER):
+        yield "GET", listed, http.get(listed, headers=headers)
+        yield "GET", one, http.get(path, headers=headers)
+    yield "GET", one, http.get("/companies/ACME", headers=OPERATOR)
+    yield "GET", one, http.get(f"/companies/{uuid.uuid4()}", headers=OPERATOR)
+    yield "DELETE", one, http.delete(path, headers=OPERATOR)
+    yield "DELETE", one, http.delete("/companies/default", headers=OPERATOR)
+    yield "DELETE", one, http.delete(f"/companies/{uuid.uuid4()}", headers=OPERATOR)
+    yield "DELETE", one, http.delete(path)
+    yield "DELETE", one, http.delete(path, headers=PARTNER)
 
 
 def _unavailable(down: httpx.Client) -> list[Answer]:
@@ -232,6 +279,10 @@ def _unavailable(down: httpx.Client) -> list[Answer]:
         ("GET", "/notifications/{id}", "/notifications/abc", OPERATOR),
         ("DELETE", "/notifications/{id}", "/notifications/abc", OPERATOR),
         ("POST", "/notifications/{id}/replay", "/notifications/abc/replay", OPERATOR),
+        ("GET", "/companies", "/companies", OPERATOR),
+        ("GET", "/companies/{companyId}", f"/companies/{uuid.uuid4()}", OPERATOR),
+        ("PUT", "/companies/{companyId}", f"/companies/{uuid.uuid4()}", OPERATOR),
+        ("DELETE", "/companies/{companyId}", f"/companies/{uuid.uuid4()}", OPERATOR),
         ("GET", "/healthz", "/healthz", {}),
         ("GET", "/readyz", "/readyz", {}),
         ("GET", "/metrics", "/metrics", {}),
@@ -240,6 +291,8 @@ def _unavailable(down: httpx.Client) -> list[Answer]:
 
     def send(method: str, path: str, headers: dict[str, str]) -> httpx.Response:
         body = _body() if path.endswith("/session") else None
+        if method == "PUT":
+            body = {"requestToken": "r"}
         return down.request(method, path, json=body, headers=headers)
 
     with ThreadPoolExecutor(len(sent)) as pool:
@@ -248,14 +301,14 @@ def _unavailable(down: httpx.Client) -> list[Answer]:
 
 
 @pytest.fixture(scope="module")
-def answers(served: ServerThread, runtime: Runtime) -> list[Answer]:
+def answers(served: ServerThread, runtime: Runtime, concur: Sandbox) -> list[Answer]:
     dead = _settings(redis_url=f"redis://127.0.0.1:{free_port()}/0")
     with (
         ServerThread(create_app(dead)) as unavailable,  # its own runtime, patient for 2 s
         httpx.Client(base_url=served.url, timeout=30) as http,
         httpx.Client(base_url=unavailable.url, timeout=60) as down,
     ):
-        return [*_answers(http, runtime), *_unavailable(down)]
+        return [*_answers(http, runtime, concur), *_unavailable(down)]
 
 
 def test_the_document_is_valid_openapi_and_every_schema_valid_json_schema(document):

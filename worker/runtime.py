@@ -128,7 +128,9 @@ class Runtime:
         return self._tokens
 
     def _make_tokens(self) -> TokenProvider:
-        if not self.settings.uses_oauth:
+        # OAuth client credentials alone name no default company (they connect the registry's):
+        # the default company is then NOTIFY_API_TOKEN's, if any.
+        if not self.settings.has_oauth_company:
             return StaticToken(self.settings)
         from worker.concur.oauth import OAuthTokens
 

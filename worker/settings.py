@@ -399,11 +399,9 @@ class Settings(BaseSettings):
         if (self.oauth_company_id is None) != (self.oauth_company_auth_token is None):
             missing = "COMPANY_ID" if self.oauth_company_id is None else "COMPANY_AUTH_TOKEN"
             raise ValueError(f"{p}{missing}: required with the other company setting")
-        if self.oauth_company_id is None and self.oauth_refresh_token is None:
-            raise ValueError(
-                f"{p}REFRESH_TOKEN: set it, or {p}COMPANY_ID and {p}COMPANY_AUTH_TOKEN, with "
-                f"{p}CLIENT_ID"
-            )
+        # Client credentials alone are valid: they connect the companies of the registry
+        # (`notify companies connect`, issue 21); company credentials or a refresh token besides
+        # them make the OAuth company the default one.
         if self.token_encryption_key is None:
             # The refresh token (a year of access to the company) is kept in Redis: never in
             # clear text. `notify dev` makes a key and writes it to .env; nothing else does.
@@ -478,6 +476,15 @@ class Settings(BaseSettings):
     def uses_oauth(self) -> bool:
         """True when Concur OAuth client credentials are configured."""
         return self.oauth_client_id is not None
+
+    @property
+    def has_oauth_company(self) -> bool:
+        """True when the OAuth settings name a company of their own (company credentials or a
+        refresh token): it is the default company. Client credentials alone serve only the
+        company registry."""
+        return self.uses_oauth and (
+            self.oauth_company_id is not None or self.oauth_refresh_token is not None
+        )
 
     @property
     def uses_sandbox(self) -> bool:

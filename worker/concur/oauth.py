@@ -55,7 +55,6 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import SplitResult, urlencode, urlsplit
 
-from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from redis import Redis
 from redis.exceptions import LockError
 
@@ -65,6 +64,7 @@ from worker.concur.transport import CurlTransport, Exchange, ExchangeFailed
 from worker.ops.logs import add_runtime_secret, add_secret
 from worker.settings import Settings, is_loopback_host
 from worker.store import keys
+from worker.store.sealing import RESEAL_SCRIPT, Cipher
 
 log = logging.getLogger("notify.tokens")
 
@@ -214,7 +214,7 @@ def _listed(host: str, port: int, scheme: str, entries: tuple[str, ...]) -> bool
     return False
 
 
-def _grant_form(config: OAuthConfig, grant_type: str, **fields: str) -> dict[str, str]:
+def grant_form(config: OAuthConfig, grant_type: str, **fields: str) -> dict[str, str]:
     """A token request's form: the grant, the client's credentials, and the grant's own fields."""
     return {
         "grant_type": grant_type,
@@ -340,55 +340,6 @@ def _text(value: str | bytes) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
-class Cipher:
-    """Encrypts stored secrets with Fernet (``MultiFernet`` over the configured keys).
-
-    ``key`` is ``NOTIFY_TOKEN_ENCRYPTION_KEY``: one key, or several comma-separated for a
-    rotation, the first encrypting and every one decrypting. Stored values carry a prefix
-    (``f1:`` encrypted, ``p:`` plain, as versions without a key stored them) so a plain token of
-    before is still read, and ``stale`` says it must be sealed again; a changed key is noticed,
-    not misread. Settings refuse OAuth without a key, so only a bare ``Cipher(None)`` (tests of
-    this class) seals plainly.
-    """
-
-    def __init__(self, key: str | None) -> None:
-        self._keys = [Fernet(part.strip().encode()) for part in (key or "").split(",") if part]
-        self._fernet = MultiFernet(self._keys) if self._keys else None
-
-    def seal(self, text: str) -> str:
-        """The stored form of ``text`` (encrypted with the first key)."""
-        if self._fernet is None:
-            return "p:" + text
-        return "f1:" + self._fernet.encrypt(text.encode("utf-8")).decode("ascii")
-
-    def open(self, stored: str) -> str:
-        """``text`` back; ``ValueError`` when it cannot be read with these keys."""
-        if stored.startswith("p:"):
-            return stored[2:]
-        if stored.startswith("f1:"):
-            if self._fernet is None:
-                raise ValueError("the stored refresh token is encrypted and no key is set")
-            try:
-                return self._fernet.decrypt(stored[3:].encode("ascii")).decode("utf-8")
-            except InvalidToken:
-                raise ValueError(
-                    "the stored refresh token does not decrypt with any configured key"
-                ) from None
-        raise ValueError("the stored refresh token has an unknown form")
-
-    def stale(self, stored: str) -> bool:
-        """Whether ``stored`` should be sealed again: plain, or not under the first key."""
-        if self._fernet is None:
-            return False
-        if not stored.startswith("f1:"):
-            return True
-        try:
-            self._keys[0].decrypt(stored[3:].encode("ascii"))
-        except InvalidToken:
-            return True
-        return False
-
-
 class TokenStateStore:
     """The Redis hash of one client id's refresh token, its expiry and geolocation."""
 
@@ -396,7 +347,7 @@ class TokenStateStore:
         self.redis = redis
         self.key = keys.oauth_state(client_id)
         self.cipher = cipher
-        self._reseal_script = redis.register_script(_RESEAL)
+        self._reseal_script = redis.register_script(RESEAL_SCRIPT)
 
     def load(self) -> StoredState:
         """What is stored; an unreadable refresh token is logged and treated as absent."""
@@ -442,16 +393,6 @@ class TokenStateStore:
         if absent:
             pipe.hdel(self.key, *absent)
         pipe.execute()
-
-
-_RESEAL = """
--- KEYS: oauth state ; ARGV: the stored form read, the same token sealed again
-if redis.call('HGET', KEYS[1], 'refresh') == ARGV[1] then
-  redis.call('HSET', KEYS[1], 'refresh', ARGV[2])
-  return 1
-end
-return 0
-"""
 
 
 # What each ExchangeFailed.kind means for a token request (worker.concur.transport's tree).
@@ -545,6 +486,21 @@ class TokenEndpoint:
             self.transport.close()
 
 
+def report_untrusted_geolocation(redis: Redis, geolocation: str, source: str) -> None:
+    """Report a geolocation that is not followed: a warning and a counted metric."""
+    log.warning(
+        "Concur geolocation %r from %s not followed: not https on a Concur host "
+        "(*.api.concursolutions.com, *.api.concurcdc.cn) nor listed in "
+        "NOTIFY_OAUTH_EXTRA_GEOLOCATION_HOSTS; keeping the current one",
+        geolocation[:200],
+        source,
+    )
+    try:
+        redis.hincrby(keys.STATS, GEOLOCATION_REFUSED_COUNTER, 1)
+    except Exception:  # a metric must not turn a refused geolocation into a failed fetch
+        log.warning("could not count the refused geolocation", exc_info=True)
+
+
 class _CoolingDown(TokenUnavailable):
     """A refresh failed moments ago (in any worker); this one is not tried yet."""
 
@@ -626,17 +582,7 @@ class OAuthTokens:
 
     def _untrusted(self, geolocation: str, source: str) -> None:
         """Report a geolocation that is not followed: a warning and a counted metric."""
-        log.warning(
-            "Concur geolocation %r from %s not followed: not https on a Concur host "
-            "(*.api.concursolutions.com, *.api.concurcdc.cn) nor listed in "
-            "NOTIFY_OAUTH_EXTRA_GEOLOCATION_HOSTS; keeping the current one",
-            geolocation[:200],
-            source,
-        )
-        try:
-            self.redis.hincrby(keys.STATS, GEOLOCATION_REFUSED_COUNTER, 1)
-        except Exception:  # a metric must not turn a refused geolocation into a failed fetch
-            log.warning("could not count the refused geolocation", exc_info=True)
+        report_untrusted_geolocation(self.redis, geolocation, source)
 
     def _checked(self, geolocation: str | None, source: str) -> str | None:
         """``geolocation`` if it may be followed; else None (reported)."""
@@ -716,7 +662,7 @@ class OAuthTokens:
         answered = url
         if refresh_token and not expired:
             try:
-                form = _grant_form(config, "refresh_token", refresh_token=refresh_token)
+                form = grant_form(config, "refresh_token", refresh_token=refresh_token)
                 grant, answered = self.endpoint.request(url, form, deadline)
             except TokenEndpointError as error:
                 if error.code != CODE_BAD_REFRESH_TOKEN:
@@ -732,7 +678,7 @@ class OAuthTokens:
                 )
             refresh_token = None
             try:
-                form = _grant_form(
+                form = grant_form(
                     config,
                     "password",
                     username=config.company_id or "",

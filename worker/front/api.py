@@ -6,6 +6,8 @@ the failed-notification endpoints for operators; an ASGI app on Starlette, serve
 * ``GET /notifications?status=failed`` and ``GET|DELETE /notifications/{id}``,
   ``POST /notifications/{id}/replay``, ``POST /notifications/replay`` serve the dead letters in
   the shape of Concur's "Get Notifications by Status" (JSON or XML by ``Accept``).
+* ``GET /companies``, ``GET|PUT|DELETE /companies/{companyId}``: the company registry for
+  operators (``CompanyEndpoints``; connecting asks Concur through ``worker.concur.companies``).
 * ``/healthz``, ``/readyz``, ``/metrics`` (Prometheus; no key, like Flower's), ``/openapi.json``.
 
 Every error is the seed's ``ErrorMessage``. Redis calls block, so they run off the event loop: the
@@ -20,6 +22,7 @@ import functools
 import hmac
 import json
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -27,7 +30,7 @@ from typing import Any
 from urllib.parse import unquote_to_bytes, urlencode
 
 from kombu.exceptions import OperationalError as BrokerError
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.applications import Starlette
@@ -40,6 +43,7 @@ from starlette.routing import Route
 from werkzeug.datastructures import MIMEAccept
 from werkzeug.http import parse_accept_header
 
+from worker.concur import companies
 from worker.front import notifications
 from worker.front.console import console_routes
 from worker.front.openapi import openapi_document
@@ -61,6 +65,9 @@ from worker.shapes.contract import (
     MAX_REPLAY_RATE,
     Attempt,
     ClientStatus,
+    CompanyList,
+    CompanyView,
+    ConnectCompany,
     Health,
     MessageStatus,
     Notification,
@@ -70,9 +77,17 @@ from worker.shapes.contract import (
     Replayed,
     ReplayPreview,
 )
-from worker.shapes.models import ErrorItem, ErrorMessage, is_message_id, is_partner_name
+from worker.shapes.models import (
+    DEFAULT_COMPANY,
+    ErrorItem,
+    ErrorMessage,
+    is_company_id,
+    is_message_id,
+    is_partner_name,
+)
 from worker.shapes.times import int_or_none, iso_utc
 from worker.store.codec import StatusRecord
+from worker.store.companies import CompanyRegistry
 from worker.store.query import DeadLetterFilter, read_filter
 
 log = logging.getLogger(__name__)
@@ -642,6 +657,139 @@ class Service:
         return json_response(openapi_document(self._base_url(request) or "/"))
 
 
+# -- companies (issue 21): the registry over the operator API ----------------------------------
+
+CONCUR_REFUSED = "CONCUR_REFUSED"
+CONCUR_UNAVAILABLE = "CONCUR_UNAVAILABLE"
+NOT_CONFIGURED = "NOT_CONFIGURED"
+
+
+def _body_problems(error: ValidationError) -> list[Problem]:
+    # Never the input: the body holds a secret token.
+    problems = []
+    for item in error.errors(include_input=False, include_url=False):
+        field = ".".join(str(part) for part in item.get("loc", ())) or "body"
+        message = str(item.get("msg", "invalid")).removeprefix("Value error, ")
+        problems.append(Problem(field, "INVALID_BODY", f"{field}: {message}"))
+    return problems
+
+
+class CompanyEndpoints:
+    """``/companies``: list, show, connect and disconnect companies (operator key)."""
+
+    def __init__(self, service: Service, settings: Settings) -> None:
+        self.service = service
+        self.settings = settings
+        self.registry = CompanyRegistry.from_settings(service.runtime.redis, settings)
+
+    @staticmethod
+    def _company_id(request: Request, *, default_allowed: bool) -> str:
+        value = str(request.path_params["companyId"])
+        if value == DEFAULT_COMPANY and not default_allowed:
+            raise ApiError(
+                400,
+                INVALID_PARAMETER,
+                "the default company comes from the settings (NOTIFY_API_TOKEN or "
+                "NOTIFY_OAUTH_*): change them to change it",
+            )
+        if value != DEFAULT_COMPANY and not is_company_id(value):
+            raise ApiError(
+                400,
+                INVALID_PARAMETER,
+                "companyId must be the company's UUID in lower case (or `default`)",
+            )
+        return value
+
+    async def list_companies(self, request: Request) -> Response:
+        """``GET /companies``: every company, the default one first."""
+        self.service._require(request, OPERATOR)
+        listed = await run_in_threadpool(companies.listing, self.settings, self.registry)
+        return model_response(
+            CompanyList(companies=[CompanyView.model_validate(each.to_dict()) for each in listed])
+        )
+
+    async def show_company(self, request: Request) -> Response:
+        """``GET /companies/{companyId}``: one company."""
+        self.service._require(request, OPERATOR)
+        company_id = self._company_id(request, default_allowed=True)
+        found = await run_in_threadpool(companies.find, self.settings, self.registry, company_id)
+        if found is None:
+            raise ApiError(404, NOT_FOUND, "no such company")
+        return model_response(CompanyView.model_validate(found.to_dict()))
+
+    async def connect_company(self, request: Request) -> Response:
+        """``PUT /companies/{companyId}``: connect (or reconnect) a company with a request
+        token or a refresh token; Concur refusing it is a 502 and stores nothing."""
+        self.service._require(request, OPERATOR)
+        company_id = self._company_id(request, default_allowed=False)
+        self.service._check_json_content_type(request)
+        raw = await self.service._read_body(request)
+        try:
+            document = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as error:
+            what = "UTF-8" if isinstance(error, UnicodeDecodeError) else "valid JSON"
+            raise ApiError(400, "INVALID_JSON", f"the body is not {what}") from None
+        try:
+            body = ConnectCompany.model_validate(document)
+        except ValidationError as error:
+            raise ApiError(400, "", "", problems=_body_problems(error)) from None
+        try:
+            config = companies.client_config(self.settings)
+        except companies.NotConfigured as error:
+            raise ApiError(503, NOT_CONFIGURED, str(error)) from None
+        try:
+            company = await run_in_threadpool(
+                functools.partial(
+                    companies.connect,
+                    self.registry,
+                    config,
+                    company_id,
+                    request_token=body.requestToken,
+                    refresh_token=body.refreshToken,
+                )
+            )
+        except companies.ConnectError as error:
+            log.warning("company %s not connected: %s", company_id, error)
+            code = CONCUR_REFUSED if error.refused else CONCUR_UNAVAILABLE
+            raise ApiError(502, code, str(error)) from None
+        except ValueError as error:
+            raise ApiError(400, INVALID_PARAMETER, str(error)) from None
+        log.info(
+            "company %s connected (%s), geolocation %s",
+            company_id,
+            company.reason,
+            company.geolocation,
+            extra={"company": company_id},
+        )
+        return model_response(CompanyView.model_validate(company.to_dict()))
+
+    async def disconnect_company(self, request: Request) -> Response:
+        """``DELETE /companies/{companyId}``: disconnect a company (its refresh token deleted)."""
+        self.service._require(request, OPERATOR)
+        company_id = self._company_id(request, default_allowed=False)
+        gone = await run_in_threadpool(self.registry.disconnect, company_id, _now_ms())
+        if gone is None:
+            raise ApiError(404, NOT_FOUND, "no such company")
+        log.info("company %s disconnected", company_id, extra={"company": company_id})
+        return model_response(CompanyView.model_validate(gone.to_dict()))
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def company_routes(service: Service, settings: Settings) -> list[Route]:
+    """The ``/companies`` routes, for the service's route list."""
+    endpoints = CompanyEndpoints(service, settings)
+    one = "/companies/{companyId}"
+    return [
+        Route("/companies", _handle(endpoints.list_companies), methods=["GET"]),
+        Route(one, _handle(endpoints.show_company), methods=["GET"]),
+        Route(one, _handle(endpoints.connect_company), methods=["PUT"]),
+        Route(one, _handle(endpoints.disconnect_company), methods=["DELETE"]),
+    ]
+
+
 def _handle(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[..., Any]:
     # Turns ApiError into the error schema; Redis or broker outages into 503.
     @functools.wraps(endpoint)
@@ -695,6 +843,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         Route("/readyz", _handle(service.readyz), methods=["GET"]),
         Route("/metrics", _handle(service.metrics), methods=["GET"]),
         Route("/openapi.json", _handle(service.openapi), methods=["GET"]),
+        *company_routes(service, settings),  # /companies: the company registry (issue 21)
         *console_routes(settings, runtime),  # /console: the dead-letter console
     ]
     app = Starlette(

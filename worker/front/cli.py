@@ -510,6 +510,138 @@ def breaker_close() -> None:
     click.echo(_breaker_line())
 
 
+@main.group()
+def companies() -> None:
+    """The Concur companies this deployment delivers to: connect, list, show, disconnect."""
+
+
+def _registry() -> Any:
+    from worker.store.companies import CompanyRegistry
+
+    runtime = _runtime()
+    return CompanyRegistry.from_settings(runtime.redis, runtime.settings)
+
+
+def _company_id(company_id: str) -> str:
+    from worker.shapes.models import is_company_id
+
+    if not is_company_id(company_id):
+        _fail(
+            f"{company_id!r} is not a company id: the company's UUID in lower case, "
+            "like 0f3c2f6e-4a1b-4c2d-9e8f-7a6b5c4d3e2f",
+            EXIT_INVALID,
+        )
+    return company_id
+
+
+def _token_value(value: str | None) -> str | None:
+    # "-": read from stdin, so the token is not in the shell history or `ps` output.
+    if value != "-":
+        return value
+    line = sys.stdin.readline().strip()
+    if not line:
+        _fail("no token on stdin", EXIT_INVALID)
+    return line
+
+
+@companies.command("connect")
+@click.argument("company_id")
+@click.option(
+    "--request-token",
+    default=None,
+    help="the company's request token (App Center or Company Request Token tool; 24 h); "
+    "'-' reads it from stdin",
+)
+@click.option(
+    "--refresh-token", default=None, help="a refresh token of the company; '-' reads it from stdin"
+)
+@click.option("--json", "as_json", is_flag=True, help="print the company as JSON")
+@friendly_errors
+def companies_connect(
+    company_id: str, request_token: str | None, refresh_token: str | None, as_json: bool
+) -> None:
+    """Connect (or reconnect) a company: exchange its token for a refresh token, stored sealed."""
+    from worker.concur import companies as connecting
+
+    if (request_token is None) == (refresh_token is None):
+        _fail("give --request-token or --refresh-token (exactly one)", EXIT_INVALID)
+    company_id = _company_id(company_id)
+    runtime = _runtime()
+    try:
+        config = connecting.client_config(runtime.settings)
+    except connecting.NotConfigured as error:
+        _fail(str(error), EXIT_CONFIG)
+        return
+    try:
+        company = connecting.connect(
+            _registry(),
+            config,
+            company_id,
+            request_token=_token_value(request_token),
+            refresh_token=_token_value(refresh_token),
+        )
+    except (connecting.ConnectError, ValueError) as error:
+        _fail(f"not connected: {error}", EXIT_INVALID)
+        return
+    if as_json:
+        click.echo(json.dumps(company.to_dict(), indent=2))
+        return
+    from worker.front import views
+
+    views.show(views.company_view(company, _now_ms()))
+
+
+@companies.command("list")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@friendly_errors
+def companies_list(as_json: bool) -> None:
+    """List the companies: the default one (from the settings) first, then the registry's."""
+    from worker.concur.companies import listing
+
+    listed = listing(_runtime().settings, _registry())
+    if as_json:
+        click.echo(json.dumps({"companies": [each.to_dict() for each in listed]}, indent=2))
+        return
+    from worker.front import views
+
+    views.show(views.companies_table(listed, _now_ms()))
+
+
+@companies.command("show")
+@click.argument("company_id")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@friendly_errors
+def companies_show(company_id: str, as_json: bool) -> None:
+    """Show one company (`default`: the one the settings define)."""
+    from worker.concur.companies import find
+    from worker.shapes.models import DEFAULT_COMPANY
+
+    if company_id != DEFAULT_COMPANY:
+        company_id = _company_id(company_id)
+    company = find(_runtime().settings, _registry(), company_id)
+    if company is None:
+        _fail(f"no company {company_id} in the registry", EXIT_NOT_FOUND)
+        return
+    if as_json:
+        click.echo(json.dumps(company.to_dict(), indent=2))
+        return
+    from worker.front import views
+
+    views.show(views.company_view(company, _now_ms()))
+
+
+@companies.command("disconnect")
+@click.argument("company_id")
+@friendly_errors
+def companies_disconnect(company_id: str) -> None:
+    """Disconnect a company: its refresh token is deleted; it stays listed as disconnected."""
+    company = _registry().disconnect(_company_id(company_id), _now_ms())
+    if company is None:
+        _fail(f"no company {company_id} in the registry", EXIT_NOT_FOUND)
+        return
+    click.echo(f"disconnected {company.id}")
+
+
 @main.command("stats")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 @click.option("--minutes", default=15, show_default=True, type=click.IntRange(1, 120))

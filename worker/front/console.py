@@ -45,6 +45,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.templating import Jinja2Templates
 
+from worker.concur.companies import listing
 from worker.front.stats import Stats, collect
 from worker.rules import outcomes
 from worker.runtime import Runtime
@@ -52,6 +53,7 @@ from worker.settings import Settings
 from worker.shapes.models import is_message_id, is_partner_name, partner_of
 from worker.shapes.times import iso_utc
 from worker.store.codec import DeadLetter, StatusRecord
+from worker.store.companies import CompanyRegistry, count_states
 from worker.store.query import DeadLetterFilter, read_filter
 
 log = logging.getLogger(__name__)
@@ -584,6 +586,23 @@ def _plain_page(request: Request, status: int, title: str, text: str) -> Respons
 TEMPLATES.env.filters["when"] = format_ms
 
 
+def companies_page(
+    console: Console, settings: Settings
+) -> Callable[[Request], Awaitable[Response]]:
+    """``GET /console/companies``: every company (the default one first) and its state."""
+    registry = CompanyRegistry.from_settings(console.runtime.redis, settings)
+
+    async def companies(request: Request) -> Response:
+        session = console._operator(request)
+        listed = await run_in_threadpool(listing, settings, registry)
+        counts = count_states([each.state for each in listed if not each.from_settings])
+        return console._page(
+            request, "companies.html", {"companies": listed, "counts": counts}, session=session
+        )
+
+    return companies
+
+
 def console_routes(settings: Settings, runtime: Runtime) -> list[BaseRoute]:
     """The console's routes, for the service's route list."""
     console = Console(settings, runtime)
@@ -596,6 +615,7 @@ def console_routes(settings: Settings, runtime: Runtime) -> list[BaseRoute]:
         Route(f"{PREFIX}/login", guarded(console.login_form), methods=["GET"]),
         Route(f"{PREFIX}/login", guarded(console.login), methods=["POST"]),
         Route(f"{PREFIX}/logout", guarded(console.logout), methods=["POST"]),
+        Route(f"{PREFIX}/companies", guarded(companies_page(console, settings)), methods=["GET"]),
         Route(f"{PREFIX}/messages/{{id}}", guarded(console.message), methods=["GET"]),
         Route(f"{PREFIX}/messages/{{id}}/{{action}}", guarded(console.confirm), methods=["GET"]),
         Route(f"{PREFIX}/messages/{{id}}/{{action}}", guarded(console.act), methods=["POST"]),

@@ -173,6 +173,15 @@ _NOT_ACCEPTABLE = {406: _error("Accept allows neither JSON nor XML")}
 _BAD_FILTER = {400: _error("Unsupported status or a bad parameter")}
 _NO_LETTER = {404: _error("No such failed notification")}
 _OPERATOR_ERRORS = {**_UNAUTHORIZED, **_FORBIDDEN, **_UNAVAILABLE}
+_COMPANY_ID = _param(
+    "companyId",
+    "path",
+    {"type": "string", "pattern": contract.COMPANY_NAME_PATTERN},
+    description="The company's UUID in lower case; `default`: the company the settings define "
+    "(read only)",
+)
+_BAD_COMPANY = {400: _error("companyId is not a company UUID (`default` is read only)")}
+_NO_COMPANY = {404: _error("No such company")}
 _LOCATION = {
     "Location": {"description": "/messages/{id}", "required": True, "schema": {"type": "string"}}
 }
@@ -283,6 +292,70 @@ OPERATIONS: tuple[Operation, ...] = (
         },
         security=(OPERATOR_KEY,),
         params=(_ID,),
+    ),
+    Operation(
+        "get",
+        "/companies",
+        "listCompanies",
+        "Every company: the default one (from the settings) first, then the registry's",
+        {200: Answer("The companies", contract.CompanyList), **_OPERATOR_ERRORS},
+        security=(OPERATOR_KEY,),
+    ),
+    Operation(
+        "get",
+        "/companies/{companyId}",
+        "getCompany",
+        "One company: its state, geolocation, when it connected and last refreshed",
+        {
+            200: Answer("The company", contract.CompanyView),
+            **_BAD_COMPANY,
+            **_NO_COMPANY,
+            **_OPERATOR_ERRORS,
+        },
+        security=(OPERATOR_KEY,),
+        params=(_COMPANY_ID,),
+    ),
+    Operation(
+        "put",
+        "/companies/{companyId}",
+        "connectCompany",
+        "Connect (or reconnect) a company with its request token or a refresh token",
+        {
+            200: Answer("Connected: the company as stored", contract.CompanyView),
+            400: _error(
+                "Not JSON, not exactly one of requestToken and refreshToken, or companyId is "
+                "not a company UUID"
+            ),
+            413: _error("Body over NOTIFY_SERVICE_MAX_BODY_BYTES"),
+            415: _error("Content-Type is not application/json"),
+            502: _error(
+                "Concur refused the token (CONCUR_REFUSED) or could not be asked "
+                "(CONCUR_UNAVAILABLE); nothing was stored"
+            ),
+            **_UNAUTHORIZED,
+            **_FORBIDDEN,
+            503: _error(
+                "Redis is unavailable, or this deployment has no OAuth client to connect "
+                "companies with (NOT_CONFIGURED: set NOTIFY_OAUTH_CLIENT_ID and _SECRET)"
+            ),
+        },
+        security=(OPERATOR_KEY,),
+        params=(_COMPANY_ID,),
+        request=contract.ConnectCompany,
+    ),
+    Operation(
+        "delete",
+        "/companies/{companyId}",
+        "disconnectCompany",
+        "Disconnect a company: its refresh token is deleted, it stays listed",
+        {
+            200: Answer("Disconnected: the company as stored", contract.CompanyView),
+            **_BAD_COMPANY,
+            **_NO_COMPANY,
+            **_OPERATOR_ERRORS,
+        },
+        security=(OPERATOR_KEY,),
+        params=(_COMPANY_ID,),
     ),
     Operation(
         "get", "/healthz", "healthz", "The process is up", {200: Answer("Up", contract.Health)}

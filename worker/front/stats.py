@@ -19,6 +19,8 @@ Where each number comes from, and what it costs:
 * ``delivered_per_minute``: the per-minute counters the delivery script increments (kept two
   hours), oldest first, the last one being the current, partial minute.
 * ``totals``: cumulative counters since the database was created (``keys.STATS``).
+* ``companies``: registry companies by state (``connected``, ``needs_reconnect``,
+  ``disconnected``), read from each company's hash: O(companies), exact.
 * ``partners``: the same cumulative counters by partner (``keys.partner_stats``), kept by the
   same scripts from the record's partner; ``collect(partner=...)`` shows one partner's as the
   totals (the queue and gauges stay fleet-wide: the broker does not know partners).
@@ -39,9 +41,10 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from worker.limits.breaker import STATE_NUMBERS
 from worker.rules import outcomes
 from worker.runtime import Runtime
-from worker.shapes.models import is_partner_name
+from worker.shapes.models import COMPANY_STATES, is_partner_name
 from worker.store import keys
 from worker.store.codec import now_ms
+from worker.store.companies import CompanyRegistry
 from worker.store.records import DELIVERED_COUNTER_TTL_SECONDS
 
 DEFAULT_MINUTES = 15
@@ -106,6 +109,8 @@ class Stats:
     # partner -> its cumulative counters (the fields of ``totals``, and ``dead:<reason>``)
     partners: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
     partner: str | None = None  # set: ``totals`` and ``dead_lettered_total`` are this partner's
+    # state -> how many registry companies are in it (every state, zeros included)
+    companies: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def delivered_last_minute(self) -> int:
@@ -121,6 +126,7 @@ class Stats:
         data["dead_lettered_total"] = dict(self.dead_lettered_total)
         data["totals"] = dict(self.totals)
         data["partners"] = {name: dict(counts) for name, counts in self.partners.items()}
+        data["companies"] = dict(self.companies)
         data["delivered_last_minute"] = self.delivered_last_minute
         return data
 
@@ -159,6 +165,7 @@ def build(
     breaker_state: Any = None,
     partners: Mapping[str, Mapping[str, str]] | None = None,
     partner: str | None = None,
+    companies: Mapping[str, int] | None = None,
 ) -> Stats:
     """Turn the raw Redis replies into ``Stats`` (pure).
 
@@ -197,6 +204,7 @@ def build(
             for name, counts in sorted((partners or {}).items())
         },
         partner=partner,
+        companies={**dict.fromkeys(COMPANY_STATES, 0), **(companies or {})},
     )
 
 
@@ -247,6 +255,8 @@ def collect(
         breaker_state=breaker_state,
         partners=by_partner,
         partner=partner,
+        # O(companies) pipelined reads of each one's state: exact, and a partner has hundreds.
+        companies=CompanyRegistry.from_settings(runtime.redis, runtime.settings).counts_by_state(),
     )
 
 
@@ -328,6 +338,15 @@ class _Collector:
                     dead_by_partner.add_metric([name, counter.removeprefix("dead:")], value)
         yield by_partner
         yield dead_by_partner
+        companies = GaugeMetricFamily(
+            "notify_companies",
+            "Companies in the registry by state (the default company, from the settings, is not "
+            "counted).",
+            labels=["state"],
+        )
+        for state, count in sorted(stats.companies.items()):
+            companies.add_metric([state], count)
+        yield companies
 
 
 def _gauge(name: str, text: str, value: float, **labels: str) -> GaugeMetricFamily:

@@ -37,11 +37,13 @@ from rich.progress import Progress as RichProgress
 from rich.table import Table
 from rich.text import Text
 
+from worker.settings import GEOLOCATIONS
 from worker.shapes.times import int_or_none, iso_utc
 
 if TYPE_CHECKING:
     from worker.front.stats import Stats
     from worker.store.codec import DeadLetter, StatusRecord
+    from worker.store.companies import Company
 
 # state in Redis -> what it means to a person.
 STATE_TEXT = {
@@ -302,6 +304,9 @@ def stats_view(snapshot: Stats, minutes: int) -> RenderableType:
     ]
     for name, value in rows:
         fields.add_row(plain(name), plain(value))
+    companies = ", ".join(f"{n} {state}" for state, n in snapshot.companies.items() if n)
+    if companies:
+        fields.add_row("companies (registry)", plain(companies))
     chart = Table(
         title=f"delivered per minute (UTC, oldest first, last {minutes})",
         title_justify="left",
@@ -321,6 +326,64 @@ def stats_view(snapshot: Stats, minutes: int) -> RenderableType:
             Text("█" * max(round(share * 40), 1 if minute.delivered else 0), style="green"),
         )
     return Group(fields, Text(""), chart)
+
+
+COMPANY_STATE_STYLE = {"connected": "green", "needs_reconnect": "yellow", "disconnected": "red"}
+
+
+def _company_name(company: Company) -> Text:
+    # Every value as Text: what Concur or Redis hands back is shown, never read as markup.
+    return plain(f"{company.id} (settings)" if company.from_settings else company.id)
+
+
+def geolocation_name(geolocation: str | None) -> str:
+    """A geolocation as short as it stays clear: Concur's name for it (``us2``) when it is one
+    of the known base hosts, else its host (and port)."""
+    if not geolocation:
+        return "-"
+    base = geolocation.rstrip("/")
+    for name, known in GEOLOCATIONS.items():
+        if base == known:
+            return name
+    return base.partition("://")[2] or base
+
+
+def companies_table(companies: Iterable[Company], now_ms: int) -> Table:
+    """``notify companies list``: id, state, geolocation, connected, last refreshed; narrow
+    enough for 100 columns (``show`` and ``--json`` have the full values)."""
+    table = Table(header_style="bold", expand=False, box=None, pad_edge=False)
+    table.add_column("ID", no_wrap=True)
+    table.add_column("STATE", no_wrap=True)
+    table.add_column("GEOLOCATION", no_wrap=True, overflow="ellipsis", max_width=30)
+    table.add_column("CONNECTED", no_wrap=True)
+    table.add_column("LAST REFRESHED", no_wrap=True)
+    for company in companies:
+        table.add_row(
+            _company_name(company),
+            plain(company.state, style=COMPANY_STATE_STYLE.get(company.state, "")),
+            plain(geolocation_name(company.geolocation)),
+            plain(iso(company.connected_ms)[:10]),  # the day; `show` has the time
+            plain(relative(company.refreshed_ms, now_ms) or "-"),
+        )
+    return table
+
+
+def company_view(company: Company, now_ms: int) -> RenderableType:
+    """``notify companies show``: one company in full (never its token)."""
+    fields = _fields()
+    fields.add_row("company", _company_name(company))
+    fields.add_row("state", plain(company.state, style=COMPANY_STATE_STYLE.get(company.state, "")))
+    fields.add_row("reason", plain(company.reason or "-"))
+    fields.add_row("geolocation", plain(company.geolocation or "-"))
+    fields.add_row("connected", plain(when(company.connected_ms, now_ms)))
+    fields.add_row("last refreshed", plain(when(company.refreshed_ms, now_ms)))
+    fields.add_row("state changed", plain(when(company.state_ms, now_ms)))
+    fields.add_row("refresh token expires", plain(when(company.refresh_expires_ms, now_ms)))
+    parts: list[RenderableType] = [fields]
+    if company.state == "needs_reconnect":
+        hint = f"reconnect: notify companies connect {company.id} --request-token -"
+        parts += [Text(""), plain(hint, style="dim")]
+    return Group(*parts)
 
 
 def terminal_width() -> int:

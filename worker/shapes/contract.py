@@ -14,11 +14,18 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, RootModel
+from pydantic import BaseModel, ConfigDict, Field, RootModel, model_validator
 from pydantic.config import JsonDict
 from pydantic.json_schema import SkipJsonSchema
 
-from worker.shapes.models import MESSAGE_ID_PATTERN, PARTNER_PATTERN, schema_pattern
+from worker.shapes.models import (
+    COMPANY_ID_PATTERN,
+    DEFAULT_COMPANY,
+    MESSAGE_ID_PATTERN,
+    PARTNER_PATTERN,
+    CompanyState,
+    schema_pattern,
+)
 
 # Paging of the failed list: a page is at most MAX_PAGE_LIMIT dead letters.
 DEFAULT_PAGE_LIMIT = 50
@@ -185,3 +192,73 @@ class Ready(BaseModel):
 
     model_config = _answer
     status: Literal["ready"]
+
+
+# -- companies (issue 21) ------------------------------------------------------------------------
+
+# A company in a path or an answer: ``default`` (the settings' company) or a company UUID.
+COMPANY_NAME_PATTERN = f"^(?:{DEFAULT_COMPANY}|{COMPANY_ID_PATTERN.pattern})$"
+# The longest request or refresh token ``PUT /companies/{companyId}`` takes (Concur's are far
+# shorter); a bound, so a body is never an unbounded secret.
+MAX_COMPANY_TOKEN_LENGTH = 4096
+CompanyName = Annotated[str, Field(pattern=COMPANY_NAME_PATTERN)]
+
+
+class CompanyView(BaseModel):
+    """One company: ``default`` (from the settings) or one of the registry (never its token)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", title="Company")
+    id: CompanyName
+    state: CompanyState = Field(
+        description="connected; needs_reconnect (Concur refused its refresh token: connect it "
+        "again with a new request token); disconnected"
+    )
+    geolocation: str | None = Field(description="the base URL Concur named for the company")
+    connectedAt: Timestamp | None
+    refreshedAt: Timestamp | None = Field(description="when its refresh token last rotated")
+    stateChangedAt: Timestamp | None
+    refreshExpiresAt: Timestamp | None
+    reason: str | None = Field(description="why the state last changed")
+    fromSettings: bool = Field(
+        description="true for `default`, the company NOTIFY_API_TOKEN or NOTIFY_OAUTH_* define"
+    )
+
+
+class CompanyList(BaseModel):
+    """``GET /companies``: the default company first, then the registry's by id."""
+
+    model_config = _answer
+    companies: list[CompanyView]
+
+
+def _exactly_one_token(schema: JsonDict) -> None:
+    schema["oneOf"] = [{"required": ["requestToken"]}, {"required": ["refreshToken"]}]
+
+
+class ConnectCompany(BaseModel):
+    """``PUT /companies/{companyId}``'s body: what the company handed over, exactly one of the
+    two (a request, not an answer; kept here beside the answers it leads to)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", json_schema_extra=_exactly_one_token)
+    requestToken: str | SkipJsonSchema[None] = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_COMPANY_TOKEN_LENGTH,
+        description="the App Center's requestToken (or the Company Request Token tool's), valid "
+        "24 hours: exchanged with the password grant",
+        json_schema_extra=_no_default,
+    )
+    refreshToken: str | SkipJsonSchema[None] = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_COMPANY_TOKEN_LENGTH,
+        description="a refresh token Concur issued for the company: exchanged with the "
+        "refresh grant (it rotates; the new one is stored)",
+        json_schema_extra=_no_default,
+    )
+
+    @model_validator(mode="after")
+    def _one(self) -> ConnectCompany:
+        if (self.requestToken is None) == (self.refreshToken is None):
+            raise ValueError("give requestToken or refreshToken (exactly one)")
+        return self

@@ -13,7 +13,7 @@ import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -36,6 +36,17 @@ PARTNER_PATTERN = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 # command (ESC [2J clears the screen, ESC ] 8 hides a link), never part of an id. Written with
 # \u escapes, which Python, pydantic's regex engine and ECMA-262 all read alike.
 TEXT_ID_PATTERN = re.compile(r"[^\u0000-\u001f\u007f-\u009f]*")
+# Companies (issue 21): a Concur company is named by its company UUID in canonical lower-case
+# text, the only form accepted (it becomes part of Redis key names). The company the settings
+# define (NOTIFY_API_TOKEN or the NOTIFY_OAUTH_* set) is ``default``: messages that name no
+# company go to it; it is not a registry entry.
+DEFAULT_COMPANY = "default"
+COMPANY_ID_PATTERN = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+# A registry company's states: connected (its refresh token works), needs_reconnect (Concur
+# refused its refresh token: connect it again with a new request token), disconnected (an
+# operator removed it; its refresh token is deleted).
+CompanyState = Literal["connected", "needs_reconnect", "disconnected"]
+COMPANY_STATES: tuple[CompanyState, ...] = ("connected", "needs_reconnect", "disconnected")
 
 
 def schema_pattern(pattern: re.Pattern[str]) -> str:
@@ -118,6 +129,11 @@ def partner_of(request: Mapping[str, Any] | None) -> str:
     """The partner a stored or queued request belongs to (``default`` when it names none)."""
     value = request.get("partner") if request else None
     return value if isinstance(value, str) and is_partner_name(value) else DEFAULT_PARTNER
+
+
+def is_company_id(value: object) -> bool:
+    """Whether ``value`` is a company UUID in canonical lower-case text (the whole string)."""
+    return isinstance(value, str) and COMPANY_ID_PATTERN.fullmatch(value) is not None
 
 
 def is_message_id(value: object) -> bool:

@@ -31,6 +31,12 @@
 ``notify:oauth:{client}:cooldown`` string: set for a moment after a failed refresh, so the fleet
                                does not hammer a failing token endpoint
 
+``notify:companies``           set: the id (company UUID) of every company in the registry
+``notify:company:{id}``        hash: one registry company (``worker.store.companies``): its state,
+                               its refresh token (Fernet-sealed), its expiry (ms), geolocation,
+                               when it connected, last refreshed and changed state, and why
+``notify:company:{id}:lock``   string: the one-refresh-at-a-time lock of that company's token
+
 ``notify:workers``             sorted set: worker (``host:pid``) -> its last heartbeat (ms)
 ``notify:held:{worker}``       set: ids of the messages in tasks a worker has received (prefetched
                                or running) and not finished; taken over when the worker dies
@@ -59,6 +65,7 @@ BREAKER_WINDOW = f"{PREFIX}:breaker:window"
 HISTORY_OUTBOX = f"{PREFIX}:history:outbox"
 HISTORY_GROUP = "writers"
 HISTORY_LOCK = f"{PREFIX}:history:lock"
+COMPANIES = f"{PREFIX}:companies"
 
 
 def message(message_id: str) -> str:
@@ -99,3 +106,13 @@ def oauth_cooldown(client_id: str) -> str:
 def held(worker: str) -> str:
     """The ids of the messages one worker holds (prefetched or running)."""
     return f"{PREFIX}:held:{worker}"
+
+
+def company(company_id: str) -> str:
+    """One registry company's hash (``company_id`` checked by the caller: a company UUID)."""
+    return f"{PREFIX}:company:{company_id}"
+
+
+def company_lock(company_id: str) -> str:
+    """The lock under which one company's refresh token is used, rotated or replaced."""
+    return f"{PREFIX}:company:{company_id}:lock"
