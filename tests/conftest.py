@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from sandbox.concur import Sandbox
@@ -91,6 +92,11 @@ def pytest_configure(config: pytest.Config) -> None:
             # the session's workers would pause unrelated tests. tests/test_breaker.py turns it
             # on for workers of its own.
             "NOTIFY_BREAKER_ENABLED": "false",
+            # Every test's wrong keys come from 127.0.0.1 into one Redis: the failure limits
+            # (worker/front/guard.py) would block unrelated tests. Tests of the limits set
+            # their own, on processes of their own.
+            "NOTIFY_AUTH_FAILURES_PER_ADDRESS": "1000000",
+            "NOTIFY_AUTH_FAILURES_TOTAL": "10000000",
         }
     )
     from redis import Redis
@@ -128,6 +134,44 @@ def runtime() -> Any:
     from worker.runtime import get_runtime
 
     return get_runtime()
+
+
+class NotifyApi:
+    """``notify api`` in a subprocess (as operators run it) on a port of its own, logging to a
+    file; ``env`` on top of the test session's settings."""
+
+    def __init__(self, log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop)
+        notify = Path(sys.executable).with_name("notify")
+        self.process = subprocess.Popen(
+            [str(notify), "api", "--host", "127.0.0.1", "--port", str(self.port)],
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        wait_for(self.ready, timeout=30, what="notify api to answer")
+
+    def ready(self) -> bool:
+        """Whether it answers ``/readyz`` (raises if the process has exited)."""
+        if self.process.poll() is not None:
+            raise RuntimeError(f"notify api exited:\n{self.log_path.read_text(errors='replace')}")
+        try:
+            return bool(httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200)
+        except httpx.HTTPError:
+            return False
+
+    def log(self) -> str:
+        """What it has logged so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        """Stop it (SIGTERM, then SIGKILL after a grace)."""
+        stop_processes([self.process], grace_seconds=20)
+        self._log.close()
 
 
 def wait_for(

@@ -31,6 +31,13 @@
 ``notify:oauth:{client}:cooldown`` string: set for a moment after a failed refresh, so the fleet
                                does not hammer a failing token endpoint
 
+``notify:console:session:{id}`` hash: one logged-in console session (its CSRF token, operator
+                               fingerprint, when it started and was last used); expires when idle,
+                               deleted at logout
+``notify:auth:failures``       counter: failed key checks (console logins, API keys) in the current
+                               window, over every client address (expires with the window)
+``notify:auth:failures:{addr}`` counter: the same for one client address
+
 ``notify:workers``             sorted set: worker (``host:pid``) -> its last heartbeat (ms)
 ``notify:held:{worker}``       set: ids of the messages in tasks a worker has received (prefetched
                                or running) and not finished; taken over when the worker dies
@@ -59,6 +66,7 @@ BREAKER_WINDOW = f"{PREFIX}:breaker:window"
 HISTORY_OUTBOX = f"{PREFIX}:history:outbox"
 HISTORY_GROUP = "writers"
 HISTORY_LOCK = f"{PREFIX}:history:lock"
+AUTH_FAILURES = f"{PREFIX}:auth:failures"
 
 
 def message(message_id: str) -> str:
@@ -99,3 +107,13 @@ def oauth_cooldown(client_id: str) -> str:
 def held(worker: str) -> str:
     """The ids of the messages one worker holds (prefetched or running)."""
     return f"{PREFIX}:held:{worker}"
+
+
+def console_session(session_id: str) -> str:
+    """One logged-in console session."""
+    return f"{PREFIX}:console:session:{session_id}"
+
+
+def auth_failures(address: str) -> str:
+    """Failed key checks from one client address in the current window."""
+    return f"{AUTH_FAILURES}:{address}"
