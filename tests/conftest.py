@@ -8,12 +8,16 @@ subprocesses read the same settings.
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -272,4 +276,68 @@ def start_worker(worker_logs: Path) -> Iterator[Callable[..., WorkerProcess]]:
         worker.stop()
 
 
-__all__ = ["TEST_TOKEN", "WorkerProcess", "free_port", "wait_for"]
+class SentryRecorder:
+    """A loopback server in the place of Sentry: keeps every envelope the SDK posts."""
+
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []
+        recorder = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    raw = gzip.decompress(raw)
+                recorder.bodies.append(raw)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.dsn = f"http://public@127.0.0.1:{self.server.server_address[1]}/1"
+
+    def events(self) -> list[dict[str, Any]]:
+        """The error events among everything received (not sessions or client reports)."""
+        found = []
+        for body in list(self.bodies):
+            lines = body.split(b"\n")
+            index = 1  # line 0 is the envelope header
+            while index + 1 < len(lines) and lines[index]:
+                header = json.loads(lines[index])
+                payload = lines[index + 1]
+                if "length" in header:
+                    rest = b"\n".join(lines[index + 1 :])
+                    payload = rest[: header["length"]]
+                    index += 1 + payload.count(b"\n") + 1
+                else:
+                    index += 2
+                if header.get("type") == "event":
+                    found.append(json.loads(payload))
+        return found
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def sentry() -> Iterator[SentryRecorder]:
+    recorder = SentryRecorder()
+    yield recorder
+    recorder.stop()
+
+
+__all__ = [
+    "TEST_TOKEN",
+    "NotifyApi",
+    "SentryRecorder",
+    "WorkerProcess",
+    "free_port",
+    "wait_for",
+]

@@ -51,7 +51,9 @@ class FailureLimits:
 def client_address(request: Request) -> str:
     """The client's address as the limits count it (uvicorn has already applied a trusted
     proxy's ``X-Forwarded-For``: ``NOTIFY_SERVICE_TRUSTED_PROXIES``)."""
-    return request.client.host if request.client is not None else "unknown"
+    host = request.client.host if request.client is not None else ""
+    # An address is at most 45 characters (IPv6); anything else a proxy passed on is one name.
+    return host if 0 < len(host) <= 64 and host.isprintable() else "unknown"
 
 
 def blocks_after_failure(
