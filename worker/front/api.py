@@ -371,11 +371,11 @@ def _xml_response(
 class Service:
     """The endpoints, over one runtime and one policy."""
 
-    def __init__(self, policy: ServicePolicy, runtime: Runtime) -> None:
+    def __init__(self, policy: ServicePolicy, runtime: Runtime, limiter: FailureLimiter) -> None:
         self.policy = policy
         self.runtime = runtime
         self.intake = Intake(functools.partial(record, runtime=runtime))
-        self.limiter = FailureLimiter(runtime.redis, policy.failure_limits)
+        self.limiter = limiter
 
     # helpers
 
@@ -778,7 +778,10 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         # A partner or an operator waits for each answer: while Redis is away, a 503 after 2 s
         # (they may send again: submissions are idempotent), not a request held for 30.
         runtime = Runtime.from_settings(settings, redis_patience=ANSWERING)
-    service = Service(ServicePolicy.from_settings(settings), runtime)
+    policy = ServicePolicy.from_settings(settings)
+    # One per process: the API's key checks and the console's logins count and see the same.
+    limiter = FailureLimiter(runtime.redis, policy.failure_limits)
+    service = Service(policy, runtime, limiter)
     routes = [
         Route("/messages/{userId}/session", _handle(service.submit), methods=["POST"]),
         Route("/messages/{id}", _handle(service.message_status), methods=["GET"]),
@@ -791,7 +794,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         Route("/readyz", _handle(service.readyz), methods=["GET"]),
         Route("/metrics", _handle(service.metrics), methods=["GET"]),
         Route("/openapi.json", _handle(service.openapi), methods=["GET"]),
-        *console_routes(settings, runtime),  # /console: the dead-letter console
+        *console_routes(settings, runtime, limiter),  # /console: the dead-letter console
     ]
     app = Starlette(
         routes=routes,

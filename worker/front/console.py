@@ -49,7 +49,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.templating import Jinja2Templates
 
 from worker.front.bodies import BodyTooLarge, BodyTooSlow, read_body
-from worker.front.guard import FailureLimiter, FailureLimits, client_address
+from worker.front.guard import FailureLimiter, client_address
 from worker.front.sessions import LIFETIME_SECONDS, Session, SessionPolicy, Sessions
 from worker.front.stats import Stats, collect
 from worker.rules import outcomes
@@ -269,7 +269,7 @@ class TooManyFailures(Exception):
 class Console:
     """The console's endpoints over one runtime."""
 
-    def __init__(self, settings: Settings, runtime: Runtime) -> None:
+    def __init__(self, settings: Settings, runtime: Runtime, limiter: FailureLimiter) -> None:
         self.runtime = runtime
         self.keys = OperatorKeys(
             tuple(k.get_secret_value().encode() for k in settings.operator_keys)
@@ -279,7 +279,7 @@ class Console:
             self.keys.secret,
             SessionPolicy(idle_seconds=settings.console_idle_seconds),
         )
-        self.limiter = FailureLimiter(runtime.redis, FailureLimits.from_settings(settings))
+        self.limiter = limiter
         self.body_timeout_seconds = settings.service_body_timeout_seconds
         self.public_url = settings.service_public_url or ""
 
@@ -638,9 +638,12 @@ def _plain_page(request: Request, status: int, title: str, text: str) -> Respons
 TEMPLATES.env.filters["when"] = format_ms
 
 
-def console_routes(settings: Settings, runtime: Runtime) -> list[BaseRoute]:
-    """The console's routes, for the service's route list."""
-    console = Console(settings, runtime)
+def console_routes(
+    settings: Settings, runtime: Runtime, limiter: FailureLimiter
+) -> list[BaseRoute]:
+    """The console's routes, for the service's route list; ``limiter`` is the process's one
+    (the API's key checks count and see the same blocks)."""
+    console = Console(settings, runtime, limiter)
 
     def guarded(endpoint: Callable[[Request], Awaitable[Response]]) -> Any:
         return _guard(endpoint)
