@@ -155,6 +155,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         """A request starts: its head's deadline runs from here (unless it already does)."""
         super().on_message_begin()
+        if self._refused:
+            return
         if self._head_bytes is None:
             self._head_bytes = 0
         if self._deadline is None:
@@ -184,6 +186,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._disarm()
         self._head_bytes = 0
         super().on_message_complete()
+
+    def handle_websocket_upgrade(self) -> None:
+        """The connection leaves HTTP (and this protocol): no body deadline for it."""
+        self._disarm()
+        super().handle_websocket_upgrade()
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to a malformed request, unless this one was refused already."""
