@@ -220,6 +220,7 @@ def _answers(http: httpx.Client, runtime: Runtime) -> Iterator[Answer]:
     for path in ("/healthz", "/readyz", "/metrics", "/openapi.json"):
         yield "GET", path, http.get(path)
     yield "GET", "/metrics", http.get("/metrics", headers=WRONG_KEY)
+    yield "GET", "/metrics", http.get("/metrics", headers=PARTNER)
 
 
 def _raw_answer(url: str, head: bytes, body_start: bytes) -> httpx.Response:

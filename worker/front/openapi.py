@@ -309,6 +309,7 @@ OPERATIONS: tuple[Operation, ...] = (
         {
             200: Answer("Prometheus text exposition", {"type": "string"}, ("text/plain",)),
             **_UNAUTHORIZED,
+            403: _error("A partner key: the per-partner series are the operators'"),
             503: _error("Redis does not answer"),
         },
         security=(OPERATOR_KEY, NO_KEY),
