@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from tests.conftest import NotifyApi
+from worker.front.guard import FailureLimiter, FailureLimits
 from worker.store import keys
 
 PARTNER_KEY = "guess-partner-" + uuid.uuid4().hex
@@ -122,3 +123,31 @@ def test_twenty_parallel_wrong_logins_are_cut_off_at_the_limit(pair):
         )
     assert statuses.count(401) == PER_ADDRESS, statuses
     assert statuses.count(429) == 20 - PER_ADDRESS, statuses
+
+
+class Clock:
+    """A monotonic clock the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_process_remembers_a_block_until_its_window_ends_without_asking_redis(runtime: Any):
+    _clear_counters(runtime)
+    clock = Clock()
+    limiter = FailureLimiter(runtime.redis, FailureLimits(60, per_address=2, total=1000), clock)
+    address = "10.4.0.1"
+    assert limiter.record_failure(address) is None
+    assert limiter.record_failure(address) is None
+    blocked_for = limiter.record_failure(address)
+    assert blocked_for is not None and 0 < blocked_for <= 60
+    assert limiter.retry_after(address) == blocked_for
+    assert limiter.retry_after("10.4.0.2") is None  # another address is not blocked
+    clock.now += blocked_for - 1
+    assert limiter.retry_after(address) == pytest.approx(1)
+    clock.now += 1
+    assert limiter.retry_after(address) is None  # the window is over
+    _clear_counters(runtime)
