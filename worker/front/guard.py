@@ -16,6 +16,7 @@ keep negligible.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from starlette.requests import Request
 
 from worker.settings import Settings
 from worker.store import keys
+
+log = logging.getLogger(__name__)
 
 # The block that stands for "every address" in the process's memory of blocks.
 _EVERYONE = ""
@@ -120,7 +123,15 @@ class FailureLimiter:
         now = self.clock()
         self._blocked_until = {who: t for who, t in self._blocked_until.items() if t > now}
         for who, seconds in found.items():
-            self._blocked_until[address if who == "address" else who] = now + seconds
+            blocked = address if who == "address" else who
+            if blocked not in self._blocked_until:  # a block this process had not seen yet
+                log.warning(
+                    "too many wrong keys from %s: key checks answer 429 for %.0f s",
+                    blocked or "all addresses",
+                    seconds,
+                    extra={"address": blocked or None, "blocked_seconds": round(seconds)},
+                )
+            self._blocked_until[blocked] = now + seconds
         return max(found.values()) if found else None
 
 
