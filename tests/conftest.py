@@ -8,15 +8,20 @@ subprocesses read the same settings.
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from sandbox.concur import Sandbox
@@ -91,6 +96,11 @@ def pytest_configure(config: pytest.Config) -> None:
             # the session's workers would pause unrelated tests. tests/test_breaker.py turns it
             # on for workers of its own.
             "NOTIFY_BREAKER_ENABLED": "false",
+            # Every test's wrong keys come from 127.0.0.1 into one Redis: the failure limits
+            # (worker/front/guard.py) would block unrelated tests. Tests of the limits set
+            # their own, on processes of their own.
+            "NOTIFY_AUTH_FAILURES_PER_ADDRESS": "1000000",
+            "NOTIFY_AUTH_FAILURES_TOTAL": "10000000",
         }
     )
     from redis import Redis
@@ -128,6 +138,44 @@ def runtime() -> Any:
     from worker.runtime import get_runtime
 
     return get_runtime()
+
+
+class NotifyApi:
+    """``notify api`` in a subprocess (as operators run it) on a port of its own, logging to a
+    file; ``env`` on top of the test session's settings."""
+
+    def __init__(self, log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop)
+        notify = Path(sys.executable).with_name("notify")
+        self.process = subprocess.Popen(
+            [str(notify), "api", "--host", "127.0.0.1", "--port", str(self.port)],
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        wait_for(self.ready, timeout=30, what="notify api to answer")
+
+    def ready(self) -> bool:
+        """Whether it answers ``/readyz`` (raises if the process has exited)."""
+        if self.process.poll() is not None:
+            raise RuntimeError(f"notify api exited:\n{self.log_path.read_text(errors='replace')}")
+        try:
+            return bool(httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200)
+        except httpx.HTTPError:
+            return False
+
+    def log(self) -> str:
+        """What it has logged so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        """Stop it (SIGTERM, then SIGKILL after a grace)."""
+        stop_processes([self.process], grace_seconds=20)
+        self._log.close()
 
 
 def wait_for(
@@ -228,4 +276,68 @@ def start_worker(worker_logs: Path) -> Iterator[Callable[..., WorkerProcess]]:
         worker.stop()
 
 
-__all__ = ["TEST_TOKEN", "WorkerProcess", "free_port", "wait_for"]
+class SentryRecorder:
+    """A loopback server in the place of Sentry: keeps every envelope the SDK posts."""
+
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []
+        recorder = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    raw = gzip.decompress(raw)
+                recorder.bodies.append(raw)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.dsn = f"http://public@127.0.0.1:{self.server.server_address[1]}/1"
+
+    def events(self) -> list[dict[str, Any]]:
+        """The error events among everything received (not sessions or client reports)."""
+        found = []
+        for body in list(self.bodies):
+            lines = body.split(b"\n")
+            index = 1  # line 0 is the envelope header
+            while index + 1 < len(lines) and lines[index]:
+                header = json.loads(lines[index])
+                payload = lines[index + 1]
+                if "length" in header:
+                    rest = b"\n".join(lines[index + 1 :])
+                    payload = rest[: header["length"]]
+                    index += 1 + payload.count(b"\n") + 1
+                else:
+                    index += 2
+                if header.get("type") == "event":
+                    found.append(json.loads(payload))
+        return found
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def sentry() -> Iterator[SentryRecorder]:
+    recorder = SentryRecorder()
+    yield recorder
+    recorder.stop()
+
+
+__all__ = [
+    "TEST_TOKEN",
+    "NotifyApi",
+    "SentryRecorder",
+    "WorkerProcess",
+    "free_port",
+    "wait_for",
+]

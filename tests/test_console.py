@@ -7,10 +7,7 @@ filter, open a dead letter the real pipeline made, replay it and see it delivere
 from __future__ import annotations
 
 import html
-import os
 import re
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,8 +19,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
-from sandbox.processes import stop_processes
-from tests.conftest import ROOT, free_port, wait_for
+from tests.conftest import NotifyApi, wait_for
 from worker.runtime import Runtime
 from worker.shapes.models import message_id
 from worker.store.codec import Failure
@@ -44,44 +40,12 @@ PARTNER = {"Authorization": f"Bearer {PARTNER_KEY}"}
 CSRF = re.compile(r'name="csrf" value="([^"]+)"')
 
 
-class NotifyApi:
-    """``notify api`` in a subprocess (as operators run it), logging to a file."""
-
-    def __init__(self, log_path: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop)
-        notify = Path(sys.executable).with_name("notify")
-        self.process = subprocess.Popen(
-            [str(notify), "api", "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=ROOT,
-            env={
-                **os.environ,
-                "NOTIFY_GATEWAY_KEYS": f"acme:{PARTNER_KEY}",
-                "NOTIFY_OPERATOR_KEYS": OPERATOR_KEY,
-            },
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        wait_for(self.ready, timeout=30, what="notify api to answer")
-
-    def ready(self) -> bool:
-        if self.process.poll() is not None:
-            raise RuntimeError(f"notify api exited:\n{self.log_path.read_text(errors='replace')}")
-        try:
-            return httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def stop(self) -> None:
-        stop_processes([self.process], grace_seconds=20)
-        self._log.close()
-
-
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NotifyApi]:
-    service = NotifyApi(tmp_path_factory.mktemp("console") / "api.log")
+    service = NotifyApi(
+        tmp_path_factory.mktemp("console") / "api.log",
+        {"NOTIFY_GATEWAY_KEYS": f"acme:{PARTNER_KEY}", "NOTIFY_OPERATOR_KEYS": OPERATOR_KEY},
+    )
     yield service
     service.stop()
 

@@ -174,6 +174,10 @@ def test_procfile_runs_the_same_commands_as_the_start_scripts():
     for role, command in procfile.items():
         script = _exec_line(DOCKER / f"start-{role}")
         expected = shlex.split(command.replace("$PORT", "${PORT:-8000}"))
+        if role == "flower":
+            # notify flower listens on 127.0.0.1 unless told otherwise (the Procfile keeps that);
+            # in a container it must be reachable from the others and a published port.
+            expected[2:2] = ["--address", "${NOTIFY_FLOWER_ADDRESS:-0.0.0.0}"]
         assert script == expected, role
     assert procfile["worker"] == "celery -A worker worker --loglevel INFO"
 

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import gzip
 import io
 import json
 import logging
-import threading
 import uuid
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-import pytest
-
-from tests.conftest import TEST_TOKEN, wait_for
+from tests.conftest import TEST_TOKEN, SentryRecorder, wait_for
 from tests.isolated import Isolated, isolated
 from worker.ops.logs import JsonFormatter, RedactingFilter, add_secret, redact, settings_secrets
 from worker.ops.monitoring import scrub
@@ -163,63 +157,6 @@ def test_sentry_scrub_removes_headers_bodies_and_secret_values():
 
 
 # -- Sentry, end to end ----------------------------------------------------------------------
-
-
-class SentryRecorder:
-    """A loopback server in the place of Sentry: keeps every envelope the SDK posts."""
-
-    def __init__(self) -> None:
-        self.bodies: list[bytes] = []
-        recorder = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                if self.headers.get("Content-Encoding") == "gzip":
-                    raw = gzip.decompress(raw)
-                recorder.bodies.append(raw)
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.end_headers()
-                self.wfile.write(b"{}")
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-        self.dsn = f"http://public@127.0.0.1:{self.server.server_address[1]}/1"
-
-    def events(self) -> list[dict[str, Any]]:
-        """The error events among everything received (not sessions or client reports)."""
-        found = []
-        for body in list(self.bodies):
-            lines = body.split(b"\n")
-            index = 1  # line 0 is the envelope header
-            while index + 1 < len(lines) and lines[index]:
-                header = json.loads(lines[index])
-                payload = lines[index + 1]
-                if "length" in header:
-                    rest = b"\n".join(lines[index + 1 :])
-                    payload = rest[: header["length"]]
-                    index += 1 + payload.count(b"\n") + 1
-                else:
-                    index += 2
-                if header.get("type") == "event":
-                    found.append(json.loads(payload))
-        return found
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def sentry() -> Iterator[SentryRecorder]:
-    recorder = SentryRecorder()
-    yield recorder
-    recorder.stop()
 
 
 def _mentions(event: dict[str, Any], text: str) -> bool:

@@ -9,6 +9,8 @@ does not fit, so a green run means something.
 
 from __future__ import annotations
 
+import http.client
+import socket
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -42,6 +44,7 @@ from worker.shapes.models import MAX_ID_LENGTH, MESSAGE_ID_PATTERN, schema_patte
 NIL = f"{{{XSI_NAMESPACE}}}nil"
 XML_ACCEPT = {**OPERATOR, "Accept": "application/xml"}
 JSON_ACCEPT = {**OPERATOR, "Accept": "application/json"}
+WRONG_KEY = {"Authorization": "Bearer wrong-key-" + uuid.uuid4().hex}
 
 Answer = tuple[str, str, httpx.Response]  # (method, path template, the answer)
 
@@ -234,6 +237,48 @@ def _answers(http: httpx.Client, runtime: Runtime, concur: Sandbox) -> Iterator[
 
     for path in ("/healthz", "/readyz", "/metrics", "/openapi.json"):
         yield "GET", path, http.get(path)
+    yield "GET", "/metrics", http.get("/metrics", headers=WRONG_KEY)
+    yield "GET", "/metrics", http.get("/metrics", headers=PARTNER)
+
+
+def _raw_answer(url: str, head: bytes, body_start: bytes) -> httpx.Response:
+    """Send a request head and the start of its body, and read the answer (to a body that
+    never finishes)."""
+    host, _, port = url.removeprefix("http://").partition(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(head + body_start)
+        answer = http.client.HTTPResponse(sock)
+        answer.begin()
+        return httpx.Response(answer.status, headers=answer.getheaders(), content=answer.read())
+
+
+def _locked(locked: httpx.Client) -> Iterator[Answer]:
+    """A body too slow (408), then, once wrong keys passed the failure limit, every keyed
+    operation's 429 (the app allows one wrong key per address)."""
+    head = (
+        b"POST /messages/u-slow/session HTTP/1.1\r\nHost: x\r\n"
+        + f"Authorization: Bearer {PARTNER['Authorization'].split()[1]}\r\n".encode()
+        + b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    )
+    slow = _raw_answer(str(locked.base_url).rstrip("/"), head, b'{"')
+    yield "POST", "/messages/{userId}/session", slow
+    for _ in range(2):
+        locked.get("/metrics", headers=WRONG_KEY)
+    for method, template, path in (
+        ("POST", "/messages/{userId}/session", "/messages/u-1/session"),
+        ("GET", "/messages/{id}", "/messages/abc"),
+        ("GET", "/notifications", "/notifications?status=failed"),
+        ("POST", "/notifications/replay", "/notifications/replay"),
+        ("GET", "/notifications/{id}", "/notifications/abc"),
+        ("DELETE", "/notifications/{id}", "/notifications/abc"),
+        ("POST", "/notifications/{id}/replay", "/notifications/abc/replay"),
+        ("GET", "/metrics", "/metrics"),
+        ("GET", "/companies", "/companies"),
+        ("GET", "/companies/{companyId}", "/companies/default"),
+        ("PUT", "/companies/{companyId}", f"/companies/{uuid.uuid4()}"),
+        ("DELETE", "/companies/{companyId}", f"/companies/{uuid.uuid4()}"),
+    ):
+        yield method, template, locked.request(method, path, headers=WRONG_KEY)
 
 
 def _company_answers(http: httpx.Client, concur: Sandbox) -> Iterator[Answer]:
@@ -303,12 +348,15 @@ def _unavailable(down: httpx.Client) -> list[Answer]:
 @pytest.fixture(scope="module")
 def answers(served: ServerThread, runtime: Runtime, concur: Sandbox) -> list[Answer]:
     dead = _settings(redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    strict = _settings(auth_failures_per_address=1, service_body_timeout_seconds=0.5)
     with (
         ServerThread(create_app(dead)) as unavailable,  # its own runtime, patient for 2 s
+        ServerThread(create_app(strict, runtime)) as strict_server,
         httpx.Client(base_url=served.url, timeout=30) as http,
         httpx.Client(base_url=unavailable.url, timeout=60) as down,
+        httpx.Client(base_url=strict_server.url, timeout=30) as locked,
     ):
-        return [*_answers(http, runtime, concur), *_unavailable(down)]
+        return [*_answers(http, runtime, concur), *_unavailable(down), *_locked(locked)]
 
 
 def test_the_document_is_valid_openapi_and_every_schema_valid_json_schema(document):

@@ -206,9 +206,10 @@ def test_end_to_end_the_partner_is_never_sent_and_dead_letters_and_metrics_carry
     )
     assert "<Partner>beta</Partner>" in xml.text
 
+    # The per-partner series are the operators': scraped with an operator key.
     samples = {
         (sample.name, tuple(sorted(sample.labels.items())))
-        for family in text_string_to_metric_families(http.get("/metrics").text)
+        for family in text_string_to_metric_families(http.get("/metrics", headers=OPERATOR).text)
         for sample in family.samples
     }
     assert (

@@ -8,11 +8,19 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import math
 import re
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from worker.shapes.models import BARE_KEY_PARTNER, DEFAULT_PARTNER, is_partner_name
@@ -41,6 +49,10 @@ RATE_LIMIT_MAX_WAIT_SECONDS = 5.0
 CommaList = Annotated[list[str], NoDecode]
 SecretList = Annotated[list[SecretStr], NoDecode]
 MIN_KEY_LENGTH = 16
+# A key's strength, estimated as length x log2(distinct characters): 64 bits is what 16 random
+# hex digits give; a repeated or patterned key ("aaaa...", "abab...") falls far below.
+MIN_KEY_BITS = 64
+MIN_KEY_DISTINCT = 8
 _HOST_ENTRY = re.compile(r"(?:\*\.)?[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?(?::[0-9]{1,5})?")
 
 
@@ -145,6 +157,27 @@ class Settings(BaseSettings):
     service_port: int = Field(8000, ge=1, le=65535)
     service_max_body_bytes: int = Field(65536, ge=1024, le=16 * 1024 * 1024)
     service_public_url: str | None = None
+    # Slow and greedy clients (worker/front/httpserver.py), per `notify api` process: the request
+    # head must arrive within HEADER_TIMEOUT (from the connection, or from its first byte on a
+    # kept-alive one) and be at most MAX_HEADER_BYTES; the body within BODY_TIMEOUT once the
+    # head is in; an idle kept-alive connection closes after KEEP_ALIVE; beyond MAX_CONNECTIONS
+    # a new connection is answered 503 and closed.
+    service_header_timeout_seconds: float = Field(10.0, gt=0, le=300)
+    service_body_timeout_seconds: float = Field(30.0, gt=0, le=600)
+    service_keep_alive_seconds: int = Field(5, ge=1, le=300)
+    service_max_header_bytes: int = Field(16 * 1024, ge=1024, le=1024 * 1024)
+    service_max_connections: int = Field(512, ge=2, le=100_000)
+    # Proxies whose X-Forwarded-For / X-Forwarded-Proto are believed (uvicorn's
+    # forwarded_allow_ips): the client address the failure limits count, and https for cookies.
+    service_trusted_proxies: CommaList = ["127.0.0.1"]
+    # The console's sessions (worker/front/sessions.py): closed after this long unused.
+    console_idle_seconds: int = Field(1800, ge=10, le=8 * 3600)
+    # Failed key checks (console logins, API bearer keys) counted in Redis over a window, per
+    # client address and over all addresses; past either limit every key check answers 429
+    # until the window ends (worker/front/guard.py).
+    auth_failure_window_seconds: int = Field(300, ge=1, le=86_400)
+    auth_failures_per_address: int = Field(20, ge=1, le=1_000_000)
+    auth_failures_total: int = Field(500, ge=1, le=10_000_000)
 
     log_format: Literal["json", "text"] = "json"
     # Unset: the worker follows celery's --loglevel, the other services log INFO.
@@ -157,6 +190,9 @@ class Settings(BaseSettings):
     flower_basic_auth: SecretStr | None = None
     flower_cookie_secret: SecretStr | None = None
     flower_port: int = Field(5555, ge=1, le=65535)
+    # Flower speaks plain HTTP: this machine only unless opened on purpose (a container sets
+    # 0.0.0.0, its port published to the host's loopback).
+    flower_address: str = Field("127.0.0.1", min_length=1)
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -179,6 +215,7 @@ class Settings(BaseSettings):
         "allowed_templates",
         "allowed_url_domains",
         "oauth_extra_geolocation_hosts",
+        "service_trusted_proxies",
         mode="before",
     )
     @classmethod
@@ -200,7 +237,7 @@ class Settings(BaseSettings):
 
     @field_validator("gateway_keys", "operator_keys", mode="before")
     @classmethod
-    def _split_keys(cls, value: Any) -> Any:
+    def _split_keys(cls, value: Any, info: ValidationInfo) -> Any:
         if isinstance(value, str):
             value = [part.strip() for part in value.split(",") if part.strip()]
         for key in value if isinstance(value, list) else []:
@@ -212,6 +249,11 @@ class Settings(BaseSettings):
                     f"each key must be at least {MIN_KEY_LENGTH} printable ASCII characters, "
                     "no spaces"
                 )
+            # A gateway entry's name is not secret: only its key part counts.
+            secret = split_partner_key(text)[1] if info.field_name == "gateway_keys" else text
+            weak = key_weakness(secret)
+            if weak:
+                raise ValueError(weak)
         return value
 
     @field_validator("gateway_keys")
@@ -515,6 +557,27 @@ def split_partner_key(entry: str) -> tuple[str, str]:
     if len(key) < MIN_KEY_LENGTH:
         raise ValueError(f"the key of partner {name!r} is shorter than {MIN_KEY_LENGTH} characters")
     return name, key
+
+
+def key_bits(key: str) -> float:
+    """A key's strength estimate in bits: its length times log2 of its distinct characters.
+
+    An upper bound for a random key and far above the truth for a word; it catches what is
+    plainly not random (one character repeated, a short cycle), not every poor choice.
+    """
+    distinct = len(set(key))
+    return len(key) * math.log2(distinct) if distinct > 1 else 0.0
+
+
+def key_weakness(key: str) -> str | None:
+    """Why ``key`` is too weak to be a bearer secret, or None (the message never quotes it)."""
+    if len(set(key)) < MIN_KEY_DISTINCT or key_bits(key) < MIN_KEY_BITS:
+        return (
+            f"a key has too little entropy: it needs at least {MIN_KEY_DISTINCT} distinct "
+            f"characters and length x log2(distinct characters) >= {MIN_KEY_BITS}; make one "
+            "with `python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+        )
+    return None
 
 
 _URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^/@\s:]*):[^/@\s]*@")

@@ -8,21 +8,24 @@ the failed-notification endpoints for operators; an ASGI app on Starlette, serve
   the shape of Concur's "Get Notifications by Status" (JSON or XML by ``Accept``).
 * ``GET /companies``, ``GET|PUT|DELETE /companies/{companyId}``: the company registry for
   operators (``CompanyEndpoints``; connecting asks Concur through ``worker.concur.companies``).
-* ``/healthz``, ``/readyz``, ``/metrics`` (Prometheus; no key, like Flower's), ``/openapi.json``.
+* ``/healthz``, ``/readyz``, ``/metrics`` (Prometheus: fleet-wide counts without a key, and the
+  per-partner series only with an operator key), ``/openapi.json``.
 
 Every error is the seed's ``ErrorMessage``. Redis calls block, so they run off the event loop: the
 gateway's through the intake thread, in groups (``worker.intake.intake``), the others in the thread
 pool.
-Keys arrive only in the ``Authorization`` header, which no log line carries.
+Keys arrive only in the ``Authorization`` header, which no log line carries. A wrong key counts
+toward the failure limits (``worker.front.guard``): past them, key checks answer 429.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hmac
 import json
 import logging
-import time
+import math
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -45,7 +48,9 @@ from werkzeug.http import parse_accept_header
 
 from worker.concur import companies
 from worker.front import notifications
+from worker.front.bodies import BodyTooLarge, BodyTooSlow, read_body
 from worker.front.console import console_routes
+from worker.front.guard import FailureLimiter, FailureLimits, client_address
 from worker.front.openapi import openapi_document
 from worker.front.stats import PROMETHEUS_CONTENT_TYPE, collect, render_prometheus
 from worker.intake.intake import Intake
@@ -86,7 +91,7 @@ from worker.shapes.models import (
     is_partner_name,
 )
 from worker.shapes.times import int_or_none, iso_utc
-from worker.store.codec import StatusRecord
+from worker.store.codec import StatusRecord, now_ms
 from worker.store.companies import CompanyRegistry
 from worker.store.query import DeadLetterFilter, read_filter
 
@@ -99,6 +104,8 @@ NOT_FOUND = "NOT_FOUND"
 METHOD_NOT_ALLOWED = "METHOD_NOT_ALLOWED"
 NOT_ACCEPTABLE = "NOT_ACCEPTABLE"
 PAYLOAD_TOO_LARGE = "PAYLOAD_TOO_LARGE"
+REQUEST_TIMEOUT = "REQUEST_TIMEOUT"
+TOO_MANY_FAILURES = "TOO_MANY_FAILURES"
 UNSUPPORTED_MEDIA_TYPE = "UNSUPPORTED_MEDIA_TYPE"
 INVALID_HEADER = "INVALID_HEADER"
 INVALID_PARAMETER = "INVALID_PARAMETER"
@@ -161,7 +168,9 @@ class ServicePolicy:
     gateway_keys: tuple[tuple[bytes, str], ...]  # (key, partner name)
     operator_keys: tuple[bytes, ...]
     max_body_bytes: int
+    body_timeout_seconds: float
     public_url: str | None
+    failure_limits: FailureLimits
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ServicePolicy:
@@ -173,7 +182,9 @@ class ServicePolicy:
             ),
             operator_keys=tuple(k.get_secret_value().encode() for k in settings.operator_keys),
             max_body_bytes=settings.service_max_body_bytes,
+            body_timeout_seconds=settings.service_body_timeout_seconds,
             public_url=settings.service_public_url,
+            failure_limits=FailureLimits.from_settings(settings),
         )
 
 
@@ -233,6 +244,16 @@ def caller_of(given: bytes | None, policy: ServicePolicy) -> Caller:
     if given is not None and _any_matches(given, policy.operator_keys):
         roles.add(OPERATOR)
     return Caller(frozenset(roles), partner)
+
+
+def too_many_failures(retry_after: float) -> ApiError:
+    """The 429 of a client (or everyone) past the failure limits."""
+    return ApiError(
+        429,
+        TOO_MANY_FAILURES,
+        "too many wrong keys lately; try again later",
+        headers={"Retry-After": str(max(1, math.ceil(retry_after)))},
+    )
 
 
 def negotiate(accept: str | None) -> str | None:
@@ -350,10 +371,11 @@ def _xml_response(
 class Service:
     """The endpoints, over one runtime and one policy."""
 
-    def __init__(self, policy: ServicePolicy, runtime: Runtime) -> None:
+    def __init__(self, policy: ServicePolicy, runtime: Runtime, limiter: FailureLimiter) -> None:
         self.policy = policy
         self.runtime = runtime
         self.intake = Intake(functools.partial(record, runtime=runtime))
+        self.limiter = limiter
 
     # helpers
 
@@ -363,8 +385,25 @@ class Service:
         # URL the URIs are relative ("/notifications/<id>").
         return self.policy.public_url or ""
 
-    def _require(self, request: Request, role: str, *, also: str | None = None) -> Caller:
-        caller = caller_of(presented_key(request.headers.get("authorization")), self.policy)
+    async def _caller(self, request: Request) -> Caller:
+        # Who the request's key names. A blocked address (or everyone) is answered 429 before
+        # any key is compared; a wrong key is counted, and may start such a block.
+        given = presented_key(request.headers.get("authorization"))
+        if given is None:
+            return Caller(frozenset(), None)
+        address = client_address(request)
+        blocked = self.limiter.retry_after(address)
+        if blocked is not None:
+            raise too_many_failures(blocked)
+        caller = caller_of(given, self.policy)
+        if not caller.roles:
+            blocked = await run_in_threadpool(self.limiter.record_failure, address)
+            if blocked is not None:
+                raise too_many_failures(blocked)
+        return caller
+
+    async def _require(self, request: Request, role: str, *, also: str | None = None) -> Caller:
+        caller = await self._caller(request)
         roles = caller.roles
         if role in roles or (also is not None and also in roles):
             return caller
@@ -424,22 +463,24 @@ class Service:
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self.policy.max_body_bytes
-        too_large = ApiError(413, PAYLOAD_TOO_LARGE, f"the body is larger than {limit} bytes")
         declared = request.headers.get("content-length")
-        if declared is not None:
-            if not declared.strip().isdigit():
-                raise ApiError(400, INVALID_HEADER, "Content-Length is not a number")
-            if int(declared) > limit:
-                raise too_large
-        # The declared length may be absent (chunked) or wrong: count what actually arrives.
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise too_large
-            chunks.append(chunk)
-        return b"".join(chunks)
+        if declared is not None and not declared.strip().isdigit():
+            raise ApiError(400, INVALID_HEADER, "Content-Length is not a number")
+        try:
+            return await read_body(
+                request, limit=limit, deadline_seconds=self.policy.body_timeout_seconds
+            )
+        except BodyTooLarge:
+            raise ApiError(
+                413, PAYLOAD_TOO_LARGE, f"the body is larger than {limit} bytes"
+            ) from None
+        except BodyTooSlow:
+            raise ApiError(
+                408,
+                REQUEST_TIMEOUT,
+                f"the body did not arrive within {self.policy.body_timeout_seconds:g} s",
+                headers={"Connection": "close"},
+            ) from None
 
     def _format(self, request: Request) -> str:
         chosen = negotiate(request.headers.get("accept"))
@@ -490,7 +531,7 @@ class Service:
 
     async def submit(self, request: Request) -> Response:
         """``POST /messages/{userId}/session``: validate and queue a v4 request."""
-        caller = self._require(request, PARTNER)
+        caller = await self._require(request, PARTNER)
         self._check_json_content_type(request)
         raw = await self._read_body(request)
         try:
@@ -516,7 +557,7 @@ class Service:
 
     async def message_status(self, request: Request) -> Response:
         """``GET /messages/{id}``: the message's status and attempts."""
-        caller = self._require(request, PARTNER, also=OPERATOR)
+        caller = await self._require(request, PARTNER, also=OPERATOR)
         message_id = self._id(request)
         record = await run_in_threadpool(self.runtime.store.lookup, message_id)
         # Another partner's message is "no such message", exactly as an unknown id: a 403 would
@@ -536,7 +577,7 @@ class Service:
 
     async def list_notifications(self, request: Request) -> Response:
         """``GET /notifications?status=failed``: a page of dead letters, newest first."""
-        self._require(request, OPERATOR)
+        await self._require(request, OPERATOR)
         fmt = self._format(request)
         self._status_param(request, required=True)
         selection = self._filter(request)
@@ -562,7 +603,7 @@ class Service:
 
     async def show_notification(self, request: Request) -> Response:
         """``GET /notifications/{id}``: one failed notification."""
-        self._require(request, OPERATOR)
+        await self._require(request, OPERATOR)
         fmt = self._format(request)
         letter_id = self._id(request)
         letter = await run_in_threadpool(self.runtime.deadletters.get, letter_id)
@@ -577,7 +618,7 @@ class Service:
 
     async def delete_notification(self, request: Request) -> Response:
         """``DELETE /notifications/{id}``: remove one failed notification (204)."""
-        self._require(request, OPERATOR)
+        await self._require(request, OPERATOR)
         letter_id = self._id(request)
         if not await run_in_threadpool(self.runtime.deadletters.delete, letter_id):
             raise ApiError(404, NOT_FOUND, "no such failed notification")
@@ -585,7 +626,7 @@ class Service:
 
     async def replay_notification(self, request: Request) -> Response:
         """``POST /notifications/{id}/replay``: send it back through the pipeline (202)."""
-        self._require(request, OPERATOR)
+        await self._require(request, OPERATOR)
         letter_id = self._id(request)
         envelope = await run_in_threadpool(self.runtime.deadletters.replay, letter_id)
         if envelope is None:
@@ -603,7 +644,7 @@ class Service:
         paces the redrive (replays a second); it then runs after the answer (202 with the ids
         selected), in this process: one that stops midway leaves the rest as dead letters.
         """
-        self._require(request, OPERATOR)
+        await self._require(request, OPERATOR)
         self._status_param(request, required=False)
         selection = self._filter(request)
         store = self.runtime.deadletters
@@ -648,8 +689,17 @@ class Service:
         return model_response(Ready(status="ready"))
 
     async def metrics(self, request: Request) -> Response:
-        """``GET /metrics``: the operators' counts in the Prometheus text format."""
+        """``GET /metrics``: the operators' counts in the Prometheus text format.
+
+        Without a key, the fleet-wide counts only: partner names and volumes are for operators,
+        so the per-partner series need an operator key (a wrong key is a 401, as anywhere).
+        """
+        with_partners = request.headers.get("authorization") is not None
+        if with_partners:
+            await self._require(request, OPERATOR)
         snapshot = await run_in_threadpool(collect, self.runtime)
+        if not with_partners:
+            snapshot = dataclasses.replace(snapshot, partners={})
         return Response(render_prometheus(snapshot), media_type=PROMETHEUS_CONTENT_TYPE)
 
     async def openapi(self, request: Request) -> Response:
@@ -702,7 +752,7 @@ class CompanyEndpoints:
 
     async def list_companies(self, request: Request) -> Response:
         """``GET /companies``: every company, the default one first."""
-        self.service._require(request, OPERATOR)
+        await self.service._require(request, OPERATOR)
         listed = await run_in_threadpool(companies.listing, self.settings, self.registry)
         return model_response(
             CompanyList(companies=[CompanyView.model_validate(each.to_dict()) for each in listed])
@@ -710,7 +760,7 @@ class CompanyEndpoints:
 
     async def show_company(self, request: Request) -> Response:
         """``GET /companies/{companyId}``: one company."""
-        self.service._require(request, OPERATOR)
+        await self.service._require(request, OPERATOR)
         company_id = self._company_id(request, default_allowed=True)
         found = await run_in_threadpool(companies.find, self.settings, self.registry, company_id)
         if found is None:
@@ -720,7 +770,7 @@ class CompanyEndpoints:
     async def connect_company(self, request: Request) -> Response:
         """``PUT /companies/{companyId}``: connect (or reconnect) a company with a request
         token or a refresh token; Concur refusing it is a 502 and stores nothing."""
-        self.service._require(request, OPERATOR)
+        await self.service._require(request, OPERATOR)
         company_id = self._company_id(request, default_allowed=False)
         self.service._check_json_content_type(request)
         raw = await self.service._read_body(request)
@@ -765,17 +815,13 @@ class CompanyEndpoints:
 
     async def disconnect_company(self, request: Request) -> Response:
         """``DELETE /companies/{companyId}``: disconnect a company (its refresh token deleted)."""
-        self.service._require(request, OPERATOR)
+        await self.service._require(request, OPERATOR)
         company_id = self._company_id(request, default_allowed=False)
-        gone = await run_in_threadpool(self.registry.disconnect, company_id, _now_ms())
+        gone = await run_in_threadpool(self.registry.disconnect, company_id, now_ms())
         if gone is None:
             raise ApiError(404, NOT_FOUND, "no such company")
         log.info("company %s disconnected", company_id, extra={"company": company_id})
         return model_response(CompanyView.model_validate(gone.to_dict()))
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def company_routes(service: Service, settings: Settings) -> list[Route]:
@@ -830,7 +876,10 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         # A partner or an operator waits for each answer: while Redis is away, a 503 after 2 s
         # (they may send again: submissions are idempotent), not a request held for 30.
         runtime = Runtime.from_settings(settings, redis_patience=ANSWERING)
-    service = Service(ServicePolicy.from_settings(settings), runtime)
+    policy = ServicePolicy.from_settings(settings)
+    # One per process: the API's key checks and the console's logins count and see the same.
+    limiter = FailureLimiter(runtime.redis, policy.failure_limits)
+    service = Service(policy, runtime, limiter)
     routes = [
         Route("/messages/{userId}/session", _handle(service.submit), methods=["POST"]),
         Route("/messages/{id}", _handle(service.message_status), methods=["GET"]),
@@ -844,7 +893,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         Route("/metrics", _handle(service.metrics), methods=["GET"]),
         Route("/openapi.json", _handle(service.openapi), methods=["GET"]),
         *company_routes(service, settings),  # /companies: the company registry (issue 21)
-        *console_routes(settings, runtime),  # /console: the dead-letter console
+        *console_routes(settings, runtime, limiter),  # /console: the dead-letter console
     ]
     app = Starlette(
         routes=routes,

@@ -675,6 +675,7 @@ def api(host: str | None, port: int | None, workers: int) -> None:
     for name, keys in (("GATEWAY", settings.gateway_keys), ("OPERATOR", settings.operator_keys)):
         if not keys:
             click.echo(f"warning: NOTIFY_{name}_KEYS is empty: its endpoints answer 401", err=True)
+    from worker.front.httpserver import uvicorn_options
     from worker.ops.logs import configure_from_settings
     from worker.ops.monitoring import init_sentry
 
@@ -692,11 +693,14 @@ def api(host: str | None, port: int | None, workers: int) -> None:
         # uvicorn's own handlers would bypass our JSON format and redaction; its loggers
         # propagate to the root handler configure_from_settings installed.
         log_config=None,
+        # Deadlines, a head size bound and a connection cap against slow clients, and the
+        # proxies trusted for X-Forwarded-* (worker/front/httpserver.py).
+        **uvicorn_options(settings),
     )
 
 
 def flower_command(
-    port: int, address: str | None, log_level: str = "info"
+    port: int, address: str, log_level: str = "info"
 ) -> tuple[list[str], dict[str, str]]:
     """The argv and environment that run Flower for this app, with auth from the settings.
 
@@ -718,8 +722,7 @@ def flower_command(
     if settings.flower_cookie_secret is not None:
         env["FLOWER_COOKIE_SECRET"] = settings.flower_cookie_secret.get_secret_value()
     argv = [sys.executable, "-m", "celery", "-A", "worker", "flower", f"--port={port}"]
-    if address is not None:
-        argv.append(f"--address={address}")
+    argv.append(f"--address={address}")
     # Scaled-down workers would otherwise be listed as offline forever.
     argv.append("--purge_offline_workers=300")
     argv.append(f"--logging={log_level}")
@@ -728,7 +731,11 @@ def flower_command(
 
 @main.command()
 @click.option("--port", type=click.IntRange(1, 65535), default=None, help="[NOTIFY_FLOWER_PORT]")
-@click.option("--address", default=None, help="interface to listen on (default: all)")
+@click.option(
+    "--address",
+    default=None,
+    help="interface to listen on [NOTIFY_FLOWER_ADDRESS; default 127.0.0.1: this machine only]",
+)
 @click.option(
     "--wait-for-worker",
     "wait_seconds",
@@ -754,7 +761,10 @@ def flower(port: int | None, address: str | None, wait_seconds: float, log_level
 
     from worker.settings import get_settings
 
-    argv, env = flower_command(port or get_settings().flower_port, address, log_level)
+    settings = get_settings()
+    argv, env = flower_command(
+        port or settings.flower_port, address or settings.flower_address, log_level
+    )
     if wait_seconds > 0:
         from worker import app as celery_app
         from worker.front.flowerstart import wait_for_worker

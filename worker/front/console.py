@@ -9,13 +9,17 @@ script), mounted by ``worker.front.api.create_app``.
 Security:
 
 * Login takes an operator key (``NOTIFY_OPERATOR_KEYS``) in a form; the key is never stored, not
-  even in the cookie. The session is a cookie (``HttpOnly``, ``SameSite=Strict``, ``Path=/console``,
-  ``Secure`` over https) holding a small JSON payload signed with HMAC-SHA256. The signing key is
-  derived from the operator keys, so every ``notify api`` process accepts the same sessions, and
-  changing the keys ends every session. A session lasts ``SESSION_SECONDS``.
+  even in the cookie. Sessions are kept in Redis (``worker.front.sessions``): the cookie
+  (``HttpOnly``, ``SameSite=Strict``, ``Path=/console``, ``Secure`` over https) holds only a
+  session id signed by itsdangerous, with a key derived from the operator keys, so every
+  ``notify api`` process accepts the same sessions, and changing the keys ends every session.
+  Logging out deletes the session; one unused for ``NOTIFY_CONSOLE_IDLE_SECONDS`` is over, and
+  none outlives ``sessions.LIFETIME_SECONDS``.
 * Every POST (login included: the cookie carries a token from the login page on) must carry the
-  session's CSRF token in its form; a wrong or missing token is a 403. Logging in issues a new
-  token (no fixation).
+  session's CSRF token in its form; a wrong or missing token is a 403 (compared as bytes, so any
+  text is just wrong). Logging in starts a new session with a new token (no fixation).
+* Wrong keys count toward the failure limits (``worker.front.guard``), per client address and
+  over all; past them a login answers 429 without looking at the key.
 * Pages are ``Cache-Control: no-store`` with a strict Content-Security-Policy (no script at all,
   forms only to this origin, no framing).
 """
@@ -23,14 +27,12 @@ Security:
 from __future__ import annotations
 
 import asyncio
-import base64
 import functools
-import hashlib
 import hmac
 import json
 import logging
+import math
 import secrets
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +48,9 @@ from starlette.routing import BaseRoute, Route
 from starlette.templating import Jinja2Templates
 
 from worker.concur.companies import listing
+from worker.front.bodies import BodyTooLarge, BodyTooSlow, read_body
+from worker.front.guard import FailureLimiter, client_address
+from worker.front.sessions import LIFETIME_SECONDS, Session, SessionPolicy, Sessions
 from worker.front.stats import Stats, collect
 from worker.rules import outcomes
 from worker.runtime import Runtime
@@ -60,7 +65,6 @@ log = logging.getLogger(__name__)
 
 PREFIX = "/console"
 COOKIE = "notify_console"
-SESSION_SECONDS = 8 * 3600
 MAX_FORM_BYTES = 16 * 1024
 PAGE_SIZES = (25, 50, 100)
 DEFAULT_PAGE_SIZE = 25
@@ -181,19 +185,11 @@ def safe_next(value: str | None) -> str:
     return PREFIX
 
 
-# -- sessions ------------------------------------------------------------------------------------
+# -- operator keys -------------------------------------------------------------------------------
 
 
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-class Sessions:
-    """Signed session cookies: ``<payload>.<signature>``, both base64url."""
+class OperatorKeys:
+    """The operator keys: which one a login presents, and the console's cookie secret."""
 
     def __init__(self, operator_keys: tuple[bytes, ...]) -> None:
         self.operator_keys = operator_keys
@@ -214,40 +210,14 @@ class Sessions:
             matched |= hmac.compare_digest(key, candidate)
         return self.fingerprint(key) if matched and key else None
 
-    def encode(self, payload: dict[str, Any]) -> str:
-        """Sign a payload."""
-        body = _b64(json.dumps(payload, separators=(",", ":"), sort_keys=True).encode())
-        signature = hmac.new(self.secret, body.encode("ascii"), hashlib.sha256).digest()
-        return f"{body}.{_b64(signature)}"
 
-    def decode(self, cookie: str | None, now: float | None = None) -> dict[str, Any] | None:
-        """The payload of a cookie this service signed and that has not expired, else None."""
-        if not cookie or len(cookie) > 4096 or not cookie.isascii():
-            return None
-        body, _, signature = cookie.partition(".")
-        expected = hmac.new(self.secret, body.encode("ascii"), hashlib.sha256).digest()
-        try:
-            if not hmac.compare_digest(_unb64(signature), expected):
-                return None
-            payload = json.loads(_unb64(body))
-        except ValueError:
-            return None
-        if not isinstance(payload, dict) or not isinstance(payload.get("csrf"), str):
-            return None
-        expires = payload.get("exp")
-        if not isinstance(expires, int) or expires < (now if now is not None else time.time()):
-            return None
-        return payload
-
-    def fresh(self, operator: str | None = None) -> dict[str, Any]:
-        """A new payload: a new CSRF token, and the operator once logged in."""
-        payload: dict[str, Any] = {
-            "csrf": secrets.token_urlsafe(32),
-            "exp": int(time.time()) + SESSION_SECONDS,
-        }
-        if operator:
-            payload["op"] = operator
-        return payload
+def csrf_matches(session: Session | None, given: str) -> bool:
+    """Whether a form's CSRF token is the session's; any text (non-ASCII included) is just
+    wrong, never an error (``hmac.compare_digest`` takes ASCII ``str`` only, so bytes)."""
+    if session is None or not given:
+        return False
+    expected = session.csrf.encode("utf-8")
+    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected)
 
 
 # -- the pages -----------------------------------------------------------------------------------
@@ -261,14 +231,33 @@ class CsrfRefused(Exception):
     """A POST without the session's CSRF token."""
 
 
+class FormTooSlow(Exception):
+    """A form's body did not arrive in time (or the client left)."""
+
+
+class TooManyFailures(Exception):
+    """Too many wrong keys from this address (or from everyone) lately."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(retry_after)
+        self.retry_after = retry_after
+
+
 class Console:
     """The console's endpoints over one runtime."""
 
-    def __init__(self, settings: Settings, runtime: Runtime) -> None:
+    def __init__(self, settings: Settings, runtime: Runtime, limiter: FailureLimiter) -> None:
         self.runtime = runtime
-        self.sessions = Sessions(
+        self.keys = OperatorKeys(
             tuple(k.get_secret_value().encode() for k in settings.operator_keys)
         )
+        self.sessions = Sessions(
+            runtime.redis,
+            self.keys.secret,
+            SessionPolicy(idle_seconds=settings.console_idle_seconds),
+        )
+        self.limiter = limiter
+        self.body_timeout_seconds = settings.service_body_timeout_seconds
         self.public_url = settings.service_public_url or ""
 
     # helpers
@@ -276,34 +265,37 @@ class Console:
     def _secure(self, request: Request) -> bool:
         return request.url.scheme == "https" or self.public_url.startswith("https://")
 
-    def _set_session(self, request: Request, response: Response, payload: dict[str, Any]) -> None:
+    def _set_session(self, request: Request, response: Response, session: Session) -> None:
         response.set_cookie(
             COOKIE,
-            self.sessions.encode(payload),
-            max_age=SESSION_SECONDS,
+            self.sessions.cookie(session),
+            max_age=LIFETIME_SECONDS,
             path=PREFIX,
             secure=self._secure(request),
             httponly=True,
             samesite="strict",
         )
 
-    def _session(self, request: Request) -> dict[str, Any] | None:
-        return self.sessions.decode(request.cookies.get(COOKIE))
+    async def _session(self, request: Request) -> Session | None:
+        return await run_in_threadpool(self.sessions.read, request.cookies.get(COOKIE))
 
-    def _operator(self, request: Request) -> dict[str, Any]:
-        session = self._session(request)
-        if session is None or not isinstance(session.get("op"), str):
+    async def _operator(self, request: Request) -> Session:
+        session = await self._session(request)
+        if session is None or not session.logged_in:
             raise Unauthenticated
         return session
 
-    @staticmethod
-    async def _form(request: Request) -> dict[str, str]:
-        # application/x-www-form-urlencoded, parsed here (no multipart parser needed).
-        body = b""
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_FORM_BYTES:
-                return {}
+    async def _form(self, request: Request) -> dict[str, str]:
+        # application/x-www-form-urlencoded, parsed here (no multipart parser needed). Too
+        # large or not decodable: no fields (so no CSRF token: 403).
+        try:
+            body = await read_body(
+                request, limit=MAX_FORM_BYTES, deadline_seconds=self.body_timeout_seconds
+            )
+        except BodyTooLarge:
+            return {}
+        except BodyTooSlow:
+            raise FormTooSlow from None
         try:
             fields = parse_qs(body.decode("utf-8"), max_num_fields=20)
         except (UnicodeDecodeError, ValueError):
@@ -311,9 +303,8 @@ class Console:
         return {name: values[0] for name, values in fields.items()}
 
     @staticmethod
-    def _check_csrf(session: dict[str, Any] | None, form: dict[str, str]) -> None:
-        given = form.get("csrf", "")
-        if session is None or not given or not hmac.compare_digest(given, session["csrf"]):
+    def _check_csrf(session: Session | None, form: dict[str, str]) -> None:
+        if not csrf_matches(session, form.get("csrf", "")):
             raise CsrfRefused
 
     def _page(
@@ -322,12 +313,12 @@ class Console:
         name: str,
         context: dict[str, Any],
         status: int = 200,
-        session: dict[str, Any] | None = None,
+        session: Session | None = None,
     ) -> Response:
         context = {
             "prefix": PREFIX,
             "session": session,
-            "csrf": (session or {}).get("csrf"),
+            "csrf": session.csrf if session is not None else None,
             **context,
         }
         response = TEMPLATES.TemplateResponse(request, name, context, status_code=status)
@@ -365,7 +356,7 @@ class Console:
 
     async def index(self, request: Request) -> Response:
         """``GET /console``: the summary and a page of dead letters."""
-        session = self._operator(request)
+        session = await self._operator(request)
         query, selection, problems = read_query(request.query_params)
         store = self.runtime.deadletters
         stats = await run_in_threadpool(
@@ -392,7 +383,7 @@ class Console:
 
     async def message(self, request: Request) -> Response:
         """``GET /console/messages/{id}``: a dead letter (or, once replayed, its message)."""
-        session = self._operator(request)
+        session = await self._operator(request)
         message_id = self._id(request)
         if message_id is None:
             return self._not_found(request, session)
@@ -430,7 +421,7 @@ class Console:
         record = self.runtime.store.lookup(message_id)
         return self.runtime.deadletters.get(message_id), record
 
-    def _not_found(self, request: Request, session: dict[str, Any]) -> Response:
+    def _not_found(self, request: Request, session: Session) -> Response:
         return self._page(
             request,
             "error.html",
@@ -441,7 +432,7 @@ class Console:
 
     async def confirm(self, request: Request) -> Response:
         """``GET /console/messages/{id}/replay|delete``: the confirmation step."""
-        session = self._operator(request)
+        session = await self._operator(request)
         action = str(request.path_params["action"])
         message_id = self._id(request)
         letter = None
@@ -455,7 +446,7 @@ class Console:
 
     async def act(self, request: Request) -> Response:
         """``POST /console/messages/{id}/replay|delete``: do it (CSRF token required)."""
-        session = self._operator(request)
+        session = await self._operator(request)
         self._check_csrf(session, await self._form(request))
         action = str(request.path_params["action"])
         message_id = self._id(request)
@@ -470,10 +461,10 @@ class Console:
             return self._not_found(request, session)
         log.info(
             "console: operator %s: %s %s",
-            session["op"],
+            session.operator,
             action,
             message_id,
-            extra={"operator": session["op"], "message_id": message_id, "action": action},
+            extra={"operator": session.operator, "message_id": message_id, "action": action},
         )
         if action == "replay":
             target = f"{PREFIX}/messages/{message_id}?done=replayed"
@@ -483,10 +474,10 @@ class Console:
 
     async def login_form(self, request: Request) -> Response:
         """``GET /console/login``: the form; sets a pre-login cookie holding its CSRF token."""
-        session = self._session(request)
-        if session is not None and session.get("op"):
+        session = await self._session(request)
+        if session is not None and session.logged_in:
             return RedirectResponse(safe_next(request.query_params.get("next")), 303)
-        session = session or self.sessions.fresh()
+        session = session or self.sessions.anonymous()
         response = self._page(
             request,
             "login.html",
@@ -498,14 +489,21 @@ class Console:
 
     async def login(self, request: Request) -> Response:
         """``POST /console/login``: an operator key for a session."""
-        session = self._session(request)
+        session = await self._session(request)
         form = await self._form(request)
         self._check_csrf(session, form)
         target = safe_next(form.get("next"))
+        address = client_address(request)
+        blocked = self.limiter.retry_after(address)
+        if blocked is not None:
+            raise TooManyFailures(blocked)
         key = form.get("key", "").strip().encode("utf-8", "surrogateescape")
-        operator = self.sessions.operator_of(key)
+        operator = self.keys.operator_of(key)
         if operator is None:
             log.warning("console: login refused (not an operator key)")
+            blocked = await run_in_threadpool(self.limiter.record_failure, address)
+            if blocked is not None:
+                raise TooManyFailures(blocked)
             await asyncio.sleep(LOGIN_FAILURE_DELAY_SECONDS)
             return self._page(
                 request,
@@ -516,13 +514,16 @@ class Console:
             )
         log.info("console: operator %s logged in", operator, extra={"operator": operator})
         response = RedirectResponse(target, 303, headers=_HEADERS)
-        self._set_session(request, response, self.sessions.fresh(operator))
+        self._set_session(request, response, await run_in_threadpool(self.sessions.start, operator))
         return response
 
     async def logout(self, request: Request) -> Response:
         """``POST /console/logout``: end the session (CSRF token required)."""
-        session = self._session(request)
+        session = await self._session(request)
         self._check_csrf(session, await self._form(request))
+        if session is not None:
+            # The session ends here, in Redis: its cookie, replayed, opens nothing.
+            await run_in_threadpool(self.sessions.end, session)
         response = RedirectResponse(f"{PREFIX}/login", 303, headers=_HEADERS)
         response.delete_cookie(
             COOKIE, path=PREFIX, secure=self._secure(request), httponly=True, samesite="strict"
@@ -565,6 +566,22 @@ def _guard(
                 "Form expired",
                 "This form's security token is missing or wrong. Reload the page and try again.",
             )
+        except FormTooSlow:
+            response = _plain_page(
+                request, 408, "Too slow", "The form did not arrive in time; try again."
+            )
+            response.headers["Connection"] = "close"
+            return response
+        except TooManyFailures as error:
+            log.warning("console: login refused: too many wrong keys lately")
+            response = _plain_page(
+                request,
+                429,
+                "Too many attempts",
+                "Too many wrong keys lately; wait a while and try again.",
+            )
+            response.headers["Retry-After"] = str(max(1, math.ceil(error.retry_after)))
+            return response
         except (RedisConnectionError, RedisTimeoutError) as error:
             log.warning("console 503: Redis is unavailable (%s)", type(error).__name__)
             return _plain_page(request, 503, "Unavailable", "Redis does not answer; try again.")
@@ -593,7 +610,7 @@ def companies_page(
     registry = CompanyRegistry.from_settings(console.runtime.redis, settings)
 
     async def companies(request: Request) -> Response:
-        session = console._operator(request)
+        session = await console._operator(request)
         listed = await run_in_threadpool(listing, settings, registry)
         counts = count_states([each.state for each in listed if not each.from_settings])
         return console._page(
@@ -603,9 +620,12 @@ def companies_page(
     return companies
 
 
-def console_routes(settings: Settings, runtime: Runtime) -> list[BaseRoute]:
-    """The console's routes, for the service's route list."""
-    console = Console(settings, runtime)
+def console_routes(
+    settings: Settings, runtime: Runtime, limiter: FailureLimiter
+) -> list[BaseRoute]:
+    """The console's routes, for the service's route list; ``limiter`` is the process's one
+    (the API's key checks count and see the same blocks)."""
+    console = Console(settings, runtime, limiter)
 
     def guarded(endpoint: Callable[[Request], Awaitable[Response]]) -> Any:
         return _guard(endpoint)

@@ -37,6 +37,7 @@ XML = "application/xml"
 SCHEMA_REF = "#/components/schemas/{model}"
 PARTNER_KEY = "partnerKey"
 OPERATOR_KEY = "operatorKey"
+NO_KEY = ""  # in an operation's security: the key may be left out
 
 Schema = dict[str, Any]
 
@@ -165,7 +166,12 @@ _UNAUTHORIZED = {
     401: _error(
         "No key, or a key that is not valid",
         {"WWW-Authenticate": {"required": True, "schema": {"type": "string"}}},
-    )
+    ),
+    429: _error(
+        "Too many wrong keys from this address (or from everyone) lately: no key is checked "
+        "until Retry-After has passed",
+        {"Retry-After": {"required": True, "schema": {"type": "integer"}}},
+    ),
 }
 _FORBIDDEN = {403: _error("The key is valid but lacks the role this endpoint needs")}
 _UNAVAILABLE = {503: _error("Redis or the broker is unavailable")}
@@ -197,6 +203,7 @@ OPERATIONS: tuple[Operation, ...] = (
                 "Queued (or already queued: duplicate is true)", contract.Queued, headers=_LOCATION
             ),
             400: _error("Invalid JSON, schema violation, or not allowed"),
+            408: _error("The body did not arrive within NOTIFY_SERVICE_BODY_TIMEOUT_SECONDS"),
             413: _error("Body over NOTIFY_SERVICE_MAX_BODY_BYTES"),
             415: _error("Content-Type is not application/json"),
             **_UNAUTHORIZED,
@@ -371,11 +378,14 @@ OPERATIONS: tuple[Operation, ...] = (
         "get",
         "/metrics",
         "metrics",
-        "Operators' counts in the Prometheus text format",
+        "Operators' counts in the Prometheus text format (per partner with an operator key)",
         {
             200: Answer("Prometheus text exposition", {"type": "string"}, ("text/plain",)),
+            **_UNAUTHORIZED,
+            403: _error("A partner key: the per-partner series are the operators'"),
             503: _error("Redis does not answer"),
         },
+        security=(OPERATOR_KEY, NO_KEY),
     ),
     Operation(
         "get",
@@ -476,7 +486,8 @@ def _operation(operation: Operation) -> Schema:
     entry: Schema = {
         "operationId": operation.operation_id,
         "summary": operation.summary,
-        "security": [{name: []} for name in operation.security],
+        # NO_KEY: the key is optional (OpenAPI's empty requirement).
+        "security": [{name: []} if name != NO_KEY else {} for name in operation.security],
     }
     if operation.params:
         entry["parameters"] = list(operation.params)

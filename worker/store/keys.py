@@ -36,6 +36,12 @@
                                its refresh token (Fernet-sealed), its expiry (ms), geolocation,
                                when it connected, last refreshed and changed state, and why
 ``notify:company:{id}:lock``   string: the one-refresh-at-a-time lock of that company's token
+``notify:console:session:{id}`` hash: one logged-in console session (its CSRF token, operator
+                               fingerprint, when it started and was last used); expires when idle,
+                               deleted at logout
+``notify:auth:failures``       counter: failed key checks (console logins, API keys) in the current
+                               window, over every client address (expires with the window)
+``notify:auth:failures:{addr}`` counter: the same for one client address
 
 ``notify:workers``             sorted set: worker (``host:pid``) -> its last heartbeat (ms)
 ``notify:held:{worker}``       set: ids of the messages in tasks a worker has received (prefetched
@@ -66,6 +72,7 @@ HISTORY_OUTBOX = f"{PREFIX}:history:outbox"
 HISTORY_GROUP = "writers"
 HISTORY_LOCK = f"{PREFIX}:history:lock"
 COMPANIES = f"{PREFIX}:companies"
+AUTH_FAILURES = f"{PREFIX}:auth:failures"
 
 
 def message(message_id: str) -> str:
@@ -116,3 +123,13 @@ def company(company_id: str) -> str:
 def company_lock(company_id: str) -> str:
     """The lock under which one company's refresh token is used, rotated or replaced."""
     return f"{PREFIX}:company:{company_id}:lock"
+
+
+def console_session(session_id: str) -> str:
+    """One logged-in console session."""
+    return f"{PREFIX}:console:session:{session_id}"
+
+
+def auth_failures(address: str) -> str:
+    """Failed key checks from one client address in the current window."""
+    return f"{AUTH_FAILURES}:{address}"
