@@ -10,7 +10,7 @@ for the batch and a second post of each message it concerned.
 How each message's attempt ends is a value decided by the pure functions of
 ``worker.delivery.ends`` (delivered, retry, dead letter, deferred for want of a token or of a
 rate-limit permit, paused by the circuit breaker, handed back at a warm shutdown, or not
-attempted at all); ``_Batch._end`` is the one place that writes it to Redis and logs it, and
+attempted at all); ``_Batch.record`` is the one place that writes it to Redis and logs it, and
 returns its short verdict for logs and tests (``delivered``, ``retry``, ``dead:<reason>``,
 ``deferred``, ``paused``, ``handed_back``, or why nothing was done: ``done``, ``stale``,
 ``busy``). Every path ends with the outcome written to Redis before the task returns, so the
@@ -47,7 +47,7 @@ from worker.delivery.ends import (
 )
 from worker.delivery.parts import DeliveryParts
 from worker.limits import breaker
-from worker.limits.breaker import Breaker
+from worker.limits.breaker import Breaker, counts_as_failure
 from worker.queue.envelopes import Envelope, Malformed, parse_task
 from worker.rules import outcomes
 from worker.rules.outcomes import ApiResponse, TransportFailure
@@ -100,7 +100,7 @@ def deliver_task(
     envelopes: list[Envelope] = []
     for item in parse_task(args, kwargs):
         if isinstance(item, Malformed):
-            verdicts.append(batch.end(ends.unreadable(item)))
+            verdicts.append(batch.record(ends.unreadable(item)))
         else:
             envelopes.append(item)
     if envelopes and stopping():
@@ -130,15 +130,16 @@ def _answered(answers: Answers, attempt: Attempt, result: ApiResponse | Transpor
 class _Tally:
     """A batch's answers as the circuit breaker counts them."""
 
-    def __init__(self, breaker: Breaker, *, probing: bool) -> None:
-        self.breaker = breaker
+    def __init__(self, circuit: Breaker, *, probing: bool) -> None:
+        self.circuit = circuit
         self.probing = probing
         self.calls = self.failures = 0  # answers not yet counted by the breaker
 
     def count(self, result: ApiResponse | TransportFailure) -> None:
-        failed = breaker.counts_as_failure(result)
+        """Count one answer (a half-open breaker's probe decides at once)."""
+        failed = counts_as_failure(result)
         if self.probing:
-            self.breaker.record(1, int(failed), probe=not failed)
+            self.circuit.record(1, int(failed), probe=not failed)
             return
         # Successes are counted once per batch; a failure at once, so the breaker opens while
         # the failing posts are still coming in.
@@ -147,8 +148,9 @@ class _Tally:
             self.flush()
 
     def flush(self) -> None:
+        """Hand the answers counted so far to the breaker."""
         if self.calls:
-            self.breaker.record(self.calls, self.failures)
+            self.circuit.record(self.calls, self.failures)
             self.calls = self.failures = 0
 
 
@@ -161,6 +163,7 @@ class _Batch:
         self.stopping = stopping
 
     def run(self, envelopes: list[Envelope]) -> list[str]:
+        """Claim, post and record every message of the task; their verdicts."""
         parts = self.parts
         verdicts: list[str] = []
         ready: list[Attempt] = []
@@ -183,7 +186,7 @@ class _Batch:
             if isinstance(taken, Attempt):
                 ready.append(taken)
             else:
-                verdicts.append(self.end(taken))
+                verdicts.append(self.record(taken))
         if not ready:
             return verdicts
         try:
@@ -204,7 +207,7 @@ class _Batch:
         # The provider logged the ERROR; each message waits without spending an attempt.
         policy = self.parts.policy
         return [
-            self.end(ends.no_token(attempt, str(error), policy=policy, now_ms=now_ms()))
+            self.record(ends.no_token(attempt, str(error), policy=policy, now_ms=now_ms()))
             for attempt in attempts
         ]
 
@@ -220,13 +223,13 @@ class _Batch:
         admission = parts.breaker.admit()
         if admission.verdict in (breaker.OPEN, breaker.WAIT):
             due = admission.until_ms if admission.verdict == breaker.OPEN else now_ms()
-            verdicts.extend(self.end(ends.paused(attempt, due)) for attempt in attempts)
+            verdicts.extend(self.record(ends.paused(attempt, due)) for attempt in attempts)
             return []
         probing = admission.verdict == breaker.PROBE
         if probing:
             # One post decides; the rest of the batch comes back moments later.
             verdicts.extend(
-                self.end(ends.behind_probe(attempt, now_ms=now_ms())) for attempt in attempts[1:]
+                self.record(ends.behind_probe(attempt, now_ms=now_ms())) for attempt in attempts[1:]
             )
             attempts = attempts[:1]
         answers, started = self._start(attempts, token, verdicts)
@@ -253,7 +256,9 @@ class _Batch:
                 continue
             if outcomes.slows_down(outcome):
                 parts.rate_limiter.penalize()  # a 429: every worker slows down for a while
-            verdicts.append(self.end(ends.after_answer(attempt, result, outcome, now_ms=now_ms())))
+            verdicts.append(
+                self.record(ends.after_answer(attempt, result, outcome, now_ms=now_ms()))
+            )
         tally.flush()
         return refused
 
@@ -269,7 +274,7 @@ class _Batch:
         started = 0
         for attempt in attempts:
             if self.stopping():
-                verdicts.append(self.end(ends.handed_back(attempt, now_ms=now_ms())))
+                verdicts.append(self.record(ends.handed_back(attempt, now_ms=now_ms())))
                 continue
             reply = functools.partial(_answered, answers, attempt)
             if not limiter.policy.enabled:
@@ -278,7 +283,7 @@ class _Batch:
             permit = limiter.acquire(deadline)
             if not permit.granted:
                 verdicts.append(
-                    self.end(
+                    self.record(
                         ends.rate_limited(
                             attempt,
                             waited_seconds=permit.waited_seconds,
@@ -295,7 +300,7 @@ class _Batch:
             started += len(together)
         return answers, started
 
-    def end(self, end: End) -> str:
+    def record(self, end: End) -> str:
         """Write how a message's attempt ended (before the task is acknowledged) and log it.
 
         The one place an end reaches the store and the log; returns the message's verdict.
