@@ -39,7 +39,7 @@ def send_message(self: Task, *args: Any, **kwargs: Any) -> str:
     return deliver_task(
         args,
         kwargs,
-        runtime=get_runtime(),
+        parts=get_runtime(),
         task_id=self.request.id or "",
         stopping=_worker_is_stopping,
     )

@@ -26,7 +26,7 @@ def _batch(rt: Any, users: list[str]) -> list[Envelope]:
 
 def _deliver(rt: Any, envelopes: list[Envelope], **kwargs: Any) -> str:
     return deliver_task(
-        tuple(e.to_task() for e in envelopes), {}, runtime=rt, task_id="task-1", **kwargs
+        tuple(e.to_task() for e in envelopes), {}, parts=rt, task_id="task-1", **kwargs
     )
 
 

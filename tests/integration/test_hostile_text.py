@@ -26,7 +26,7 @@ from sandbox.redisserver import free_port
 from tests.conftest import wait_for
 from worker.front.cli import main as notify_cli
 from worker.shapes.models import Message
-from worker.store.records import Failure
+from worker.store.codec import Failure
 
 MARKUP = "[link=https://evil.example/]click here[/link][bold red]urgent[/]"
 # Clear the screen, an OSC 8 hyperlink, a window title, a bell, and C1 CSI (U+009B).

@@ -7,12 +7,12 @@ engine thread carries them), and records each outcome the moment its answer arri
 message waits behind a slower post of its batch. A first 401 is answered by one token refresh
 for the batch and a second post of each message it concerned.
 
-Each message ends with a short verdict for logs and tests (``delivered``, ``retry``,
-``dead:<reason>``, ``deferred`` when the global rate limit had no permit in time or no token
-could be had, ``paused`` when the circuit breaker (``worker.limits.breaker``) held the posts (both
-back
-on the schedule, no attempt counted), ``handed_back`` when the worker began
-a warm shutdown before the post started, or why nothing was done: ``done``, ``stale``,
+How each message's attempt ends is a value decided by the pure functions of
+``worker.delivery.ends`` (delivered, retry, dead letter, deferred for want of a token or of a
+rate-limit permit, paused by the circuit breaker, handed back at a warm shutdown, or not
+attempted at all); ``_Batch.record`` is the one place that writes it to Redis and logs it, and
+returns its short verdict for logs and tests (``delivered``, ``retry``, ``dead:<reason>``,
+``deferred``, ``paused``, ``handed_back``, or why nothing was done: ``done``, ``stale``,
 ``busy``). Every path ends with the outcome written to Redis before the task returns, so the
 broker message is acknowledged only after that. An unexpected error leaves a message claimed
 under its lease; the schedule hands it out again when the lease ends, so even a bug does not
@@ -23,78 +23,56 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import queue
-import random
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from worker.concur.client import Reply
 from worker.concur.tokens import TokenUnavailable
-from worker.limits import breaker, ratelimit
+from worker.delivery import ends
+from worker.delivery.ends import (
+    Attempt,
+    DeadLetter,
+    Delivered,
+    End,
+    HandedBack,
+    NotAttempted,
+    NoToken,
+    Paused,
+    RateLimited,
+    RetryLater,
+    Unreadable,
+)
+from worker.delivery.parts import DeliveryParts
+from worker.limits import breaker
+from worker.limits.breaker import Breaker, counts_as_failure
 from worker.queue.envelopes import Envelope, Malformed, parse_task
 from worker.rules import outcomes
 from worker.rules.outcomes import ApiResponse, TransportFailure
-from worker.rules.validation import InvalidRequest, validate_wire
-from worker.runtime import Runtime
-from worker.shapes.models import (
-    Message,
-    partner_of,
-)
+from worker.shapes.models import Message, partner_of
 from worker.store.codec import AttemptRecord, Claim, Failure, now_ms
 
 log = logging.getLogger("notify.delivery")
 
 HAND_BACK_FLUSH_SECONDS = 5.0
-PAUSE_JITTER_MS = 1000  # spreads the messages a breaker paused over a second when it lets go
-TOKEN_UNAVAILABLE = "token_unavailable"  # the cause of an attempt deferred for want of a token
-
-
-def _attempt_record(
-    claim: Claim, started_ms: int, result: ApiResponse | TransportFailure, outcome: str
-) -> AttemptRecord:
-    if isinstance(result, ApiResponse):
-        return AttemptRecord(
-            claim.attempt,
-            started_ms,
-            outcome,
-            result.status,
-            f"http_{result.status}",
-            int(result.elapsed_seconds * 1000),
-            result.correlation_id,
-        )
-    return AttemptRecord(
-        claim.attempt,
-        started_ms,
-        outcome,
-        None,
-        result.kind,
-        int(result.elapsed_seconds * 1000),
-        None,
-    )
 
 
 def _log_fields(
-    envelope: Envelope,
-    claim: Claim,
-    outcome: str,
-    result: ApiResponse | TransportFailure | None = None,
-    started_ms: int | None = None,
+    message_id: str, claim: Claim, outcome: str, entry: AttemptRecord | None
 ) -> dict[str, Any]:
     """The structured fields of an attempt's log line (``extra=``); never the token."""
     request = claim.request if isinstance(claim.request, dict) else {}
     return {
-        "message_id": envelope.id,
+        "message_id": message_id,
         "user_id": request.get("userId"),
         "template_id": request.get("templateId"),
         "partner": partner_of(request),
         "attempt": claim.attempt,
-        "status": result.status if isinstance(result, ApiResponse) else None,
-        "duration_ms": None if started_ms is None else now_ms() - started_ms,
-        "correlation_id": result.correlation_id if isinstance(result, ApiResponse) else None,
+        "status": None if entry is None else entry.status,
+        "duration_ms": None if entry is None else now_ms() - entry.at_ms,
+        "correlation_id": None if entry is None else entry.correlation_id,
         "outcome": outcome,
     }
 
@@ -107,7 +85,7 @@ def deliver_task(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     *,
-    runtime: Runtime,
+    parts: DeliveryParts,
     task_id: str,
     stopping: Callable[[], bool] = _never,
 ) -> str:
@@ -117,22 +95,23 @@ def deliver_task(
     again for another worker, and claimed ones whose post has not started go back on the
     schedule without spending an attempt, instead of holding up the shutdown.
     """
+    batch = _Batch(parts, task_id, stopping)
     verdicts: list[str] = []
     envelopes: list[Envelope] = []
     for item in parse_task(args, kwargs):
         if isinstance(item, Malformed):
-            verdicts.append(_dead_malformed(item, runtime, task_id))
+            verdicts.append(batch.record(ends.unreadable(item)))
         else:
             envelopes.append(item)
     if envelopes and stopping():
         # Same generation: whichever copy a worker claims first wins; the other is refused.
-        runtime.publish(envelopes)
+        parts.publisher.submit(envelopes)
         # Before the process exits: what the broker does not take meanwhile waits for its
         # grace period on the schedule, or a live worker takes it over (worker.delivery.mover).
-        runtime.publisher.flush(HAND_BACK_FLUSH_SECONDS)
+        parts.publisher.flush(HAND_BACK_FLUSH_SECONDS)
         verdicts.extend(["handed_back"] * len(envelopes))
     elif envelopes:
-        verdicts.extend(_Batch(runtime, task_id, stopping).run(envelopes))
+        verdicts.extend(batch.run(envelopes))
     if len(verdicts) == 1:
         return verdicts[0]
     counts: dict[str, int] = {}
@@ -141,156 +120,123 @@ def deliver_task(
     return " ".join(f"{verdict}={count}" for verdict, count in sorted(counts.items()))
 
 
-def _dead_malformed(envelope: Malformed, rt: Runtime, task_id: str) -> str:
-    rt.store.dead_letter(
-        envelope.id,
-        Failure(
-            outcomes.MALFORMED_MESSAGE, envelope.detail, task_id=task_id, worker=rt.worker_name
-        ),
-        request=json.dumps({"raw": envelope.raw}),
-    )
-    log.warning("dead letter %s: malformed task (%s)", envelope.id, envelope.detail)
-    return f"dead:{outcomes.MALFORMED_MESSAGE}"
+Answers = queue.SimpleQueue[tuple[Attempt, ApiResponse | TransportFailure]]
 
 
-def _answered(answers: Answers, attempt: _Attempt, result: ApiResponse | TransportFailure) -> None:
+def _answered(answers: Answers, attempt: Attempt, result: ApiResponse | TransportFailure) -> None:
     answers.put((attempt, result))
 
 
-@dataclass(slots=True)
-class _Attempt:
-    """One claimed, valid message on its way to the API."""
+class _Tally:
+    """A batch's answers as the circuit breaker counts them."""
 
-    envelope: Envelope
-    owner: str
-    claim: Claim
-    message: Message
-    started_ms: int = field(default_factory=now_ms)
+    def __init__(self, circuit: Breaker, *, probing: bool) -> None:
+        self.circuit = circuit
+        self.probing = probing
+        self.calls = self.failures = 0  # answers not yet counted by the breaker
 
+    def count(self, result: ApiResponse | TransportFailure) -> None:
+        """Count one answer (a half-open breaker's probe decides at once)."""
+        failed = counts_as_failure(result)
+        if self.probing:
+            self.circuit.record(1, int(failed), probe=not failed)
+            return
+        # Successes are counted once per batch; a failure at once, so the breaker opens while
+        # the failing posts are still coming in.
+        self.calls, self.failures = self.calls + 1, self.failures + failed
+        if failed:
+            self.flush()
 
-Answers = queue.SimpleQueue[tuple[_Attempt, ApiResponse | TransportFailure]]
+    def flush(self) -> None:
+        """Hand the answers counted so far to the breaker."""
+        if self.calls:
+            self.circuit.record(self.calls, self.failures)
+            self.calls = self.failures = 0
 
 
 class _Batch:
     """The messages of one task: claimed one by one, posted together, recorded one by one."""
 
-    def __init__(self, runtime: Runtime, task_id: str, stopping: Callable[[], bool]) -> None:
-        self.rt = runtime
+    def __init__(self, parts: DeliveryParts, task_id: str, stopping: Callable[[], bool]) -> None:
+        self.parts = parts
         self.task_id = task_id
         self.stopping = stopping
 
     def run(self, envelopes: list[Envelope]) -> list[str]:
+        """Claim, post and record every message of the task; their verdicts."""
+        parts = self.parts
         verdicts: list[str] = []
-        ready: list[_Attempt] = []
+        ready: list[Attempt] = []
         owned = [(envelope, uuid.uuid4().hex) for envelope in envelopes]
         # Redis commands wait out an outage (NOTIFY_REDIS_PATIENCE_SECONDS,
         # worker.store.redisclient):
         # without that, a task that met a Redis restart would fail, be acknowledged, and leave
         # its messages to the schedule's grace period. A claim tried again is safe: a message
         # it had already claimed is refused as busy and comes back after its lease.
-        claims = self.rt.store.claim_many(owned, worker=self.rt.worker_name, task_id=self.task_id)
+        claims = parts.store.claim_many(owned, worker=parts.worker_name, task_id=self.task_id)
         for (envelope, owner), claim in zip(owned, claims, strict=True):
-            taken = self._check(envelope, owner, claim)
-            if isinstance(taken, _Attempt):
+            taken = ends.after_claim(
+                envelope.id,
+                owner,
+                claim,
+                policy=parts.policy,
+                allowlist=parts.allowlist,
+                now_ms=now_ms(),
+            )
+            if isinstance(taken, Attempt):
                 ready.append(taken)
             else:
-                verdicts.append(taken)
+                verdicts.append(self.record(taken))
         if not ready:
             return verdicts
         try:
-            token = self.rt.tokens.token()
+            token = parts.tokens.token()
         except TokenUnavailable as error:
-            return verdicts + [self._wait_for_token(attempt, error) for attempt in ready]
+            return verdicts + self._without_token(ready, error)
         refused = self._post(ready, token, verdicts, token_refreshed=False)
         if refused:
             # One refresh for the batch: every post it concerned goes out once more with it.
             try:
-                token = self.rt.tokens.refresh(token)
+                token = parts.tokens.refresh(token)
             except TokenUnavailable as error:
-                return verdicts + [self._wait_for_token(attempt, error) for attempt in refused]
+                return verdicts + self._without_token(refused, error)
             self._post(refused, token, verdicts, token_refreshed=True)
         return verdicts
 
-    def _check(self, envelope: Envelope, owner: str, claim: Claim) -> _Attempt | str:
-        """After the claim: an ``_Attempt`` to post, or the message's verdict already."""
-        rt = self.rt
-        if claim.verdict != "go":
-            log.info("message %s: %s (%s), nothing to do", envelope.id, claim.verdict, claim.state)
-            return claim.verdict
-        if claim.attempt > rt.policy.max_attempts:
-            # Only a worker that died mid-attempt, again and again, gets here: stop handing it out.
-            return self._dead(
-                envelope,
-                owner,
-                claim,
-                Failure(
-                    outcomes.RETRIES_EXHAUSTED,
-                    f"{claim.attempt - 1} attempts were started and none finished",
-                ),
-            )
-        try:
-            message = validate_wire(claim.request, rt.allowlist)
-        except InvalidRequest as invalid:
-            errors: list[dict[str, str | None]] = [
-                {"errorId": None, "errorCode": p.code, "errorMessage": p.message}
-                for p in invalid.problems
-            ]
-            return self._dead(
-                envelope, owner, claim, Failure(invalid.reason, str(invalid), errors=errors)
-            )
-        return _Attempt(envelope, owner, claim, message)
+    def _without_token(self, attempts: list[Attempt], error: TokenUnavailable) -> list[str]:
+        # The provider logged the ERROR; each message waits without spending an attempt.
+        policy = self.parts.policy
+        return [
+            self.record(ends.no_token(attempt, str(error), policy=policy, now_ms=now_ms()))
+            for attempt in attempts
+        ]
 
     def _post(
-        self, attempts: list[_Attempt], token: str, verdicts: list[str], *, token_refreshed: bool
-    ) -> list[_Attempt]:
+        self, attempts: list[Attempt], token: str, verdicts: list[str], *, token_refreshed: bool
+    ) -> list[Attempt]:
         """Start each post as its permit comes, record each answer as it arrives.
 
         Returns the attempts the API answered with a first 401 (their token needs refreshing).
         The circuit breaker is asked first: open, nothing is posted; half-open, one probe is.
         """
-        rt = self.rt
-        admission = rt.breaker.admit()
+        parts = self.parts
+        admission = parts.breaker.admit()
         if admission.verdict in (breaker.OPEN, breaker.WAIT):
-            # Jitter: when the breaker lets posts through again, not every worker at once.
             due = admission.until_ms if admission.verdict == breaker.OPEN else now_ms()
-            verdicts.extend(
-                self._paused(a, due + random.randint(0, PAUSE_JITTER_MS)) for a in attempts
-            )
+            verdicts.extend(self.record(ends.paused(attempt, due)) for attempt in attempts)
             return []
         probing = admission.verdict == breaker.PROBE
         if probing:
             # One post decides; the rest of the batch comes back moments later.
             verdicts.extend(
-                self._paused(a, now_ms() + random.randint(PAUSE_JITTER_MS, 2 * PAUSE_JITTER_MS))
-                for a in attempts[1:]
+                self.record(ends.behind_probe(attempt, now_ms=now_ms())) for attempt in attempts[1:]
             )
             attempts = attempts[:1]
-        limiter = rt.rate_limiter
-        deadline = limiter.deadline()  # one wait budget for the batch: the lease covers it
-        answers: Answers = queue.SimpleQueue()
-        together: list[tuple[Message, Reply]] = []
-        started = 0
-        for attempt in attempts:
-            if self.stopping():
-                verdicts.append(self._hand_back(attempt))
-                continue
-            reply = functools.partial(_answered, answers, attempt)
-            if not limiter.policy.enabled:
-                together.append((attempt.message, reply))  # no pace to keep: all at once
-                continue
-            permit = limiter.acquire(deadline)
-            if not permit.granted:
-                verdicts.append(self._deferred(attempt, permit))
-                continue
-            rt.client.start([(attempt.message, reply)], token)
-            started += 1
-        if together:
-            rt.client.start(together, token)
-            started += len(together)
-        refused: list[_Attempt] = []
+        answers, started = self._start(attempts, token, verdicts)
+        tally = _Tally(parts.breaker, probing=probing)
+        refused: list[Attempt] = []
         # The transport answers every post within its deadline; the margin only guards a bug.
-        patience = rt.client.timeout_seconds + rt.client.connect_timeout_seconds + 60
-        calls = failures = 0  # answers not yet counted by the breaker
+        patience = parts.client.timeout_seconds + parts.client.connect_timeout_seconds + 60
         for _ in range(started):
             try:
                 attempt, result = answers.get(timeout=patience)
@@ -298,154 +244,155 @@ class _Batch:
                 raise RuntimeError(
                     "the HTTP transport did not answer within its deadline"
                 ) from None
-            failed = breaker.counts_as_failure(result)
-            if probing:
-                rt.breaker.record(1, int(failed), probe=not failed)
-            else:
-                # Successes are counted once per batch; a failure at once, so the breaker
-                # opens while the failing posts are still coming in.
-                calls, failures = calls + 1, failures + failed
-                if failed:
-                    rt.breaker.record(calls, failures)
-                    calls = failures = 0
+            tally.count(result)
             outcome = outcomes.classify(
                 result,
                 attempt=attempt.claim.attempt,
-                policy=rt.policy,
+                policy=parts.policy,
                 token_refreshed=token_refreshed,
             )
             if isinstance(outcome, outcomes.RefreshToken):
                 refused.append(attempt)
                 continue
             if outcomes.slows_down(outcome):
-                limiter.penalize()  # a 429: every worker slows down for a while
-            verdicts.append(self._record(attempt, result, outcome))
-        if calls:
-            rt.breaker.record(calls, failures)
+                parts.rate_limiter.penalize()  # a 429: every worker slows down for a while
+            verdicts.append(
+                self.record(ends.after_answer(attempt, result, outcome, now_ms=now_ms()))
+            )
+        tally.flush()
         return refused
 
-    def _record(
-        self, attempt: _Attempt, result: ApiResponse | TransportFailure, outcome: outcomes.Outcome
-    ) -> str:
-        """Write one attempt's outcome (before the task is acknowledged) and log it."""
-        rt, envelope, claim = self.rt, attempt.envelope, attempt.claim
-        correlation_id = result.correlation_id if isinstance(result, ApiResponse) else None
-        status = result.status if isinstance(result, ApiResponse) else None
-        started = attempt.started_ms
-        if isinstance(outcome, outcomes.Delivered):
-            rt.store.delivered(envelope.id, _attempt_record(claim, started, result, "delivered"))
-            log.info(
-                "delivered %s attempt=%d status=%s cid=%s",
-                envelope.id,
-                claim.attempt,
-                status,
-                correlation_id,
-                extra=_log_fields(envelope, claim, "delivered", result, started),
-            )
-            return "delivered"
-        if isinstance(outcome, outcomes.Retry):
-            due = now_ms() + int(outcome.delay_seconds * 1000)
-            rt.store.retry(
-                envelope.id, attempt.owner, due, _attempt_record(claim, started, result, "retry")
-            )
-            log.info(
-                "retry %s attempt=%d cause=%s in %.1fs cid=%s",
-                envelope.id,
-                claim.attempt,
-                outcome.cause,
-                outcome.delay_seconds,
-                correlation_id,
-                extra={
-                    **_log_fields(envelope, claim, "retry", result, started),
-                    "cause": outcome.cause,
-                    "delay_seconds": round(outcome.delay_seconds, 3),
-                },
-            )
-            return "retry"
-        assert isinstance(outcome, outcomes.GiveUp)  # RefreshToken is resolved by the caller
-        return self._dead(
-            envelope,
-            attempt.owner,
-            claim,
-            Failure(
-                outcome.reason,
-                outcome.detail,
-                status=outcome.status,
-                errors=outcome.errors,
-                correlation_id=correlation_id,
-            ),
-            _attempt_record(claim, started, result, "dead"),
-            _log_fields(envelope, claim, "dead", result, started),
-        )
+    def _start(
+        self, attempts: list[Attempt], token: str, verdicts: list[str]
+    ) -> tuple[Answers, int]:
+        """Start the posts (each after its rate-limit permit); their answers, and how many."""
+        parts = self.parts
+        limiter = parts.rate_limiter
+        deadline = limiter.deadline()  # one wait budget for the batch: the lease covers it
+        answers: Answers = queue.SimpleQueue()
+        together: list[tuple[Message, Reply]] = []
+        started = 0
+        for attempt in attempts:
+            if self.stopping():
+                verdicts.append(self.record(ends.handed_back(attempt, now_ms=now_ms())))
+                continue
+            reply = functools.partial(_answered, answers, attempt)
+            if not limiter.policy.enabled:
+                together.append((attempt.message, reply))  # no pace to keep: all at once
+                continue
+            permit = limiter.acquire(deadline)
+            if not permit.granted:
+                verdicts.append(
+                    self.record(
+                        ends.rate_limited(
+                            attempt,
+                            waited_seconds=permit.waited_seconds,
+                            retry_in_seconds=permit.retry_in_seconds,
+                            now_ms=now_ms(),
+                        )
+                    )
+                )
+                continue
+            parts.client.start([(attempt.message, reply)], token)
+            started += 1
+        if together:
+            parts.client.start(together, token)
+            started += len(together)
+        return answers, started
 
-    def _dead(
-        self,
-        envelope: Envelope,
-        owner: str,
-        claim: Claim,
-        failure: Failure,
-        attempt: AttemptRecord | None = None,
-        fields: dict[str, Any] | None = None,
-    ) -> str:
-        rt = self.rt
-        failure = dataclasses.replace(failure, task_id=self.task_id, worker=rt.worker_name)
-        rt.store.dead_letter(envelope.id, failure, owner=owner, attempt=attempt)
-        # Exhausted retries are an operational alert (ERROR reaches Sentry); a request Concur
-        # refused, or one we refused, is the partner's to fix (WARNING does not).
-        level = logging.ERROR if failure.reason == outcomes.RETRIES_EXHAUSTED else logging.WARNING
-        extra = {**(fields or _log_fields(envelope, claim, "dead")), "reason": failure.reason}
-        log.log(
-            level,
-            "dead letter %s: %s (%s)",
-            envelope.id,
-            failure.reason,
-            failure.detail,
-            extra=extra,
-        )
-        return f"dead:{failure.reason}"
+    def record(self, end: End) -> str:
+        """Write how a message's attempt ended (before the task is acknowledged) and log it.
 
-    def _deferred(self, attempt: _Attempt, permit: ratelimit.Permit) -> str:
-        # The rate limit is saturated: nothing was posted, so the message waits on the schedule
-        # without spending an attempt (never a dead letter for this).
-        self.rt.store.defer(
-            attempt.envelope.id, attempt.owner, now_ms() + int(permit.retry_in_seconds * 1000)
-        )
-        log.info(
-            "deferred %s: no rate-limit permit within %.1fs, again in %.1fs",
-            attempt.envelope.id,
-            permit.waited_seconds,
-            permit.retry_in_seconds,
-        )
-        return "deferred"
+        The one place an end reaches the store and the log; returns the message's verdict.
+        """
+        store = self.parts.store
+        match end:
+            case Delivered():
+                store.delivered(end.message_id, end.entry)
+                log.info(
+                    "delivered %s attempt=%d status=%s cid=%s",
+                    end.message_id,
+                    end.claim.attempt,
+                    end.entry.status,
+                    end.entry.correlation_id,
+                    extra=_log_fields(end.message_id, end.claim, "delivered", end.entry),
+                )
+                return "delivered"
+            case RetryLater():
+                store.retry(end.message_id, end.owner, end.due_ms, end.entry)
+                log.info(
+                    "retry %s attempt=%d cause=%s in %.1fs cid=%s",
+                    end.message_id,
+                    end.claim.attempt,
+                    end.cause,
+                    end.delay_seconds,
+                    end.entry.correlation_id,
+                    extra={
+                        **_log_fields(end.message_id, end.claim, "retry", end.entry),
+                        "cause": end.cause,
+                        "delay_seconds": round(end.delay_seconds, 3),
+                    },
+                )
+                return "retry"
+            case DeadLetter():
+                failure = self._signed(end.failure)
+                store.dead_letter(end.message_id, failure, owner=end.owner, attempt=end.entry)
+                # Exhausted retries are an operational alert (ERROR reaches Sentry); a request
+                # Concur refused, or one we refused, is the partner's to fix (WARNING does not).
+                exhausted = failure.reason == outcomes.RETRIES_EXHAUSTED
+                log.log(
+                    logging.ERROR if exhausted else logging.WARNING,
+                    "dead letter %s: %s (%s)",
+                    end.message_id,
+                    failure.reason,
+                    failure.detail,
+                    extra={
+                        **_log_fields(end.message_id, end.claim, "dead", end.entry),
+                        "reason": failure.reason,
+                    },
+                )
+                return f"dead:{failure.reason}"
+            case Unreadable():
+                failure = self._signed(end.failure)
+                store.dead_letter(end.message_id, failure, request=end.request)
+                log.warning("dead letter %s: malformed task (%s)", end.message_id, failure.detail)
+                return f"dead:{failure.reason}"
+            case NotAttempted():
+                log.info(
+                    "message %s: %s (%s), nothing to do", end.message_id, end.verdict, end.state
+                )
+                return end.verdict
+            case NoToken():
+                store.defer(end.message_id, end.owner, end.due_ms, end.entry)
+                log.warning(
+                    "deferred %s: no Concur token (%s), again in %.1fs",
+                    end.message_id,
+                    end.error,
+                    end.delay_seconds,
+                )
+                return "deferred"
+            case RateLimited():
+                store.defer(end.message_id, end.owner, end.due_ms)
+                log.info(
+                    "deferred %s: no rate-limit permit within %.1fs, again in %.1fs",
+                    end.message_id,
+                    end.waited_seconds,
+                    end.retry_in_seconds,
+                )
+                return "deferred"
+            case Paused():
+                store.defer(end.message_id, end.owner, end.due_ms)
+                log.info(
+                    "paused %s: the circuit breaker holds posts, again in %.1fs",
+                    end.message_id,
+                    max(0, end.due_ms - now_ms()) / 1000,
+                )
+                return "paused"
+            case HandedBack():
+                store.defer(end.message_id, end.owner, end.due_ms)
+                log.info("handed back %s: the worker is shutting down", end.message_id)
+                return "handed_back"
 
-    def _paused(self, attempt: _Attempt, due_ms: int) -> str:
-        # The circuit breaker is not closed: nothing was posted, so no attempt is spent.
-        self.rt.store.defer(attempt.envelope.id, attempt.owner, due_ms)
-        log.info(
-            "paused %s: the circuit breaker holds posts, again in %.1fs",
-            attempt.envelope.id,
-            max(0, due_ms - now_ms()) / 1000,
-        )
-        return "paused"
-
-    def _hand_back(self, attempt: _Attempt) -> str:
-        # A warm shutdown began before this post started: due now, for whichever worker is up,
-        # and no attempt spent.
-        self.rt.store.defer(attempt.envelope.id, attempt.owner, now_ms())
-        log.info("handed back %s: the worker is shutting down", attempt.envelope.id)
-        return "handed_back"
-
-    def _wait_for_token(self, attempt: _Attempt, error: TokenUnavailable) -> str:
-        # A credentials outage is not the message's fault: it waits on the schedule without
-        # spending an attempt, however long the outage lasts (the provider logged the ERROR).
-        claim = attempt.claim
-        delay = self.rt.policy.backoff_seconds(max(claim.attempt, 1))
-        started = attempt.started_ms
-        entry = AttemptRecord(
-            claim.attempt, started, "deferred", None, TOKEN_UNAVAILABLE, now_ms() - started, None
-        )
-        self.rt.store.defer(attempt.envelope.id, attempt.owner, now_ms() + int(delay * 1000), entry)
-        log.warning(
-            "deferred %s: no Concur token (%s), again in %.1fs", attempt.envelope.id, error, delay
-        )
-        return "deferred"
+    def _signed(self, failure: Failure) -> Failure:
+        # A dead letter says which task and worker gave up on it.
+        return dataclasses.replace(failure, task_id=self.task_id, worker=self.parts.worker_name)

@@ -1,0 +1,334 @@
+"""How an attempt ends: every end as a value, and the pure decisions that choose one.
+
+An attempt of a claimed message ends in one of these, and ``worker.delivery.attempts`` records
+each in the store and logs it in one place (its verdict in brackets)::
+
+    NotAttempted   the claim was refused: already finished, a stale copy, or held by another
+                   worker ("done", "stale", "busy"); nothing is written
+    Delivered      a 2xx ("delivered")
+    RetryLater     a passing failure with attempts left: due again after the backoff ("retry")
+    DeadLetter     failed for good, kept for an operator with why ("dead:<reason>"): the API's
+                   answer, an invalid request, or attempts started again and again and never
+                   finished
+    Unreadable     the queued task was not a message at all ("dead:malformed_message")
+    NoToken        no Concur token could be had ("deferred", with a ``token_unavailable`` entry)
+    RateLimited    no rate-limit permit in time ("deferred")
+    Paused         the circuit breaker held the posts ("paused")
+    HandedBack     a warm shutdown began before the post started ("handed_back")
+
+The last four go back on the schedule **without spending an attempt**: nothing was posted.
+There is no "expired" end: a message waits on the schedule until it is delivered or
+dead-lettered.
+
+The decisions take the claim, the answer, the policy and the time (``now_ms``, injected), and do
+no I/O; what an API answer means is ``worker.rules.outcomes.classify``'s to say, and
+``after_answer`` turns that into the end to record.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+
+from worker.queue.envelopes import Malformed
+from worker.rules import outcomes
+from worker.rules.allowlist import AllowList
+from worker.rules.outcomes import ApiResponse, TransportFailure
+from worker.rules.retries import RetryPolicy
+from worker.rules.validation import InvalidRequest, validate_wire
+from worker.shapes.models import Message
+from worker.store.codec import AttemptRecord, Claim, Failure
+
+PAUSE_JITTER_MS = 1000  # spreads the messages a breaker paused over a second when it lets go
+TOKEN_UNAVAILABLE = "token_unavailable"  # the cause of an attempt deferred for want of a token
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One claimed, valid message on its way to the API (started when it was found valid)."""
+
+    message_id: str
+    owner: str
+    claim: Claim
+    message: Message
+    started_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class NotAttempted:
+    """The claim was refused (``verdict``: ``done``, ``stale`` or ``busy``); nothing to do."""
+
+    message_id: str
+    verdict: str
+    state: str
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    """The API accepted the message."""
+
+    message_id: str
+    claim: Claim
+    entry: AttemptRecord
+
+
+@dataclass(frozen=True, slots=True)
+class RetryLater:
+    """A passing failure: the message is due again at ``due_ms``."""
+
+    message_id: str
+    owner: str
+    claim: Claim
+    entry: AttemptRecord
+    due_ms: int
+    delay_seconds: float
+    cause: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """Failed for good; ``entry`` is the attempt's record when a post was answered."""
+
+    message_id: str
+    owner: str
+    claim: Claim
+    failure: Failure
+    entry: AttemptRecord | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Unreadable:
+    """A queued task that is no message: dead-lettered with what could be read of it."""
+
+    message_id: str
+    failure: Failure
+    request: str  # the stored request: the raw excerpt, as JSON
+
+
+@dataclass(frozen=True, slots=True)
+class NoToken:
+    """No Concur token: due again after the backoff, with an entry in the message's history."""
+
+    message_id: str
+    owner: str
+    entry: AttemptRecord
+    due_ms: int
+    delay_seconds: float
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimited:
+    """No rate-limit permit within the batch's wait: due again when a slot may be free."""
+
+    message_id: str
+    owner: str
+    due_ms: int
+    waited_seconds: float
+    retry_in_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Paused:
+    """The circuit breaker holds the posts: due again when it may let one through."""
+
+    message_id: str
+    owner: str
+    due_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class HandedBack:
+    """The worker is shutting down: due now, for whichever worker is up."""
+
+    message_id: str
+    owner: str
+    due_ms: int
+
+
+End = (
+    NotAttempted
+    | Delivered
+    | RetryLater
+    | DeadLetter
+    | Unreadable
+    | NoToken
+    | RateLimited
+    | Paused
+    | HandedBack
+)
+
+
+def unreadable(malformed: Malformed) -> Unreadable:
+    """The end of a task entry that could not be read as a message."""
+    return Unreadable(
+        malformed.id,
+        Failure(outcomes.MALFORMED_MESSAGE, malformed.detail),
+        json.dumps({"raw": malformed.raw}),
+    )
+
+
+def after_claim(
+    message_id: str,
+    owner: str,
+    claim: Claim,
+    *,
+    policy: RetryPolicy,
+    allowlist: AllowList,
+    now_ms: int,
+) -> Attempt | NotAttempted | DeadLetter:
+    """After the claim: an ``Attempt`` to post, or how the message ends without a post."""
+    if claim.verdict != "go":
+        return NotAttempted(message_id, claim.verdict, claim.state)
+    if claim.attempt > policy.max_attempts:
+        # Only a worker that died mid-attempt, again and again, gets here: stop handing it out.
+        return DeadLetter(
+            message_id,
+            owner,
+            claim,
+            Failure(
+                outcomes.RETRIES_EXHAUSTED,
+                f"{claim.attempt - 1} attempts were started and none finished",
+            ),
+        )
+    try:
+        message = validate_wire(claim.request, allowlist)
+    except InvalidRequest as invalid:
+        errors: list[dict[str, str | None]] = [
+            {"errorId": None, "errorCode": p.code, "errorMessage": p.message}
+            for p in invalid.problems
+        ]
+        return DeadLetter(
+            message_id, owner, claim, Failure(invalid.reason, str(invalid), errors=errors)
+        )
+    return Attempt(message_id, owner, claim, message, now_ms)
+
+
+def attempt_record(
+    attempt: Attempt, answer: ApiResponse | TransportFailure, outcome: str
+) -> AttemptRecord:
+    """The history entry of an answered post (``outcome``: delivered, retry or dead)."""
+    if isinstance(answer, ApiResponse):
+        return AttemptRecord(
+            attempt.claim.attempt,
+            attempt.started_ms,
+            outcome,
+            answer.status,
+            f"http_{answer.status}",
+            int(answer.elapsed_seconds * 1000),
+            answer.correlation_id,
+        )
+    return AttemptRecord(
+        attempt.claim.attempt,
+        attempt.started_ms,
+        outcome,
+        None,
+        answer.kind,
+        int(answer.elapsed_seconds * 1000),
+        None,
+    )
+
+
+def after_answer(
+    attempt: Attempt,
+    answer: ApiResponse | TransportFailure,
+    outcome: outcomes.Delivered | outcomes.Retry | outcomes.GiveUp,
+    *,
+    now_ms: int,
+) -> Delivered | RetryLater | DeadLetter:
+    """The end of a post the API answered, given what ``outcomes.classify`` made of it."""
+    if isinstance(outcome, outcomes.Delivered):
+        return Delivered(
+            attempt.message_id, attempt.claim, attempt_record(attempt, answer, "delivered")
+        )
+    if isinstance(outcome, outcomes.Retry):
+        return RetryLater(
+            attempt.message_id,
+            attempt.owner,
+            attempt.claim,
+            attempt_record(attempt, answer, "retry"),
+            now_ms + int(outcome.delay_seconds * 1000),
+            outcome.delay_seconds,
+            outcome.cause,
+        )
+    return DeadLetter(
+        attempt.message_id,
+        attempt.owner,
+        attempt.claim,
+        Failure(
+            outcome.reason,
+            outcome.detail,
+            status=outcome.status,
+            errors=outcome.errors,
+            correlation_id=answer.correlation_id if isinstance(answer, ApiResponse) else None,
+        ),
+        attempt_record(attempt, answer, "dead"),
+    )
+
+
+def no_token(
+    attempt: Attempt,
+    error: str,
+    *,
+    policy: RetryPolicy,
+    now_ms: int,
+    rng: random.Random | None = None,
+) -> NoToken:
+    """No token could be had: the message waits out the backoff, its attempt not spent.
+
+    A credentials outage is not the message's fault, however long it lasts.
+    """
+    delay = policy.backoff_seconds(max(attempt.claim.attempt, 1), rng)
+    entry = AttemptRecord(
+        attempt.claim.attempt,
+        attempt.started_ms,
+        "deferred",
+        None,
+        TOKEN_UNAVAILABLE,
+        now_ms - attempt.started_ms,
+        None,
+    )
+    return NoToken(
+        attempt.message_id, attempt.owner, entry, now_ms + int(delay * 1000), delay, error
+    )
+
+
+def rate_limited(
+    attempt: Attempt, *, waited_seconds: float, retry_in_seconds: float, now_ms: int
+) -> RateLimited:
+    """No permit in time: due again in ``retry_in_seconds`` (never a dead letter for this)."""
+    return RateLimited(
+        attempt.message_id,
+        attempt.owner,
+        now_ms + int(retry_in_seconds * 1000),
+        waited_seconds,
+        retry_in_seconds,
+    )
+
+
+def paused(attempt: Attempt, not_before_ms: int, *, rng: random.Random | None = None) -> Paused:
+    """Held by the breaker until ``not_before_ms``, plus up to ``PAUSE_JITTER_MS``.
+
+    The jitter keeps the paused messages of every worker from coming back all at once.
+    """
+    return Paused(
+        attempt.message_id,
+        attempt.owner,
+        not_before_ms + (rng or random).randint(0, PAUSE_JITTER_MS),
+    )
+
+
+def behind_probe(attempt: Attempt, *, now_ms: int, rng: random.Random | None = None) -> Paused:
+    """A half-open breaker's one probe goes first: the rest of its batch comes back moments
+    later (between one and two ``PAUSE_JITTER_MS``)."""
+    return Paused(
+        attempt.message_id,
+        attempt.owner,
+        now_ms + (rng or random).randint(PAUSE_JITTER_MS, 2 * PAUSE_JITTER_MS),
+    )
+
+
+def handed_back(attempt: Attempt, *, now_ms: int) -> HandedBack:
+    """A warm shutdown began before the post started: due now, for whichever worker is up."""
+    return HandedBack(attempt.message_id, attempt.owner, now_ms)
