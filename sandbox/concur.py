@@ -87,12 +87,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import socket
 import threading
 from collections.abc import Callable, Iterable
 
 from sandbox.app import SandboxApp
-from sandbox.core import SandboxCore
-from sandbox.wire import Serving
+from sandbox.core import DEFAULT_GEOLOCATION, SandboxCore
+from sandbox.wire import Serving, listen, port_of
 
 __all__ = ["Sandbox", "main"]
 
@@ -110,7 +111,10 @@ class Sandbox(SandboxCore):
         latency_p99_ms: float | None = None,
         base_path: str = "/notifications/v4",
         max_records: int = 200_000,
+        geolocations: Iterable[str] = (DEFAULT_GEOLOCATION,),
     ) -> None:
+        """``port`` is the primary geolocation's (the first of ``geolocations``); the others
+        listen on free ports (see :meth:`add_geolocation` for one on a port of its own)."""
         super().__init__(
             host,
             port,
@@ -119,11 +123,15 @@ class Sandbox(SandboxCore):
             latency_p99_ms=latency_p99_ms,
             base_path=base_path,
             max_records=max_records,
+            geolocations=geolocations,
         )
         self._app = SandboxApp(self)
         self._lifecycle = threading.Lock()
         self._thread: threading.Thread | None = None
         self._serving: Serving | None = None
+        # Guards handing sockets to the running server: a geolocation added while the
+        # sandbox starts or stops is served by that run or bound by the next start.
+        self._geo_lock = threading.Lock()
 
     def __enter__(self) -> Sandbox:
         self.start()
@@ -140,7 +148,7 @@ class Sandbox(SandboxCore):
             if self._serving is not None:
                 raise RuntimeError("sandbox is already serving in the foreground")
             try:
-                serving = Serving(self._app, self, self._host, self._port)
+                serving = self._new_serving()
             except OSError as exc:
                 raise RuntimeError("sandbox failed to start") from exc
             ready = threading.Event()
@@ -155,11 +163,12 @@ class Sandbox(SandboxCore):
             ready.wait()
             if failures or not serving.started:
                 thread.join()
+                with self._geo_lock:
+                    self._serving = None
                 raise RuntimeError("sandbox failed to start") from (
                     failures[0] if failures else None
                 )
-            self._serving, self._thread = serving, thread
-            self._bound_port = serving.port
+            self._thread = thread
         return self.url
 
     def stop(self) -> None:
@@ -170,7 +179,8 @@ class Sandbox(SandboxCore):
             if self._thread is not None:
                 self._thread.join()
                 self._thread = None
-                self._serving = None
+                with self._geo_lock:
+                    self._serving = None
 
     def serve_forever(self) -> None:
         """Serve in the calling thread until SIGINT/SIGTERM or :meth:`stop`."""
@@ -180,15 +190,46 @@ class Sandbox(SandboxCore):
         with self._lifecycle:
             if self._thread is not None:
                 raise RuntimeError("sandbox is already serving in a background thread")
-            serving = Serving(self._app, self, self._host, self._port)
-            self._serving = serving
-            self._bound_port = serving.port
+            serving = self._new_serving()
         try:
             with contextlib.suppress(KeyboardInterrupt):
                 serving.run(on_ready or _nothing, install_signals=True)
         finally:
-            with self._lifecycle:
+            with self._lifecycle, self._geo_lock:
                 self._serving = None
+
+    def _new_serving(self) -> Serving:
+        """Bind every geolocation's port (closing them all if one is taken) and make the run
+        that serves them; it is the one new geolocations are handed to from now on."""
+        with self._geo_lock:
+            sockets: list[socket.socket] = []
+            try:
+                for name, port in self._ports_wanted().items():
+                    sockets.append(listen(self._host, port))
+                    self._listening(name, port_of(sockets[-1]))
+                serving = Serving(self._app, self, sockets)
+            except BaseException:
+                for sock in sockets:
+                    sock.close()
+                raise
+            self._serving = serving
+            return serving
+
+    def _serve_geolocation(self, name: str, port: int) -> None:
+        with self._geo_lock:
+            serving = self._serving
+            if serving is None:
+                return  # bound by the next start
+            try:
+                sock = listen(self._host, port)
+            except OSError as exc:
+                raise RuntimeError(f"geolocation {name!r} cannot listen on port {port}") from exc
+            self._listening(name, port_of(sock))  # before a connection can arrive
+            try:
+                serving.add(sock)
+            except BaseException:
+                sock.close()
+                raise
 
 
 def _nothing() -> None:
@@ -225,16 +266,45 @@ def main(argv: list[str] | None = None) -> int:
         help="accepted bearer token; repeatable (default: sandbox-token)",
     )
     parser.add_argument("--base-path", default="/notifications/v4")
-    args = parser.parse_args(argv)
-    sandbox = Sandbox(
-        args.host,
-        args.port,
-        tokens=args.tokens or ("sandbox-token",),
-        latency_ms=args.latency_ms,
-        latency_p99_ms=args.latency_p99_ms,
-        base_path=args.base_path,
+    parser.add_argument(
+        "--geolocation",
+        action="append",
+        dest="geolocations",
+        metavar="NAME[=PORT]",
+        help=(
+            f"a geolocation, on a port of its own; repeatable (default: {DEFAULT_GEOLOCATION});"
+            " the first listens on --port, the others on PORT or a free one"
+        ),
     )
-    sandbox._run_foreground(lambda: print(f"sandbox listening on {sandbox.url}", flush=True))
+    args = parser.parse_args(argv)
+    wanted: dict[str, int] = {}
+    for item in args.geolocations or [DEFAULT_GEOLOCATION]:
+        name, _, port = item.partition("=")
+        if port and not port.isdigit():
+            parser.error(f"--geolocation {item}: PORT must be a number")
+        wanted[name] = int(port or 0)
+    names = list(wanted)
+    try:
+        sandbox = Sandbox(
+            args.host,
+            args.port,
+            tokens=args.tokens or ("sandbox-token",),
+            latency_ms=args.latency_ms,
+            latency_p99_ms=args.latency_p99_ms,
+            base_path=args.base_path,
+            geolocations=names[:1],
+        )
+        for name in names[1:]:
+            sandbox.add_geolocation(name, wanted[name])
+    except ValueError as exc:
+        parser.error(str(exc))
+
+    def ready() -> None:
+        print(f"sandbox listening on {sandbox.url}", flush=True)
+        for name, root in list(sandbox.geolocations().items())[1:]:
+            print(f"sandbox geolocation {name} at {root}{sandbox.base_path}", flush=True)
+
+    sandbox._run_foreground(ready)
     return 0
 
 
