@@ -79,9 +79,9 @@ sharing one state and one ledger. The first is the primary (``root_url``, ``url`
 * ``GET|POST /_sandbox/geolocations/{name}`` ``{"answer": {planned response} | null,
   "delayMs": 500}`` -> 200 (404 unknown): ``answer`` is given to every valid post there (an
   outage: ``{"status": 503}``; the user, template and default scripts are not consulted, so not
-  used up), ``delayMs`` is added to every answer there (a slow data center); posting replaces
-  both, ``{}`` clears them, as do ``DELETE /_sandbox/scripts`` and reset.
-  ``Sandbox.script_geolocation``
+  used up; token requests there are answered as usual), ``delayMs`` is added to every answer
+  there (a slow data center); posting replaces both, ``{}`` clears them, as do ``DELETE
+  /_sandbox/scripts`` and reset. ``Sandbox.script_geolocation``
 
 Companies (``sandbox.companies``): each is a Concur company UUID (canonical lowercase) living at
 one geolocation, with the request token its password grant takes. Its token requests go to
