@@ -321,6 +321,9 @@ def test_a_geolocation_added_while_serving_answers_at_once(
         "emea",
         "apj",
     ]
+    in_process = sandbox.add_geolocation("apac")["rootUrl"]  # the same from the test's thread
+    assert post(in_process, sandbox.base_path, STATIC_TOKEN).status_code == 200
+    assert sandbox.stats(geolocation="apac")["delivered"] == 1
     assert control.post("/geolocations", json={"name": "Bad Name"}).status_code == 400
     assert control.post("/geolocations/nowhere", json={}).status_code == 404
 
