@@ -2,7 +2,8 @@
 
 Every request first meets the sandbox's framing rules (headers within 16 KiB, a
 ``Content-Length`` body within 64 KiB, no chunked body: 413, 413, 411); a request refused there is
-answered at once and its connection closed, its body unread. Then:
+answered at once and its connection closed, its body unread. A control request's body may be up
+to 16 MiB (a thousand companies created in one call). Then:
 
 * ``/_sandbox/...`` and ``/oauth2/v0/token`` go to a Starlette app (routing, Request/Response,
   JSON errors through its exception handlers): the control plane and the token endpoint, a few
@@ -25,15 +26,17 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from sandbox.core import SandboxCore
+from sandbox.companies import parse_geolocation_name
+from sandbox.core import NotFound, SandboxCore
 from sandbox.v4 import Answer, error_answer, json_answer
-from sandbox.wire import connection_id, drop, garble
+from sandbox.wire import connection_geolocation, connection_id, drop, garble
 
 __all__ = ["CONTROL_PREFIX", "TOKEN_PATH", "SandboxApp"]
 
@@ -41,6 +44,7 @@ CONTROL_PREFIX = "/_sandbox"
 TOKEN_PATH = "/oauth2/v0/token"
 MAX_HEADER_BYTES = 16 * 1024
 MAX_BODY_BYTES = 64 * 1024
+MAX_CONTROL_BODY_BYTES = 16 * 1024 * 1024
 _FORM = "application/x-www-form-urlencoded"
 
 
@@ -64,11 +68,18 @@ class SandboxApp:
     async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         raw_path = scope["raw_path"].decode("latin-1")
         control = raw_path == CONTROL_PREFIX or raw_path.startswith(CONTROL_PREFIX + "/")
-        authorization, content_type, refusal = _read_head(scope["headers"], len(raw_path))
+        authorization, content_type, refusal = _read_head(
+            scope["headers"], len(raw_path), MAX_CONTROL_BODY_BYTES if control else MAX_BODY_BYTES
+        )
         if refusal is not None:
             if not control:
                 refusal = self._core.refuse(
-                    connection_id(scope), scope["method"], raw_path, authorization, refusal
+                    connection_id(scope),
+                    scope["method"],
+                    raw_path,
+                    authorization,
+                    refusal,
+                    connection_geolocation(scope),
                 )
             # The body was not read: the connection cannot carry another request.
             refusal.headers.append(("connection", "close"))
@@ -93,7 +104,13 @@ class SandboxApp:
         if body is None:
             return  # the client went away mid-request; nothing left to answer
         answer = self._core.decide(
-            connection_id(scope), scope["method"], raw_path, authorization, content_type, body
+            connection_id(scope),
+            scope["method"],
+            raw_path,
+            authorization,
+            content_type,
+            body,
+            connection_geolocation(scope),
         )
         if answer.fault is not None:
             if answer.fault == "drop":
@@ -108,7 +125,7 @@ class SandboxApp:
 
 
 def _read_head(
-    headers: list[tuple[bytes, bytes]], path_size: int
+    headers: list[tuple[bytes, bytes]], path_size: int, max_body: int
 ) -> tuple[str | None, str | None, Answer | None]:
     """Authorization and Content-Type, and the framing refusal if the request gets one."""
     found: dict[bytes, str] = {}
@@ -126,8 +143,8 @@ def _read_head(
         refusal = error_answer(411, "chunked request bodies are not supported; send Content-Length")
     elif not length.isdigit():
         refusal = error_answer(400, "invalid Content-Length")
-    elif int(length) > MAX_BODY_BYTES:
-        refusal = error_answer(413, "request body exceeds 64 KiB")
+    elif int(length) > max_body:
+        refusal = error_answer(413, f"request body exceeds {max_body // 1024} KiB")
     return found.get(b"authorization"), found.get(b"content-type"), refusal
 
 
@@ -172,6 +189,16 @@ async def _doc(request: Request) -> Any:
         raise ValueError("request body is not valid JSON") from None
 
 
+def _param(request: Request, name: str) -> str | None:
+    """A query parameter (its last value), or None."""
+    return parse_qs(request.url.query).get(name, [None])[-1]
+
+
+async def _unknown(request: Request, exc: Exception) -> Response:
+    """An unknown company or geolocation named in a control request: 404."""
+    return _response(error_answer(404, str(exc.args[0] if exc.args else exc)))
+
+
 async def _http_error(request: Request, exc: Exception) -> Response:
     """Starlette's 404 and 405 as the sandbox words them (JSON, with the Allow header kept)."""
     assert isinstance(exc, HTTPException)
@@ -205,13 +232,51 @@ def _control_app(core: SandboxCore) -> Starlette:
         return _json(200, core.config())
 
     async def requests(request: Request) -> Response:
-        params = parse_qs(request.url.query)
-        user_id = params.get("userId", [None])[-1]
-        template_id = params.get("templateId", [None])[-1]
-        return _json(200, {"requests": core.requests(user_id=user_id, template_id=template_id)})
+        found = core.requests(
+            user_id=_param(request, "userId"),
+            template_id=_param(request, "templateId"),
+            company=_param(request, "company"),
+            geolocation=_param(request, "geolocation"),
+        )
+        return _json(200, {"requests": found})
 
     async def stats(request: Request) -> Response:
-        return _json(200, core.stats())
+        company, geolocation = _param(request, "company"), _param(request, "geolocation")
+        return _json(200, core.stats(company=company, geolocation=geolocation))
+
+    async def geolocations(request: Request) -> Response:
+        if request.method == "POST":
+            doc = await _doc(request)
+            if not isinstance(doc, dict) or set(doc) - {"name", "port"}:
+                raise ValueError('a geolocation is {"name": ..., "port": 0}')
+            name, port = parse_geolocation_name(doc.get("name")), doc.get("port", 0)
+            known = name in core.geolocation_names()
+            # Listening waits on this server's own loop: off the loop, in a thread.
+            added = await run_in_threadpool(core.add_geolocation, name, port)
+            return _json(200 if known else 201, added)
+        return _json(200, {"geolocations": [core.geolocation(n) for n in core.geolocation_names()]})
+
+    async def geolocation(request: Request) -> Response:
+        name = request.path_params["name"]
+        if request.method == "POST":
+            return _json(200, core.install_geolocation_script(name, await _doc(request)))
+        return _json(200, core.geolocation(name))
+
+    async def companies(request: Request) -> Response:
+        if request.method == "POST":
+            return _json(201, {"created": core.create_companies(await _doc(request))})
+        if request.method == "DELETE":
+            return _json(200, {"cleared": core.clear_companies()})
+        return _json(200, core.companies())
+
+    async def company(request: Request) -> Response:
+        company_id = request.path_params["company_id"]
+        if request.method == "POST":
+            return _json(200, core.update_company_from(company_id, await _doc(request)))
+        if request.method == "DELETE":
+            core.remove_company(company_id)
+            return _json(200, {"removed": company_id})
+        return _json(200, core.company(company_id))
 
     async def reset(request: Request) -> Response:
         core.reset()
@@ -231,7 +296,10 @@ def _control_app(core: SandboxCore) -> Starlette:
             parsed = parse_qs((await request.body()).decode("utf-8"), keep_blank_values=True)
         except UnicodeDecodeError:
             parsed = {}
-        status, doc = core.token_request({key: values[-1] for key, values in parsed.items()})
+        status, doc = core.token_request(
+            {key: values[-1] for key, values in parsed.items()},
+            connection_geolocation(request.scope),
+        )
         return _json(status, doc)
 
     return Starlette(
@@ -242,7 +310,15 @@ def _control_app(core: SandboxCore) -> Starlette:
             Route(f"{CONTROL_PREFIX}/stats", stats, methods=["GET"]),
             Route(f"{CONTROL_PREFIX}/reset", reset, methods=["POST"]),
             Route(f"{CONTROL_PREFIX}/oauth", oauth, methods=["GET", "POST"]),
+            Route(f"{CONTROL_PREFIX}/geolocations", geolocations, methods=["GET", "POST"]),
+            Route(f"{CONTROL_PREFIX}/geolocations/{{name}}", geolocation, methods=["GET", "POST"]),
+            Route(f"{CONTROL_PREFIX}/companies", companies, methods=["GET", "POST", "DELETE"]),
+            Route(
+                f"{CONTROL_PREFIX}/companies/{{company_id}}",
+                company,
+                methods=["GET", "POST", "DELETE"],
+            ),
             Route(TOKEN_PATH, token, methods=["POST"]),
         ],
-        exception_handlers={HTTPException: _http_error, ValueError: _invalid},
+        exception_handlers={HTTPException: _http_error, ValueError: _invalid, NotFound: _unknown},
     )

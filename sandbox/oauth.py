@@ -8,6 +8,15 @@ is answered ``400 {"code": 108, ...}`` (a retired one presented again is counted
 ``reusedRefreshTokens``). ``failures`` are statuses answered to the next token requests, one each;
 ``redirectTo`` answers every token request with code 16 and that ``geolocation``.
 
+Besides the default company (``companyId``/``authToken``), the endpoint serves the companies of
+:attr:`TokenEndpoint.companies` (``sandbox.companies``): the password grant with a company's
+UUID and request token, the refresh grant with a refresh token issued to one, each answered with
+that company's own tokens and its geolocation's root URL. A company's token request that reaches
+another geolocation is answered as ``redirectTo`` answers (400, code 16, the company's
+``geolocation``), after its credentials were checked, and spends nothing. The default company
+is served at every geolocation, as before there were several. ``failures``, ``redirectTo`` and
+the client secret apply to every token request; ``reset`` leaves the companies alone.
+
 :class:`TokenEndpoint` is not thread-safe: the sandbox calls it under its own lock.
 """
 
@@ -16,9 +25,11 @@ from __future__ import annotations
 import math
 import uuid
 from collections import deque
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from sandbox.companies import Companies, Company, CompanySpec
 from sandbox.plans import is_number
 
 __all__ = ["OAUTH_KEYS", "TokenEndpoint"]
@@ -85,6 +96,7 @@ class TokenEndpoint:
 
     def __init__(self) -> None:
         self._s = _State()
+        self.companies = Companies()
 
     def configure(self, doc: dict[str, Any]) -> None:
         """Apply a ``/_sandbox/oauth`` document; nothing changes when it is invalid.
@@ -144,6 +156,10 @@ class TokenEndpoint:
         self._s.issued.append(token)
         return token
 
+    def create_companies(self, specs: Iterable[CompanySpec], now: float) -> int:
+        """Create (or replace) companies; a refresh token they hold lives ``refreshTtlSeconds``."""
+        return self.companies.create(specs, now, self._s.refresh_ttl_s)
+
     def issued(self) -> list[str]:
         """Every access and refresh token issued, oldest first."""
         return list(self._s.issued)
@@ -164,20 +180,57 @@ class TokenEndpoint:
         }
 
     def grant(
-        self, form: dict[str, str], now: float, default_geolocation: str
+        self,
+        form: dict[str, str],
+        now: float,
+        default_geolocation: str,
+        *,
+        at: str | None = None,
+        roots: Mapping[str, str] | None = None,
     ) -> tuple[int, dict[str, Any]]:
-        """Answer one token request (its form fields): the status and the JSON document."""
+        """Answer one token request (its form fields): the status and the JSON document.
+
+        ``at`` names the geolocation that received it and ``roots`` maps each geolocation to
+        its root URL (None: a single geolocation, where every company lives).
+        """
         s = self._s
         grant_type = form.get("grant_type", "")
         client_id = form.get("client_id", "")
+        company = self._company_of(grant_type, form)
 
         def done(status: int, doc: dict[str, Any]) -> tuple[int, dict[str, Any]]:
             code = doc.get("code")
             if isinstance(code, int):
                 s.codes[code] = s.codes.get(code, 0) + 1
             s.statuses[status] = s.statuses.get(status, 0) + 1
-            s.log.append({"at": now, "grantType": grant_type, "status": status, "code": code})
+            entry: dict[str, Any] = {
+                "at": now,
+                "grantType": grant_type,
+                "status": status,
+                "code": code,
+            }
+            if company is not None:
+                entry["company"] = company.id
+                company.token_requests += 1
+                if isinstance(code, int):
+                    company.codes[code] = company.codes.get(code, 0) + 1
+                elif status == 200:
+                    company.grants[grant_type] = company.grants.get(grant_type, 0) + 1
+            if at is not None:
+                entry["geolocation"] = at
+            s.log.append(entry)
             return status, doc
+
+        def moved(geolocation: str) -> tuple[int, dict[str, Any]]:
+            return done(
+                400,
+                {
+                    "code": 16,
+                    "error": "invalid_grant",
+                    "error_description": "the principal lives in another geolocation",
+                    "geolocation": geolocation,
+                },
+            )
 
         def refused(
             status: int, error: str, description: str, code: int | None = None
@@ -191,17 +244,33 @@ class TokenEndpoint:
             status = s.failures.popleft()
             return refused(status, "server_error", f"scripted {status}")
         if s.redirect_to:
-            return done(
-                400,
-                {
-                    "code": 16,
-                    "error": "invalid_grant",
-                    "error_description": "the principal lives in another geolocation",
-                    "geolocation": s.redirect_to,
-                },
-            )
+            return moved(s.redirect_to)
         if not client_id or form.get("client_secret") != s.client_secret:
             return refused(401, "invalid_client", "unknown client or wrong secret")
+        if company is not None:
+            if grant_type == "password":
+                if (
+                    form.get("credtype") != "authtoken"
+                    or form.get("password") != company.request_token
+                ):
+                    return refused(400, "invalid_grant", "bad company id or auth token")
+            else:
+                presented = form.get("refresh_token", "")
+                held = self.companies.refresh_entry(presented)
+                if held is None or held[1] not in (None, client_id) or held[2] <= now:
+                    if held is None:
+                        s.reused += 1  # only a spent or revoked token names its company here
+                    return refused(400, "invalid_grant", "bad or expired refresh token", 108)
+            home = company.geolocation
+            root = (roots or {}).get(home, default_geolocation)
+            if at is not None and at != home:
+                return moved(root)  # the credentials stay good for the right geolocation
+            if grant_type == "refresh_token":
+                self.companies.retire(form.get("refresh_token", ""))
+            access, refresh = self.companies.issue(
+                company, client_id, now, s.access_ttl_s, s.refresh_ttl_s
+            )
+            return self._granted(done, grant_type, access, refresh, now, root)
         if grant_type == "password":
             if (
                 form.get("credtype") != "authtoken"
@@ -224,6 +293,33 @@ class TokenEndpoint:
         refresh = f"sbx-rt-{uuid.uuid4().hex}"
         s.access[access] = now + s.access_ttl_s
         s.refresh[refresh] = (client_id, now + s.refresh_ttl_s)
+        return self._granted(
+            done, grant_type, access, refresh, now, s.geolocation or default_geolocation
+        )
+
+    def _company_of(self, grant_type: str, form: dict[str, str]) -> Company | None:
+        """The registered company a token request is for (None: the default company)."""
+        if grant_type == "password":
+            username = form.get("username", "")
+            if username == self._s.company_id:
+                return None
+            return self.companies.get(username)
+        if grant_type == "refresh_token":
+            presented = form.get("refresh_token", "")
+            entry = self.companies.refresh_entry(presented)
+            return entry[0] if entry is not None else self.companies.retired_owner(presented)
+        return None
+
+    def _granted(
+        self,
+        done: Callable[[int, dict[str, Any]], tuple[int, dict[str, Any]]],
+        grant_type: str,
+        access: str,
+        refresh: str,
+        now: float,
+        geolocation: str,
+    ) -> tuple[int, dict[str, Any]]:
+        s = self._s
         s.issued.extend((access, refresh))
         s.grants[grant_type] = s.grants.get(grant_type, 0) + 1
         return done(
@@ -235,7 +331,7 @@ class TokenEndpoint:
                 "access_token": access,
                 "refresh_token": refresh,
                 "refresh_expires_in": int(now + s.refresh_ttl_s),
-                "geolocation": s.geolocation or default_geolocation,
+                "geolocation": geolocation,
                 "id_token": "sandbox-id-token",
             },
         )

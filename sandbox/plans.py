@@ -4,8 +4,12 @@ A script matches one userId, one templateId or everything. Its ``responses`` are
 matching request; afterwards ``then`` (default ``{"status": 200}``) answers. ``rate`` replaces
 ``responses`` with random flapping. A planned response (:class:`Plan`) is ``{"status",
 "retryAfter", "delayMs", "errors", "body", "contentType", "hang", "drop", "garbled"}``, all
-optional except ``status``. The parsers raise ``ValueError`` with a message fit for a 400 answer,
-so a bad script is refused when it is posted, never when a request meets it.
+optional except ``status``. A geolocation's script (:class:`GeoScript`) adds to every answer
+there: ``answer``, one planned response given to every valid post (an outage: the user's and
+template's scripts are not consulted, so not used up), and ``delayMs``, added to every answer's
+latency (a slow data center); :func:`pick_at` composes the two. The parsers raise
+``ValueError`` with a message fit for a 400 answer, so a bad script is refused when it is posted,
+never when a request meets it.
 """
 
 from __future__ import annotations
@@ -19,15 +23,18 @@ from typing import Any
 
 __all__ = [
     "DEFAULT_KEY",
+    "GeoScript",
     "Plan",
     "Rate",
     "Script",
     "ScriptKey",
     "is_number",
+    "parse_geo_script",
     "parse_plan",
     "parse_rate",
     "parse_script",
     "pick",
+    "pick_at",
 ]
 
 ScriptKey = tuple[str, str]
@@ -40,6 +47,7 @@ _PLAN_KEYS = frozenset(
 )
 _RATE_KEYS = frozenset({"errorRatio", "statuses", "hangRatio", "seed"})
 _SCRIPT_KEYS = frozenset({"match", "responses", "then", "rate"})
+_GEO_SCRIPT_KEYS = frozenset({"answer", "delayMs"})
 # What an HTTP/1.1 server may not put in a header value (HTAB is allowed); uvicorn refuses these
 # when the answer is written, so they are refused here, when the script is posted.
 _NOT_IN_HEADERS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
@@ -77,6 +85,14 @@ class Script:
     pending: deque[Plan]
     then: Plan
     rate: Rate | None
+
+
+@dataclass(frozen=True, slots=True)
+class GeoScript:
+    """What one geolocation does to every post it receives: an outage answer, a delay."""
+
+    answer: Plan | None = None
+    delay_ms: float = 0.0
 
 
 _HANG = Plan(hang=True)
@@ -124,9 +140,7 @@ def parse_plan(raw: Any, where: str) -> Plan:
         if not isinstance(retry_after, str):
             raise ValueError(f"{where}.retryAfter must be a string or number")
         _header_safe(retry_after, f"{where}.retryAfter")
-    delay_ms = raw.get("delayMs", 0)
-    if not is_number(delay_ms) or not math.isfinite(delay_ms) or delay_ms < 0:
-        raise ValueError(f"{where}.delayMs must be a non-negative number")
+    delay_ms = _delay_ms(raw, "delayMs", where)
     errors = raw.get("errors")
     if errors is not None and (
         not isinstance(errors, list) or not all(isinstance(e, dict) for e in errors)
@@ -143,7 +157,7 @@ def parse_plan(raw: Any, where: str) -> Plan:
     return Plan(
         status=status,
         retry_after=retry_after,
-        delay_ms=float(delay_ms),
+        delay_ms=delay_ms,
         errors=None if errors is None else tuple(dict(e) for e in errors),
         body=body,
         content_type=content_type,
@@ -184,6 +198,27 @@ def parse_rate(raw: Any) -> Rate:
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise ValueError("rate.seed must be an integer")
     return Rate(error_ratio, hang_ratio, tuple(statuses), random.Random(seed))
+
+
+def _delay_ms(raw: dict[str, Any], key: str, where: str) -> float:
+    value = raw.get(key, 0)
+    if not is_number(value) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{where}.{key} must be a non-negative number")
+    return float(value)
+
+
+def parse_geo_script(raw: Any) -> GeoScript:
+    """A geolocation's script from its JSON ``{"answer": plan | null, "delayMs": n}``."""
+    if not isinstance(raw, dict):
+        raise ValueError("a geolocation's script must be an object")
+    unknown = sorted(set(raw) - _GEO_SCRIPT_KEYS)
+    if unknown:
+        raise ValueError(f"a geolocation's script has unknown keys: {', '.join(unknown)}")
+    answer = raw.get("answer")
+    return GeoScript(
+        answer=None if answer is None else parse_plan(answer, "answer"),
+        delay_ms=_delay_ms(raw, "delayMs", "script"),
+    )
 
 
 def parse_script(raw: Any) -> tuple[ScriptKey, Script]:
@@ -239,3 +274,17 @@ def pick(scripts: dict[ScriptKey, Script], user_id: str, template_id: str | None
         if roll < rate.hang_ratio + rate.error_ratio:
             return Plan(status=rate.rng.choice(rate.statuses))
     return script.then
+
+
+def pick_at(
+    scripts: dict[ScriptKey, Script],
+    geo: GeoScript | None,
+    user_id: str,
+    template_id: str | None,
+) -> Plan | None:
+    """The plan for a valid request at a geolocation: its outage answer when it has one (the
+    other scripts are left as they are), else :func:`pick`'s. Its delay is the caller's to add.
+    """
+    if geo is not None and geo.answer is not None:
+        return geo.answer
+    return pick(scripts, user_id, template_id)

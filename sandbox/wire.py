@@ -15,8 +15,11 @@ uvicorn (httptools parser, uvloop) does the HTTP/1.1: framing, keep-alive, pipel
 * **Stop drops everything in flight.** A hung request or one waiting out a 60 s delay must not
   hold up ``stop()``: :class:`_Server` aborts every connection and cancels the requests' tasks
   instead of uvicorn's graceful wait, and wakes at once instead of polling every 100 ms.
-* **Our socket, our signals.** :class:`Serving` binds the listening socket itself, so a taken
-  port fails in the caller's thread and port 0 is known before the loop runs; signals are the
+* **Our sockets, our signals.** The caller binds the listening sockets (:func:`listen`), so a
+  taken port fails in the caller's thread and port 0 is known before the loop runs; one server
+  listens on several (one per geolocation), and :meth:`Serving.add` adds one while it runs. Each
+  connection learns its geolocation from its listening port (the counter's answer), and it goes
+  into the scope next to the connection (:func:`connection_geolocation`). Signals are the
   caller's to install (uvicorn re-raises the one it caught after shutting down, which would turn
   a clean SIGTERM exit into a death by signal).
 
@@ -33,7 +36,7 @@ import contextlib
 import signal
 import socket
 import threading
-from collections.abc import Callable, Generator
+from collections.abc import Awaitable, Callable, Generator
 from types import FrameType
 from typing import Any, Protocol, cast
 
@@ -44,7 +47,16 @@ from uvicorn.server import ServerState
 
 from sandbox.v4 import error_answer
 
-__all__ = ["CONNECTION", "ConnectionCounter", "Serving", "connection_id", "drop", "garble"]
+__all__ = [
+    "CONNECTION",
+    "ConnectionCounter",
+    "Serving",
+    "connection_geolocation",
+    "connection_id",
+    "drop",
+    "garble",
+    "listen",
+]
 
 CONNECTION = "sandbox.connection"
 BACKLOG = 4096  # thousands of benchmark clients may connect at once
@@ -52,14 +64,15 @@ BACKLOG = 4096  # thousands of benchmark clients may connect at once
 # uvicorn's default (5 s) would close them under a client about to reuse one.
 KEEP_ALIVE_SECONDS = 24 * 3600
 GARBLE = b"\x00SANDBOX GARBLED ANSWER: this is not HTTP\xff\r\n\r\n"
+_ADD_TIMEOUT_SECONDS = 10.0
 
 
 class ConnectionCounter(Protocol):
     """What the protocol reports connections to (the sandbox's ledger, under its lock)."""
 
-    def connection_opened(self) -> int: ...
+    def connection_opened(self, port: int) -> tuple[int, str]: ...
 
-    def connection_closed(self) -> None: ...
+    def connection_closed(self, geolocation: str) -> None: ...
 
 
 class _Config(uvicorn.Config):
@@ -97,18 +110,23 @@ class _Protocol(HttpToolsProtocol):
         self.access_log = False
         self._counter = cast(_Config, config).counter
         self._extensions: dict[str, dict[object, object]] = {}
+        self._geolocation = ""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        sockname = transport.get_extra_info("sockname")
+        port = int(sockname[1]) if isinstance(sockname, tuple) else 0
+        connection_id, self._geolocation = self._counter.connection_opened(port)
         connection: dict[object, object] = {
-            "id": self._counter.connection_opened(),
+            "id": connection_id,
             "transport": transport,
+            "geolocation": self._geolocation,
         }
         self._extensions = {CONNECTION: connection}
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
-        self._counter.connection_closed()
+        self._counter.connection_closed(self._geolocation)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -132,6 +150,11 @@ def connection_id(scope: Scope) -> int:
     return cast(int, _connection(scope)["id"])
 
 
+def connection_geolocation(scope: Scope) -> str:
+    """The geolocation whose port the request's connection came to."""
+    return cast(str, _connection(scope)["geolocation"])
+
+
 def drop(scope: Scope) -> None:
     """Close the request's connection without answering; the app then awaits the disconnect."""
     cast(asyncio.Transport, _connection(scope)["transport"]).close()
@@ -147,7 +170,7 @@ def garble(scope: Scope) -> None:
 class _Server(uvicorn.Server):
     """uvicorn's server that stops at once, dropping what is in flight (see the module doc)."""
 
-    def __init__(self, config: uvicorn.Config, on_started: Callable[[], None]) -> None:
+    def __init__(self, config: uvicorn.Config, on_started: Callable[[], Awaitable[None]]) -> None:
         super().__init__(config)
         self._on_started = on_started
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -158,14 +181,35 @@ class _Server(uvicorn.Server):
         yield  # Serving.run installs its own handlers, or none off the main thread
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
         await super().startup(sockets)
         if self.started:
-            self._on_started()
+            await self._on_started()
+
+    async def listen_on(self, sock: socket.socket) -> None:
+        """Serve one more listening socket, as ``startup`` serves the first ones."""
+        config = self.config
+
+        def create_protocol() -> asyncio.Protocol:
+            return config.http_protocol_class(  # type: ignore[call-arg]
+                config=config, server_state=self.server_state, app_state=self.lifespan.state
+            )
+
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(create_protocol, sock=sock, backlog=config.backlog)
+        self.servers.append(server)
+
+    def listen_soon(self, sock: socket.socket) -> None:
+        """:meth:`listen_on` from another thread, once it serves; waits for it."""
+        loop = self._loop
+        if loop is None or self.should_exit:
+            raise RuntimeError("the sandbox is not serving")
+        future = asyncio.run_coroutine_threadsafe(self.listen_on(sock), loop)
+        future.result(_ADD_TIMEOUT_SECONDS)
 
     async def main_loop(self) -> None:
         # uvicorn's loop ticks every 100 ms for its Date header and request limits; the sandbox
         # sends no Date header and has no limit, so it just waits to be told to stop.
-        self._loop = asyncio.get_running_loop()
         while not self.should_exit:
             await self._wake.wait()
             self._wake.clear()
@@ -195,25 +239,52 @@ class _Server(uvicorn.Server):
             await server.wait_closed()
 
 
-def _listen(host: str, port: int) -> socket.socket:
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port`` (0: a free port); OSError when the port is taken."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     return socket.create_server((host, port), family=family, backlog=BACKLOG)
 
 
-class Serving:
-    """One run of the sandbox's server: a bound socket, then uvicorn on a uvloop loop."""
+def port_of(sock: socket.socket) -> int:
+    """The port a listening socket is bound to."""
+    return int(sock.getsockname()[1])
 
-    def __init__(self, app: ASGIApp, counter: ConnectionCounter, host: str, port: int) -> None:
-        self._socket = _listen(host, port)  # raises OSError when the port is taken
-        self.port = int(self._socket.getsockname()[1])
+
+class Serving:
+    """One run of the sandbox's server: bound sockets, then uvicorn on a uvloop loop."""
+
+    def __init__(
+        self, app: ASGIApp, counter: ConnectionCounter, sockets: list[socket.socket]
+    ) -> None:
+        if not sockets:
+            raise ValueError("Serving needs at least one listening socket")
+        self._sockets = list(sockets)  # closed when the run ends
+        self.port = port_of(sockets[0])
         self.started = False
         self._server = _Server(_Config(app, counter), self._mark_started)
         self._on_started: Callable[[], None] | None = None
+        # Sockets added before the loop serves wait here; _mark_started serves them.
+        self._adding = threading.Lock()
+        self._late: list[socket.socket] = []
 
-    def _mark_started(self) -> None:
-        self.started = True
+    async def _mark_started(self) -> None:
+        with self._adding:
+            self.started = True
+            late, self._late = self._late, []
+        for sock in late:
+            await self._server.listen_on(sock)
         if self._on_started is not None:
             self._on_started()
+
+    def add(self, sock: socket.socket) -> None:
+        """Listen on one more socket (it is closed when the run ends); from any thread but the
+        loop's. Returns once it is served (or queued, before the server started)."""
+        with self._adding:
+            self._sockets.append(sock)
+            if not self.started:
+                self._late.append(sock)
+                return
+        self._server.listen_soon(sock)
 
     def run(self, on_started: Callable[[], None], *, install_signals: bool) -> None:
         """Serve in this thread until :meth:`stop`, or SIGINT/SIGTERM with ``install_signals``
@@ -222,8 +293,10 @@ class Serving:
         ``on_started`` is called on the loop once uvicorn serves the socket.
         """
         self._on_started = on_started
+        with self._adding:
+            initial, self._late = list(self._sockets), []
         with contextlib.ExitStack() as stack:
-            stack.callback(self._socket.close)
+            stack.callback(self._close_sockets)
             if install_signals and threading.current_thread() is threading.main_thread():
                 # Before the loop starts, so no signal finds the default handler; restored after,
                 # as uvicorn does (signal.signal interrupts uvloop's wait like its own handlers).
@@ -231,7 +304,13 @@ class Serving:
                     previous = signal.signal(signum, self._on_signal)
                     stack.callback(signal.signal, signum, previous)
             with asyncio.Runner(loop_factory=self._server.config.get_loop_factory()) as runner:
-                runner.run(self._server.serve(sockets=[self._socket]))
+                runner.run(self._server.serve(sockets=initial))
+
+    def _close_sockets(self) -> None:
+        with self._adding:
+            sockets = list(self._sockets)
+        for sock in sockets:
+            sock.close()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.stop()
