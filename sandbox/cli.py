@@ -2,8 +2,7 @@
 
 They are declared as entry points (group ``notify.commands`` in pyproject.toml) and found by
 ``worker.front.cli`` when asked for, so the production package never imports this one: an image
-without
-``sandbox/`` simply has no such commands.
+without ``sandbox/`` simply has no such commands.
 """
 
 from __future__ import annotations

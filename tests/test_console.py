@@ -1,6 +1,6 @@
 """The dead-letter console (``/console``, worker/front/console.py) of the real ``notify api``
-process,
-over real HTTP and against real Redis: its sessions, CSRF tokens and cookie flags with httpx, and
+process, over real HTTP and against real Redis: its sessions, CSRF tokens and cookie flags with
+httpx, and
 the whole operator's path in a real browser (Debian's Chromium through Playwright): log in,
 filter, open a dead letter the real pipeline made, replay it and see it delivered."""
 

@@ -2,8 +2,8 @@
 
 * A SIGKILLed worker's messages, in flight and prefetched, are delivered by another worker within
   60 s on default timeouts (visibility timeout 3,600 s, lease 80 s): the liveness thread
-  (worker/delivery/mover.py) takes them over once the worker's heartbeat is 15 s old (issue 12,
-  item 4).
+  (worker/delivery/mover.py) takes them over once the worker's heartbeat is 15 s old (issue 12, item
+  4).
 * A message the gateway answered 202 while the broker was away reaches a worker within 30 s of the
   broker's return: the publisher keeps the batch and tries again (issue 12, item 4).
 * Redis Sentinel: a master, a replica and three sentinels on loopback ports; the master is

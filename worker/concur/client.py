@@ -1,8 +1,7 @@
 """The client for Concur's Notifications v4 API: builds each post, reads each answer.
 
 ``start`` hands posts to the process's one transport (``worker.concur.transport``, libcurl) and
-returns
-at once, so a worker thread keeps every post of its batch in flight together; each post's
+returns at once, so a worker thread keeps every post of its batch in flight together; each post's
 ``Reply`` then gets an ``ApiResponse`` (any status) or a ``TransportFailure`` (timeout, refused
 connection, broken protocol), never an exception, and ``outcomes.classify`` decides what either
 means. The transport is injected, so tests can run the real client against

@@ -13,8 +13,8 @@ the failed-notification endpoints for operators; an ASGI app on Starlette, serve
 
 Every error is the seed's ``ErrorMessage``. Redis calls block, so they run off the event loop: the
 gateway's through the intake thread, in groups (``worker.intake.intake``), the others in the thread
-pool.
-Keys arrive only in the ``Authorization`` header, which no log line carries. A wrong key counts
+pool. Keys arrive only in the ``Authorization`` header, which no log line carries. A wrong key
+counts
 toward the failure limits (``worker.front.guard``): past them, key checks answer 429.
 """
 

@@ -2,8 +2,8 @@
 
 Every schema is generated from a pydantic model: the seed's request and ``ErrorMessage``
 (``worker.shapes.models``) and every answer (``worker.shapes.contract``), which are the models the
-service
-answers through. Parameter limits and patterns are the constants those modules define. What is
+service answers through. Parameter limits and patterns are the constants those modules define. What
+is
 written here is only the route table (``OPERATIONS``): per operation its method, path, summary,
 security, parameters, request model and documented answers. ``tests/test_openapi.py`` checks live
 answers against the document; ``tests/test_api.py`` that it names every route the app serves.

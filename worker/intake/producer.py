@@ -78,8 +78,7 @@ def enqueue(
 
     It returns once the message is recorded in Redis; a background thread publishes it to the
     queue moments later (see ``worker.queue.publisher``). ``partner`` names who sends it
-    (``default``
-    when None): the same request from two partners is two messages with two ids.
+    (``default`` when None): the same request from two partners is two messages with two ids.
     """
     body = request_body(session_id, template_id, url)
     return submit(user_id, body, runtime=runtime, partner=partner).id

@@ -19,8 +19,7 @@ Outcome of one attempt::
 
 ``classify`` is pure: it takes the answer (``ApiResponse``, or ``TransportFailure`` when there was
 none: the types are defined here, where they are read; ``worker.concur.client`` makes them), the
-attempt
-number and the retry policy, and returns an ``Outcome``; the worker applies it.
+attempt number and the retry policy, and returns an ``Outcome``; the worker applies it.
 """
 
 from __future__ import annotations

@@ -1,13 +1,11 @@
 """The HTTP service's answers and the limits of its parameters, as pydantic models and constants.
 
 ``worker.front.api`` builds every JSON answer through these models and ``worker.front.openapi``
-generates the
-document's schemas from them, so an answer and its description cannot drift apart: a key the
-gateway adds, drops or retypes fails the model (``extra="forbid"``, strict) before it reaches a
-client. The request body and the error body are the seed's (``worker.shapes.models``); the failed
-list
-follows Concur's "Get Notifications by Status" (``worker.front.notifications`` builds its dicts and
-the XML). Pure: no I/O, nothing above ``worker.shapes.models``.
+generates the document's schemas from them, so an answer and its description cannot drift apart: a
+key the gateway adds, drops or retypes fails the model (``extra="forbid"``, strict) before it
+reaches a client. The request body and the error body are the seed's (``worker.shapes.models``); the
+failed list follows Concur's "Get Notifications by Status" (``worker.front.notifications`` builds
+its dicts and the XML). Pure: no I/O, nothing above ``worker.shapes.models``.
 """
 
 from __future__ import annotations
@@ -43,8 +41,7 @@ ClientStatus = Literal["queued", "retrying", "delivered", "failed"]
 MessageId = Annotated[str, Field(pattern=schema_pattern(MESSAGE_ID_PATTERN))]
 PartnerName = Annotated[str, Field(pattern=schema_pattern(PARTNER_PATTERN))]
 # Times are written by worker.shapes.times (ISO-8601 UTC, "Z"); kept as text so the answer shows
-# them
-# exactly as written.
+# them exactly as written.
 Timestamp = Annotated[str, Field(json_schema_extra={"format": "date-time"})]
 UriReference = Annotated[str, Field(json_schema_extra={"format": "uri-reference"})]
 
