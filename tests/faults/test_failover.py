@@ -36,12 +36,10 @@ from redis import Redis
 from sandbox.concur import Sandbox
 from sandbox.processes import stop_processes
 from sandbox.redisserver import EmbeddedRedis, find_redis_server
-from tests.conftest import ROOT, TEST_TOKEN, WorkerProcess, free_port, wait_for
-from tests.isolated import Isolated, isolated
-from tests.test_faults import (
+from tests.harness import ROOT, TEST_TOKEN, Isolated, WorkerProcess, free_port, wait_for
+from tests.reconcile import (
     FAST,
     ApiService,
-    api,
     assert_all_accounted,
     delivered_count,
     ids_of,
@@ -54,8 +52,6 @@ from tests.test_faults import (
 from worker.runtime import Runtime
 from worker.settings import load_settings
 from worker.store import keys
-
-__all__ = ["api", "isolated"]  # fixtures
 
 # The timeouts a user gets without setting any (worker/settings.py): lease 2 x (5 + 30) + 10 = 80 s,
 # visibility timeout and publish grace 3,600 s. Few threads per worker, so a worker holds

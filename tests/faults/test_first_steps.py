@@ -27,7 +27,7 @@ from dotenv import dotenv_values
 
 from sandbox.devstack import update_dotenv
 from sandbox.processes import stop_processes
-from tests.conftest import ROOT, free_port, wait_for
+from tests.harness import ROOT, free_port, wait_for
 from worker.shapes.models import is_message_id
 
 VENV = Path(sys.executable).parent.parent

@@ -8,10 +8,7 @@ import uuid
 
 import pytest
 
-from tests.conftest import wait_for
-from tests.isolated import Isolated, isolated
-
-__all__ = ["isolated"]  # the fixture
+from tests.harness import Isolated, wait_for
 
 MESSAGES = 200
 USERS = 10

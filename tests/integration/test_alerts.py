@@ -21,8 +21,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import ROOT, free_port, wait_for
-from tests.test_api import ServerThread
+from tests.harness import ROOT, ServerThread, free_port, wait_for
 from worker.front.api import create_app
 from worker.front.stats import collect, render_prometheus
 from worker.runtime import Runtime

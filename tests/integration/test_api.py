@@ -7,7 +7,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import threading
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -16,7 +15,6 @@ from urllib.parse import quote
 
 import httpx
 import pytest
-import uvicorn
 from click.testing import CliRunner
 from hypothesis import HealthCheck, event, given
 from hypothesis import settings as hypothesis_settings
@@ -24,22 +22,29 @@ from hypothesis import strategies as st
 from openapi_spec_validator import validate as validate_openapi
 from starlette.routing import Route
 
-from tests.conftest import free_port, wait_for
+from tests.harness import (
+    MAX_BODY,
+    OPERATOR,
+    OPERATOR_KEY,
+    OTHER_PARTNER_KEY,
+    PARTNER,
+    PARTNER_KEY,
+    ServerThread,
+    free_port,
+    wait_for,
+)
+from tests.harness import app_settings as _settings
+from tests.harness import dead_letter as _dead_letter
+from tests.harness import message_keys as _message_keys
+from tests.harness import request_body as _body
 from worker.front.api import create_app, negotiate
 from worker.front.cli import main as notify_cli
 from worker.front.notifications import NAMESPACE, XSI_NAMESPACE, notification_list_xml
-from worker.runtime import Runtime
 from worker.settings import load_settings
-from worker.shapes.models import is_message_id, message_id
+from worker.shapes.models import is_message_id
 from worker.store import keys
 from worker.store.deadletters import DeadLetter
-from worker.store.records import Failure
 
-PARTNER_KEY = "partner-key-" + uuid.uuid4().hex
-OTHER_PARTNER_KEY = "partner-key-" + uuid.uuid4().hex
-OPERATOR_KEY = "operator-key-" + uuid.uuid4().hex
-PARTNER = {"Authorization": f"Bearer {PARTNER_KEY}"}
-OPERATOR = {"Authorization": f"Bearer {OPERATOR_KEY}"}
 NS = {"n": NAMESPACE}
 NIL = f"{{{XSI_NAMESPACE}}}nil"
 NOTIFICATION_ORDER = [
@@ -51,70 +56,6 @@ NOTIFICATION_ORDER = [
     "ObjectURI",
     "Failure",
 ]
-MAX_BODY = 4096
-
-
-class ServerThread:
-    """A uvicorn server for one app, in a thread, on a free loopback port."""
-
-    def __init__(self, app: Any) -> None:
-        self.port = free_port()
-        config = uvicorn.Config(
-            app, host="127.0.0.1", port=self.port, log_config=None, access_log=True
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> ServerThread:
-        self.thread.start()
-        wait_for(lambda: self.server.started, timeout=15, what="uvicorn to start")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=15)
-
-
-def _settings(**overrides: Any) -> Any:
-    return load_settings(
-        gateway_keys=f"{PARTNER_KEY},{OTHER_PARTNER_KEY}",
-        operator_keys=OPERATOR_KEY,
-        service_max_body_bytes=MAX_BODY,
-        **overrides,
-    )
-
-
-@pytest.fixture(scope="module")
-def server(runtime: Runtime) -> Iterator[ServerThread]:
-    """The app built from explicit settings (keys set here) over the test runtime."""
-    with ServerThread(create_app(_settings(), runtime)) as running:
-        yield running
-
-
-@pytest.fixture
-def http(server: ServerThread) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=30) as client:
-        yield client
-
-
-def _body(session: str | None = None, template: str = "welcome", url: str | None = None) -> dict:
-    return {
-        "sessionId": session or f"s-{uuid.uuid4().hex[:8]}",
-        "templateId": template,
-        "context": {"url": url or "https://app.example.com/reports/1"},
-    }
-
-
-def _message_keys(runtime: Runtime) -> int:
-    return sum(
-        1
-        for key in runtime.redis.scan_iter(match=keys.message("*"), count=1000)
-        if not key.endswith(":attempts")
-    )
 
 
 def _errors(response: httpx.Response) -> list[dict[str, str]]:
@@ -124,26 +65,6 @@ def _errors(response: httpx.Response) -> list[dict[str, str]]:
         assert set(item) == {"errorId", "errorCode", "errorMessage"}
         uuid.UUID(item["errorId"])
     return body["errors"]
-
-
-def _dead_letter(runtime: Runtime, user: str, **fields: Any) -> str:
-    """Write a dead letter with the real store (as a worker would) and return its id."""
-    session = fields.pop("session", f"s-{uuid.uuid4().hex[:8]}")
-    template = fields.pop("template", "welcome")
-    context = fields.pop("context", {"url": "https://app.example.com/r/1"})
-    ident = message_id(user, session, template)
-    failure = Failure(
-        reason=fields.pop("reason", "api_rejected"),
-        detail=fields.pop("detail", "the API refused the request"),
-        status=fields.pop("status", 400),
-        errors=fields.pop("errors", [{"errorId": "e1", "errorCode": "BAD", "errorMessage": "no"}]),
-        correlation_id=fields.pop("correlation_id", "cid-" + uuid.uuid4().hex[:8]),
-        task_id="task-1",
-        worker="test",
-    )
-    request = {"userId": user, "sessionId": session, "templateId": template, "context": context}
-    assert runtime.store.dead_letter(ident, failure, request=request)
-    return ident
 
 
 # -- gateway ---------------------------------------------------------------------------------------

@@ -12,10 +12,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, wait_for
-from tests.isolated import Isolated, isolated
-from tests.test_faults import (
-    api,
+from tests.harness import ROOT, Isolated, wait_for
+from tests.reconcile import (
     assert_all_accounted,
     ids_of,
     reconcile,
@@ -27,8 +25,6 @@ from worker.front.stats import collect, render_prometheus
 from worker.limits import breaker as breakers
 from worker.limits.breaker import Breaker, BreakerPolicy, counts_as_failure
 from worker.rules.outcomes import ApiResponse, TransportFailure
-
-__all__ = ["api", "isolated"]  # fixtures
 
 POLICY = BreakerPolicy(
     window_seconds=10,

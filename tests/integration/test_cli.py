@@ -12,9 +12,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import wait_for
+from tests.harness import ROOT, wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
 NOTIFY = str(Path(sys.executable).parent / "notify")
 
 pytestmark = pytest.mark.usefixtures("celery_worker_process")

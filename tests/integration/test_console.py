@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from sandbox.processes import stop_processes
-from tests.conftest import ROOT, free_port, wait_for
+from tests.harness import OPERATOR_KEY, ROOT, free_port, wait_for
 from worker.runtime import Runtime
 from worker.shapes.models import message_id
 from worker.store.records import Failure
@@ -39,7 +39,6 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 PARTNER_KEY = "acme-key-" + uuid.uuid4().hex
-OPERATOR_KEY = "operator-key-" + uuid.uuid4().hex
 PARTNER = {"Authorization": f"Bearer {PARTNER_KEY}"}
 CSRF = re.compile(r'name="csrf" value="([^"]+)"')
 

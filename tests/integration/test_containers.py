@@ -16,7 +16,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from tests.conftest import ROOT
+from tests.harness import ROOT, docker_pins
 from worker.settings import ENV_PREFIX, Settings
 
 DOCKER = ROOT / "docker"
@@ -60,7 +60,9 @@ def test_compose_runs_redis_worker_api_and_flower_from_one_image(compose):
     services = {
         name: service
         for name, service in compose["services"].items()
-        if not service.get("profiles")  # the optional monitoring profile: tests/test_alerts.py
+        if not service.get(
+            "profiles"
+        )  # the optional monitoring profile: tests/integration/test_alerts.py
     }
     assert set(services) == {"redis", *ROLES}
     for role in ROLES:
@@ -152,10 +154,9 @@ def test_dockerfile_is_slim_pinned_non_root_and_checks_health():
 
 
 def test_pinned_requirements_cover_every_project_dependency():
-    # Hashed pins, one a line (with continuation lines); tests/test_docker_build.py installs them.
-    from tests.test_docker_build import pinned as read_pins
-
-    pinned = read_pins()
+    # Hashed pins, one a line (with continuation lines); tests/integration/test_docker_build.py
+    # installs them.
+    pinned = docker_pins()
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     for raw in project["dependencies"]:
         requirement = Requirement(raw)

@@ -9,13 +9,11 @@ from typing import Any
 
 import pytest
 
-from tests.isolated import Isolated, isolated
+from tests.harness import Isolated
 from worker.delivery.attempts import deliver_task
 from worker.queue.envelopes import Envelope
 from worker.shapes.models import Message
 from worker.store import keys
-
-__all__ = ["isolated"]  # the fixture
 
 
 def _batch(rt: Any, users: list[str]) -> list[Envelope]:

@@ -31,7 +31,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
-from tests.conftest import ROOT
+from tests.harness import ROOT, docker_pins
 
 pytestmark = pytest.mark.slow
 
@@ -42,22 +42,6 @@ PIP_CACHE = Path.home() / ".cache" / "pip"
 MUST_BE_PINNED = {"httptools", "uvloop", "websockets", "watchfiles", "pyyaml", "pycurl"}
 # Kept for TLS and proxies only; every other PIP_* variable of this machine is dropped.
 PASSED_THROUGH = ("PATH", "HOME", "LANG", "SSL_CERT_FILE", "PIP_CERT", "PIP_DEFAULT_TIMEOUT")
-
-
-def pinned() -> dict[str, str]:
-    """docker/requirements.txt as {canonical name: version}; every line a hashed ``==`` pin."""
-    pins: dict[str, str] = {}
-    text = PINS.read_text().replace("\\\n", " ")
-    for line in text.splitlines():
-        line = line.split("#", 1)[0].strip()
-        if not line:
-            continue
-        requirement, *options = line.split()
-        name, _, version = requirement.partition("==")
-        assert version, f"not pinned: {line}"
-        assert options and all(o.startswith("--hash=sha256:") for o in options), f"no hash: {line}"
-        pins[canonicalize_name(name)] = version
-    return pins
 
 
 @dataclass
@@ -197,7 +181,7 @@ def _replay(tmp: Path) -> tuple[Stage, list[str]]:
 
 
 def test_pins_are_complete_hashed_and_satisfy_pyproject() -> None:
-    pins = pinned()
+    pins = docker_pins()
     assert pins.keys() >= MUST_BE_PINNED, MUST_BE_PINNED - pins.keys()
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     for raw in project["dependencies"]:
@@ -237,7 +221,7 @@ def test_dockerfile_pip_steps_build_and_install_exactly_the_pins_and_the_project
     runtime, pip_commands = _replay(tmp_path)
     assert len(pip_commands) >= 3, pip_commands  # two wheel steps, the runtime install
 
-    pins = pinned()
+    pins = docker_pins()
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     expected = {**pins, canonicalize_name(project["name"]): project["version"]}
 

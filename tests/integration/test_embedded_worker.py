@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 import tasks
-from tests.conftest import wait_for
+from tests.harness import wait_for
 from worker.queue.envelopes import Envelope
 
 QUEUE = f"notify-embedded-{uuid.uuid4().hex[:8]}"

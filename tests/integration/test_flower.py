@@ -14,10 +14,7 @@ import httpx
 import pytest
 
 from sandbox.processes import stop_processes
-from tests.conftest import ROOT, free_port, wait_for
-from tests.isolated import Isolated, isolated
-
-__all__ = ["isolated"]  # the fixture
+from tests.harness import ROOT, Isolated, free_port, wait_for
 
 NOTIFY = str(Path(sys.executable).parent / "notify")
 AUTH = ("ops", "flower-test-password-91c")

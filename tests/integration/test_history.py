@@ -23,7 +23,7 @@ import pytest
 from redis import Redis
 from starlette.testclient import TestClient
 
-from tests import conftest
+from tests.harness import OPERATOR_KEY, ROOT
 from worker.front.api import create_app
 from worker.queue.envelopes import Envelope
 from worker.runtime import Runtime
@@ -32,8 +32,6 @@ from worker.shapes.models import Message
 from worker.store import history, keys
 from worker.store.history import HistoryWriter
 from worker.store.records import AttemptRecord, Failure, MessageStore, now_ms
-
-OPERATOR_KEY = "operator-key-" + uuid.uuid4().hex
 
 
 def _server() -> str | None:
@@ -121,7 +119,7 @@ def test_notify_db_upgrade_makes_the_schema_once(pg_url: str) -> None:
     assert history.schema_version(pg_url) == 1
     env = {**os.environ, "NOTIFY_HISTORY_URL": pg_url}
     done = subprocess.run(
-        [str(conftest.ROOT / ".venv/bin/notify"), "db", "upgrade"],
+        [str(ROOT / ".venv/bin/notify"), "db", "upgrade"],
         env=env,
         capture_output=True,
         text=True,
@@ -236,7 +234,7 @@ def test_a_message_whose_hot_record_expired_is_answered_from_history(
     # notify status reads the same.
     env = {**os.environ, "NOTIFY_HISTORY_URL": pg_url}
     shown = subprocess.run(
-        [str(conftest.ROOT / ".venv/bin/notify"), "status", message.id, "--json"],
+        [str(ROOT / ".venv/bin/notify"), "status", message.id, "--json"],
         env=env,
         capture_output=True,
         text=True,
@@ -293,7 +291,7 @@ def test_a_writer_killed_mid_batch_loses_no_row_and_writes_none_twice(
     url = os.environ["NOTIFY_REDIS_URL"]
     doomed = subprocess.Popen(
         [sys.executable, "-c", _WRITER, url, pg_url],
-        cwd=conftest.ROOT,
+        cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,
     )

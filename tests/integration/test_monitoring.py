@@ -14,13 +14,10 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import TEST_TOKEN, wait_for
-from tests.isolated import Isolated, isolated
+from tests.harness import TEST_TOKEN, Isolated, wait_for
 from worker.ops.logs import JsonFormatter, RedactingFilter, add_secret, redact, settings_secrets
 from worker.ops.monitoring import scrub
 from worker.settings import load_settings
-
-__all__ = ["isolated"]  # the fixture
 
 URL = "https://app.example.com/x"
 

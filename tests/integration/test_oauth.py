@@ -24,7 +24,7 @@ from redis import Redis
 
 from sandbox.concur import Sandbox
 from sandbox.devstack import TOKEN_KEY, ensure_token_key
-from tests.conftest import LOCAL_REDIS, WorkerProcess, _claim_database, _release_database, wait_for
+from tests.harness import LOCAL_REDIS, WorkerProcess, claim_database, release_database, wait_for
 from worker.concur.oauth import Cipher, OAuthConfig, OAuthTokens, fingerprint, trusted_geolocation
 from worker.concur.tokens import TokenUnavailable
 from worker.front.stats import collect, render_prometheus
@@ -46,7 +46,7 @@ def oauth_redis_url() -> Iterator[str]:
     base = os.environ["NOTIFY_REDIS_URL"]
     claimed: str | None = None
     if base.startswith(LOCAL_REDIS + "/") and not os.environ.get("NOTIFY_TEST_REDIS_URL"):
-        claimed = _claim_database()
+        claimed = claim_database()
     if claimed is None:
         # An embedded server is this run's alone: any other database number is free.
         root, _, number = base.rpartition("/")
@@ -55,7 +55,7 @@ def oauth_redis_url() -> Iterator[str]:
     yield claimed
     Redis.from_url(claimed).flushdb()
     if claimed.startswith(LOCAL_REDIS + "/") and claimed != base:
-        _release_database(claimed)
+        release_database(claimed)
 
 
 @pytest.fixture(scope="module")

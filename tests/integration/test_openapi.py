@@ -21,15 +21,15 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 from openapi_spec_validator import validate as validate_openapi
 
-from tests.conftest import free_port
-from tests.test_api import (
+from tests.harness import (
     MAX_BODY,
     OPERATOR,
     PARTNER,
     ServerThread,
-    _body,
-    _dead_letter,
-    _settings,
+    app_settings,
+    dead_letter,
+    free_port,
+    request_body,
 )
 from worker.front.api import create_app
 from worker.front.notifications import XSI_NAMESPACE
@@ -45,14 +45,8 @@ Answer = tuple[str, str, httpx.Response]  # (method, path template, the answer)
 
 
 @pytest.fixture(scope="module")
-def served(runtime: Runtime) -> Iterator[ServerThread]:
-    with ServerThread(create_app(_settings(), runtime)) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def document(served: ServerThread) -> dict[str, Any]:
-    return httpx.get(f"{served.url}/openapi.json", timeout=30).json()
+def document(server: ServerThread) -> dict[str, Any]:
+    return httpx.get(f"{server.url}/openapi.json", timeout=30).json()
 
 
 def _media(response: httpx.Response) -> str:
@@ -152,13 +146,13 @@ def _answers(http: httpx.Client, runtime: Runtime) -> Iterator[Answer]:
     user = f"user-{uuid.uuid4().hex[:12]}"
     send = f"/messages/{user}/session"
     template = "/messages/{userId}/session"
-    queued = http.post(send, json=_body(), headers=PARTNER)
+    queued = http.post(send, json=request_body(), headers=PARTNER)
     yield "POST", template, queued
-    yield "POST", template, http.post(send, json=_body(session="again"), headers=PARTNER)
-    yield "POST", template, http.post(send, json=_body(session="again"), headers=PARTNER)
+    yield "POST", template, http.post(send, json=request_body(session="again"), headers=PARTNER)
+    yield "POST", template, http.post(send, json=request_body(session="again"), headers=PARTNER)
     yield "POST", template, http.post(send, json={"sessionId": 5}, headers=PARTNER)
-    yield "POST", template, http.post(send, json=_body())
-    yield "POST", template, http.post(send, json=_body(), headers=OPERATOR)
+    yield "POST", template, http.post(send, json=request_body())
+    yield "POST", template, http.post(send, json=request_body(), headers=OPERATOR)
     big = b'{"x": "' + b"a" * MAX_BODY + b'"}'
     json_type = {"Content-Type": "application/json"}
     yield "POST", template, http.post(send, content=big, headers={**PARTNER, **json_type})
@@ -170,7 +164,7 @@ def _answers(http: httpx.Client, runtime: Runtime) -> Iterator[Answer]:
 
     message = "/messages/{id}"
     yield "GET", message, http.get(f"/messages/{queued.json()['id']}", headers=PARTNER)
-    letter = _dead_letter(runtime, user)
+    letter = dead_letter(runtime, user)
     yield "GET", message, http.get(f"/messages/{letter}", headers=OPERATOR)
     yield "GET", message, http.get("/messages/nosuchmessage", headers=PARTNER)
     yield "GET", message, http.get("/messages/nosuchmessage")
@@ -202,13 +196,13 @@ def _answers(http: httpx.Client, runtime: Runtime) -> Iterator[Answer]:
     yield "POST", bulk, http.post(bulk, params=mine, headers=PARTNER)
 
     replay = "/notifications/{id}/replay"
-    again = _dead_letter(runtime, user)
+    again = dead_letter(runtime, user)
     yield "POST", replay, http.post(f"/notifications/{again}/replay", headers=OPERATOR)
     yield "POST", replay, http.post("/notifications/nosuchletter/replay", headers=OPERATOR)
     yield "POST", replay, http.post(f"/notifications/{again}/replay")
     yield "POST", replay, http.post(f"/notifications/{again}/replay", headers=PARTNER)
 
-    gone = _dead_letter(runtime, user)
+    gone = dead_letter(runtime, user)
     yield "DELETE", one, http.delete(f"/notifications/{gone}", headers=OPERATOR)
     yield "DELETE", one, http.delete(f"/notifications/{gone}", headers=OPERATOR)
     yield "DELETE", one, http.delete(f"/notifications/{gone}")
@@ -239,7 +233,7 @@ def _unavailable(down: httpx.Client) -> list[Answer]:
     ]
 
     def send(method: str, path: str, headers: dict[str, str]) -> httpx.Response:
-        body = _body() if path.endswith("/session") else None
+        body = request_body() if path.endswith("/session") else None
         return down.request(method, path, json=body, headers=headers)
 
     with ThreadPoolExecutor(len(sent)) as pool:
@@ -248,11 +242,11 @@ def _unavailable(down: httpx.Client) -> list[Answer]:
 
 
 @pytest.fixture(scope="module")
-def answers(served: ServerThread, runtime: Runtime) -> list[Answer]:
-    dead = _settings(redis_url=f"redis://127.0.0.1:{free_port()}/0")
+def answers(server: ServerThread, runtime: Runtime) -> list[Answer]:
+    dead = app_settings(redis_url=f"redis://127.0.0.1:{free_port()}/0")
     with (
         ServerThread(create_app(dead)) as unavailable,  # its own runtime, patient for 2 s
-        httpx.Client(base_url=served.url, timeout=30) as http,
+        httpx.Client(base_url=server.url, timeout=30) as http,
         httpx.Client(base_url=unavailable.url, timeout=60) as down,
     ):
         return [*_answers(http, runtime), *_unavailable(down)]
@@ -308,7 +302,7 @@ def test_the_check_refuses_an_answer_that_does_not_fit(document, template, statu
         check_answer(document, method, template, httpx.Response(418, json=body))
 
 
-def test_the_limits_the_document_states_are_the_ones_enforced(document, served):
+def test_the_limits_the_document_states_are_the_ones_enforced(document, server):
     request = document["components"]["schemas"]["NotificationsPartnerRequestBody"]
     assert request["properties"]["sessionId"]["maxLength"] == MAX_ID_LENGTH
     parameters = {
@@ -319,12 +313,14 @@ def test_the_limits_the_document_states_are_the_ones_enforced(document, served):
     }
     assert parameters["id", "/messages/{id}"]["pattern"] == schema_pattern(MESSAGE_ID_PATTERN)
     assert parameters["limit", "/notifications"]["maximum"] == MAX_PAGE_LIMIT
-    with httpx.Client(base_url=served.url, timeout=30) as http:
+    with httpx.Client(base_url=server.url, timeout=30) as http:
         user = f"user-{uuid.uuid4().hex[:12]}"
         send = f"/messages/{user}/session"
-        longest = http.post(send, json=_body(session="s" * MAX_ID_LENGTH), headers=PARTNER)
+        longest = http.post(send, json=request_body(session="s" * MAX_ID_LENGTH), headers=PARTNER)
         assert longest.status_code == 202
-        too_long = http.post(send, json=_body(session="s" * (MAX_ID_LENGTH + 1)), headers=PARTNER)
+        too_long = http.post(
+            send, json=request_body(session="s" * (MAX_ID_LENGTH + 1)), headers=PARTNER
+        )
         assert too_long.status_code == 400
         listed = "/notifications?status=failed&limit="
         assert http.get(f"{listed}{MAX_PAGE_LIMIT}", headers=OPERATOR).status_code == 200

@@ -12,7 +12,6 @@ import base64
 import hashlib
 import json
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -21,39 +20,28 @@ from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 
 import tasks
-from tests.conftest import wait_for
-from tests.test_api import ServerThread
-from worker.front.api import create_app
+from tests.harness import OPERATOR, OPERATOR_KEY, wait_for
 from worker.front.cli import main as notify_cli
 from worker.rules.validation import InvalidRequest, validate_wire
 from worker.runtime import Runtime
-from worker.settings import SettingsError, load_settings
+from worker.settings import Settings, SettingsError, load_settings
 from worker.shapes.models import DEFAULT_PARTNER, Message, message_id
 from worker.store.records import Failure
 
 A_KEY = "acme-key-" + uuid.uuid4().hex
 B_KEY = "beta-key-" + uuid.uuid4().hex
 BARE_KEY = "bare-key-" + uuid.uuid4().hex
-OPERATOR_KEY = "operator-key-" + uuid.uuid4().hex
 ACME = {"Authorization": f"Bearer {A_KEY}"}
 BETA = {"Authorization": f"Bearer {B_KEY}"}
 BARE = {"Authorization": f"Bearer {BARE_KEY}"}
-OPERATOR = {"Authorization": f"Bearer {OPERATOR_KEY}"}
 
 
 @pytest.fixture(scope="module")
-def server(runtime: Runtime) -> Iterator[ServerThread]:
-    settings = load_settings(
+def app_settings() -> Settings:
+    """The shared ``server`` fixture's settings here: three partners' keys."""
+    return load_settings(
         gateway_keys=f"acme:{A_KEY},beta:{B_KEY},{BARE_KEY}", operator_keys=OPERATOR_KEY
     )
-    with ServerThread(create_app(settings, runtime)) as running:
-        yield running
-
-
-@pytest.fixture
-def http(server: ServerThread) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=30) as client:
-        yield client
 
 
 def _body(session: str | None = None, template: str = "welcome") -> dict[str, Any]:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 import tasks
-from tests.conftest import TEST_TOKEN, wait_for
+from tests.harness import TEST_TOKEN, wait_for
 from worker.queue.envelopes import Envelope
 from worker.rules.validation import InvalidRequest
 from worker.store import keys

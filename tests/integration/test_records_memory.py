@@ -11,7 +11,7 @@ import json
 import uuid
 from typing import Any
 
-from tests.isolated import Isolated, isolated
+from tests.harness import Isolated
 from worker.queue.envelopes import Envelope
 from worker.settings import Settings
 from worker.shapes.models import Message
@@ -19,9 +19,6 @@ from worker.store import keys
 from worker.store.records import AttemptRecord, Failure, MessageStore, now_ms
 
 BUDGET_BYTES = 400
-
-
-__all__ = ["isolated"]  # the fixture
 
 
 def _store(runtime: Any) -> MessageStore:

@@ -12,16 +12,12 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import ROOT, wait_for
-from tests.isolated import Isolated, isolated
-from tests.test_api import OPERATOR_KEY, ServerThread, _settings
+from tests.harness import OPERATOR_KEY, ROOT, Isolated, ServerThread, app_settings, wait_for
 from worker.front.api import create_app
 from worker.shapes.models import Message
 from worker.store import keys
 from worker.store.deadletters import DeadLetterFilter, redrive_schedule
 from worker.store.records import Failure
-
-__all__ = ["isolated"]  # the fixture
 
 NOTIFY = str(ROOT / ".venv" / "bin" / "notify")
 
@@ -138,7 +134,7 @@ def test_http_replay_takes_filters_a_dry_run_and_a_rate(isolated: Isolated) -> N
     other = _letters(rt, 2, reason="retries_exhausted", status=502, template="welcome")
     headers = {"Authorization": f"Bearer {OPERATOR_KEY}"}
     with (
-        ServerThread(create_app(_settings(), rt)) as server,
+        ServerThread(create_app(app_settings(), rt)) as server,
         httpx.Client(base_url=server.url, headers=headers, timeout=30) as http,
     ):
         dry = http.post("/notifications/replay", params={"httpStatus": "503", "dryRun": "true"})

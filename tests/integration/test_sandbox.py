@@ -11,17 +11,17 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from sandbox.concur import Sandbox
+from tests.harness import ROOT
 
 TOKEN = "sandbox-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-SANDBOX_PY = Path(__file__).resolve().parents[1] / "sandbox" / "concur.py"
+SANDBOX_PY = ROOT / "sandbox" / "concur.py"
 
 
 def body(template_id: str = "tpl-1", **extra: Any) -> dict[str, Any]:

@@ -10,12 +10,9 @@ from unittest import mock
 import pytest
 
 import tasks
-from tests.conftest import wait_for
-from tests.isolated import Isolated, isolated
+from tests.harness import Isolated, wait_for
 from worker.queue.envelopes import Envelope
 from worker.store import keys
-
-__all__ = ["isolated"]  # the fixture
 
 pytestmark = pytest.mark.usefixtures("celery_worker_process")
 

@@ -8,9 +8,6 @@ queues nothing.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
@@ -21,17 +18,9 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from tests.test_api import OPERATOR_KEY, PARTNER_KEY, ServerThread, _message_keys, _settings
-from worker.front.api import create_app
+from tests.harness import OPERATOR_KEY, PARTNER_KEY, ServerThread, message_keys
 from worker.front.openapi import openapi_document
 from worker.runtime import Runtime
-
-
-@pytest.fixture(scope="module")
-def served(runtime: Runtime) -> Iterator[ServerThread]:
-    with ServerThread(create_app(_settings(), runtime)) as running:
-        yield running
-
 
 # The document the app serves (the same function builds /openapi.json); requests go to the real
 # app over loopback. Loaded here because schemathesis' fixture loader does not run on pytest 9.
@@ -55,12 +44,12 @@ CHECKS = [
     database=None,
 )
 def test_generated_requests_get_documented_answers_and_refused_input_queues_nothing(
-    case, served: ServerThread, runtime: Runtime
+    case, server: ServerThread, runtime: Runtime
 ):
     key = OPERATOR_KEY if case.path.startswith("/notifications") else PARTNER_KEY
     case.headers = {**(case.headers or {}), "Authorization": f"Bearer {key}"}
-    before = _message_keys(runtime)
-    response = case.call_and_validate(base_url=served.url, timeout=10, checks=CHECKS)
+    before = message_keys(runtime)
+    response = case.call_and_validate(base_url=server.url, timeout=10, checks=CHECKS)
     assert response.status_code < 500, response.text
     if case.method == "POST" and case.path.startswith("/messages") and response.status_code != 202:
-        assert _message_keys(runtime) == before
+        assert message_keys(runtime) == before

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 
 import tasks
-from tests.conftest import wait_for
+from tests.harness import wait_for
 from worker.front.cli import main
 from worker.front.stats import Stats, build, collect, queue_lists, render_prometheus
 from worker.rules import outcomes

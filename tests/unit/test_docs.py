@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 import pytest
 
-from tests.conftest import ROOT
+from tests.harness import ROOT
 from worker.front.cli import main
 from worker.settings import ENV_PREFIX, Settings
 

@@ -4,11 +4,9 @@ issue asks: keys, the allow-list, Concur's answers, secrets and redaction, Flowe
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
+from tests.harness import ROOT
 from worker.settings import ENV_PREFIX, Settings
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_security_page_covers_the_threat_model_and_names_only_real_settings():

@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from worker.settings import SettingsError, load_settings
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True)
@@ -66,35 +61,6 @@ def test_secret_values_are_not_echoed_in_errors(monkeypatch: pytest.MonkeyPatch)
     assert "s3cret-token" not in str(caught.value)
 
 
-def test_worker_with_a_bad_setting_stops_with_one_line() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "worker", "worker", "--loglevel", "INFO"],
-        cwd=ROOT,
-        env={**os.environ, "NOTIFY_MAX_ATTEMPTS": "many"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode != 0
-    assert "NOTIFY_MAX_ATTEMPTS: Input should be a valid integer" in result.stderr
-    assert "Traceback" not in result.stderr
-
-
-def test_worker_without_a_token_refuses_to_post_to_a_real_host() -> None:
-    env = dict(os.environ)
-    env["NOTIFY_API_BASE_URL"] = "https://us.api.concursolutions.com/notifications/v4"
-    result = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "worker", "worker", "--loglevel", "INFO"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 2
-    assert "NOTIFY_API_TOKEN: not set" in result.stderr
-
-
 # -- plain http only to this machine (issue 11, item 10) --------------------------------------
 
 
@@ -141,24 +107,6 @@ def test_plain_http_to_another_host_is_accepted_when_explicitly_allowed() -> Non
     assert settings.api_base_url == url
 
 
-def test_worker_with_plain_http_to_a_real_host_stops_naming_the_setting() -> None:
-    env = dict(os.environ)
-    env["NOTIFY_API_BASE_URL"] = "http://us.api.concursolutions.com/notifications/v4"
-    env["NOTIFY_API_TOKEN"] = "a-real-token-4f1c"
-    result = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "worker", "worker", "--loglevel", "INFO"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode != 0
-    assert "NOTIFY_API_BASE_URL: http:// to a host other than this machine" in result.stderr
-    assert "NOTIFY_ALLOW_INSECURE_HTTP" in result.stderr
-    assert "a-real-token-4f1c" not in result.stderr and "Traceback" not in result.stderr
-
-
 # -- URL passwords are never printed (issue 11, item 7) ----------------------------------------
 
 
@@ -175,17 +123,3 @@ def test_plain_http_error_does_not_print_a_url_password() -> None:
     with pytest.raises(SettingsError) as caught:
         load_settings(_env_file=None, oauth_token_url="http://u:tok-pw-123@concur.example/t")
     assert "tok-pw-123" not in str(caught.value)
-
-
-def test_worker_with_a_bad_redis_url_stops_without_printing_its_password() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "worker", "worker", "--loglevel", "INFO"],
-        cwd=ROOT,
-        env={**os.environ, "NOTIFY_REDIS_URL": "http://:s3cret-pw-4f1c@redis.internal:6379/0"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode != 0
-    assert "NOTIFY_REDIS_URL: must start with redis://" in result.stderr
-    assert "s3cret-pw-4f1c" not in result.stderr + result.stdout
