@@ -1,4 +1,5 @@
-"""The global rate limit: the policy, the Lua script on real Redis, two real workers sharing it."""
+"""The global rate limit: the Lua script on real Redis, two real workers sharing it (its policy,
+without Redis: tests/unit/test_ratelimit_policy.py)."""
 
 from __future__ import annotations
 
@@ -11,19 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from redis import Redis
 
 import tasks
-from tests.conftest import WorkerProcess, free_port, wait_for
-from worker.limits.ratelimit import (
-    POLL_CAP_SECONDS,
-    RateLimiter,
-    RateLimitPolicy,
-    Reservation,
-    next_step,
-)
-from worker.rules import outcomes
-from worker.rules.outcomes import slows_down
+from tests.harness import WorkerProcess, wait_for
+from worker.limits.ratelimit import RateLimiter, RateLimitPolicy
 from worker.runtime import Runtime
 from worker.settings import load_settings
 from worker.store import keys
@@ -38,57 +30,6 @@ def limiter_keys(runtime: Any) -> Iterator[tuple[str, str]]:
     names = (f"test:rl:{uuid.uuid4().hex}", f"test:rl-penalty:{uuid.uuid4().hex}")
     yield names
     runtime.redis.delete(*names)
-
-
-def test_policy_defaults_to_off_and_burst_to_one() -> None:
-    off = RateLimitPolicy.from_settings(load_settings())
-    assert not off.enabled
-    assert off.interval_us == 0
-    on = RateLimitPolicy.from_settings(load_settings(rate_limit_per_second=12.5))
-    assert on.enabled and on.burst == 1 and on.interval_us == 80_000
-    bursty = RateLimitPolicy.from_settings(
-        load_settings(rate_limit_per_second=20, rate_limit_burst=8, rate_limit_penalty_seconds=7)
-    )
-    assert (bursty.burst, bursty.penalty_seconds) == (8, 7)
-
-
-def test_bad_rate_limit_settings_name_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
-    from worker.settings import SettingsError
-
-    monkeypatch.setenv("NOTIFY_RATE_LIMIT_PER_SECOND", "-3")
-    with pytest.raises(SettingsError, match="NOTIFY_RATE_LIMIT_PER_SECOND"):
-        load_settings()
-    monkeypatch.setenv("NOTIFY_RATE_LIMIT_PER_SECOND", "5")
-    monkeypatch.setenv("NOTIFY_RATE_LIMIT_BURST", "0")
-    with pytest.raises(SettingsError, match="NOTIFY_RATE_LIMIT_BURST"):
-        load_settings()
-
-
-def test_waiting_policy_sleeps_for_a_reserved_slot_polls_briefly_then_defers() -> None:
-    go = next_step(Reservation(True, 0.3), remaining_seconds=4.0)
-    assert (go.action, go.seconds) == ("go", 0.3)
-    poll = next_step(Reservation(False, 30.0), 4.0)
-    assert poll.action == "poll" and poll.seconds == POLL_CAP_SECONDS  # never a long sleep
-    assert next_step(Reservation(False, 30.0), 0.2).seconds == pytest.approx(0.2)
-    defer = next_step(Reservation(False, 30.0), 0.0)
-    assert (defer.action, defer.seconds) == ("defer", 30.0)
-
-
-def test_only_a_429_slows_everyone_down() -> None:
-    assert slows_down(outcomes.Retry(1.0, "http_429", 429))
-    assert slows_down(outcomes.GiveUp(outcomes.RETRIES_EXHAUSTED, "x", 429))
-    assert not slows_down(outcomes.Retry(1.0, "http_503", 503))
-    assert not slows_down(outcomes.Retry(1.0, "timeout"))
-    assert not slows_down(outcomes.Delivered(200))
-
-
-def test_limit_off_never_touches_redis() -> None:
-    # A client for a port where nothing listens: any round trip would raise.
-    nowhere = Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=0.2)
-    limiter = RateLimiter(nowhere, RateLimitPolicy(per_second=0))
-    for _ in range(1000):
-        assert limiter.acquire(limiter.deadline()).granted
-    limiter.penalize()
 
 
 def test_script_reserves_burst_at_once_then_one_slot_per_interval(
@@ -219,18 +160,18 @@ def _all_finished(runtime: Runtime, ids: list[str]) -> bool:
     return all(r.get("state") in ("delivered", "failed") for r in _states(runtime, ids))
 
 
-def _per_second_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
-    return {
-        second: n - before.get(second, 0)
-        for second, n in after.items()
-        if n > before.get(second, 0)
-    }
+def _own_posts(sandbox: Any, batch: str) -> list[float]:
+    """When the sandbox answered 2xx to the users of ``batch`` (this test's own), in order."""
+    return sorted(
+        request["at"]
+        for request in sandbox.requests()
+        if str(request["userId"]).startswith(f"{batch}-") and 200 <= (request["status"] or 0) < 300
+    )
 
 
 def test_two_workers_together_stay_within_the_limit_and_deliver_everything(
     paced: Runtime, sandbox: Any
 ) -> None:
-    before = dict(sandbox.stats()["perSecond"])
     batch = f"rl-{uuid.uuid4().hex[:6]}"
     requests = [
         (f"{batch}-u{n}", f"s-{n}", "welcome", "https://app.example.com/x") for n in range(240)
@@ -244,9 +185,12 @@ def test_two_workers_together_stay_within_the_limit_and_deliver_everything(
     assert Counter(r["state"] for r in records) == {"delivered": 240}
     assert not any(paced.deadletters.get(message_id) for message_id in ids)
     assert _both_delivered(PACED_WORKERS, ids)  # both workers took part
-    per_second = _per_second_delta(before, dict(sandbox.stats()["perSecond"]))
-    assert sum(per_second.values()) == 240
-    assert max(per_second.values()) <= RATE + BURST, per_second
+    # This test's own posts only: the sandbox is shared, and the session's worker may post
+    # another test's message (one scheduled minutes ago) in the same seconds.
+    posts = _own_posts(sandbox, batch)
+    assert len(posts) == 240  # every message posted, none twice
+    per_second = Counter(int(at) for at in posts)
+    assert max(per_second.values()) <= RATE + BURST, sorted(per_second.items())
     assert took >= (240 - BURST) / RATE - 1  # ~12 s: paced, not flooded
 
 
@@ -260,7 +204,6 @@ def test_a_429_halves_the_pace_of_every_worker(paced: Runtime, sandbox: Any, use
     )
     assert float(paced.redis.get(keys.RATE_LIMIT_PENALTY) or 0) == 2.0
 
-    before = dict(sandbox.stats()["perSecond"])
     batch = f"slow-{uuid.uuid4().hex[:6]}"
     ids = tasks.enqueue_many(
         [(f"{batch}-u{n}", f"s-{n}", "welcome", None) for n in range(60)], runtime=paced
@@ -269,17 +212,12 @@ def test_a_429_halves_the_pace_of_every_worker(paced: Runtime, sandbox: Any, use
     records = _states(paced, ids)
     assert all(r["state"] == "delivered" for r in records)
     assert _both_delivered(PACED_WORKERS, ids)
-    seen = sorted(
-        request["at"]
-        for n in range(60)
-        for request in sandbox.requests(user_id=f"{batch}-u{n}")
-        if request["status"] == 200
-    )
+    seen = _own_posts(sandbox, batch)
     assert len(seen) == 60
     # At 20/s the 60 would take ~3 s; at half pace ~5.5 s (after the burst of 5).
     assert seen[-1] - seen[0] >= 4.0
-    per_second = _per_second_delta(before, dict(sandbox.stats()["perSecond"]))
-    assert max(per_second.values()) <= RATE // 2 + BURST, per_second
+    per_second = Counter(int(at) for at in seen)
+    assert max(per_second.values()) <= RATE // 2 + BURST, sorted(per_second.items())
     # The message that got the 429 was retried (an attempt spent), not dead-lettered.
     assert paced.store.status(first)["state"] == "delivered"  # type: ignore[index]
 
@@ -362,9 +300,7 @@ def test_default_burst_keeps_two_workers_within_rate_plus_one_in_every_wall_cloc
         assert Counter(r["state"] for r in records) == {"delivered": count}
         assert _both_delivered(workers, ids)  # both workers took part
 
-        posts = sorted(
-            r["at"] for r in sandbox.requests() if str(r["userId"]).startswith(f"{batch}-")
-        )
+        posts = _own_posts(sandbox, batch)
         assert len(posts) == count  # every post counted, none twice
         per_second = Counter(int(at) for at in posts)
         assert max(per_second.values()) <= RATE + 1, sorted(per_second.items())
