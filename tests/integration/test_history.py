@@ -23,7 +23,7 @@ import pytest
 from redis import Redis
 from starlette.testclient import TestClient
 
-from tests.harness import OPERATOR_KEY, ROOT
+from tests.harness import OPERATOR_KEY, ROOT, wait_for
 from worker.front.api import create_app
 from worker.queue.envelopes import Envelope
 from worker.runtime import Runtime
@@ -211,8 +211,7 @@ def test_a_message_whose_hot_record_expired_is_answered_from_history(
     hot = store.status(message.id)
     _writer(redis, pg_url).drain()
     redis.pexpire(keys.message(message.id), 1)  # the hot window ends
-    time.sleep(0.05)
-    assert store.status(message.id) is None
+    wait_for(lambda: store.status(message.id) is None, timeout=5, what="the hot record to expire")
     settings = load_settings(operator_keys=OPERATOR_KEY, history_url=pg_url)
     runtime = Runtime.from_settings(settings)
     with TestClient(create_app(settings, runtime)) as client:
@@ -306,8 +305,9 @@ def test_a_writer_killed_mid_batch_loses_no_row_and_writes_none_twice(
         doomed.wait(10)
     left = redis.xlen(keys.HISTORY_OUTBOX)
     assert 0 < left < total
+    # drain() steps until the outbox is empty: it takes over the dead writer's entries once
+    # they have been idle 0.2 s, however long that takes here.
     survivor = _writer(redis, pg_url, claim_idle_seconds=0.2, batch_size=500)
-    time.sleep(0.3)
     survivor.drain(timeout=60)
     assert redis.xlen(keys.HISTORY_OUTBOX) == 0
     assert redis.xpending(keys.HISTORY_OUTBOX, keys.HISTORY_GROUP)["pending"] == 0

@@ -160,6 +160,26 @@ def _all_finished(rt: Runtime, ids: list[str], timeout: float = 40.0) -> list[di
     return [rt.store.status(i) or {} for i in ids]
 
 
+def _send_until_refreshed(
+    oauth: OAuthCase, rt: Runtime, user_id: str, count: int, refreshes: int = 1
+) -> list[str]:
+    """Send ``count`` messages a round, each round finished before the next, until the workers
+    have replaced their access token ``refreshes`` times; the ids sent.
+
+    A worker replaces its token on first use after half its lifetime, so the rounds go on until
+    the sandbox has granted the refreshes: no fixed sleep guessed against the lifetime.
+    """
+    ids: list[str] = []
+    deadline = time.monotonic() + 60
+    while oauth.grants().get("refresh_token", 0) < refreshes:
+        assert time.monotonic() < deadline, f"fewer than {refreshes} refreshes: {oauth.grants()}"
+        sent = oauth.send(rt, user_id, count)
+        _all_finished(rt, sent)
+        ids += sent
+        time.sleep(0.2)  # a round's pace, not a wait for the lifetime
+    return ids
+
+
 def _secrets_absent(text: str, sandbox: Sandbox) -> None:
     for secret in [CLIENT_SECRET, AUTH_TOKEN, *sandbox.issued_tokens()]:
         assert secret not in text
@@ -566,13 +586,11 @@ def _oauth_worker(start_worker: Callable[..., WorkerProcess], oauth: OAuthCase, 
 
 @pytest.mark.slow
 def test_access_token_is_replaced_before_it_expires(oauth, start_worker, user_id):
-    oauth.sandbox.configure_oauth(access_ttl_seconds=3)
+    # Replaced at half its lifetime: a post would have to stall 3 s to meet an expired token.
+    oauth.sandbox.configure_oauth(access_ttl_seconds=6)
     _oauth_worker(start_worker, oauth)
     rt = oauth.runtime()
-    ids: list[str] = []
-    for _ in range(8):
-        ids += oauth.send(rt, user_id, 2)
-        time.sleep(0.75)
+    ids = _send_until_refreshed(oauth, rt, user_id, 2, refreshes=2)
     records = _all_finished(rt, ids)
     assert {r["state"] for r in records} == {"delivered"}
     statuses = [r["status"] for r in oauth.sandbox.requests(user_id=user_id)]
@@ -584,13 +602,11 @@ def test_access_token_is_replaced_before_it_expires(oauth, start_worker, user_id
 def test_two_workers_refresh_one_at_a_time_and_never_reuse_a_refresh_token(
     oauth, start_worker, user_id
 ):
-    oauth.sandbox.configure_oauth(access_ttl_seconds=2)
+    # Replaced at half its lifetime: a post would have to stall 2 s to meet an expired token.
+    oauth.sandbox.configure_oauth(access_ttl_seconds=4)
     workers = [_oauth_worker(start_worker, oauth, worker_concurrency="8") for _ in range(2)]
     rt = oauth.runtime()
-    ids: list[str] = []
-    for _ in range(10):
-        ids += oauth.send(rt, user_id, 6)
-        time.sleep(0.5)
+    ids = _send_until_refreshed(oauth, rt, user_id, 6, refreshes=3)
     records = _all_finished(rt, ids)
     assert {r["state"] for r in records} == {"delivered"}
     # Both workers did deliver (a delivered record no longer names its worker: their logs do).
@@ -664,10 +680,11 @@ def test_a_worker_keeps_posting_to_the_configured_host_when_concur_names_a_forei
         worker = _oauth_worker(start_worker, oauth)
         rt = oauth.runtime()
         ids = oauth.send(rt, user_id, 2)
-        time.sleep(2.5)  # a refresh in between
+        ids += _send_until_refreshed(oauth, rt, user_id, 1)  # a refresh in between
         ids += oauth.send(rt, user_id, 2)
         assert {r["state"] for r in _all_finished(rt, ids)} == {"delivered"}
-        assert [r["status"] for r in oauth.sandbox.requests(user_id=user_id)] == [200] * 4
+        statuses = [r["status"] for r in oauth.sandbox.requests(user_id=user_id)]
+        assert statuses == [200] * len(ids)
         assert attacker.requests() == [] and attacker.oauth_stats()["requests"] == []
         assert "not followed" in worker.log()
 
@@ -678,7 +695,7 @@ def test_no_secret_reaches_the_worker_log(oauth, start_worker, user_id):
     worker = _oauth_worker(start_worker, oauth, token_encryption_key=FERNET_KEY)
     rt = oauth.runtime()
     ids = oauth.send(rt, user_id, 3)
-    time.sleep(2.5)
+    ids += _send_until_refreshed(oauth, rt, user_id, 1)  # a refresh in between
     ids += oauth.send(rt, user_id, 3)
     assert {r["state"] for r in _all_finished(rt, ids)} == {"delivered"}
     log = worker.log()
