@@ -303,14 +303,16 @@ def message_keys(runtime: Any) -> int:
 
 
 def dead_letter(runtime: Any, user: str, **fields: Any) -> str:
-    """Write a dead letter with the real store (as a worker would) and return its id."""
+    """Write a dead letter with the real store (as a worker would) and return its id; ``fields``
+    set the request (session, template, context, partner) and the failure."""
     from worker.shapes.models import message_id
     from worker.store.records import Failure
 
     session = fields.pop("session", f"s-{uuid.uuid4().hex[:8]}")
     template = fields.pop("template", "welcome")
     context = fields.pop("context", {"url": "https://app.example.com/r/1"})
-    ident = message_id(user, session, template)
+    partner = fields.pop("partner", None)
+    ident = message_id(user, session, template, partner)
     failure = Failure(
         reason=fields.pop("reason", "api_rejected"),
         detail=fields.pop("detail", "the API refused the request"),
@@ -321,6 +323,8 @@ def dead_letter(runtime: Any, user: str, **fields: Any) -> str:
         worker="test",
     )
     request = {"userId": user, "sessionId": session, "templateId": template, "context": context}
+    if partner:
+        request["partner"] = partner
     assert runtime.store.dead_letter(ident, failure, request=request)
     return ident
 

@@ -16,6 +16,7 @@ def pytest_configure(config: pytest.Config) -> None:
     harness.start_services()
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m "not slow" deselects
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # The whole tier is slow: `make test-fast` (-m "not slow") leaves it out.
     for item in items:

@@ -23,10 +23,7 @@ import httpx
 import pytest
 
 from sandbox.processes import stop_processes
-from tests.harness import OPERATOR_KEY, ROOT, free_port, wait_for
-from worker.runtime import Runtime
-from worker.shapes.models import message_id
-from worker.store.records import Failure
+from tests.harness import OPERATOR_KEY, ROOT, dead_letter, free_port, wait_for
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -110,33 +107,6 @@ def operator(api: NotifyApi) -> Iterator[httpx.Client]:
         answer = _login(client)
         assert answer.status_code == 303, answer.text
         yield client
-
-
-def dead_letter(runtime: Runtime, user: str, **fields: Any) -> str:
-    """Write a dead letter with the real store (as a worker does) and return its id."""
-    session = f"s-{uuid.uuid4().hex[:8]}"
-    template = fields.pop("template", "welcome")
-    partner = fields.pop("partner", None)
-    ident = message_id(user, session, template, partner)
-    failure = Failure(
-        reason=fields.pop("reason", "api_rejected"),
-        detail=fields.pop("detail", "the API refused the request"),
-        status=fields.pop("status", 400),
-        errors=[{"errorId": "e1", "errorCode": "BAD_CONTEXT", "errorMessage": "no such report"}],
-        correlation_id="cid-" + uuid.uuid4().hex[:8],
-        task_id="task-1",
-        worker="test",
-    )
-    request: dict[str, Any] = {
-        "userId": user,
-        "sessionId": session,
-        "templateId": template,
-        "context": {"url": "https://app.example.com/r/1"},
-    }
-    if partner:
-        request["partner"] = partner
-    assert runtime.store.dead_letter(ident, failure, request=request)
-    return ident
 
 
 # -- plain HTTP ------------------------------------------------------------------------------------

@@ -87,9 +87,10 @@ def test_permits_granted_per_second_stay_within_rate_plus_burst(
 def test_penalty_halves_the_pace_until_it_expires(
     runtime: Any, limiter_keys: tuple[str, str]
 ) -> None:
+    # 3 s: the checks below must run inside the window, also on a busy machine.
     limiter = RateLimiter(
         runtime.redis,
-        RateLimitPolicy(per_second=RATE, burst=1, penalty_seconds=0.5),
+        RateLimitPolicy(per_second=RATE, burst=1, penalty_seconds=3),
         key=limiter_keys[0],
         penalty_key=limiter_keys[1],
     )
@@ -98,7 +99,7 @@ def test_penalty_halves_the_pace_until_it_expires(
     first, second = limiter.reserve(10.0), limiter.reserve(10.0)
     assert second.penalty_factor == 2.0
     assert second.wait_seconds - first.wait_seconds == pytest.approx(2 / RATE, abs=0.01)
-    wait_for(lambda: limiter.penalty_factor() == 1.0, timeout=3, what="the penalty to expire")
+    wait_for(lambda: limiter.penalty_factor() == 1.0, timeout=10, what="the penalty to expire")
 
 
 # -- two real workers sharing one limit ---------------------------------------------------------
