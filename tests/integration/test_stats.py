@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 
 import tasks
-from tests.harness import wait_for
+from tests.harness import Isolated, wait_for
 from worker.front.cli import main
 from worker.front.stats import Stats, build, collect, queue_lists, render_prometheus
 from worker.rules import outcomes
@@ -29,7 +29,8 @@ def _state(runtime: Any, message_id: str) -> str | None:
 
 
 def _send(user_id: str, **kw: Any) -> str:
-    return tasks.enqueue(user_id, f"s-{uuid.uuid4().hex[:8]}", "welcome", kw.get("url"))
+    session = f"s-{uuid.uuid4().hex[:8]}"
+    return tasks.enqueue(user_id, session, "welcome", kw.get("url"), runtime=kw.get("runtime"))
 
 
 def _scanned_truth(runtime: Any) -> tuple[Counter[str], int, int]:
@@ -78,8 +79,12 @@ def test_build_turns_raw_replies_into_counts_and_never_shows_a_negative_gauge() 
 
 
 def test_counts_follow_deliveries_retries_and_dead_letters(
-    runtime: Any, sandbox: Any, celery_worker_process: Any
+    isolated: Isolated, start_worker: Any, sandbox: Any
 ) -> None:
+    # A database and worker of its own: the counts are the database's, and the session worker
+    # finishes other tests' messages (a retry, a dead letter) while this one counts.
+    runtime = isolated.runtime
+    start_worker("stats", **isolated.env)
     wait_for(lambda: _gauges_match_a_full_scan(runtime), what="a quiet start")
     before = collect(runtime, minutes=120)
     ok_user, rejected_user, exhausted_user, waiting_user = (
@@ -89,10 +94,10 @@ def test_counts_follow_deliveries_retries_and_dead_letters(
     sandbox.script(then={"status": 503}, user_id=exhausted_user)
     sandbox.script([{"status": 503, "retryAfter": "120"}], user_id=waiting_user)
 
-    delivered = [_send(ok_user) for _ in range(5)]
-    rejected = _send(rejected_user)
-    exhausted = _send(exhausted_user)
-    waiting = _send(waiting_user)
+    delivered = [_send(ok_user, runtime=runtime) for _ in range(5)]
+    rejected = _send(rejected_user, runtime=runtime)
+    exhausted = _send(exhausted_user, runtime=runtime)
+    waiting = _send(waiting_user, runtime=runtime)
     wait_for(
         lambda: (
             all(_state(runtime, i) == "delivered" for i in delivered)
