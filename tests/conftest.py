@@ -17,6 +17,7 @@ import pytest
 from redis import Redis
 
 from sandbox.concur import Sandbox
+from sandbox.processes import stop_processes
 from tests import harness
 from tests.harness import (
     ROOT,
@@ -88,8 +89,10 @@ def start_worker(services: Services, worker_logs: Path) -> Iterator[Callable[...
         return worker
 
     yield start
+    # Side by side: the workers' warm shutdowns overlap instead of adding up.
+    stop_processes([worker.process for worker in started])
     for worker in started:
-        worker.stop()
+        worker.stop()  # closes its log
 
 
 @pytest.fixture

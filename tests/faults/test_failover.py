@@ -315,8 +315,9 @@ def sentinel_group(tmp_path: Path) -> Iterator[SentinelGroup]:
 
 @pytest.mark.slow
 def test_sentinel_master_sigkilled_mid_run_every_message_delivered_and_nothing_stuck(
-    start_worker, api: Sandbox, sentinel_group: SentinelGroup, worker_logs: Path
+    sentinel_group: SentinelGroup, start_worker, api: Sandbox, worker_logs: Path
 ):
+    # sentinel_group first: it is stopped after the workers, who then stop warm, not in 30 s.
     queue = f"notify-ha-{uuid.uuid4().hex[:8]}"
     ha = {
         "NOTIFY_REDIS_URL": f"redis://127.0.0.1:{sentinel_group.master.port}/0",
@@ -585,6 +586,7 @@ def test_worker_partitioned_for_20s_its_waiting_messages_move_and_only_timed_out
     ns = Namespace().create()
     redis = EmbeddedRedis(extra_args=["--bind", "127.0.0.1", ns.host_ip, "--protected-mode", "no"])
     partitioned: WorkerProcess | None = None
+    other: WorkerProcess | None = None
     runtime: Runtime | None = None
     try:
         url = redis.start()
@@ -601,7 +603,7 @@ def test_worker_partitioned_for_20s_its_waiting_messages_move_and_only_timed_out
             runtime = Runtime.from_settings(load_settings(redis_url=url, queue_name=queue))
             partitioned = WorkerProcess("part-a", worker_logs, env)
             partitioned.start(prefix=["ip", "netns", "exec", ns.name])
-            start_worker("part-b", **env)
+            other = start_worker("part-b", **env)
             sent = requests_for(400)
             ids = produce(env, sent)
             name = worker_name(partitioned)
@@ -653,6 +655,8 @@ def test_worker_partitioned_for_20s_its_waiting_messages_move_and_only_timed_out
             others = [w for w in result.wrong if w.split(" ")[0] not in result.duplicated]
             assert not others and not result.missing, result.summary()
     finally:
+        # Both workers before their Redis: a warm stop, not 30 s of waiting for a lost server.
+        stop_processes([w.process for w in (partitioned, other) if w is not None])
         if partitioned is not None:
             partitioned.stop()
         if runtime is not None:

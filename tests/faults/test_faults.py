@@ -130,8 +130,9 @@ def private_redis() -> Iterator[EmbeddedRedis]:
 
 @pytest.mark.slow
 def test_redis_restart_loses_nothing_and_workers_and_service_reconnect(
-    start_worker, api: Sandbox, private_redis: EmbeddedRedis, worker_logs: Path
+    private_redis: EmbeddedRedis, start_worker, api: Sandbox, worker_logs: Path
 ):
+    # private_redis first: it is stopped after the workers, who then stop warm, not in 30 s.
     url = private_redis.url
     chosen = Isolated(url)
     try:
