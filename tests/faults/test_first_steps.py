@@ -25,7 +25,6 @@ from pathlib import Path
 import pytest
 from dotenv import dotenv_values
 
-from sandbox.devstack import update_dotenv
 from sandbox.processes import stop_processes
 from tests.harness import ROOT, free_port, wait_for
 from worker.shapes.models import is_message_id
@@ -132,31 +131,3 @@ def test_readme_first_example_works_verbatim_in_a_second_shell_after_make_run(
     # The stack's own Redis went with it.
     after = _shell(failed, clone)
     assert after.returncode == 3 and "cannot reach Redis" in after.stderr
-
-
-def test_dotenv_update_replaces_lines_in_place_and_appends_the_rest(tmp_path: Path) -> None:
-    dotenv = tmp_path / ".env"
-    dotenv.write_text(
-        "# a comment\nNOTIFY_REDIS_URL=redis://localhost:6379/0\n"
-        "# NOTIFY_QUEUE_NAME=commented\nNOTIFY_LOG_FORMAT=text\n"
-    )
-    changed = update_dotenv(
-        dotenv,
-        {
-            "NOTIFY_REDIS_URL": "redis://127.0.0.1:7001/0",
-            "NOTIFY_LOG_FORMAT": "text",
-            "NOTIFY_ALLOWED_URL_DOMAINS": "example.com,*.example.com",
-            "NOTIFY_QUEUE_NAME": "q 1#",
-        },
-    )
-    assert changed == ["NOTIFY_ALLOWED_URL_DOMAINS", "NOTIFY_QUEUE_NAME", "NOTIFY_REDIS_URL"]
-    text = dotenv.read_text()
-    assert text.startswith("# a comment\nNOTIFY_REDIS_URL=redis://127.0.0.1:7001/0\n")
-    assert "# NOTIFY_QUEUE_NAME=commented\n" in text
-    assert dotenv_values(dotenv) == {
-        "NOTIFY_REDIS_URL": "redis://127.0.0.1:7001/0",
-        "NOTIFY_LOG_FORMAT": "text",
-        "NOTIFY_ALLOWED_URL_DOMAINS": "example.com,*.example.com",
-        "NOTIFY_QUEUE_NAME": "q 1#",
-    }
-    assert update_dotenv(dotenv, {"NOTIFY_LOG_FORMAT": "text"}) == []  # nothing to change
