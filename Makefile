@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-fast lint format bench soak clean pins
+.PHONY: install run test test-unit test-fast lint format bench soak clean pins
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,9 +20,15 @@ install: $(STAMP)
 run: install
 	$(VENV)/bin/notify dev
 
+# Every tier: tests/unit, tests/integration, tests/faults (docs/testing.md).
 test: install
 	$(PY) -m pytest
 
+# The pure tier: no Redis, no processes, no sandbox; seconds.
+test-unit: install
+	$(PY) -m pytest tests/unit
+
+# Everything but the tests marked slow (the whole faults tier is).
 test-fast: install
 	$(PY) -m pytest -m "not slow"
 

@@ -25,8 +25,8 @@ uvicorn (httptools parser, uvloop) does the HTTP/1.1: framing, keep-alive, pipel
 
 It leans on uvicorn's protocol and server classes (their ``connection_made``/``connection_lost``,
 ``on_message_begin``, ``send_400_response``, ``startup``/``main_loop``/``shutdown`` hooks, as of
-uvicorn 0.54): tests/test_sandbox.py exercises each adjustment, so an upgrade that moves them
-fails there first.
+uvicorn 0.54): tests/integration/test_sandbox.py exercises each adjustment, so an upgrade that
+moves them fails there first.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from cryptography.fernet import Fernet
 from prometheus_client.parser import text_string_to_metric_families
 
 from sandbox.concur import Sandbox
-from tests.conftest import free_port, wait_for
+from tests.harness import free_port, wait_for
 from worker.concur.companies import default_company
 from worker.front.stats import collect, render_prometheus
 from worker.runtime import Runtime

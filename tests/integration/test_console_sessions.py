@@ -16,7 +16,7 @@ import httpx
 import pytest
 from itsdangerous import URLSafeTimedSerializer
 
-from tests.conftest import NotifyApi
+from tests.harness import NotifyApi
 from worker.front.sessions import LIFETIME_SECONDS, SessionPolicy, Sessions
 from worker.store import keys
 

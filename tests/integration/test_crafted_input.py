@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import NotifyApi, SentryRecorder
+from tests.harness import NotifyApi, SentryRecorder
 from worker.front.openapi import OPERATIONS
 
 PARTNER_KEY = "crafted-partner-" + uuid.uuid4().hex

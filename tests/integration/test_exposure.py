@@ -16,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sandbox.processes import stop_processes
-from tests.conftest import ROOT, NotifyApi, free_port, wait_for
+from tests.harness import ROOT, NotifyApi, free_port, wait_for
 
 PARTNER_KEY = "exposure-partner-" + uuid.uuid4().hex
 OPERATOR_KEY = "exposure-operator-" + uuid.uuid4().hex

@@ -23,7 +23,7 @@ from click.testing import CliRunner, Result
 
 from sandbox.processes import stop_processes
 from sandbox.redisserver import free_port
-from tests.conftest import wait_for
+from tests.harness import wait_for
 from worker.front.cli import main as notify_cli
 from worker.shapes.models import Message
 from worker.store.codec import Failure

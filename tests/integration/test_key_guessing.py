@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import NotifyApi
+from tests.harness import NotifyApi
 from worker.front.guard import FailureLimiter, FailureLimits
 from worker.store import keys
 

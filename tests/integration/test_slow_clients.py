@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import NotifyApi, wait_for
+from tests.harness import NotifyApi, wait_for
 
 HEADER_TIMEOUT = 1.5
 BODY_TIMEOUT = 1.5

@@ -5,8 +5,9 @@ Every schema is generated from a pydantic model: the seed's request and ``ErrorM
 service answers through. Parameter limits and patterns are the constants those modules define. What
 is
 written here is only the route table (``OPERATIONS``): per operation its method, path, summary,
-security, parameters, request model and documented answers. ``tests/test_openapi.py`` checks live
-answers against the document; ``tests/test_api.py`` that it names every route the app serves.
+security, parameters, request model and documented answers.
+``tests/integration/test_openapi.py`` checks live answers against the document;
+``tests/integration/test_api.py`` that it names every route the app serves.
 """
 
 from __future__ import annotations
