@@ -30,6 +30,7 @@ It prints figures; it asserts nothing (targets are read against the table, not e
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import shutil
@@ -47,7 +48,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from sandbox.processes import stop_processes  # noqa: E402
-from sandbox.redisserver import EmbeddedRedis, free_port, redis_answers  # noqa: E402
+from sandbox.redisserver import (  # noqa: E402
+    EmbeddedRedis,
+    claim_database,
+    free_port,
+    redis_answers,
+    release_database,
+)
 
 TOKEN = "bench-token"
 TEMPLATE = "bench"
@@ -371,8 +378,12 @@ def main() -> int:
         only -= {"before"}
 
     embedded = None
-    if redis_answers("redis://127.0.0.1:6379/0"):
-        redis_url = "redis://127.0.0.1:6379/12"
+    claimed = claim_database() if redis_answers("redis://127.0.0.1:6379/0") else None
+    if claimed:
+        # A database of its own, claimed as the tests claim theirs: a test run's flush or movers
+        # on the same number would wipe or republish the benchmark's messages.
+        redis_url = claimed
+        atexit.register(release_database, claimed)
     else:
         embedded = EmbeddedRedis()
         redis_url = embedded.start()

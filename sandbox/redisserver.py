@@ -44,6 +44,30 @@ def find_redis_server() -> str | None:
     return None
 
 
+LOCAL_REDIS = "redis://127.0.0.1:6379"
+_LOCK = "notify-test-lock:{number}"
+
+
+def claim_database(base_url: str = LOCAL_REDIS) -> str | None:
+    """A database number of this process's own on the Redis at ``base_url`` (a lock key in
+    database 0, held for an hour at most), or None when all 15 are taken.
+
+    Test runs and benchmarks may overlap on one machine: one's flush must never wipe another's
+    messages, and one's movers must never republish another's schedule.
+    """
+    lock_client = Redis.from_url(f"{base_url}/0")
+    for number in range(15, 0, -1):
+        if lock_client.set(_LOCK.format(number=number), os.getpid(), nx=True, ex=3600):
+            return f"{base_url}/{number}"
+    return None
+
+
+def release_database(url: str) -> None:
+    """Give back a database number ``claim_database`` handed out."""
+    base, _, number = url.rpartition("/")
+    Redis.from_url(f"{base}/0").delete(_LOCK.format(number=number))
+
+
 def free_port() -> int:
     """A TCP port on loopback that nothing listens on right now."""
     with socket.socket() as sock:

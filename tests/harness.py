@@ -31,7 +31,13 @@ import uvicorn
 
 from sandbox.concur import Sandbox
 from sandbox.processes import stop_processes
-from sandbox.redisserver import EmbeddedRedis, free_port, redis_answers
+from sandbox.redisserver import (
+    EmbeddedRedis,
+    claim_database,
+    free_port,
+    redis_answers,
+    release_database,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_TOKEN = "test-secret-token-4f1c"
@@ -107,28 +113,6 @@ class Services:
 
 
 _services: Services | None = None
-
-
-def claim_database() -> str | None:
-    """A database number of this run's own on the local Redis (a lock key in database 0).
-
-    Test runs may overlap on one machine; one run's flush must never wipe another's messages.
-    """
-    from redis import Redis
-
-    lock_client = Redis.from_url(f"{LOCAL_REDIS}/0")
-    for number in range(15, 0, -1):
-        if lock_client.set(f"notify-test-lock:{number}", os.getpid(), nx=True, ex=3600):
-            return f"{LOCAL_REDIS}/{number}"
-    return None
-
-
-def release_database(url: str) -> None:
-    """Give back a database number ``claim_database`` handed out."""
-    from redis import Redis
-
-    number = url.rsplit("/", 1)[1]
-    Redis.from_url(f"{LOCAL_REDIS}/0").delete(f"notify-test-lock:{number}")
 
 
 def start_services() -> Services:
