@@ -15,7 +15,13 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from worker.shapes.models import BARE_KEY_PARTNER, DEFAULT_PARTNER, is_partner_name
+from worker.shapes.models import (
+    BARE_KEY_PARTNER,
+    DEFAULT_COMPANY,
+    DEFAULT_PARTNER,
+    is_company_id,
+    is_partner_name,
+)
 
 ENV_PREFIX = "NOTIFY_"
 US_BASE_URL = "https://us.api.concursolutions.com/notifications/v4"
@@ -40,6 +46,9 @@ RATE_LIMIT_MAX_WAIT_SECONDS = 5.0
 
 CommaList = Annotated[list[str], NoDecode]
 SecretList = Annotated[list[SecretStr], NoDecode]
+# NOTIFY_PARTNER_COMPANIES's "any company of the registry".
+ANY_COMPANY = "*"
+Grants = Annotated[dict[str, tuple[str, ...]], NoDecode]
 MIN_KEY_LENGTH = 16
 _HOST_ENTRY = re.compile(r"(?:\*\.)?[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?(?::[0-9]{1,5})?")
 
@@ -145,6 +154,9 @@ class Settings(BaseSettings):
     service_port: int = Field(8000, ge=1, le=65535)
     service_max_body_bytes: int = Field(65536, ge=1024, le=16 * 1024 * 1024)
     service_public_url: str | None = None
+    # The companies each gateway partner may name (Concur-Company-Id): "acme=<uuid>|<uuid>,
+    # globex=*" (* = any company of the registry). A partner not listed: the default company only.
+    partner_companies: Grants = {}
 
     log_format: Literal["json", "text"] = "json"
     # Unset: the worker follows celery's --loglevel, the other services log INFO.
@@ -236,6 +248,11 @@ class Settings(BaseSettings):
             partner, key = split_partner_key(entry.get_secret_value())
             pairs.append((partner, SecretStr(key)))
         return tuple(pairs)
+
+    @field_validator("partner_companies", mode="before")
+    @classmethod
+    def _company_grants(cls, value: Any) -> Any:
+        return parse_partner_companies(value) if isinstance(value, str) else value
 
     @field_validator("service_public_url")
     @classmethod
@@ -515,6 +532,50 @@ def split_partner_key(entry: str) -> tuple[str, str]:
     if len(key) < MIN_KEY_LENGTH:
         raise ValueError(f"the key of partner {name!r} is shorter than {MIN_KEY_LENGTH} characters")
     return name, key
+
+
+def parse_partner_companies(text: str) -> dict[str, tuple[str, ...]]:
+    """``NOTIFY_PARTNER_COMPANIES`` (``acme=<uuid>|<uuid>,globex=*``) as partner -> company ids
+    (``("*",)``: any company of the registry); ``ValueError`` naming the entry that is not one.
+
+    The default company is every partner's already, so it is not listed; a partner is listed
+    once; ``*`` stands alone.
+    """
+    grants: dict[str, tuple[str, ...]] = {}
+    for entry in (part.strip() for part in text.split(",")):
+        if not entry:
+            continue
+        name, equals, listed = (part.strip() for part in entry.partition("="))
+        if not equals or not is_partner_name(name):
+            raise ValueError(
+                f"{entry!r} is not partner=companies (like acme=<company uuid>|<company uuid> "
+                f"or globex={ANY_COMPANY}); a partner is named as in {ENV_PREFIX}GATEWAY_KEYS"
+            )
+        if name == DEFAULT_PARTNER:
+            raise ValueError(
+                f"partner {DEFAULT_PARTNER!r} is the one of unkeyed producers (notify send, "
+                "tasks.enqueue), which may name any company of the registry: grant keyed "
+                "partners only"
+            )
+        if name in grants:
+            raise ValueError(f"partner {name!r} is listed twice: list its companies once")
+        companies = tuple(company.strip() for company in listed.split("|"))
+        if companies == (ANY_COMPANY,):
+            grants[name] = companies
+            continue
+        for company in companies:
+            if company == DEFAULT_COMPANY:
+                raise ValueError(
+                    f"partner {name!r}: every partner may send to the default company; list "
+                    "only companies of the registry"
+                )
+            if not is_company_id(company):
+                raise ValueError(
+                    f"partner {name!r}: {company!r} is not a company id (the company's UUID in "
+                    f"lower case), or {ANY_COMPANY!r} alone for any company of the registry"
+                )
+        grants[name] = tuple(dict.fromkeys(companies))
+    return grants
 
 
 _URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^/@\s:]*):[^/@\s]*@")
