@@ -15,14 +15,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from worker.intake.intake import Recorded
 from worker.queue.envelopes import Envelope
 from worker.rules.grants import admission_problem
 from worker.rules.validation import InvalidRequest, Problem, validate
 from worker.runtime import Runtime, get_runtime
 from worker.shapes.models import DEFAULT_COMPANY, Message, request_body
 from worker.store.companies import company_states
-
-Recorded = tuple[bool, str]  # (created, state), as MessageStore.create answers
 
 
 @dataclass(frozen=True, slots=True)
