@@ -336,6 +336,7 @@ def test_the_failed_list_filters_by_company_in_the_cli_the_api_and_the_console(
     page = httpx.get(f"{service}/notifications", params=query, headers=OPERATOR)
     assert page.status_code == 200, page.text
     assert [item["NotificationURI"].rsplit("/", 1)[1] for item in page.json()] == [mine]
+    assert page.json()[0]["Failure"]["Company"] == companies.connected
     refused = httpx.get(f"{service}/notifications", params={**query, "company": "x"},
                         headers=OPERATOR)  # fmt: skip
     assert refused.status_code == 400

@@ -142,6 +142,7 @@ class Failure(BaseModel):
     TemplateId: str | None
     Replays: int
     Partner: PartnerName
+    Company: CompanyName
 
 
 class Notification(BaseModel):
