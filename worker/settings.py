@@ -252,6 +252,8 @@ class Settings(BaseSettings):
     @field_validator("partner_companies", mode="before")
     @classmethod
     def _company_grants(cls, value: Any) -> Any:
+        if isinstance(value, dict):  # given in code: checked as the variable's text would be
+            value = ",".join(f"{name}={'|'.join(ids)}" for name, ids in value.items())
         return parse_partner_companies(value) if isinstance(value, str) else value
 
     @field_validator("service_public_url")

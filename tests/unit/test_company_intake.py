@@ -42,6 +42,12 @@ def test_grants_list_companies_per_partner_and_a_star_for_any():
     grants = parse_partner_companies(f" acme = {ACME_1} | {ACME_2} ,globex=*,, ")
     assert grants == {"acme": (ACME_1, ACME_2), "globex": ("*",)}
     assert load_settings(partner_companies="").partner_companies == {}
+    # Given in code, the grants are checked as the variable's text is.
+    assert load_settings(partner_companies={"acme": (ACME_1,)}).partner_companies == {
+        "acme": (ACME_1,)
+    }
+    with pytest.raises(SettingsError):
+        load_settings(partner_companies={"acme": ("ACME",)})
 
 
 @pytest.mark.parametrize(

@@ -511,7 +511,7 @@ class Service:
         if not values:
             return None
         company = values[0].strip()
-        if len(values) > 1 or company_problem(company) is not None or not company:
+        if len(values) > 1 or company_problem(company) is not None:
             raise ApiError(
                 400,
                 INVALID_HEADER,
