@@ -1,7 +1,8 @@
 """The ``send_message`` task, and the producer helpers partners call (``worker.intake.producer``).
 
 ``enqueue`` validates before it queues (raising ``InvalidRequest``, queuing nothing) and returns
-the message id; sending the same (user, session, template) again for the same partner returns
+the message id; sending the same (user, session, template) again for the same partner and
+company (``company=``: a company UUID of the registry; the default company when absent) returns
 the same id and queues nothing new.
 """
 

@@ -23,7 +23,13 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from worker.shapes.models import BARE_KEY_PARTNER, DEFAULT_PARTNER, is_partner_name
+from worker.shapes.models import (
+    BARE_KEY_PARTNER,
+    DEFAULT_COMPANY,
+    DEFAULT_PARTNER,
+    is_company_id,
+    is_partner_name,
+)
 
 ENV_PREFIX = "NOTIFY_"
 US_BASE_URL = "https://us.api.concursolutions.com/notifications/v4"
@@ -48,6 +54,9 @@ RATE_LIMIT_MAX_WAIT_SECONDS = 5.0
 
 CommaList = Annotated[list[str], NoDecode]
 SecretList = Annotated[list[SecretStr], NoDecode]
+# NOTIFY_PARTNER_COMPANIES's "any company of the registry".
+ANY_COMPANY = "*"
+Grants = Annotated[dict[str, tuple[str, ...]], NoDecode]
 MIN_KEY_LENGTH = 16
 # A key's strength, estimated as length x log2(distinct characters): 64 bits is what 16 random
 # hex digits give; a repeated or patterned key ("aaaa...", "abab...") falls far below.
@@ -178,6 +187,9 @@ class Settings(BaseSettings):
     auth_failure_window_seconds: int = Field(300, ge=1, le=86_400)
     auth_failures_per_address: int = Field(20, ge=1, le=1_000_000)
     auth_failures_total: int = Field(500, ge=1, le=10_000_000)
+    # The companies each gateway partner may name (Concur-Company-Id): "acme=<uuid>|<uuid>,
+    # globex=*" (* = any company of the registry). A partner not listed: the default company only.
+    partner_companies: Grants = {}
 
     log_format: Literal["json", "text"] = "json"
     # Unset: the worker follows celery's --loglevel, the other services log INFO.
@@ -278,6 +290,13 @@ class Settings(BaseSettings):
             partner, key = split_partner_key(entry.get_secret_value())
             pairs.append((partner, SecretStr(key)))
         return tuple(pairs)
+
+    @field_validator("partner_companies", mode="before")
+    @classmethod
+    def _company_grants(cls, value: Any) -> Any:
+        if isinstance(value, dict):  # given in code: checked as the variable's text would be
+            value = ",".join(f"{name}={'|'.join(ids)}" for name, ids in value.items())
+        return parse_partner_companies(value) if isinstance(value, str) else value
 
     @field_validator("service_public_url")
     @classmethod
@@ -578,6 +597,50 @@ def key_weakness(key: str) -> str | None:
             "with `python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
         )
     return None
+
+
+def parse_partner_companies(text: str) -> dict[str, tuple[str, ...]]:
+    """``NOTIFY_PARTNER_COMPANIES`` (``acme=<uuid>|<uuid>,globex=*``) as partner -> company ids
+    (``("*",)``: any company of the registry); ``ValueError`` naming the entry that is not one.
+
+    The default company is every partner's already, so it is not listed; a partner is listed
+    once; ``*`` stands alone.
+    """
+    grants: dict[str, tuple[str, ...]] = {}
+    for entry in (part.strip() for part in text.split(",")):
+        if not entry:
+            continue
+        name, equals, listed = (part.strip() for part in entry.partition("="))
+        if not equals or not is_partner_name(name):
+            raise ValueError(
+                f"{entry!r} is not partner=companies (like acme=<company uuid>|<company uuid> "
+                f"or globex={ANY_COMPANY}); a partner is named as in {ENV_PREFIX}GATEWAY_KEYS"
+            )
+        if name == DEFAULT_PARTNER:
+            raise ValueError(
+                f"partner {DEFAULT_PARTNER!r} is the one of unkeyed producers (notify send, "
+                "tasks.enqueue), which may name any company of the registry: grant keyed "
+                "partners only"
+            )
+        if name in grants:
+            raise ValueError(f"partner {name!r} is listed twice: list its companies once")
+        companies = tuple(company.strip() for company in listed.split("|"))
+        if companies == (ANY_COMPANY,):
+            grants[name] = companies
+            continue
+        for company in companies:
+            if company == DEFAULT_COMPANY:
+                raise ValueError(
+                    f"partner {name!r}: every partner may send to the default company; list "
+                    "only companies of the registry"
+                )
+            if not is_company_id(company):
+                raise ValueError(
+                    f"partner {name!r}: {company!r} is not a company id (the company's UUID in "
+                    f"lower case), or {ANY_COMPANY!r} alone for any company of the registry"
+                )
+        grants[name] = tuple(dict.fromkeys(companies))
+    return grants
 
 
 _URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^/@\s:]*):[^/@\s]*@")

@@ -65,6 +65,7 @@ def app_settings(concur: Sandbox) -> Any:
         oauth_client_secret="sandbox-client-secret",
         oauth_token_url=f"{concur.root_url}/oauth2/v0/token",
         token_encryption_key=Fernet.generate_key().decode(),
+        partner_companies="gateway=*",  # PARTNER's bare key may name any registry company
     )
 
 
@@ -175,6 +176,10 @@ def _answers(http: httpx.Client, runtime: Runtime, concur: Sandbox) -> Iterator[
     yield "POST", template, http.post(send, json=request_body(session="again"), headers=PARTNER)
     yield "POST", template, http.post(send, json=request_body(session="again"), headers=PARTNER)
     yield "POST", template, http.post(send, json={"sessionId": 5}, headers=PARTNER)
+    unknown = {**PARTNER, "Concur-Company-Id": str(uuid.uuid4())}
+    yield "POST", template, http.post(send, json=request_body(), headers=unknown)
+    not_one = {**PARTNER, "Concur-Company-Id": "ACME"}
+    yield "POST", template, http.post(send, json=request_body(), headers=not_one)
     yield "POST", template, http.post(send, json=request_body())
     yield "POST", template, http.post(send, json=request_body(), headers=OPERATOR)
     big = b'{"x": "' + b"a" * MAX_BODY + b'"}'

@@ -1,7 +1,10 @@
 """The HTTP service (``notify api``): a Concur v4 gateway for partner apps, message status, and
 the failed-notification endpoints for operators; an ASGI app on Starlette, served by uvicorn.
 
-* ``POST /messages/{userId}/session`` takes exactly Concur's v4 request and queues it (202).
+* ``POST /messages/{userId}/session`` takes exactly Concur's v4 request and queues it (202);
+  the ``Concur-Company-Id`` header names the message's company (absent: the default company),
+  one the partner's key is granted (``NOTIFY_PARTNER_COMPANIES``; else 403, never queued) and
+  the registry holds connected (else 422).
 * ``GET /messages/{id}`` shows a message's status and attempts.
 * ``GET /notifications?status=failed`` and ``GET|DELETE /notifications/{id}``,
   ``POST /notifications/{id}/replay``, ``POST /notifications/replay`` serve the dead letters in
@@ -54,14 +57,16 @@ from worker.front.guard import FailureLimiter, FailureLimits, client_address
 from worker.front.openapi import openapi_document
 from worker.front.stats import PROMETHEUS_CONTENT_TYPE, collect, render_prometheus
 from worker.intake.intake import Intake
-from worker.intake.producer import record
+from worker.intake.producer import record_admitted
 from worker.ops.logs import configure_from_settings
 from worker.ops.monitoring import init_sentry
+from worker.rules.grants import NO_GRANTS, CompanyGrants, not_granted
 from worker.rules.retries import ANSWERING
-from worker.rules.validation import InvalidRequest, Problem, validate
+from worker.rules.validation import InvalidRequest, Problem, company_problem, validate
 from worker.runtime import Runtime
 from worker.settings import Settings, get_settings
 from worker.shapes.contract import (
+    COMPANY_HEADER,
     DEFAULT_PAGE_LIMIT,
     HIGHEST_HTTP_STATUS,
     LOWEST_HTTP_STATUS,
@@ -171,6 +176,7 @@ class ServicePolicy:
     body_timeout_seconds: float
     public_url: str | None
     failure_limits: FailureLimits
+    grants: CompanyGrants = NO_GRANTS  # NOTIFY_PARTNER_COMPANIES
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ServicePolicy:
@@ -185,6 +191,7 @@ class ServicePolicy:
             body_timeout_seconds=settings.service_body_timeout_seconds,
             public_url=settings.service_public_url,
             failure_limits=FailureLimits.from_settings(settings),
+            grants=CompanyGrants.from_settings(settings),
         )
 
 
@@ -296,6 +303,7 @@ def message_view(message_id: str, record: StatusRecord, base_url: str) -> Messag
         status=STATUS_OF_STATE.get(state, "queued"),
         state=state,
         partner=record.partner,
+        company=record.company,
         userId=_text(request.get("userId")),
         sessionId=_text(request.get("sessionId")),
         templateId=_text(request.get("templateId")),
@@ -374,7 +382,9 @@ class Service:
     def __init__(self, policy: ServicePolicy, runtime: Runtime, limiter: FailureLimiter) -> None:
         self.policy = policy
         self.runtime = runtime
-        self.intake = Intake(functools.partial(record, runtime=runtime))
+        # Each group of requests is admitted (its companies' states read once) and recorded;
+        # a request whose company is unknown or disconnected gets its own InvalidRequest.
+        self.intake = Intake(functools.partial(record_admitted, runtime=runtime))
         self.limiter = limiter
 
     # helpers
@@ -505,7 +515,12 @@ class Service:
         partner = query.get("partner") or None
         if partner is not None and not is_partner_name(partner):
             raise ApiError(400, INVALID_PARAMETER, "partner is not a partner name")
+        company = query.get("company") or None
+        refused_company = company_problem(company)
+        if refused_company is not None:
+            raise ApiError(400, INVALID_PARAMETER, refused_company.message)
         selection, refused = read_filter(
+            company=company,
             reason=query.get("reason"),
             template=query.get("template"),
             user=query.get("user"),
@@ -529,9 +544,38 @@ class Service:
 
     # gateway
 
+    def _company(self, request: Request, caller: Caller) -> str | None:
+        """The company the ``Concur-Company-Id`` header names (None: absent, the default
+        company), once the caller's key is granted it; 400 for a value that names none, 403
+        for a company not granted (before the body is read: nothing of it is queued)."""
+        values = request.headers.getlist(COMPANY_HEADER)
+        if not values:
+            return None
+        company = values[0].strip()
+        if len(values) > 1 or company_problem(company) is not None:
+            raise ApiError(
+                400,
+                INVALID_HEADER,
+                f"{COMPANY_HEADER} must be given once, as a company UUID in lower case "
+                f"(or {DEFAULT_COMPANY!r})",
+            )
+        partner = caller.partner
+        if not self.policy.grants.allows(partner, company):
+            assert partner is not None  # unkeyed callers are refused by _require
+            log.info(
+                "partner %s named company %s, not granted to it: 403",
+                partner,
+                company,
+                extra={"partner": partner, "company": company},
+            )
+            problem = not_granted(partner, company)
+            raise ApiError(403, problem.code, problem.message)
+        return company
+
     async def submit(self, request: Request) -> Response:
         """``POST /messages/{userId}/session``: validate and queue a v4 request."""
         caller = await self._require(request, PARTNER)
+        company = self._company(request, caller)
         self._check_json_content_type(request)
         raw = await self._read_body(request)
         try:
@@ -544,10 +588,15 @@ class Service:
             # Pure and cached: cheaper here than a hop to a thread.
             # The partner is part of the id and the idempotency key: the same request from two
             # partners is two messages, and neither can pre-empt the other's.
-            message = validate(user_id, body, self.runtime.allowlist, partner=caller.partner)
+            message = validate(
+                user_id, body, self.runtime.allowlist, partner=caller.partner, company=company
+            )
         except InvalidRequest as error:
             raise ApiError(400, "", "", problems=error.problems) from None
-        created, state = await self.intake.record(message)
+        try:
+            created, state = await self.intake.record(message)
+        except InvalidRequest as error:  # its company is unknown or disconnected
+            raise ApiError(422, "", "", problems=error.problems) from None
         status = "queued" if created else STATUS_OF_STATE.get(state, "queued")
         return model_response(
             Queued(id=message.id, status=status, duplicate=not created),

@@ -105,14 +105,22 @@ def main() -> None:
 @click.option("--session", "session_id", required=True, help="sessionId of the v4 body")
 @click.option("--template", "template_id", required=True, help="templateId (must be allowed)")
 @click.option("--url", default=None, help="context.url (must be allowed)")
+@click.option(
+    "--company",
+    default=None,
+    help="the user's Concur company: its UUID, connected in the registry [default: the company "
+    "the settings define]",
+)
 @friendly_errors
-def send(user_id: str, session_id: str, template_id: str, url: str | None) -> None:
+def send(
+    user_id: str, session_id: str, template_id: str, url: str | None, company: str | None
+) -> None:
     """Validate and queue one message; print its id."""
     from worker.intake.producer import submit
     from worker.shapes.models import request_body
 
     body = request_body(session_id, template_id, url)
-    result = submit(user_id, body, runtime=_runtime())
+    result = submit(user_id, body, runtime=_runtime(), company=company)
     if result.duplicate:
         click.echo(f"already submitted (state: {result.state}); nothing new queued", err=True)
     click.echo(result.id)
@@ -168,9 +176,19 @@ class _Time(click.DateTime):
         return value
 
 
+def _company_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--company's check: ``default`` or a company UUID (what the filter can match)."""
+    from worker.rules.validation import company_problem
+
+    problem = None if value is None else company_problem(value)
+    if problem is not None:
+        raise click.BadParameter(problem.message.removeprefix("company "))
+    return value
+
+
 def _filters(function: F) -> F:
-    """Add --reason, --template, --user, --since, --until, --partner, --http-status; pass them
-    on as one ``selection``."""
+    """Add --reason, --template, --user, --since, --until, --partner, --company, --http-status;
+    pass them on as one ``selection``."""
 
     @functools.wraps(function)
     def wrapper(
@@ -181,6 +199,7 @@ def _filters(function: F) -> F:
         since: str | None,
         until: str | None,
         partner: str | None,
+        company: str | None,
         http_status: int | None,
         **kwargs: Any,
     ) -> Any:
@@ -195,6 +214,7 @@ def _filters(function: F) -> F:
             since=since,
             until=until,
             http_status=None if http_status is None else str(http_status),
+            company=company,
         )
         selection = None if chosen == DeadLetterFilter() else chosen
         return function(*args, selection=selection, **kwargs)
@@ -217,6 +237,12 @@ def _filters(function: F) -> F:
                 help="only those that failed at or before this time (a date: through that day)",
             ),
             click.option("--partner", default=None, help="only this partner's (see GATEWAY_KEYS)"),
+            click.option(
+                "--company",
+                default=None,
+                callback=_company_option,
+                help="only those for this company (its UUID, or 'default')",
+            ),
             click.option(
                 "--http-status",
                 default=None,
@@ -675,6 +701,14 @@ def api(host: str | None, port: int | None, workers: int) -> None:
     for name, keys in (("GATEWAY", settings.gateway_keys), ("OPERATOR", settings.operator_keys)):
         if not keys:
             click.echo(f"warning: NOTIFY_{name}_KEYS is empty: its endpoints answer 401", err=True)
+    keyed = {partner for partner, _key in settings.gateway_partners}
+    for partner in sorted(set(settings.partner_companies) - keyed):
+        # A typo here would leave the partner meant refused (403): say so at start-up.
+        click.echo(
+            f"warning: NOTIFY_PARTNER_COMPANIES grants partner {partner!r}, which has no key in "
+            "NOTIFY_GATEWAY_KEYS",
+            err=True,
+        )
     from worker.front.httpserver import uvicorn_options
     from worker.ops.logs import configure_from_settings
     from worker.ops.monitoring import init_sentry

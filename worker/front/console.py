@@ -53,9 +53,10 @@ from worker.front.guard import FailureLimiter, client_address
 from worker.front.sessions import LIFETIME_SECONDS, Session, SessionPolicy, Sessions
 from worker.front.stats import Stats, collect
 from worker.rules import outcomes
+from worker.rules.validation import company_problem
 from worker.runtime import Runtime
 from worker.settings import Settings
-from worker.shapes.models import is_message_id, is_partner_name, partner_of
+from worker.shapes.models import is_message_id, is_partner_name, partner_of, request_company
 from worker.shapes.times import iso_utc
 from worker.store.codec import DeadLetter, StatusRecord
 from worker.store.companies import CompanyRegistry, count_states
@@ -106,6 +107,7 @@ class Query:
     partner: str = ""
     since: str = ""
     until: str = ""
+    company: str = ""
     cursor: int = 0
     limit: int = DEFAULT_PAGE_SIZE
 
@@ -115,6 +117,7 @@ class Query:
             "reason": self.reason,
             "template": self.template,
             "partner": self.partner,
+            "company": self.company,
             "since": self.since,
             "until": self.until,
             "cursor": str(self.cursor) if self.cursor else "",
@@ -126,7 +129,7 @@ class Query:
     @property
     def filtered(self) -> bool:
         """Whether any filter is set."""
-        return any((self.reason, self.template, self.partner, self.since, self.until))
+        return any((self.reason, self.template, self.partner, self.company, self.since, self.until))
 
 
 def read_query(params: Any) -> tuple[Query, DeadLetterFilter, list[str]]:
@@ -144,6 +147,11 @@ def read_query(params: Any) -> tuple[Query, DeadLetterFilter, list[str]]:
     if partner and not is_partner_name(partner):
         problems.append(f"{partner!r} is not a partner name")
         partner = ""
+    company = text("company")
+    refused_company = company_problem(company or None)
+    if refused_company is not None:
+        problems.append(f"{company!r} is not a company (its UUID in lower case, or 'default')")
+        company = ""
     moments = {name: text(name, 40) for name in ("since", "until")}
     # A ``datetime-local`` input is typed to the minute: ``until`` 12:05 is up to 12:05:59.999.
     selection, refused = read_filter(
@@ -152,6 +160,7 @@ def read_query(params: Any) -> tuple[Query, DeadLetterFilter, list[str]]:
         partner=partner,
         since=moments["since"] or None,
         until=moments["until"] or None,
+        company=company,
     )
     for name in refused:
         problems.append(f"{name} is not a date and time")
@@ -166,6 +175,7 @@ def read_query(params: Any) -> tuple[Query, DeadLetterFilter, list[str]]:
         partner=partner,
         since=moments["since"],
         until=moments["until"],
+        company=company,
         cursor=cursor,
         limit=limit or DEFAULT_PAGE_SIZE,
     )
@@ -350,6 +360,7 @@ class Console:
                 key=lambda item: (-item[1], item[0]),
             ),
             "partners": sorted(stats.partners),
+            "companies": ["default", *sorted(set(stats.waiting_by_company) - {"default"})],
         }
 
     # endpoints
@@ -412,6 +423,7 @@ class Console:
                 "request_body": request_body,
                 "request_json": json.dumps(request_body, indent=2, ensure_ascii=False),
                 "partner": partner_of(request_body),
+                "company": request_company(request_body),
                 "notice": _notice(request.query_params.get("done"), message_id),
             },
             session=session,

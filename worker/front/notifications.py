@@ -89,6 +89,7 @@ def failure_dict(letter: DeadLetter) -> dict[str, Any]:
         "TemplateId": letter.template_id,
         "Replays": letter.replays,
         "Partner": letter.partner,
+        "Company": letter.company,
     }
 
 

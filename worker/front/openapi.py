@@ -113,6 +113,12 @@ _FILTERS = (
     ),
     _param("partner", "query", {"type": "string", "pattern": schema_pattern(PARTNER_PATTERN)}),
     _param(
+        "company",
+        "query",
+        {"type": "string", "pattern": contract.COMPANY_NAME_PATTERN},
+        description="The company's UUID in lower case, or `default` (the settings' company)",
+    ),
+    _param(
         "httpStatus",
         "query",
         {
@@ -189,6 +195,14 @@ _COMPANY_ID = _param(
 )
 _BAD_COMPANY = {400: _error("companyId is not a company UUID (`default` is read only)")}
 _NO_COMPANY = {404: _error("No such company")}
+_COMPANY_HEADER = _param(
+    contract.COMPANY_HEADER,
+    "header",
+    {"type": "string", "pattern": contract.COMPANY_NAME_PATTERN},
+    description="The Concur company of the user: its UUID in lower case, one granted to the "
+    "partner's key (NOTIFY_PARTNER_COMPANIES) and connected in the registry. Absent (or "
+    "`default`): the company the settings define.",
+)
 _LOCATION = {
     "Location": {"description": "/messages/{id}", "required": True, "schema": {"type": "string"}}
 }
@@ -203,16 +217,26 @@ OPERATIONS: tuple[Operation, ...] = (
             202: Answer(
                 "Queued (or already queued: duplicate is true)", contract.Queued, headers=_LOCATION
             ),
-            400: _error("Invalid JSON, schema violation, or not allowed"),
+            400: _error(
+                "Invalid JSON, schema violation, not allowed, or a Concur-Company-Id that is "
+                "not a company UUID"
+            ),
             408: _error("The body did not arrive within NOTIFY_SERVICE_BODY_TIMEOUT_SECONDS"),
             413: _error("Body over NOTIFY_SERVICE_MAX_BODY_BYTES"),
             415: _error("Content-Type is not application/json"),
             **_UNAUTHORIZED,
-            403: _error("An operator key without a partner key's role"),
+            403: _error(
+                "An operator key without a partner key's role, or a company not granted to "
+                "the key's partner (COMPANY_NOT_GRANTED); nothing is queued"
+            ),
+            422: _error(
+                "The company is not in the registry (UNKNOWN_COMPANY) or is disconnected "
+                "(COMPANY_DISCONNECTED); nothing is queued"
+            ),
             **_UNAVAILABLE,
         },
         security=(PARTNER_KEY,),
-        params=(_USER_ID,),
+        params=(_USER_ID, _COMPANY_HEADER),
         request=SendRequest,
     ),
     Operation(

@@ -21,6 +21,9 @@ Where each number comes from, and what it costs:
 * ``totals``: cumulative counters since the database was created (``keys.STATS``).
 * ``companies``: registry companies by state (``connected``, ``needs_reconnect``,
   ``disconnected``), read from each company's hash: O(companies), exact.
+* ``waiting_by_company``: the ``TOP_COMPANIES`` companies with the most messages not finished
+  yet (``default`` among them), from the sorted set ``keys.COMPANY_WAITING`` the scripts keep
+  (O(log companies)); for ``notify stats`` only: no metric has a label per company.
 * ``partners``: the same cumulative counters by partner (``keys.partner_stats``), kept by the
   same scripts from the record's partner; ``collect(partner=...)`` shows one partner's as the
   totals (the queue and gauges stay fleet-wide: the broker does not know partners).
@@ -48,6 +51,7 @@ from worker.store.companies import CompanyRegistry
 from worker.store.records import DELIVERED_COUNTER_TTL_SECONDS
 
 DEFAULT_MINUTES = 15
+TOP_COMPANIES = 5  # companies `notify stats` lists by messages waiting
 MAX_MINUTES = DELIVERED_COUNTER_TTL_SECONDS // 60
 # The text format generate_latest writes (CONTENT_TYPE_LATEST names a newer one now).
 PROMETHEUS_CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
@@ -111,6 +115,8 @@ class Stats:
     partner: str | None = None  # set: ``totals`` and ``dead_lettered_total`` are this partner's
     # state -> how many registry companies are in it (every state, zeros included)
     companies: Mapping[str, int] = field(default_factory=dict)
+    # company -> messages not finished yet, the companies with the most first (a few)
+    waiting_by_company: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def delivered_last_minute(self) -> int:
@@ -127,6 +133,7 @@ class Stats:
         data["totals"] = dict(self.totals)
         data["partners"] = {name: dict(counts) for name, counts in self.partners.items()}
         data["companies"] = dict(self.companies)
+        data["waiting_by_company"] = dict(self.waiting_by_company)
         data["delivered_last_minute"] = self.delivered_last_minute
         return data
 
@@ -166,6 +173,7 @@ def build(
     partners: Mapping[str, Mapping[str, str]] | None = None,
     partner: str | None = None,
     companies: Mapping[str, int] | None = None,
+    waiting_by_company: Sequence[tuple[Any, Any]] = (),
 ) -> Stats:
     """Turn the raw Redis replies into ``Stats`` (pure).
 
@@ -205,6 +213,11 @@ def build(
         },
         partner=partner,
         companies={**dict.fromkeys(COMPANY_STATES, 0), **(companies or {})},
+        waiting_by_company={
+            str(company): count
+            for company, count in ((name, _int(score)) for name, score in waiting_by_company)
+            if count > 0
+        },
     )
 
 
@@ -232,9 +245,10 @@ def collect(
     pipe.mget([f"{keys.DELIVERED_PER_MINUTE}:{minute}" for minute in minute_numbers])
     pipe.get(keys.RATE_LIMIT_PENALTY)
     pipe.hget(keys.BREAKER, "state")
+    pipe.zrevrange(keys.COMPANY_WAITING, 0, TOP_COMPANIES - 1, withscores=True)
     replies = pipe.execute()
     lengths, rest = replies[: len(lists)], replies[len(lists) :]
-    reserved, live, totals, partner_names, dead_size, counts, penalty, breaker_state = rest
+    reserved, live, totals, partner_names, dead_size, counts, penalty, breaker_state, top = rest
     names = sorted(name for name in partner_names if is_partner_name(name))
     by_partner: dict[str, Mapping[str, str]] = {}
     if names:
@@ -257,6 +271,7 @@ def collect(
         partner=partner,
         # O(companies) pipelined reads of each one's state: exact, and a partner has hundreds.
         companies=CompanyRegistry.from_settings(runtime.redis, runtime.settings).counts_by_state(),
+        waiting_by_company=top,
     )
 
 

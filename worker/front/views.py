@@ -112,7 +112,9 @@ def _fields() -> Table:
     return table
 
 
-def _add_request(fields: Table, request: Mapping[str, Any], partner: Any = None) -> None:
+def _add_request(
+    fields: Table, request: Mapping[str, Any], partner: Any = None, company: Any = None
+) -> None:
     context = request.get("context")
     url = context.get("url") if isinstance(context, dict) else None
     fields.add_row("user", plain(request.get("userId") or "-"))
@@ -122,6 +124,8 @@ def _add_request(fields: Table, request: Mapping[str, Any], partner: Any = None)
         fields.add_row("url", plain(url))
     if partner and partner != "default":  # the partner of unkeyed producers: nothing to tell
         fields.add_row("partner", plain(partner))
+    if company and company != "default":  # the settings' company: nothing new to tell
+        fields.add_row("company", plain(company))
 
 
 def attempts_table(entries: Iterable[Mapping[str, Any]], width: int | None = None) -> Table:
@@ -170,7 +174,7 @@ def message_view(
     fields = _fields()
     fields.add_row("message", plain(message_id))
     fields.add_row("state", plain(STATE_TEXT.get(state, state), style=STATE_STYLE.get(state, "")))
-    _add_request(fields, record.request, record.get("partner"))
+    _add_request(fields, record.request, record.get("partner"), record.company)
     entries = record.attempts
     posted = int_or_none(record.get("attempt"))
     fields.add_row("attempts", plain(posted if posted is not None else len(entries)))
@@ -217,7 +221,7 @@ def dead_letter_view(letter: DeadLetter, now_ms: int) -> RenderableType:
     fields.add_row("HTTP status", plain(letter.status or "-"))
     for error in letter.errors:
         fields.add_row("API error", plain(_error_text(error)))
-    _add_request(fields, letter.request, letter.request.get("partner"))
+    _add_request(fields, letter.request, letter.request.get("partner"), letter.company)
     fields.add_row("attempts", plain(letter.attempts))
     fields.add_row("first attempt", plain(when(letter.first_attempt_ms, now_ms)))
     fields.add_row("last attempt", plain(when(letter.last_attempt_ms, now_ms)))
@@ -307,6 +311,10 @@ def stats_view(snapshot: Stats, minutes: int) -> RenderableType:
     companies = ", ".join(f"{n} {state}" for state, n in snapshot.companies.items() if n)
     if companies:
         fields.add_row("companies (registry)", plain(companies))
+    for rank, (company, waiting) in enumerate(snapshot.waiting_by_company.items()):
+        # The companies with the most messages not finished yet, most first.
+        name = "waiting, by company" if rank == 0 else ""
+        fields.add_row(plain(name), plain(f"{waiting}  {company}"))
     chart = Table(
         title=f"delivered per minute (UTC, oldest first, last {minutes})",
         title_justify="left",

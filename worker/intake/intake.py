@@ -6,8 +6,9 @@ measured with py-spy). Here one thread records whatever has gathered while the p
 was in Redis, as a group commit does, and wakes the event loop once per group. Nothing waits on
 purpose: a lone request is recorded at once, and groups only form under load.
 
-Each request still gets its own answer (created, or the state of the earlier duplicate), and a
-Redis failure fails exactly the requests of that group, which the gateway answers with 503.
+Each request still gets its own answer (created, the state of the earlier duplicate, or the
+exception that refused it: a company unknown or disconnected), and a Redis failure fails
+exactly the requests of that group, which the gateway answers with 503.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from collections.abc import Callable, Sequence
 from worker.shapes.models import Message
 
 Recorded = tuple[bool, str]  # (created, state), as MessageStore.create answers
+# What ``record`` answers per message: recorded, or the exception that refused it alone.
+Outcome = Recorded | Exception
 _Item = tuple[Message, asyncio.Future[Recorded]]
 _Settled = tuple[asyncio.Future[Recorded], Recorded | BaseException]
 
@@ -32,7 +35,7 @@ class Intake:
 
     def __init__(
         self,
-        record: Callable[[Sequence[Message]], list[Recorded]],
+        record: Callable[[Sequence[Message]], Sequence[Outcome]],
         max_group: int = MAX_GROUP,
     ) -> None:
         self._record = record
@@ -42,7 +45,9 @@ class Intake:
         self._lock = threading.Lock()
 
     async def record(self, message: Message) -> Recorded:
-        """Record ``message`` (and queue it for publishing if new); its (created, state)."""
+        """Record ``message`` (and queue it for publishing if new); its (created, state).
+
+        Raises what ``record`` answered for it instead, when that is an exception."""
         if self._thread is None:
             with self._lock:
                 if self._thread is None:

@@ -1,10 +1,12 @@
 """The producer helpers partners call: validate, record, queue.
 
 ``enqueue`` validates before it queues (raising ``InvalidRequest``, queuing nothing) and returns
-the message id; sending the same (user, session, template) again for the same partner returns
-the same id and queues nothing new. ``tasks`` re-exports these beside the Celery task, so
-``tasks.enqueue`` is the name partners use; the HTTP service and the CLI call them from here, so
-nothing in ``worker`` imports ``tasks``.
+the message id; sending the same (user, session, template) again for the same partner and
+company returns the same id and queues nothing new. A message names its Concur company with
+``company=`` (a company UUID of the registry; None: the default company, the settings' own):
+an unknown or disconnected company is refused here (``admit``), before anything is recorded.
+``tasks`` re-exports these beside the Celery task, so ``tasks.enqueue`` is the name partners use;
+the HTTP service and the CLI call them from here, so nothing in ``worker`` imports ``tasks``.
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from worker.intake.intake import Recorded
 from worker.queue.envelopes import Envelope
-from worker.rules.validation import validate
+from worker.rules.grants import admission_problem
+from worker.rules.validation import InvalidRequest, Problem, validate
 from worker.runtime import Runtime, get_runtime
-from worker.shapes.models import Message, request_body
+from worker.shapes.models import DEFAULT_COMPANY, Message, request_body
+from worker.store.companies import company_states
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,24 +39,62 @@ def submit(
     *,
     runtime: Runtime | None = None,
     partner: str | None = None,
+    company: str | None = None,
 ) -> Enqueued:
     """Validate a v4 request body for ``user_id`` and queue it; raise ``InvalidRequest``.
 
-    ``partner`` (``default`` when None) is part of the id and the idempotency key.
+    ``partner`` and ``company`` (``default`` when None) are part of the id and the idempotency
+    key; the company must be in the registry and not disconnected.
     """
     rt = runtime or get_runtime()
-    message = validate(user_id, body, rt.allowlist, partner=partner)
+    message = validate(user_id, body, rt.allowlist, partner=partner, company=company)
+    _refuse_unadmitted([message], rt)
     [(created, state)] = record([message], runtime=rt)
     return Enqueued(message.id, not created, state)
 
 
-def record(
+def admit(messages: Sequence[Message], *, runtime: Runtime | None = None) -> list[Problem | None]:
+    """Why each message cannot be accepted now (its company unknown to the registry, or
+    disconnected), or None when it can (``worker.rules.grants.admission_problem``).
+
+    One pipelined round trip reads the states of the distinct companies the messages name; none
+    when they all go to the default company. A company disconnected between this check and the
+    record is the worker's to settle (its messages become dead letters ``company_disconnected``).
+    """
+    companies = [message.company for message in messages if message.company != DEFAULT_COMPANY]
+    if not companies:
+        return [None] * len(messages)
+    rt = runtime or get_runtime()
+    states = company_states(rt.redis, companies)
+    return [admission_problem(message.company, states.get(message.company)) for message in messages]
+
+
+def _refuse_unadmitted(messages: Sequence[Message], rt: Runtime) -> None:
+    # All or nothing: one problem per company refused, however many messages name it.
+    problems = [problem for problem in admit(messages, runtime=rt) if problem is not None]
+    if problems:
+        raise InvalidRequest(list(dict.fromkeys(problems)))
+
+
+def record_admitted(
     messages: Sequence[Message], *, runtime: Runtime | None = None
-) -> list[tuple[bool, str]]:
-    """Record validated messages in one round trip and hand the new ones to the publisher.
+) -> list[Recorded | InvalidRequest]:
+    """``admit`` then ``record`` a group of separate requests (the gateway's intake groups,
+    ``worker.intake.intake``): each message gets its own answer, recorded or refused."""
+    rt = runtime or get_runtime()
+    problems = admit(messages, runtime=rt)
+    admitted = [message for message, problem in zip(messages, problems, strict=True) if not problem]
+    results = iter(record(admitted, runtime=rt) if admitted else [])
+    return [next(results) if problem is None else InvalidRequest([problem]) for problem in problems]
+
+
+def record(messages: Sequence[Message], *, runtime: Runtime | None = None) -> list[Recorded]:
+    """Record validated, admitted messages in one round trip and hand the new ones to the
+    publisher.
 
     Returns ``(created, state)`` per message; a duplicate is not published again. The HTTP
-    gateway calls this for each group of requests (``worker.intake.intake``), ``submit`` for one.
+    gateway calls this for each group of requests (through ``record_admitted``), ``submit`` for
+    one.
     """
     rt = runtime or get_runtime()
     results = rt.store.create_many([(message.id, message.to_wire()) for message in messages])
@@ -73,15 +116,18 @@ def enqueue(
     *,
     runtime: Runtime | None = None,
     partner: str | None = None,
+    company: str | None = None,
 ) -> str:
     """Queue one message to a Concur user and return its id; raise ``InvalidRequest`` if bad.
 
     It returns once the message is recorded in Redis; a background thread publishes it to the
     queue moments later (see ``worker.queue.publisher``). ``partner`` names who sends it
     (``default`` when None): the same request from two partners is two messages with two ids.
+    ``company`` names the Concur company of the user (a company UUID of the registry; None: the
+    default company); an unknown or disconnected company raises ``InvalidRequest``.
     """
     body = request_body(session_id, template_id, url)
-    return submit(user_id, body, runtime=runtime, partner=partner).id
+    return submit(user_id, body, runtime=runtime, partner=partner, company=company).id
 
 
 def enqueue_many(
@@ -89,18 +135,21 @@ def enqueue_many(
     *,
     runtime: Runtime | None = None,
     partner: str | None = None,
+    company: str | None = None,
 ) -> list[str]:
     """Queue many ``(user_id, session_id, template_id, url)`` at once; all-or-nothing validation.
 
     One Redis round trip records them all and they travel in tasks of ``NOTIFY_BATCH_SIZE``
     messages, so a producer with a batch pays per batch much of what ``enqueue`` pays per
     message, and so do the workers. Like ``enqueue``, it returns once they are recorded; the
-    publisher puts them on the queue moments later.
+    publisher puts them on the queue moments later. ``company`` (all of them are for it) is
+    checked once for the batch: one more round trip, none for the default company.
     """
     rt = runtime or get_runtime()
     messages = []
     for user_id, session_id, template_id, url in requests:
         body = request_body(session_id, template_id, url)
-        messages.append(validate(user_id, body, rt.allowlist, partner=partner))
+        messages.append(validate(user_id, body, rt.allowlist, partner=partner, company=company))
+    _refuse_unadmitted(messages, rt)
     record(messages, runtime=rt)
     return [message.id for message in messages]

@@ -5,8 +5,10 @@ settings may have changed) and by the HTTP gateway (which answers the problems a
 
 Problem codes (stable; README lists them):
 ``INVALID_JSON``, ``INVALID_USER_ID``, ``MISSING_FIELD``, ``INVALID_FIELD``, ``UNKNOWN_FIELD``,
-``TEMPLATE_NOT_ALLOWED``, ``URL_NOT_ALLOWED``, and ``TOO_MANY_ERRORS`` (the last entry when more
-than ``MAX_PROBLEMS`` were found: it counts those not listed).
+``TEMPLATE_NOT_ALLOWED``, ``URL_NOT_ALLOWED``, ``INVALID_COMPANY`` (not a company UUID), and
+``TOO_MANY_ERRORS`` (the last entry when more than ``MAX_PROBLEMS`` were found: it counts those
+not listed). Whether a company may be sent to (granted to the partner, in the registry, not
+disconnected) is decided at intake (``worker.rules.grants``), not here.
 """
 
 from __future__ import annotations
@@ -17,7 +19,16 @@ from typing import Any
 from pydantic import ValidationError
 
 from worker.rules.allowlist import AllowList
-from worker.shapes.models import MAX_ID_LENGTH, Message, SendRequest, is_partner_name
+from worker.shapes.models import (
+    DEFAULT_COMPANY,
+    MAX_ID_LENGTH,
+    Message,
+    SendRequest,
+    is_company_id,
+    is_partner_name,
+)
+
+INVALID_COMPANY = "INVALID_COMPANY"
 
 # At most this many problems are reported: a 64 KB body of thousands of unknown keys would
 # otherwise get an answer ten times its size. The rest are counted in one last entry.
@@ -104,16 +115,37 @@ def _schema_problems(error: ValidationError) -> list[Problem]:
     return problems
 
 
+def company_problem(company: Any) -> Problem | None:
+    """Why ``company`` names no company (None: it is ``default``, absent, or a company UUID)."""
+    if company is None or company == DEFAULT_COMPANY or is_company_id(company):
+        return None
+    return Problem(
+        "company",
+        INVALID_COMPANY,
+        "company must be a company UUID in lower case (like "
+        f"0f3c2f6e-4a1b-4c2d-9e8f-7a6b5c4d3e2f), or {DEFAULT_COMPANY!r}",
+    )
+
+
 def validate(
-    user_id: Any, body: Any, allowlist: AllowList, *, partner: str | None = None
+    user_id: Any,
+    body: Any,
+    allowlist: AllowList,
+    *,
+    partner: str | None = None,
+    company: str | None = None,
 ) -> Message:
     """Check a request against the seed's schema and the allow-list; raise ``InvalidRequest``.
 
-    ``partner`` (``default`` when None) is who sent it: it is part of the message's id.
+    ``partner`` (``default`` when None) is who sent it, ``company`` (``default`` when None) the
+    Concur company it is for: both are part of the message's id.
     """
     problems = _user_id_problems(user_id)
     if partner is not None and not is_partner_name(partner):
         problems.append(Problem("partner", "INVALID_FIELD", "partner is not a partner name"))
+    refused_company = company_problem(company)
+    if refused_company is not None:
+        problems.append(refused_company)
     try:
         request = SendRequest.model_validate(body)
     except ValidationError as error:
@@ -125,17 +157,23 @@ def validate(
     if refusals:
         raise InvalidRequest([Problem(r.field, r.code.upper(), r.reason) for r in refusals])
     return Message.create(
-        user_id, request.sessionId, request.templateId, request.context.url, partner
+        user_id, request.sessionId, request.templateId, request.context.url, partner, company
     )
 
 
 def validate_wire(wire: Any, allowlist: AllowList) -> Message:
     """Validate the stored/queued form ``{"userId", "sessionId", "templateId", "context"}``
-    (plus ``"partner"`` for a partner other than ``default``)."""
+    (plus ``"partner"`` for a partner other than ``default``, ``"company"`` for a company other
+    than ``default``)."""
     if not isinstance(wire, dict):
         raise InvalidRequest([Problem("body", "INVALID_FIELD", "the request must be an object")])
-    body = {key: value for key, value in wire.items() if key not in ("userId", "partner")}
+    body = {
+        key: value for key, value in wire.items() if key not in ("userId", "partner", "company")
+    }
     partner = wire.get("partner")
     if partner is not None and not isinstance(partner, str):
         raise InvalidRequest([Problem("partner", "INVALID_FIELD", "partner must be a string")])
-    return validate(wire.get("userId"), body, allowlist, partner=partner)
+    company = wire.get("company")
+    if company is not None and not isinstance(company, str):
+        raise InvalidRequest([Problem("company", INVALID_COMPANY, "company must be a string")])
+    return validate(wire.get("userId"), body, allowlist, partner=partner, company=company)

@@ -61,6 +61,15 @@ class Queued(BaseModel):
     )
 
 
+# A company in a path, a header or an answer: ``default`` (the settings' company) or a company
+# UUID.
+COMPANY_NAME_PATTERN = f"^(?:{DEFAULT_COMPANY}|{COMPANY_ID_PATTERN.pattern})$"
+CompanyName = Annotated[str, Field(pattern=COMPANY_NAME_PATTERN)]
+# The gateway's request header naming the Concur company of a message (absent: the default
+# company); beside the unchanged v4 path and body (docs/http-api.md).
+COMPANY_HEADER = "Concur-Company-Id"
+
+
 class Attempt(BaseModel):
     """One delivery attempt in a message's status."""
 
@@ -85,6 +94,10 @@ class MessageStatus(BaseModel):
         "`queued`"
     )
     partner: PartnerName
+    company: CompanyName = Field(
+        description="the Concur company the message is for: its UUID, or `default` (the company "
+        "the settings define)"
+    )
     userId: str | None
     sessionId: str | None
     templateId: str | None
@@ -126,6 +139,7 @@ class Failure(BaseModel):
     TemplateId: str | None
     Replays: int
     Partner: PartnerName
+    Company: CompanyName
 
 
 class Notification(BaseModel):
@@ -193,12 +207,9 @@ class Ready(BaseModel):
 
 # -- companies (issue 21) ------------------------------------------------------------------------
 
-# A company in a path or an answer: ``default`` (the settings' company) or a company UUID.
-COMPANY_NAME_PATTERN = f"^(?:{DEFAULT_COMPANY}|{COMPANY_ID_PATTERN.pattern})$"
 # The longest request or refresh token ``PUT /companies/{companyId}`` takes (Concur's are far
 # shorter); a bound, so a body is never an unbounded secret.
 MAX_COMPANY_TOKEN_LENGTH = 4096
-CompanyName = Annotated[str, Field(pattern=COMPANY_NAME_PATTERN)]
 
 
 class CompanyView(BaseModel):

@@ -102,16 +102,27 @@ class ErrorMessage(BaseModel):
     errors: list[ErrorItem] = Field(min_length=1)
 
 
-def message_id(user_id: str, session_id: str, template_id: str, partner: str | None = None) -> str:
-    """The stable, URL-safe id of a request: the same (partner, user, session, template) gives
-    the same id.
+def message_id(
+    user_id: str,
+    session_id: str,
+    template_id: str,
+    partner: str | None = None,
+    company: str | None = None,
+) -> str:
+    """The stable, URL-safe id of a request: the same (partner, company, user, session,
+    template) gives the same id.
 
     The id doubles as the idempotency key, so a request sent twice is found, not queued twice.
     It is per partner: partner ``default`` keeps the unkeyed hash every earlier id was made with,
     any other partner's hash is keyed with its name, so two partners sending the same triple get
-    unrelated ids and neither can make the other's request a "duplicate".
+    unrelated ids and neither can make the other's request a "duplicate". It is per company the
+    same way: the default company's ids are the ones every earlier message had, another
+    company's id hashes its UUID too (the same user id in two companies is two people).
     """
-    data = "\x1f".join((user_id, session_id, template_id)).encode("utf-8", "surrogatepass")
+    parts = [user_id, session_id, template_id]
+    if company is not None and company != DEFAULT_COMPANY:
+        parts.append(company)
+    data = "\x1f".join(parts).encode("utf-8", "surrogatepass")
     if partner is None or partner == DEFAULT_PARTNER:
         digest = hashlib.blake2b(data, digest_size=15).digest()
     else:
@@ -129,6 +140,12 @@ def partner_of(request: Mapping[str, Any] | None) -> str:
     """The partner a stored or queued request belongs to (``default`` when it names none)."""
     value = request.get("partner") if request else None
     return value if isinstance(value, str) and is_partner_name(value) else DEFAULT_PARTNER
+
+
+def request_company(request: Mapping[str, Any] | None) -> str:
+    """The company a stored or queued request is for (``default`` when it names none)."""
+    value = request.get("company") if request else None
+    return value if isinstance(value, str) and is_company_id(value) else DEFAULT_COMPANY
 
 
 def is_company_id(value: object) -> bool:
@@ -157,6 +174,7 @@ class Message:
     template_id: str
     url: str | None = None
     partner: str = DEFAULT_PARTNER
+    company: str = DEFAULT_COMPANY  # a registry company's UUID, or the settings' company
 
     @classmethod
     def create(
@@ -166,16 +184,20 @@ class Message:
         template_id: str,
         url: str | None = None,
         partner: str | None = None,
+        company: str | None = None,
     ) -> Message:
-        """A message with its id derived from the request and partner (see ``message_id``)."""
+        """A message with its id derived from the request, partner and company (see
+        ``message_id``)."""
         partner = partner or DEFAULT_PARTNER
+        company = company or DEFAULT_COMPANY
         return cls(
-            message_id(user_id, session_id, template_id, partner),
+            message_id(user_id, session_id, template_id, partner, company),
             user_id,
             session_id,
             template_id,
             url,
             partner,
+            company,
         )
 
     def body(self) -> dict[str, Any]:
@@ -185,12 +207,15 @@ class Message:
     def to_wire(self) -> dict[str, Any]:
         """The request as stored in Redis and carried by a task (user id plus the v4 body).
 
-        A partner other than ``default`` is recorded as ``"partner"`` (never sent to Concur);
-        partner ``default``'s form is the one every earlier record has.
+        A partner other than ``default`` is recorded as ``"partner"``, a company other than
+        ``default`` as ``"company"`` (neither is sent to Concur); the default partner's and
+        company's form is the one every earlier record has.
         """
         wire = {"userId": self.user_id, **self.body()}
         if self.partner != DEFAULT_PARTNER:
             wire["partner"] = self.partner
+        if self.company != DEFAULT_COMPANY:
+            wire["company"] = self.company
         return wire
 
 

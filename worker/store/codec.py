@@ -5,9 +5,9 @@ PostgreSQL history (``history``) write and read through these functions, and not
 ``worker.store`` parses what is stored.
 
 * A request is kept compactly in a record's fields ``u``, ``s``, ``t``, ``url`` (and
-  ``partner``) when it has the usual shape, else as JSON in ``req`` (``request_fields``,
-  ``request_of``); the Lua's ``request_json`` (worker/store/lua/request.lua) rebuilds the same
-  JSON inside Redis.
+  ``partner``, ``company``) when it has the usual shape, else as JSON in ``req``
+  (``request_fields``, ``request_of``); the Lua's ``request_json``
+  (worker/store/lua/request.lua) rebuilds the same JSON inside Redis.
 * An attempt is kept as one field ``a<k>`` after its time: ``|number|outcome|status|cause|ms|cid``
   (``AttemptRecord.compact``, ``attempt_entry``), correlation ids that are UUIDs as 23
   characters (``short_cid``, ``long_cid``).
@@ -29,7 +29,14 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from worker.shapes.models import DEFAULT_PARTNER, is_partner_name, partner_of
+from worker.shapes.models import (
+    DEFAULT_COMPANY,
+    DEFAULT_PARTNER,
+    is_company_id,
+    is_partner_name,
+    partner_of,
+    request_company,
+)
 from worker.shapes.times import int_or_none
 
 _OUTCOME_CODES = {"delivered": "d", "retry": "r", "dead": "x", "deferred": "w"}
@@ -166,18 +173,21 @@ def long_cid(stored: str) -> str:
 
 
 def request_fields(request: Mapping[str, Any]) -> list[str]:
-    """A request as record field/value pairs: compact (``u``, ``s``, ``t``, ``url``) when it has
-    the usual shape (``Message.to_wire``), else its JSON as ``req``. The partner is apart."""
+    """A request as record field/value pairs: compact (``u``, ``s``, ``t``, ``url``, and
+    ``company`` for a company other than the default) when it has the usual shape
+    (``Message.to_wire``), else its JSON as ``req``. The partner is apart."""
     context = request.get("context")
     parts = [request.get(name) for name in _COMPACT_REQUEST.values()]
     partner = request.get("partner")
+    company = request.get("company")
     usual = (
-        set(request) <= {*_COMPACT_REQUEST.values(), "context", "partner"}
+        set(request) <= {*_COMPACT_REQUEST.values(), "context", "partner", "company"}
         and all(isinstance(part, str) for part in parts)
         and isinstance(context, dict)
         and set(context) <= {"url"}
         and isinstance(context.get("url", ""), str)
         and (partner is None or (is_partner_name(partner) and partner != DEFAULT_PARTNER))
+        and (company is None or is_company_id(company))
     )
     if not usual:
         return ["req", dumps(dict(request))]
@@ -185,6 +195,8 @@ def request_fields(request: Mapping[str, Any]) -> list[str]:
     assert isinstance(context, dict)
     if "url" in context:
         fields += ["url", context["url"]]
+    if company is not None:
+        fields += ["company", company]
     return [str(item) for item in fields]
 
 
@@ -204,6 +216,9 @@ def request_of(record: Mapping[str, Any]) -> dict[str, Any]:
     partner = record.get("partner")
     if partner and partner != DEFAULT_PARTNER:
         request["partner"] = partner
+    company = record.get("company")
+    if company and company != DEFAULT_COMPANY:
+        request["company"] = company
     return request
 
 
@@ -217,6 +232,7 @@ def expand_record(record: Mapping[str, Any], earlier: list[Any] | None = None) -
     request = request_of(record)
     out["req"] = record["req"] if "req" in record else dumps(request)
     out.setdefault("partner", partner_of(request))
+    out.setdefault("company", request_company(request))
     out.setdefault("replays", "0")
     try:
         created = int(record.get("created") or 0)
@@ -271,6 +287,11 @@ class StatusRecord:
         return partner_of(self.request)
 
     @property
+    def company(self) -> str:
+        """The company the message is for (``default``: the one the settings define)."""
+        return request_company(self.request)
+
+    @property
     def attempts(self) -> list[dict[str, Any]]:
         """The attempts, oldest first, as ``AttemptRecord.to_json`` objects."""
         return [entry for entry in self.fields.get("attempts", []) if isinstance(entry, dict)]
@@ -308,6 +329,7 @@ class DeadLetter:
     worker: str | None
     replays: int
     partner: str = DEFAULT_PARTNER
+    company: str = DEFAULT_COMPANY
 
     @property
     def template_id(self) -> str | None:
@@ -343,6 +365,7 @@ class DeadLetter:
             worker=data.get("worker") or None,
             replays=int_or_none(data.get("replays")) or 0,
             partner=partner_of(request),
+            company=request_company(request),
         )
 
 

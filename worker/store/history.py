@@ -274,7 +274,9 @@ class Rows:
             )
         if "st" not in fields:
             return
-        compact = is_usual(request)
+        # The table has no company column: a request for a company other than the default keeps
+        # its whole JSON (``request``), so the history still says which company it was for.
+        compact = is_usual(request) and "company" not in request
         context = request.get("context")
         finished = _ms(fields.get("up")) or at
         created = _ms(fields.get("cr"))

@@ -17,6 +17,8 @@
                                (``inflight``, ``retrying``, ``dead:<reason>`` = letters held now)
 ``notify:stats:partner:{p}``  hash: the cumulative counters of ``notify:stats`` for partner ``p``
 ``notify:partners``            set: every partner name a message was recorded for
+``notify:stats:company:waiting`` sorted set: company (``default`` or a UUID) -> its messages not
+                               finished yet (kept by the same scripts; a company at 0 leaves it)
 ``notify:stats:delivered:{m}`` counter: deliveries in epoch minute ``m`` (expires after 2 h)
 ``notify:ratelimit``           string: the rate limit's theoretical arrival time (µs, GCRA)
 ``notify:ratelimit:penalty``   string: interval multiplier after a 429, expiring with the penalty
@@ -62,6 +64,7 @@ STATS = f"{PREFIX}:stats"
 DELIVERED_PER_MINUTE = f"{PREFIX}:stats:delivered"
 LIVE = f"{PREFIX}:stats:live"
 PARTNERS = f"{PREFIX}:partners"
+COMPANY_WAITING = f"{PREFIX}:stats:company:waiting"
 RATE_LIMIT = f"{PREFIX}:ratelimit"
 RATE_LIMIT_PENALTY = f"{PREFIX}:ratelimit:penalty"
 WORKERS = f"{PREFIX}:workers"

@@ -43,11 +43,13 @@ class DeadLetterFilter:
     partner: str | None = None
     http_status: int | None = None  # the API's answer on the last attempt
     until_ms: int | None = None  # dead-lettered at or before this time
+    company: str | None = None  # ``default`` or a company UUID
 
     def matches(self, letter: DeadLetter) -> bool:
         """Whether ``letter`` is selected."""
         return (
             (self.partner is None or letter.partner == self.partner)
+            and (self.company is None or letter.company == self.company)
             and (self.reason is None or letter.reason == self.reason)
             and (self.template_id is None or letter.template_id == self.template_id)
             and (self.user_id is None or letter.user_id == self.user_id)
@@ -98,16 +100,18 @@ def read_filter(
     since: str | None = None,
     until: str | None = None,
     http_status: str | None = None,
+    company: str | None = None,
 ) -> tuple[DeadLetterFilter, list[str]]:
     """The filter that what a person typed means, and the names of the values it could not use.
 
-    None (not given) matches all, and so does an empty reason, template, user or partner.
+    None (not given) matches all, and so does an empty reason, template, user, partner or
+    company.
     ``since`` and ``until`` go through ``parse_time`` (``until`` to the end of what it names),
     ``http_status`` must be a status 100..599; a value given that is not one (an empty one
     included) is left out of the filter and its name (``since``, ``until``, ``http_status``)
     listed, in that order, for the caller to refuse or report as its door does. The reason,
-    template, user and partner are taken as given (a door that knows their valid values checks
-    them first).
+    template, user, partner and company are taken as given (a door that knows their valid
+    values checks them first: ``worker.rules.validation.company_problem`` for a company).
     """
     refused: list[str] = []
     bounds: dict[str, int | None] = {"since": None, "until": None}
@@ -135,5 +139,6 @@ def read_filter(
         partner=partner or None,
         http_status=status,
         until_ms=bounds["until"],
+        company=company or None,
     )
     return selection, refused

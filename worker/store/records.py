@@ -90,7 +90,9 @@ def script_source(name: str) -> str:
     """
     parts = [*SCRIPTS[name], name]
     text = "".join("\n" + (_LUA / f"{part}.lua").read_text(encoding="utf-8") for part in parts)
-    return text.replace("@PARTNER_STATS@", keys.partner_stats(""))
+    return text.replace("@PARTNER_STATS@", keys.partner_stats("")).replace(
+        "@COMPANY_WAITING@", keys.COMPANY_WAITING
+    )
 
 
 @dataclass(frozen=True, slots=True)

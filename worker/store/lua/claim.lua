@@ -8,6 +8,7 @@ if not state then
   redis.call('HSET', KEYS[1], 'state', 'queued', 'gen', ARGV[2], 'attempt', 0, 'created', now)
   set_pairs(KEYS[1], 9)
   if ARGV[8] ~= 'default' then redis.call('HSET', KEYS[1], 'partner', ARGV[8]) end
+  waiting(KEYS[1], 1)
   state = 'queued'
 end
 if state == 'delivered' or state == 'failed' then return {'done', state} end

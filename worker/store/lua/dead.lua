@@ -12,6 +12,7 @@ if not state then
   if ARGV[14] ~= 'default' then redis.call('HSET', KEYS[1], 'partner', ARGV[14]) end
 end
 shift(KEYS[6], state, 'failed')
+if state then waiting(KEYS[1], -1) end
 redis.call('HSET', KEYS[1], 'state', 'failed', 'reason', ARGV[6], 'status', ARGV[8],
            'cid', ARGV[10], 'updated', ARGV[3], 'lease', 0)
 redis.call('HDEL', KEYS[1], 'next', 'owner')

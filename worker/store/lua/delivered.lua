@@ -5,6 +5,7 @@ local state = redis.call('HGET', KEYS[1], 'state')
 if state == 'delivered' or state == 'failed' then return 0 end
 -- A 2xx is the truth even if this worker's lease ran out: record it.
 shift(KEYS[6], state, 'delivered')
+if state then waiting(KEYS[1], -1) end
 -- 'updated' is kept as 'du', milliseconds after 'created' (a small integer, not 13 digits).
 local created = tonumber(redis.call('HGET', KEYS[1], 'created')) or 0
 redis.call('HSET', KEYS[1], 'state', 'delivered', 'du',

@@ -9,13 +9,26 @@ local function by_partner(record, name)
   redis.call('HINCRBY', '@PARTNER_STATS@' .. partner, name, 1)
 end
 -- A record made from a request alone (a replayed letter whose record is gone) takes the
--- request's partner, if it names one.
+-- request's partner and company, if it names them.
 local function adopt_partner(record, req)
   local ok, parsed = pcall(cjson.decode, req)
   local name = ok and type(parsed) == 'table' and parsed['partner']
   if type(name) == 'string' and #name <= 64 and string.match(name, '^[a-z0-9][a-z0-9_.-]*$') then
     redis.call('HSET', record, 'partner', name)
   end
+  local company = ok and type(parsed) == 'table' and parsed['company']
+  if type(company) == 'string' and #company == 36 and string.match(company, '^[0-9a-f-]+$') then
+    redis.call('HSET', record, 'company', company)
+  end
+end
+-- Messages not finished yet, by company (records without one: 'default'), in a sorted set, so
+-- `notify stats` reads the companies with the most waiting in one call. +1 when a message
+-- starts (created, replayed), -1 when it ends (delivered, dead-lettered); a company at 0 leaves
+-- the set, and records from before this gauge (never counted) cannot drive it below 0.
+local function waiting(record, delta)
+  local company = redis.call('HGET', record, 'company') or 'default'
+  local left = tonumber(redis.call('ZINCRBY', '@COMPANY_WAITING@', delta, company))
+  if left <= 0 then redis.call('ZREM', '@COMPANY_WAITING@', company) end
 end
 -- Attempts live in the record itself: field 'a<k>' is the k-th (from 1), as
 -- '<at - created>|<number>|<outcome>|<status>|<cause>|<ms>|<cid>' (``AttemptRecord.compact``).
