@@ -136,6 +136,16 @@ def is_company_id(value: object) -> bool:
     return isinstance(value, str) and COMPANY_ID_PATTERN.fullmatch(value) is not None
 
 
+def company_of(request: Mapping[str, Any] | None) -> str:
+    """The company a stored or queued request is for: its ``company`` field, else the default.
+
+    The one reader of a message's company (intake checks the name; a record written before
+    companies existed names none and is the default company's).
+    """
+    value = request.get("company") if request else None
+    return value if isinstance(value, str) and value else DEFAULT_COMPANY
+
+
 def is_message_id(value: object) -> bool:
     """Whether ``value`` has the form of a message or dead-letter id (the whole string)."""
     return isinstance(value, str) and MESSAGE_ID_PATTERN.fullmatch(value) is not None
