@@ -142,16 +142,21 @@ def _notify(isolated: Isolated, *args: str, **env: str) -> str:
 
 
 def test_an_operator_opens_and_closes_it_and_metrics_show_it(isolated: Isolated) -> None:
+    # `notify breaker open|close` with no geolocation named: every one (here only the default).
     breaker = Breaker(isolated.runtime.redis, POLICY)  # on, whatever the tests' environment says
     env = {"NOTIFY_BREAKER_ENABLED": "true"}
-    assert _notify(isolated, "breaker", "open", **env).startswith("forced_open")
+    assert _notify(isolated, "breaker", "open", **env).startswith("default: forced_open")
     assert breaker.admit().verdict == breakers.OPEN
-    assert "notify_breaker_state 2" in render_prometheus(collect(isolated.runtime))
+    assert 'notify_breaker_state{geolocation="default"} 2' in render_prometheus(
+        collect(isolated.runtime)
+    )
     assert collect(isolated.runtime).totals["breaker_opened"] == 1
-    assert _notify(isolated, "breaker", "status", **env).startswith("forced_open")
-    assert _notify(isolated, "breaker", "close", **env).startswith("closed")
+    assert _notify(isolated, "breaker", "status", **env).startswith("default: forced_open")
+    assert _notify(isolated, "breaker", "close", **env).startswith("default: closed")
     assert breaker.admit().verdict == breakers.CLOSED
-    assert "notify_breaker_state 0" in render_prometheus(collect(isolated.runtime))
+    assert 'notify_breaker_state{geolocation="default"} 0' in render_prometheus(
+        collect(isolated.runtime)
+    )
 
 
 @pytest.mark.slow

@@ -235,6 +235,9 @@ class _Batch:
             # One refresh per company of the batch: every post it concerned goes out once more.
             try:
                 route.token = route.tokens.refresh(route.token)
+            except CompanyNeedsReconnect:
+                verdicts.extend(self._waiting(route.company, route.attempts))
+                continue
             except TokenUnavailable as error:
                 verdicts.extend(self._without_token(route.company, route.attempts, error))
                 continue
@@ -304,14 +307,7 @@ class _Batch:
             provider = parts.company_tokens.provider(company)
             token = provider.token()
         except CompanyNeedsReconnect:
-            # Just refused: its messages wait from now on, like those of a company found so.
-            at = now_ms()
-            for attempt in going:
-                waits = ends.for_company(
-                    attempt, company, "needs_reconnect", at, policy=parts.company_policy, now_ms=at
-                )
-                assert not isinstance(waits, Attempt)
-                verdicts.append(self.record(waits))
+            verdicts.extend(self._waiting(company, going))
             return None
         except TokenUnavailable as error:
             verdicts.extend(self._without_token(company, going, error))
@@ -329,6 +325,20 @@ class _Batch:
             parts.company_rate_limiter(company),
             going,
         )
+
+    def _waiting(self, company: str, attempts: list[Attempt]) -> list[str]:
+        """Concur just refused the company's refresh token: its messages wait from now on, as
+        those of a company found waiting to be reconnected."""
+        parts = self.parts
+        at = now_ms()
+        verdicts = []
+        for attempt in attempts:
+            waits = ends.for_company(
+                attempt, company, "needs_reconnect", at, policy=parts.company_policy, now_ms=at
+            )
+            assert not isinstance(waits, Attempt)
+            verdicts.append(self.record(waits))
+        return verdicts
 
     def _without_token(
         self, company: str, attempts: list[Attempt], error: TokenUnavailable
