@@ -12,11 +12,11 @@ How each message's attempt ends is a value decided by the pure functions of
 rate-limit permit, paused by the circuit breaker, handed back at a warm shutdown, or not
 attempted at all); ``_Batch.record`` is the one place that writes it to Redis and logs it, and
 returns its short verdict for logs and tests (``delivered``, ``retry``, ``dead:<reason>``,
-``deferred``, ``paused``, ``handed_back``, or why nothing was done: ``done``, ``stale``,
-``busy``). Every path ends with the outcome written to Redis before the task returns, so the
-broker message is acknowledged only after that. An unexpected error leaves a message claimed
-under its lease; the schedule hands it out again when the lease ends, so even a bug does not
-lose it.
+``deferred``, ``paused``, ``handed_back``, ``waiting``, or why nothing was done: ``done``,
+``stale``, ``busy``). Every path ends with the outcome written to Redis before the task
+returns, so the broker message is acknowledged only after that. An unexpected error leaves a
+message claimed under its lease; the schedule hands it out again when the lease ends, so even a
+bug does not lose it.
 """
 
 from __future__ import annotations
