@@ -262,6 +262,22 @@ def test_an_emea_outage_opens_only_emeas_breaker_and_us_keeps_delivering(
     wait_for(lambda: all_in(isolated, stuck, "delivered"), timeout=60, what="globex after")
 
 
+def test_a_companys_own_pace_holds_it_while_the_default_company_goes_unpaced(
+    start_worker: Callable[..., WorkerProcess], isolated: Isolated, fresh: Sandbox
+) -> None:
+    acme = connected_company(isolated, fresh, "emea")
+    start_worker("paced", **workers_env(isolated, fresh, NOTIFY_COMPANY_RATE_LIMIT_PER_SECOND="10"))
+    paced = send(isolated, acme, 30, f"a{uuid.uuid4().hex[:6]}")
+    free = send(isolated, None, 200, f"d{uuid.uuid4().hex[:6]}")
+    wait_for(lambda: all_in(isolated, paced + free, "delivered"), timeout=60, what="deliveries")
+    acme_stats = fresh.stats(company=acme)
+    # 10 a second with a burst of 1: no second sees more than 11 of acme's posts, and 30 take
+    # about three seconds; the default company's are not held by acme's pace.
+    assert acme_stats["maxPerSecond"] <= 11, acme_stats
+    assert acme_stats["lastDeliveredAt"] - acme_stats["firstDeliveredAt"] >= 2.0
+    assert fresh.stats(company="default")["maxPerSecond"] > 11
+
+
 def _rss_kb(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):

@@ -161,7 +161,8 @@ class CompanyTokens:
 
     def geolocation(self, company_id: str) -> str | None:
         """The geolocation the company's last token came from (None before the first)."""
-        found = self._cache.get(company_id)
+        with self._lock:  # a read moves the entry in the LRU order: not concurrently
+            found = self._cache.get(company_id)
         return None if found is None else found.geolocation
 
     def close(self) -> None:
