@@ -12,12 +12,12 @@ import socket
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from celery import Celery
 from redis import Redis
 
 from worker.concur.client import ConcurClient
-from worker.concur.companytokens import CompanyTokens
 from worker.concur.tokens import StaticToken, TokenProvider
 from worker.concur.transport import CurlTransport
 from worker.limits.breaker import Breaker, BreakerPolicy, Breakers
@@ -29,11 +29,14 @@ from worker.rules.allowlist import AllowList
 from worker.rules.retries import CompanyPolicy, RedisPatience, RetryPolicy
 from worker.settings import Settings, SettingsError, get_settings
 from worker.store import keys
-from worker.store.companies import CompanyRegistry
 from worker.store.deadletters import DeadLetterStore
 from worker.store.history import settings_url
 from worker.store.records import MessageStore, ReplicaWait
 from worker.store.redisclient import make_redis
+
+if TYPE_CHECKING:  # imported where used: the default company alone never loads them
+    from worker.concur.companytokens import CompanyTokens
+    from worker.store.companies import CompanyRegistry
 
 
 def default_worker_name() -> str:
@@ -189,13 +192,12 @@ class Runtime:
     @functools.cached_property
     def breakers(self) -> Breakers:
         """The circuit breaker of each geolocation, shared through Redis."""
-        from worker.concur.oauth import geolocation_of
-
         return Breakers(
             self.redis,
             BreakerPolicy.from_settings(self.settings),
-            # Where the default company's posts go now (an OAuth company may have moved).
-            lambda: geolocation_of(self.client.base_url),
+            # Where the default company's posts go now (an OAuth company may have moved): its
+            # host[:port] names the geolocation.
+            lambda: self.client.base_url,
         )
 
     @property
@@ -206,11 +208,14 @@ class Runtime:
     @functools.cached_property
     def companies(self) -> CompanyRegistry:
         """The company registry over this runtime's Redis."""
+        from worker.store.companies import CompanyRegistry
+
         return CompanyRegistry.from_settings(self.redis, self.settings)
 
     @functools.cached_property
     def company_tokens(self) -> CompanyTokens:
         """Registry companies' access tokens: at most NOTIFY_COMPANY_TOKEN_CACHE_SIZE kept."""
+        from worker.concur.companytokens import CompanyTokens
         from worker.concur.oauth import OAuthConfig
 
         settings = self.settings

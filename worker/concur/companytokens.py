@@ -39,20 +39,14 @@ from worker.concur.oauth import (
     TokenEndpoint,
     report_untrusted_geolocation,
 )
-from worker.concur.tokens import TokenUnavailable
+from worker.concur.tokens import CompanyNeedsReconnect, TokenUnavailable
 from worker.ops.logs import add_runtime_secret
 from worker.store import keys
 from worker.store.companies import CompanyRegistry
 
 log = logging.getLogger("notify.tokens")
 
-
-class CompanyNeedsReconnect(TokenUnavailable):
-    """Concur refused the company's refresh token: an operator must reconnect it."""
-
-    def __init__(self, company_id: str, why: str) -> None:
-        super().__init__(f"company {company_id} needs to be reconnected: {why}")
-        self.company_id = company_id
+__all__ = ["CompanyNeedsReconnect", "CompanyTokenState", "CompanyTokens"]
 
 
 class CompanyTokenState:

@@ -30,9 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 from worker.concur.client import Reply
-from worker.concur.companytokens import CompanyNeedsReconnect
-from worker.concur.oauth import api_base_for
-from worker.concur.tokens import TokenProvider, TokenUnavailable
+from worker.concur.tokens import CompanyNeedsReconnect, TokenProvider, TokenUnavailable
 from worker.delivery import ends
 from worker.delivery.ends import (
     Attempt,
@@ -312,6 +310,10 @@ class _Batch:
         except TokenUnavailable as error:
             verdicts.extend(self._without_token(company, going, error))
             return None
+        # Imported here: a deployment of the default company alone never loads OAuth (nor the
+        # sealing it brings, several MB a process).
+        from worker.concur.oauth import api_base_for
+
         # The geolocation its token came from (followed under the trust rules), else the one
         # the registry holds (written under the same rules).
         where = provider.geolocation or geolocation

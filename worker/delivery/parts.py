@@ -6,10 +6,9 @@ satisfies it without knowing it, and a test can hand in parts of its own.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from worker.concur.client import ConcurClient
-from worker.concur.companytokens import CompanyTokens
 from worker.concur.tokens import TokenProvider
 from worker.limits.breaker import Breaker, Breakers
 from worker.limits.ratelimit import RateLimiter
@@ -17,7 +16,10 @@ from worker.queue.publisher import Publisher
 from worker.rules.allowlist import AllowList
 from worker.rules.retries import CompanyPolicy, RetryPolicy
 from worker.store import MessageStore
-from worker.store.companies import CompanyRegistry
+
+if TYPE_CHECKING:  # loaded only where a registry company is served (they bring the sealing)
+    from worker.concur.companytokens import CompanyTokens
+    from worker.store.companies import CompanyRegistry
 
 
 class DeliveryParts(Protocol):

@@ -338,8 +338,9 @@ class Breaker:
 class Breakers:
     """The breaker of each geolocation, made on first use (a handful: Concur has a few).
 
-    ``default_geolocation``: where the default company's posts go now (it may follow a
-    geolocation Concur names); a registry company living there shares that breaker.
+    ``default_geolocation``: where the default company's posts go now (any URL there: its
+    host[:port] names it; it may follow a geolocation Concur names); a registry company living
+    there shares that breaker.
     """
 
     def __init__(
