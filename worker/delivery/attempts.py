@@ -72,6 +72,7 @@ def _log_fields(
         "user_id": request.get("userId"),
         "template_id": request.get("templateId"),
         "partner": partner_of(request),
+        "company": company_of(request),
         "attempt": claim.attempt,
         "status": None if entry is None else entry.status,
         "duration_ms": None if entry is None else now_ms() - entry.at_ms,
