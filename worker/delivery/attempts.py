@@ -67,18 +67,23 @@ def _log_fields(
 ) -> dict[str, Any]:
     """The structured fields of an attempt's log line (``extra=``); never the token."""
     request = claim.request if isinstance(claim.request, dict) else {}
-    return {
+    fields: dict[str, Any] = {
         "message_id": message_id,
         "user_id": request.get("userId"),
         "template_id": request.get("templateId"),
         "partner": partner_of(request),
-        "company": company_of(request),
         "attempt": claim.attempt,
         "status": None if entry is None else entry.status,
         "duration_ms": None if entry is None else now_ms() - entry.at_ms,
         "correlation_id": None if entry is None else entry.correlation_id,
         "outcome": outcome,
     }
+    company = company_of(request)
+    if company != DEFAULT_COMPANY:
+        # Only a registry company's lines carry it: Sentry keeps the first ten extras of an
+        # event, and a dead letter's ``reason`` (a tag) comes first (see ``record``).
+        fields["company"] = company
+    return fields
 
 
 def _never() -> bool:
@@ -514,8 +519,9 @@ class _Batch:
                     failure.reason,
                     failure.detail,
                     extra={
-                        **_log_fields(end.message_id, end.claim, "dead", end.entry),
+                        # First: Sentry keeps an event's first ten extras, and tags by reason.
                         "reason": failure.reason,
+                        **_log_fields(end.message_id, end.claim, "dead", end.entry),
                     },
                 )
                 return f"dead:{failure.reason}"
