@@ -12,6 +12,7 @@ import socket
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from celery import Celery
 from redis import Redis
@@ -19,18 +20,23 @@ from redis import Redis
 from worker.concur.client import ConcurClient
 from worker.concur.tokens import StaticToken, TokenProvider
 from worker.concur.transport import CurlTransport
-from worker.limits.breaker import Breaker, BreakerPolicy
+from worker.limits.breaker import Breaker, BreakerPolicy, Breakers
 from worker.limits.ratelimit import RateLimiter, RateLimitPolicy
 from worker.queue.config import SEND_TASK, app_for
 from worker.queue.envelopes import Envelope
 from worker.queue.publisher import Publisher
 from worker.rules.allowlist import AllowList
-from worker.rules.retries import RedisPatience, RetryPolicy
+from worker.rules.retries import CompanyPolicy, RedisPatience, RetryPolicy
 from worker.settings import Settings, SettingsError, get_settings
+from worker.store import keys
 from worker.store.deadletters import DeadLetterStore
 from worker.store.history import settings_url
 from worker.store.records import MessageStore, ReplicaWait
 from worker.store.redisclient import make_redis
+
+if TYPE_CHECKING:  # imported where used: the default company alone never loads them
+    from worker.concur.companytokens import CompanyTokens
+    from worker.store.companies import CompanyRegistry
 
 
 def default_worker_name() -> str:
@@ -184,9 +190,55 @@ class Runtime:
         return RateLimiter(self.redis, RateLimitPolicy.from_settings(self.settings))
 
     @functools.cached_property
+    def breakers(self) -> Breakers:
+        """The circuit breaker of each geolocation, shared through Redis."""
+        return Breakers(
+            self.redis,
+            BreakerPolicy.from_settings(self.settings),
+            # Where the default company's posts go now (an OAuth company may have moved): its
+            # host[:port] names the geolocation.
+            lambda: self.client.base_url,
+        )
+
+    @property
     def breaker(self) -> Breaker:
-        """The fleet-wide circuit breaker, shared through Redis."""
-        return Breaker(self.redis, BreakerPolicy.from_settings(self.settings))
+        """The default company's geolocation's circuit breaker (``notify:breaker``)."""
+        return self.breakers.default
+
+    @functools.cached_property
+    def companies(self) -> CompanyRegistry:
+        """The company registry over this runtime's Redis."""
+        from worker.store.companies import CompanyRegistry
+
+        return CompanyRegistry.from_settings(self.redis, self.settings)
+
+    @functools.cached_property
+    def company_tokens(self) -> CompanyTokens:
+        """Registry companies' access tokens: at most NOTIFY_COMPANY_TOKEN_CACHE_SIZE kept."""
+        from worker.concur.companytokens import CompanyTokens
+        from worker.concur.oauth import OAuthConfig
+
+        settings = self.settings
+        return CompanyTokens(
+            self.companies,
+            OAuthConfig.from_settings(settings) if settings.uses_oauth else None,
+            self.redis,
+            capacity=settings.company_token_cache_size,
+        )
+
+    @functools.cached_property
+    def company_policy(self) -> CompanyPolicy:
+        """How long a company waiting to be reconnected keeps its messages."""
+        return CompanyPolicy.from_settings(self.settings)
+
+    def company_rate_limiter(self, company_id: str) -> RateLimiter | None:
+        """A registry company's own pace (GCRA on its own key; a 429's penalty is the global
+        one, since Concur's quota is the app's); None when the per-company limit is off."""
+        per_second = self.settings.company_rate_limit_per_second
+        if per_second <= 0:
+            return None
+        policy = RateLimitPolicy(per_second=per_second, burst=1)
+        return RateLimiter(self.redis, policy, key=keys.company_ratelimit(company_id))
 
     @property
     def deadletters(self) -> DeadLetterStore:
@@ -197,6 +249,8 @@ class Runtime:
         """Release connections."""
         if self._client is not None:
             self._client.close()
+        if "company_tokens" in self.__dict__:
+            self.company_tokens.close()
         self.redis.close()
 
 

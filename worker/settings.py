@@ -149,6 +149,16 @@ class Settings(BaseSettings):
     rate_limit_burst: int = Field(1, ge=1, le=100_000)
     rate_limit_penalty_seconds: float = Field(60.0, ge=0, le=3600)  # half pace after a 429
 
+    # Many companies (worker/concur/companytokens.py): access tokens kept per worker process for at
+    # most this many registry companies (least recently used dropped: it fetches again).
+    company_token_cache_size: int = Field(1000, ge=1, le=1_000_000)
+    # How long a company's messages wait for an operator to reconnect it (Concur refused its
+    # refresh token) before they become dead letters company_disconnected: a request token lives
+    # 24 h, so a day.
+    company_reconnect_grace_seconds: float = Field(86_400.0, ge=0, le=30 * 86_400)
+    # A pace per registry company besides the global one (GCRA per company); 0: off.
+    company_rate_limit_per_second: float = Field(0.0, ge=0, le=100_000)
+
     # The fleet-wide circuit breaker (worker/limits/breaker.py): when the API is failing, no worker
     # posts, and waiting messages keep their attempts.
     breaker_enabled: bool = True

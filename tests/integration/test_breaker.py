@@ -3,6 +3,7 @@ API failing: tests/unit/test_breaker_decisions.py)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -120,16 +121,53 @@ def _notify(isolated: Isolated, *args: str, **env: str) -> str:
 
 
 def test_an_operator_opens_and_closes_it_and_metrics_show_it(isolated: Isolated) -> None:
+    # `notify breaker open|close` with no geolocation named: every one (here only the default).
     breaker = Breaker(isolated.runtime.redis, POLICY)  # on, whatever the tests' environment says
     env = {"NOTIFY_BREAKER_ENABLED": "true"}
-    assert _notify(isolated, "breaker", "open", **env).startswith("forced_open")
+    assert _notify(isolated, "breaker", "open", **env).startswith("default: forced_open")
     assert breaker.admit().verdict == breakers.OPEN
-    assert "notify_breaker_state 2" in render_prometheus(collect(isolated.runtime))
+    assert 'notify_breaker_state{geolocation="default"} 2' in render_prometheus(
+        collect(isolated.runtime)
+    )
     assert collect(isolated.runtime).totals["breaker_opened"] == 1
-    assert _notify(isolated, "breaker", "status", **env).startswith("forced_open")
-    assert _notify(isolated, "breaker", "close", **env).startswith("closed")
+    assert _notify(isolated, "breaker", "status", **env).startswith("default: forced_open")
+    assert _notify(isolated, "breaker", "close", **env).startswith("default: closed")
     assert breaker.admit().verdict == breakers.CLOSED
-    assert "notify_breaker_state 0" in render_prometheus(collect(isolated.runtime))
+    assert 'notify_breaker_state{geolocation="default"} 0' in render_prometheus(
+        collect(isolated.runtime)
+    )
+
+
+def test_an_operator_stops_one_geolocation_by_name_and_the_others_keep_posting(
+    isolated: Isolated,
+) -> None:
+    env = {"NOTIFY_BREAKER_ENABLED": "true"}
+    emea = "emea.api.concursolutions.com"
+    opened = _notify(isolated, "breaker", "open", emea, **env)
+    assert opened.startswith(f"{emea}: forced_open")
+    circuits = isolated.runtime.breakers
+    assert Breaker(isolated.runtime.redis, POLICY, emea).admit().verdict == breakers.OPEN
+    assert circuits.default.admit().verdict == breakers.CLOSED
+    lines = _notify(isolated, "breaker", "status", **env).splitlines()
+    assert [line.split(":")[0] for line in lines] == ["default", emea]
+    assert lines[1].startswith(f"{emea}: forced_open")
+    as_json = json.loads(_notify(isolated, "breaker", "status", "--json", **env))
+    assert {name: status["state"] for name, status in as_json.items()} == {
+        "default": "closed",
+        emea: "forced_open",
+    }
+    assert _notify(isolated, "breaker", "close", emea, **env).startswith(f"{emea}: closed")
+    assert Breaker(isolated.runtime.redis, POLICY, emea).admit().verdict == breakers.CLOSED
+    refused = subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "notify"), "breaker", "open", "https://not a host/"],
+        env={**os.environ, **isolated.env, **env},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert refused.returncode == 2 and "is not a geolocation" in refused.stderr
+    assert circuits.default.admit().verdict == breakers.CLOSED
 
 
 @pytest.mark.slow

@@ -27,7 +27,7 @@ from cryptography.fernet import Fernet
 
 import tasks
 from sandbox.concur import Sandbox
-from tests.conftest import free_port, wait_for
+from tests.harness import free_port, wait_for
 from worker.front.stats import collect, render_prometheus
 from worker.rules.validation import InvalidRequest
 from worker.runtime import Runtime

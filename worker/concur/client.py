@@ -98,7 +98,8 @@ def _reply(reply: Reply, result: Answer | ExchangeFailed) -> None:
 
 
 class ConcurClient:
-    """Posts messages to ``{base_url}/messages/{userId}/session`` with a bearer token."""
+    """Posts messages to ``{base_url}/messages/{userId}/session`` with a bearer token; each post
+    may name a base of its own (a registry company's geolocation)."""
 
     def __init__(
         self,
@@ -114,27 +115,39 @@ class ConcurClient:
         self.timeout_seconds = timeout_seconds
         self._transport = transport or CurlTransport(max_connections)
 
-    def message_url(self, user_id: str) -> str:
-        """The v4 URL for one user; the id is one path segment, whatever it contains."""
-        return f"{self.base_url}/messages/{quote(user_id, safe='')}/session"
+    def message_url(self, user_id: str, base_url: str | None = None) -> str:
+        """The v4 URL for one user; the id is one path segment, whatever it contains.
 
-    def start(self, posts: Iterable[tuple[Message, Reply]], token: str) -> None:
-        """Send each message without waiting; its ``Reply`` gets the answer (engine thread)."""
+        ``base_url``: the company's geolocation's v4 base (None: the default company's).
+        """
+        base = self.base_url if base_url is None else base_url.rstrip("/")
+        return f"{base}/messages/{quote(user_id, safe='')}/session"
+
+    def start(
+        self, posts: Iterable[tuple[Message, Reply]], token: str, base_url: str | None = None
+    ) -> None:
+        """Send each message without waiting; its ``Reply`` gets the answer (engine thread).
+
+        ``base_url``: where these posts go (a company's geolocation, already trusted by the
+        caller); None: the default company's base.
+        """
         self._transport.submit(
-            (self._exchange(message, token), functools.partial(_reply, reply))
+            (self._exchange(message, token, base_url), functools.partial(_reply, reply))
             for message, reply in posts
         )
 
-    def post_message(self, message: Message, token: str) -> ApiResponse | TransportFailure:
+    def post_message(
+        self, message: Message, token: str, base_url: str | None = None
+    ) -> ApiResponse | TransportFailure:
         """Send one message and wait for the answer."""
         results: queue.SimpleQueue[ApiResponse | TransportFailure] = queue.SimpleQueue()
-        self.start([(message, results.put)], token)
+        self.start([(message, results.put)], token, base_url)
         return results.get()
 
-    def _exchange(self, message: Message, token: str) -> Exchange:
+    def _exchange(self, message: Message, token: str, base_url: str | None) -> Exchange:
         return Exchange(
             "POST",
-            self.message_url(message.user_id),
+            self.message_url(message.user_id, base_url),
             (
                 "Accept: application/json",
                 f"User-Agent: {USER_AGENT}",

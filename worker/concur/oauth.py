@@ -52,7 +52,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn, Protocol
 from urllib.parse import SplitResult, urlencode, urlsplit
 
 from redis import Redis
@@ -340,6 +340,24 @@ def _text(value: str | bytes) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
+class TokenState(Protocol):
+    """Where an ``OAuthTokens`` keeps its refresh token: the default company's hash
+    (``TokenStateStore``) or a registry company's (``worker.concur.companytokens``)."""
+
+    def load(self) -> StoredState:
+        """What is stored now (read under the refresh lock)."""
+        ...
+
+    def save(self, state: StoredState) -> None:
+        """Store what the latest grant returned."""
+        ...
+
+    def unusable(self, why: str) -> NoReturn:
+        """No refresh token works and no password grant can replace it: raise the error that
+        says what an operator must do (a ``TokenUnavailable``)."""
+        ...
+
+
 class TokenStateStore:
     """The Redis hash of one client id's refresh token, its expiry and geolocation."""
 
@@ -393,6 +411,14 @@ class TokenStateStore:
         if absent:
             pipe.hdel(self.key, *absent)
         pipe.execute()
+
+    def unusable(self, why: str) -> NoReturn:
+        """The default company's tokens are the settings': the operator must put new ones there."""
+        raise TokenUnavailable(
+            f"{why} and no company credentials are set: put a new one in "
+            "NOTIFY_OAUTH_REFRESH_TOKEN, or set NOTIFY_OAUTH_COMPANY_ID and "
+            "NOTIFY_OAUTH_COMPANY_AUTH_TOKEN"
+        )
 
 
 # What each ExchangeFailed.kind means for a token request (worker.concur.transport's tree).
@@ -515,12 +541,23 @@ class OAuthTokens:
         *,
         on_geolocation: Callable[[str], None] | None = None,
         transport: CurlTransport | None = None,
+        state: TokenState | None = None,
+        lock_key: str | None = None,
+        cooldown_key: str | None = None,
+        endpoint: TokenEndpoint | None = None,
     ) -> None:
+        """``state``, ``lock_key``, ``cooldown_key``: where the refresh token lives and the
+        fleet's one-refresh-at-a-time lock; by default the client id's (the default company).
+        ``endpoint``: a token endpoint shared with other providers (then not closed here)."""
         self.config = config
         self.redis = redis
-        self.state = TokenStateStore(redis, config.client_id, Cipher(config.encryption_key))
-        self.endpoint = TokenEndpoint(config, transport, on_untrusted=self._untrusted)
-        self.lock_key = keys.oauth_lock(config.client_id)
+        self.state: TokenState = state or TokenStateStore(
+            redis, config.client_id, Cipher(config.encryption_key)
+        )
+        self._owns_endpoint = endpoint is None
+        self.endpoint = endpoint or TokenEndpoint(config, transport, on_untrusted=self._untrusted)
+        self.lock_key = lock_key or keys.oauth_lock(config.client_id)
+        self.cooldown_key = cooldown_key or keys.oauth_cooldown(config.client_id)
         self._on_geolocation = on_geolocation
         add_secret(config.client_secret, config.company_auth_token, config.initial_refresh_token)
         self._mutex = threading.Lock()
@@ -577,8 +614,9 @@ class OAuthTokens:
             return self._fetch()
 
     def close(self) -> None:
-        """Close the token endpoint's connections."""
-        self.endpoint.close()
+        """Close the token endpoint's connections (when the endpoint is this provider's own)."""
+        if self._owns_endpoint:
+            self.endpoint.close()
 
     def _untrusted(self, geolocation: str, source: str) -> None:
         """Report a geolocation that is not followed: a warning and a counted metric."""
@@ -601,7 +639,7 @@ class OAuthTokens:
             raise
 
     def _fetch_under_lock(self) -> str:
-        cooldown = keys.oauth_cooldown(self.config.client_id)
+        cooldown = self.cooldown_key
         if self.redis.exists(cooldown):
             raise _CoolingDown("a token refresh failed moments ago; waiting before the next")
         deadline = time.monotonic() + self.config.fetch_budget_seconds
@@ -671,10 +709,10 @@ class OAuthTokens:
                 self.state.save(StoredState(None, None, stored_geolocation, seed))
         if grant is None:
             if not config.has_password_grant:
-                raise TokenUnavailable(
-                    "the refresh token is bad or expired (Concur code 108) and no company "
-                    "credentials are set: put a new one in NOTIFY_OAUTH_REFRESH_TOKEN, or set "
-                    "NOTIFY_OAUTH_COMPANY_ID and NOTIFY_OAUTH_COMPANY_AUTH_TOKEN"
+                self.state.unusable(
+                    "the refresh token is bad or expired (Concur code 108)"
+                    if refresh_token
+                    else "there is no refresh token"
                 )
             refresh_token = None
             try:

@@ -27,6 +27,15 @@ class TokenUnavailable(Exception):
     """
 
 
+class CompanyNeedsReconnect(TokenUnavailable):
+    """Concur refused a registry company's refresh token: an operator must reconnect it
+    (``worker.concur.companytokens``); its messages wait meanwhile."""
+
+    def __init__(self, company_id: str, why: str) -> None:
+        super().__init__(f"company {company_id} needs to be reconnected: {why}")
+        self.company_id = company_id
+
+
 class TokenProvider(Protocol):
     """Gives the current access token, and a fresh one after the API refused ``refused``."""
 

@@ -12,11 +12,11 @@ How each message's attempt ends is a value decided by the pure functions of
 rate-limit permit, paused by the circuit breaker, handed back at a warm shutdown, or not
 attempted at all); ``_Batch.record`` is the one place that writes it to Redis and logs it, and
 returns its short verdict for logs and tests (``delivered``, ``retry``, ``dead:<reason>``,
-``deferred``, ``paused``, ``handed_back``, or why nothing was done: ``done``, ``stale``,
-``busy``). Every path ends with the outcome written to Redis before the task returns, so the
-broker message is acknowledged only after that. An unexpected error leaves a message claimed
-under its lease; the schedule hands it out again when the lease ends, so even a bug does not
-lose it.
+``deferred``, ``paused``, ``handed_back``, ``waiting``, or why nothing was done: ``done``,
+``stale``, ``busy``). Every path ends with the outcome written to Redis before the task
+returns, so the broker message is acknowledged only after that. An unexpected error leaves a
+message claimed under its lease; the schedule hands it out again when the lease ends, so even a
+bug does not lose it.
 """
 
 from __future__ import annotations
@@ -30,10 +30,11 @@ from collections.abc import Callable
 from typing import Any
 
 from worker.concur.client import Reply
-from worker.concur.tokens import TokenUnavailable
+from worker.concur.tokens import CompanyNeedsReconnect, TokenProvider, TokenUnavailable
 from worker.delivery import ends
 from worker.delivery.ends import (
     Attempt,
+    CompanyWaiting,
     DeadLetter,
     Delivered,
     End,
@@ -47,11 +48,13 @@ from worker.delivery.ends import (
 )
 from worker.delivery.parts import DeliveryParts
 from worker.limits import breaker
-from worker.limits.breaker import Breaker, counts_as_failure
+from worker.limits.breaker import Admission, Breaker, counts_as_failure
+from worker.limits.ratelimit import Permit, RateLimiter
 from worker.queue.envelopes import Envelope, Malformed, parse_task
 from worker.rules import outcomes
 from worker.rules.outcomes import ApiResponse, TransportFailure
-from worker.shapes.models import Message, partner_of
+from worker.shapes.models import DEFAULT_COMPANY, CompanyState, Message, company_of, partner_of
+from worker.shapes.times import iso_utc
 from worker.store.codec import AttemptRecord, Claim, Failure, now_ms
 
 log = logging.getLogger("notify.delivery")
@@ -64,7 +67,7 @@ def _log_fields(
 ) -> dict[str, Any]:
     """The structured fields of an attempt's log line (``extra=``); never the token."""
     request = claim.request if isinstance(claim.request, dict) else {}
-    return {
+    fields: dict[str, Any] = {
         "message_id": message_id,
         "user_id": request.get("userId"),
         "template_id": request.get("templateId"),
@@ -75,6 +78,12 @@ def _log_fields(
         "correlation_id": None if entry is None else entry.correlation_id,
         "outcome": outcome,
     }
+    company = company_of(request)
+    if company != DEFAULT_COMPANY:
+        # Only a registry company's lines carry it: Sentry keeps the first ten extras of an
+        # event, and a dead letter's ``reason`` (a tag) comes first (see ``record``).
+        fields["company"] = company
+    return fields
 
 
 def _never() -> bool:
@@ -120,11 +129,45 @@ def deliver_task(
     return " ".join(f"{verdict}={count}" for verdict, count in sorted(counts.items()))
 
 
-Answers = queue.SimpleQueue[tuple[Attempt, ApiResponse | TransportFailure]]
+class _Route:
+    """The posts of one company in a batch: its token, where they go, what paces and guards them."""
+
+    __slots__ = ("attempts", "base_url", "breaker", "company", "limiter", "token", "tokens")
+
+    def __init__(
+        self,
+        company: str,
+        tokens: TokenProvider,
+        token: str,
+        base_url: str | None,
+        circuit: Breaker,
+        limiter: RateLimiter | None,
+        attempts: list[Attempt],
+    ) -> None:
+        self.company = company
+        self.tokens = tokens
+        self.token = token
+        self.base_url = base_url  # None: the default company's (the client's own base)
+        self.breaker = circuit
+        self.limiter = limiter  # the company's own pace, when it has one
+        self.attempts = attempts
 
 
-def _answered(answers: Answers, attempt: Attempt, result: ApiResponse | TransportFailure) -> None:
-    answers.put((attempt, result))
+Answers = queue.SimpleQueue[tuple[_Route, Attempt, ApiResponse | TransportFailure]]
+
+
+def _answered(
+    answers: Answers, route: _Route, attempt: Attempt, result: ApiResponse | TransportFailure
+) -> None:
+    answers.put((route, attempt, result))
+
+
+def by_company(attempts: list[Attempt]) -> dict[str, list[Attempt]]:
+    """A batch's attempts grouped by their message's company, in the batch's order (pure)."""
+    groups: dict[str, list[Attempt]] = {}
+    for attempt in attempts:
+        groups.setdefault(company_of(attempt.claim.request), []).append(attempt)
+    return groups
 
 
 class _Tally:
@@ -189,21 +232,125 @@ class _Batch:
                 verdicts.append(self.record(taken))
         if not ready:
             return verdicts
-        try:
-            token = parts.tokens.token()
-        except TokenUnavailable as error:
-            return verdicts + self._without_token(ready, error)
-        refused = self._post(ready, token, verdicts, token_refreshed=False)
-        if refused:
-            # One refresh for the batch: every post it concerned goes out once more with it.
+        routes = self._routes(by_company(ready), verdicts)
+        refused = self._post(routes, verdicts, token_refreshed=False)
+        again: list[_Route] = []
+        for route in refused:
+            # One refresh per company of the batch: every post it concerned goes out once more.
             try:
-                token = parts.tokens.refresh(token)
+                route.token = route.tokens.refresh(route.token)
+            except CompanyNeedsReconnect:
+                verdicts.extend(self._waiting(route.company, route.attempts))
+                continue
             except TokenUnavailable as error:
-                return verdicts + self._without_token(refused, error)
-            self._post(refused, token, verdicts, token_refreshed=True)
+                verdicts.extend(self._without_token(route.company, route.attempts, error))
+                continue
+            again.append(route)
+        if again:
+            self._post(again, verdicts, token_refreshed=True)
         return verdicts
 
-    def _without_token(self, attempts: list[Attempt], error: TokenUnavailable) -> list[str]:
+    def _routes(self, groups: dict[str, list[Attempt]], verdicts: list[str]) -> list[_Route]:
+        """Each company's attempts with its token, geolocation and limits (one token call per
+        company). Only the default company's: no Redis round trip beyond today's."""
+        parts = self.parts
+        routes: list[_Route] = []
+        default = groups.pop(DEFAULT_COMPANY, None)
+        if default:
+            try:
+                token = parts.tokens.token()
+            except TokenUnavailable as error:
+                verdicts.extend(self._without_token(DEFAULT_COMPANY, default, error))
+            else:
+                routes.append(
+                    _Route(DEFAULT_COMPANY, parts.tokens, token, None, parts.breaker, None, default)
+                )
+        if not groups:
+            return routes
+        # Every registry company of the batch read in one pipelined round trip.
+        known = parts.companies.get_many(list(groups))
+        for company, attempts in groups.items():
+            found = known.get(company)
+            route = self._company_route(
+                company,
+                attempts,
+                None if found is None else found.state,
+                None if found is None else found.state_ms,
+                None if found is None else found.geolocation,
+                verdicts,
+            )
+            if route is not None:
+                routes.append(route)
+        return routes
+
+    def _company_route(
+        self,
+        company: str,
+        attempts: list[Attempt],
+        state: CompanyState | None,
+        state_ms: int | None,
+        geolocation: str | None,
+        verdicts: list[str],
+    ) -> _Route | None:
+        """A registry company's route; its messages' ends when it is not connected or has no
+        token now (None then)."""
+        parts = self.parts
+        at = now_ms()
+        going: list[Attempt] = []
+        for attempt in attempts:
+            gated = ends.for_company(
+                attempt, company, state, state_ms, policy=parts.company_policy, now_ms=at
+            )
+            if isinstance(gated, Attempt):
+                going.append(gated)
+            else:
+                verdicts.append(self.record(gated))
+        if not going:
+            return None
+        try:
+            provider = parts.company_tokens.provider(company)
+            token = provider.token()
+        except CompanyNeedsReconnect:
+            verdicts.extend(self._waiting(company, going))
+            return None
+        except TokenUnavailable as error:
+            verdicts.extend(self._without_token(company, going, error))
+            return None
+        # Imported here: a deployment of the default company alone never loads OAuth (nor the
+        # sealing it brings, several MB a process).
+        from worker.concur.oauth import api_base_for
+
+        # The geolocation its token came from (followed under the trust rules), else the one
+        # the registry holds (written under the same rules).
+        where = provider.geolocation or geolocation
+        base_url = None if where is None else api_base_for(where, parts.client.base_url)
+        return _Route(
+            company,
+            provider,
+            token,
+            base_url,
+            parts.breakers.for_geolocation(where),
+            parts.company_rate_limiter(company),
+            going,
+        )
+
+    def _waiting(self, company: str, attempts: list[Attempt]) -> list[str]:
+        """Concur just refused the company's refresh token: its messages wait from now on, as
+        those of a company found waiting to be reconnected."""
+        parts = self.parts
+        at = now_ms()
+        verdicts = []
+        for attempt in attempts:
+            waits = ends.for_company(
+                attempt, company, "needs_reconnect", at, policy=parts.company_policy, now_ms=at
+            )
+            assert not isinstance(waits, Attempt)
+            verdicts.append(self.record(waits))
+        return verdicts
+
+    def _without_token(
+        self, company: str, attempts: list[Attempt], error: TokenUnavailable
+    ) -> list[str]:
         # The provider logged the ERROR; each message waits without spending an attempt.
         policy = self.parts.policy
         return [
@@ -212,39 +359,55 @@ class _Batch:
         ]
 
     def _post(
-        self, attempts: list[Attempt], token: str, verdicts: list[str], *, token_refreshed: bool
-    ) -> list[Attempt]:
+        self, routes: list[_Route], verdicts: list[str], *, token_refreshed: bool
+    ) -> list[_Route]:
         """Start each post as its permit comes, record each answer as it arrives.
 
-        Returns the attempts the API answered with a first 401 (their token needs refreshing).
-        The circuit breaker is asked first: open, nothing is posted; half-open, one probe is.
+        Returns the routes whose posts the API answered with a first 401, holding only those
+        attempts (their token needs refreshing). Each geolocation's circuit breaker is asked
+        once: open, nothing is posted there; half-open, one probe is.
         """
         parts = self.parts
-        admission = parts.breaker.admit()
-        if admission.verdict in (breaker.OPEN, breaker.WAIT):
-            due = admission.until_ms if admission.verdict == breaker.OPEN else now_ms()
-            verdicts.extend(self.record(ends.paused(attempt, due)) for attempt in attempts)
-            return []
-        probing = admission.verdict == breaker.PROBE
-        if probing:
-            # One post decides; the rest of the batch comes back moments later.
-            verdicts.extend(
-                self.record(ends.behind_probe(attempt, now_ms=now_ms())) for attempt in attempts[1:]
+        admissions: dict[str, Admission] = {}
+        tallies: dict[str, _Tally] = {}
+        posting: list[_Route] = []
+        for route in routes:
+            circuit = route.breaker
+            admission = admissions.get(circuit.name)
+            if admission is None:
+                admission = admissions[circuit.name] = circuit.admit()
+            if admission.verdict in (breaker.OPEN, breaker.WAIT):
+                due = admission.until_ms if admission.verdict == breaker.OPEN else now_ms()
+                verdicts.extend(self.record(ends.paused(a, due)) for a in route.attempts)
+                continue
+            if admission.verdict == breaker.PROBE:
+                if circuit.name in tallies:
+                    # That geolocation's one probe is another company's post of this batch.
+                    verdicts.extend(
+                        self.record(ends.behind_probe(a, now_ms=now_ms())) for a in route.attempts
+                    )
+                    continue
+                # One post decides; the rest of the batch comes back moments later.
+                verdicts.extend(
+                    self.record(ends.behind_probe(a, now_ms=now_ms())) for a in route.attempts[1:]
+                )
+                route.attempts = route.attempts[:1]
+            tallies.setdefault(
+                circuit.name, _Tally(circuit, probing=admission.verdict == breaker.PROBE)
             )
-            attempts = attempts[:1]
-        answers, started = self._start(attempts, token, verdicts)
-        tally = _Tally(parts.breaker, probing=probing)
-        refused: list[Attempt] = []
+            posting.append(route)
+        answers, started = self._start(posting, verdicts)
+        refused: dict[int, list[Attempt]] = {}
         # The transport answers every post within its deadline; the margin only guards a bug.
         patience = parts.client.timeout_seconds + parts.client.connect_timeout_seconds + 60
         for _ in range(started):
             try:
-                attempt, result = answers.get(timeout=patience)
+                route, attempt, result = answers.get(timeout=patience)
             except queue.Empty:
                 raise RuntimeError(
                     "the HTTP transport did not answer within its deadline"
                 ) from None
-            tally.count(result)
+            tallies[route.breaker.name].count(result)
             outcome = outcomes.classify(
                 result,
                 attempt=attempt.claim.attempt,
@@ -252,52 +415,61 @@ class _Batch:
                 token_refreshed=token_refreshed,
             )
             if isinstance(outcome, outcomes.RefreshToken):
-                refused.append(attempt)
+                refused.setdefault(id(route), []).append(attempt)
                 continue
             if outcomes.slows_down(outcome):
                 parts.rate_limiter.penalize()  # a 429: every worker slows down for a while
             verdicts.append(
                 self.record(ends.after_answer(attempt, result, outcome, now_ms=now_ms()))
             )
-        tally.flush()
-        return refused
+        for tally in tallies.values():
+            tally.flush()
+        again = []
+        for route in posting:
+            if id(route) in refused:
+                route.attempts = refused[id(route)]
+                again.append(route)
+        return again
 
-    def _start(
-        self, attempts: list[Attempt], token: str, verdicts: list[str]
-    ) -> tuple[Answers, int]:
-        """Start the posts (each after its rate-limit permit); their answers, and how many."""
+    def _start(self, routes: list[_Route], verdicts: list[str]) -> tuple[Answers, int]:
+        """Start the posts (each after its rate-limit permits); their answers, and how many."""
         parts = self.parts
+        client = parts.client
         limiter = parts.rate_limiter
         deadline = limiter.deadline()  # one wait budget for the batch: the lease covers it
         answers: Answers = queue.SimpleQueue()
-        together: list[tuple[Message, Reply]] = []
         started = 0
-        for attempt in attempts:
-            if self.stopping():
-                verdicts.append(self.record(ends.handed_back(attempt, now_ms=now_ms())))
-                continue
-            reply = functools.partial(_answered, answers, attempt)
-            if not limiter.policy.enabled:
-                together.append((attempt.message, reply))  # no pace to keep: all at once
-                continue
-            permit = limiter.acquire(deadline)
-            if not permit.granted:
-                verdicts.append(
-                    self.record(
-                        ends.rate_limited(
-                            attempt,
-                            waited_seconds=permit.waited_seconds,
-                            retry_in_seconds=permit.retry_in_seconds,
-                            now_ms=now_ms(),
+        for route in routes:
+            together: list[tuple[Message, Reply]] = []
+            own = route.limiter
+            for attempt in route.attempts:
+                if self.stopping():
+                    verdicts.append(self.record(ends.handed_back(attempt, now_ms=now_ms())))
+                    continue
+                reply = functools.partial(_answered, answers, route, attempt)
+                if own is None and not limiter.policy.enabled:
+                    together.append((attempt.message, reply))  # no pace to keep: all at once
+                    continue
+                permit = Permit(True, 0.0) if own is None else own.acquire(deadline)
+                if permit.granted:
+                    permit = limiter.acquire(deadline)
+                if not permit.granted:
+                    verdicts.append(
+                        self.record(
+                            ends.rate_limited(
+                                attempt,
+                                waited_seconds=permit.waited_seconds,
+                                retry_in_seconds=permit.retry_in_seconds,
+                                now_ms=now_ms(),
+                            )
                         )
                     )
-                )
-                continue
-            parts.client.start([(attempt.message, reply)], token)
-            started += 1
-        if together:
-            parts.client.start(together, token)
-            started += len(together)
+                    continue
+                client.start([(attempt.message, reply)], route.token, route.base_url)
+                started += 1
+            if together:
+                client.start(together, route.token, route.base_url)
+                started += len(together)
         return answers, started
 
     def record(self, end: End) -> str:
@@ -347,8 +519,9 @@ class _Batch:
                     failure.reason,
                     failure.detail,
                     extra={
-                        **_log_fields(end.message_id, end.claim, "dead", end.entry),
+                        # First: Sentry keeps an event's first ten extras, and tags by reason.
                         "reason": failure.reason,
+                        **_log_fields(end.message_id, end.claim, "dead", end.entry),
                     },
                 )
                 return f"dead:{failure.reason}"
@@ -392,6 +565,19 @@ class _Batch:
                 store.defer(end.message_id, end.owner, end.due_ms)
                 log.info("handed back %s: the worker is shutting down", end.message_id)
                 return "handed_back"
+            case CompanyWaiting():
+                store.defer(end.message_id, end.owner, end.due_ms)
+                log.info(
+                    "waiting %s: company %s needs to be reconnected, looked at again in %.1fs "
+                    "(dead letter %s after %s)",
+                    end.message_id,
+                    end.company,
+                    max(0, end.due_ms - now_ms()) / 1000,
+                    outcomes.COMPANY_DISCONNECTED,
+                    iso_utc(end.grace_ends_ms),
+                    extra={"message_id": end.message_id, "company": end.company},
+                )
+                return "waiting"
 
     def _signed(self, failure: Failure) -> Failure:
         # A dead letter says which task and worker gave up on it.

@@ -15,8 +15,10 @@ each in the store and logs it in one place (its verdict in brackets)::
     RateLimited    no rate-limit permit in time ("deferred")
     Paused         the circuit breaker held the posts ("paused")
     HandedBack     a warm shutdown began before the post started ("handed_back")
+    CompanyWaiting the message's company needs an operator to reconnect it ("waiting"): due
+                   again at the next recheck, never past the end of its reconnect grace
 
-The last four go back on the schedule **without spending an attempt**: nothing was posted.
+The last five go back on the schedule **without spending an attempt**: nothing was posted.
 There is no "expired" end: a message waits on the schedule until it is delivered or
 dead-lettered.
 
@@ -35,9 +37,9 @@ from worker.queue.envelopes import Malformed
 from worker.rules import outcomes
 from worker.rules.allowlist import AllowList
 from worker.rules.outcomes import ApiResponse, TransportFailure
-from worker.rules.retries import RetryPolicy
+from worker.rules.retries import COMPANY_RECHECK_JITTER, CompanyPolicy, RetryPolicy
 from worker.rules.validation import InvalidRequest, validate_wire
-from worker.shapes.models import Message
+from worker.shapes.models import CompanyState, Message
 from worker.store.codec import AttemptRecord, Claim, Failure
 
 PAUSE_JITTER_MS = 1000  # spreads the messages a breaker paused over a second when it lets go
@@ -147,6 +149,18 @@ class HandedBack:
     due_ms: int
 
 
+@dataclass(frozen=True, slots=True)
+class CompanyWaiting:
+    """The company needs to be reconnected: due again at ``due_ms`` (its grace ends at
+    ``grace_ends_ms``), the attempt not spent."""
+
+    message_id: str
+    owner: str
+    company: str
+    due_ms: int
+    grace_ends_ms: int
+
+
 End = (
     NotAttempted
     | Delivered
@@ -157,6 +171,7 @@ End = (
     | RateLimited
     | Paused
     | HandedBack
+    | CompanyWaiting
 )
 
 
@@ -332,3 +347,50 @@ def behind_probe(attempt: Attempt, *, now_ms: int, rng: random.Random | None = N
 def handed_back(attempt: Attempt, *, now_ms: int) -> HandedBack:
     """A warm shutdown began before the post started: due now, for whichever worker is up."""
     return HandedBack(attempt.message_id, attempt.owner, now_ms)
+
+
+def _company_gone(attempt: Attempt, company: str, why: str) -> DeadLetter:
+    return DeadLetter(
+        attempt.message_id,
+        attempt.owner,
+        attempt.claim,
+        Failure(outcomes.COMPANY_DISCONNECTED, f"company {company} {why}"),
+    )
+
+
+def for_company(
+    attempt: Attempt,
+    company: str,
+    state: CompanyState | None,
+    state_ms: int | None,
+    *,
+    policy: CompanyPolicy,
+    now_ms: int,
+    rng: random.Random | None = None,
+) -> Attempt | CompanyWaiting | DeadLetter:
+    """Whether a registry company's message is posted now, waits, or is dead-lettered.
+
+    ``state``: the company's (None: not in the registry); ``state_ms``: when it took that state.
+    Connected: posted. Disconnected or unknown: a dead letter ``company_disconnected`` at once.
+    Waiting for a reconnection: due again at the next recheck (with a little jitter), never
+    later than the end of its grace (``state_ms`` + ``grace_seconds``); once the grace is over,
+    a dead letter ``company_disconnected``.
+    """
+    if state == "connected":
+        return attempt
+    if state is None:
+        return _company_gone(attempt, company, "is not in the company registry")
+    if state == "disconnected":
+        return _company_gone(attempt, company, "is disconnected")
+    grace_ends_ms = (now_ms if state_ms is None else state_ms) + int(policy.grace_seconds * 1000)
+    if now_ms >= grace_ends_ms:
+        return _company_gone(
+            attempt,
+            company,
+            f"was not reconnected within its grace of {policy.grace_seconds:g}s",
+        )
+    jitter = (rng or random).uniform(0, COMPANY_RECHECK_JITTER)
+    recheck_ms = now_ms + int(policy.recheck_seconds * (1 + jitter) * 1000)
+    return CompanyWaiting(
+        attempt.message_id, attempt.owner, company, min(grace_ends_ms, recheck_ms), grace_ends_ms
+    )

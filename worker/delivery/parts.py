@@ -6,16 +6,20 @@ satisfies it without knowing it, and a test can hand in parts of its own.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from worker.concur.client import ConcurClient
 from worker.concur.tokens import TokenProvider
-from worker.limits.breaker import Breaker
+from worker.limits.breaker import Breaker, Breakers
 from worker.limits.ratelimit import RateLimiter
 from worker.queue.publisher import Publisher
 from worker.rules.allowlist import AllowList
-from worker.rules.retries import RetryPolicy
+from worker.rules.retries import CompanyPolicy, RetryPolicy
 from worker.store import MessageStore
+
+if TYPE_CHECKING:  # loaded only where a registry company is served (they bring the sealing)
+    from worker.concur.companytokens import CompanyTokens
+    from worker.store.companies import CompanyRegistry
 
 
 class DeliveryParts(Protocol):
@@ -33,12 +37,36 @@ class DeliveryParts(Protocol):
 
     @property
     def tokens(self) -> TokenProvider:
-        """The access token for the posts."""
+        """The default company's access token."""
+        ...
+
+    @property
+    def company_tokens(self) -> CompanyTokens:
+        """Registry companies' access tokens (a bounded cache per process)."""
+        ...
+
+    @property
+    def companies(self) -> CompanyRegistry:
+        """The company registry: each registry company's state and geolocation."""
+        ...
+
+    @property
+    def company_policy(self) -> CompanyPolicy:
+        """How long a company waiting to be reconnected keeps its messages."""
+        ...
+
+    def company_rate_limiter(self, company_id: str) -> RateLimiter | None:
+        """A registry company's own pace; None when NOTIFY_COMPANY_RATE_LIMIT_PER_SECOND is 0."""
         ...
 
     @property
     def breaker(self) -> Breaker:
-        """The fleet-wide circuit breaker."""
+        """The default company's geolocation's circuit breaker."""
+        ...
+
+    @property
+    def breakers(self) -> Breakers:
+        """The circuit breaker of each geolocation."""
         ...
 
     @property

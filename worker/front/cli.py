@@ -489,15 +489,16 @@ def db_prune() -> None:
 
 @main.group()
 def breaker() -> None:
-    """The fleet-wide circuit breaker: see it, or force it open or closed."""
+    """The circuit breaker of each geolocation: see them, or force them open or closed."""
 
 
-def _breaker_line() -> str:
-
-    breaker = _runtime().breaker
-    status = breaker.status()
-    line = f"{status.state}  ({status.failures} of {status.calls} posts failed in the window)"
-    if not breaker.policy.enabled:
+def _breaker_line(circuit: Any) -> str:
+    status = circuit.status()
+    line = (
+        f"{circuit.name}: {status.state}  "
+        f"({status.failures} of {status.calls} posts failed in the window)"
+    )
+    if not circuit.policy.enabled:
         line += "; the breaker is off (NOTIFY_BREAKER_ENABLED=false): workers ignore it"
     if status.until_ms:
         line += f"; posts may resume at {iso_utc(status.until_ms)}"
@@ -506,34 +507,56 @@ def _breaker_line() -> str:
     return line
 
 
+def _breakers(names: tuple[str, ...]) -> list[Any]:
+    """The breakers named (``default`` or a geolocation's host[:port]); none named: all."""
+    breakers = _runtime().breakers
+    try:
+        return [breakers.named(name) for name in (names or tuple(breakers.names()))]
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
+
+
 @breaker.command("status")
+@click.argument("geolocations", nargs=-1)
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 @friendly_errors
-def breaker_status(as_json: bool) -> None:
-    """Show the breaker's state and the failures counted in its window."""
+def breaker_status(geolocations: tuple[str, ...], as_json: bool) -> None:
+    """Show each geolocation's breaker (or those named): state, failures in its window.
 
+    `default` is the default company's geolocation; the others are named by host[:port].
+    """
+
+    circuits = _breakers(geolocations)
     if as_json:
-        click.echo(json.dumps(asdict(_runtime().breaker.status()), indent=2))
+        statuses = {circuit.name: asdict(circuit.status()) for circuit in circuits}
+        click.echo(json.dumps(statuses, indent=2))
         return
-    click.echo(_breaker_line())
+    for circuit in circuits:
+        click.echo(_breaker_line(circuit))
 
 
 @breaker.command("open")
+@click.argument("geolocations", nargs=-1)
 @friendly_errors
-def breaker_open() -> None:
-    """Stop every worker posting until `notify breaker close` (messages keep their attempts)."""
+def breaker_open(geolocations: tuple[str, ...]) -> None:
+    """Stop posting to the geolocations named (none named: every one) until `notify breaker
+    close` (messages keep their attempts)."""
 
-    _runtime().breaker.force_open()
-    click.echo(_breaker_line())
+    for circuit in _breakers(geolocations):
+        circuit.force_open()
+        click.echo(_breaker_line(circuit))
 
 
 @breaker.command("close")
+@click.argument("geolocations", nargs=-1)
 @friendly_errors
-def breaker_close() -> None:
-    """Let posts through again now, with a fresh failure window."""
+def breaker_close(geolocations: tuple[str, ...]) -> None:
+    """Let posts through to the geolocations named (none named: every one) now, with a fresh
+    failure window."""
 
-    _runtime().breaker.close()
-    click.echo(_breaker_line())
+    for circuit in _breakers(geolocations):
+        circuit.close()
+        click.echo(_breaker_line(circuit))
 
 
 @main.group()

@@ -56,7 +56,7 @@ from worker.rules import outcomes
 from worker.rules.validation import company_problem
 from worker.runtime import Runtime
 from worker.settings import Settings
-from worker.shapes.models import is_message_id, is_partner_name, partner_of, request_company
+from worker.shapes.models import company_of, is_message_id, is_partner_name, partner_of
 from worker.shapes.times import iso_utc
 from worker.store.codec import DeadLetter, StatusRecord
 from worker.store.companies import CompanyRegistry, count_states
@@ -423,7 +423,7 @@ class Console:
                 "request_body": request_body,
                 "request_json": json.dumps(request_body, indent=2, ensure_ascii=False),
                 "partner": partner_of(request_body),
-                "company": request_company(request_body),
+                "company": company_of(request_body),
                 "notice": _notice(request.query_params.get("done"), message_id),
             },
             session=session,

@@ -41,7 +41,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
-from worker.limits.breaker import STATE_NUMBERS
+from worker.limits.breaker import DEFAULT_GEOLOCATION, STATE_NUMBERS
 from worker.rules import outcomes
 from worker.runtime import Runtime
 from worker.shapes.models import COMPANY_STATES, is_partner_name
@@ -109,7 +109,9 @@ class Stats:
     totals: Mapping[str, int]
     dead_lettered_total: Mapping[str, int] = field(default_factory=dict)
     rate_limit_penalty_factor: float = 1.0
-    breaker_state: str = "closed"
+    breaker_state: str = "closed"  # the default company's geolocation's breaker
+    # geolocation (``default``, or a host[:port]) -> its breaker's state
+    breakers: Mapping[str, str] = field(default_factory=dict)
     # partner -> its cumulative counters (the fields of ``totals``, and ``dead:<reason>``)
     partners: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
     partner: str | None = None  # set: ``totals`` and ``dead_lettered_total`` are this partner's
@@ -134,6 +136,7 @@ class Stats:
         data["partners"] = {name: dict(counts) for name, counts in self.partners.items()}
         data["companies"] = dict(self.companies)
         data["waiting_by_company"] = dict(self.waiting_by_company)
+        data["breakers"] = dict(self.breakers)
         data["delivered_last_minute"] = self.delivered_last_minute
         return data
 
@@ -170,6 +173,7 @@ def build(
     minute_counts: Sequence[tuple[int, Any]],
     penalty: Any,
     breaker_state: Any = None,
+    breakers: Mapping[str, Any] | None = None,
     partners: Mapping[str, Mapping[str, str]] | None = None,
     partner: str | None = None,
     companies: Mapping[str, int] | None = None,
@@ -207,6 +211,10 @@ def build(
         dead_lettered_total=dead_ever,
         rate_limit_penalty_factor=max(1.0, _float(penalty, 1.0)),
         breaker_state=str(breaker_state or "closed"),
+        breakers={
+            DEFAULT_GEOLOCATION: str(breaker_state or "closed"),
+            **{name: str(state or "closed") for name, state in (breakers or {}).items()},
+        },
         partners={
             name: {field_name: _int(value) for field_name, value in counts.items()}
             for name, counts in sorted((partners or {}).items())
@@ -246,16 +254,34 @@ def collect(
     pipe.get(keys.RATE_LIMIT_PENALTY)
     pipe.hget(keys.BREAKER, "state")
     pipe.zrevrange(keys.COMPANY_WAITING, 0, TOP_COMPANIES - 1, withscores=True)
+    pipe.smembers(keys.BREAKER_GEOLOCATIONS)
     replies = pipe.execute()
     lengths, rest = replies[: len(lists)], replies[len(lists) :]
-    reserved, live, totals, partner_names, dead_size, counts, penalty, breaker_state, top = rest
+    (
+        reserved,
+        live,
+        totals,
+        partner_names,
+        dead_size,
+        counts,
+        penalty,
+        breaker_state,
+        top,
+        geos,
+    ) = rest
     names = sorted(name for name in partner_names if is_partner_name(name))
+    geolocations = sorted(str(name) for name in geos if name != DEFAULT_GEOLOCATION)
     by_partner: dict[str, Mapping[str, str]] = {}
-    if names:
+    by_geolocation: dict[str, Any] = {}
+    if names or geolocations:
         pipe = runtime.redis.pipeline(transaction=False)
         for name in names:
             pipe.hgetall(keys.partner_stats(name))
-        by_partner = dict(zip(names, pipe.execute(), strict=True))
+        for geolocation in geolocations:
+            pipe.hget(keys.breaker(geolocation), "state")
+        answers = pipe.execute()
+        by_partner = dict(zip(names, answers[: len(names)], strict=True))
+        by_geolocation = dict(zip(geolocations, answers[len(names) :], strict=True))
     return build(
         at_ms=at,
         queue=queue,
@@ -267,6 +293,7 @@ def collect(
         minute_counts=list(zip(minute_numbers, counts, strict=True)),
         penalty=penalty,
         breaker_state=breaker_state,
+        breakers=by_geolocation,
         partners=by_partner,
         partner=partner,
         # O(companies) pipelined reads of each one's state: exact, and a partner has hundreds.
@@ -330,11 +357,15 @@ class _Collector:
             "How many times slower than the configured rate workers post now (1 = no 429 penalty).",
             stats.rate_limit_penalty_factor,
         )
-        yield _gauge(
+        breakers = GaugeMetricFamily(
             "notify_breaker_state",
-            "The circuit breaker: 0 closed, 1 half-open (one probe decides), 2 open (no posts).",
-            STATE_NUMBERS.get(stats.breaker_state, 0),
+            "The circuit breaker of each geolocation (default: the default company's): 0 closed, "
+            "1 half-open (one probe decides), 2 open (no posts).",
+            labels=["geolocation"],
         )
+        for name, state in (stats.breakers or {DEFAULT_GEOLOCATION: stats.breaker_state}).items():
+            breakers.add_metric([name], STATE_NUMBERS.get(state, 0))
+        yield breakers
         by_partner = CounterMetricFamily(
             "notify_partner_messages",
             "Outcomes by partner: delivered, retried, deferred (no rate-limit permit), replayed.",

@@ -23,12 +23,22 @@ is served as ``notify_breaker_state`` on ``/metrics`` (0 closed, 1 half-open, 2 
 
 Every transition is one Lua script timed by Redis' own clock (``TIME``), so worker clocks do not
 matter and two workers never both open, probe or close.
+
+One breaker per geolocation (``Breakers``): an outage of one Concur data center pauses the
+companies that live there and no other. The default company's geolocation keeps the keys it
+always had (``notify:breaker``), named ``default``; every other geolocation a registry company
+lives at has its own (``keys.breaker(host)``), named by its ``host[:port]`` and listed in
+``keys.BREAKER_GEOLOCATIONS``. The policy is the same for all.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from redis import Redis
 
@@ -42,6 +52,8 @@ CLOSED, OPEN, HALF_OPEN, FORCED_OPEN = "closed", "open", "half_open", "forced_op
 PROBE, WAIT = "probe", "wait"  # admit's other verdicts: post one; post none, a probe is out
 STATE_NUMBERS = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2, FORCED_OPEN: 2}
 FORCED_RECHECK_MS = 5_000  # how soon a message paused by a forced-open breaker is looked at again
+DEFAULT_GEOLOCATION = "default"  # the name of the default company's geolocation's breaker
+_GEOLOCATION_NAME = re.compile(r"[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?(?::[0-9]{1,5})?")
 
 _NOW = """
 local t = redis.call('TIME')
@@ -183,12 +195,25 @@ class BreakerStatus:
         return STATE_NUMBERS.get(self.state, 0)
 
 
-class Breaker:
-    """The fleet-wide breaker in Redis; every method is one round trip (none when disabled)."""
+def geolocation_name(geolocation: str) -> str:
+    """A geolocation's name in keys, metrics and commands: its ``host[:port]`` (pure)."""
+    return urlsplit(geolocation).netloc.lower() or geolocation.lower()
 
-    def __init__(self, redis: Redis, policy: BreakerPolicy) -> None:
+
+class Breaker:
+    """One geolocation's breaker in Redis; every method is one round trip (none when disabled).
+
+    ``geolocation``: its name (``geolocation_name``); None for the default company's, on the
+    keys it always had.
+    """
+
+    def __init__(self, redis: Redis, policy: BreakerPolicy, geolocation: str | None = None) -> None:
         self.redis = redis
         self.policy = policy
+        self.geolocation = geolocation
+        self.name = geolocation or DEFAULT_GEOLOCATION
+        self.key = keys.breaker(geolocation)
+        self.window_key = keys.breaker_window(geolocation)
         self._admit = redis.register_script(_ADMIT)
         self._record = redis.register_script(_RECORD)
 
@@ -197,11 +222,15 @@ class Breaker:
         if not self.policy.enabled:
             return Admission(CLOSED)
         verdict, until_ms, changed = self._admit(
-            keys=[keys.BREAKER],
+            keys=[self.key],
             args=[int(self.policy.probe_lease_seconds * 1000), FORCED_RECHECK_MS],
         )
         if int(changed):
-            log.warning("circuit breaker half-open: one probe post decides whether it closes")
+            log.warning(
+                "circuit breaker %s half-open: one probe post decides whether it closes",
+                self.name,
+                extra={"geolocation": self.name},
+            )
         return Admission(str(verdict), int(until_ms))
 
     def record(self, calls: int, failures: int, *, probe: bool | None = None) -> str:
@@ -213,7 +242,7 @@ class Breaker:
             return ""
         p = self.policy
         transition, open_ms, total, failed = self._record(
-            keys=[keys.BREAKER, keys.BREAKER_WINDOW, keys.STATS],
+            keys=[self.key, self.window_key, keys.STATS],
             args=[
                 calls,
                 failures,
@@ -229,28 +258,39 @@ class Breaker:
         if transition == "opened":
             # ERROR: an operational alert, reported to Sentry.
             log.error(
-                "circuit breaker opened: %s of %s posts failed within %ss; no posts for %.0fs",
+                "circuit breaker %s opened: %s of %s posts failed within %ss; no posts for %.0fs",
+                self.name,
                 failed,
                 total,
                 p.window_seconds,
                 int(open_ms) / 1000,
-                extra={"breaker": OPEN, "calls": int(total), "failures": int(failed)},
+                extra={
+                    "breaker": OPEN,
+                    "geolocation": self.name,
+                    "calls": int(total),
+                    "failures": int(failed),
+                },
             )
         elif transition == "reopened":
             log.warning(
-                "circuit breaker open again: the probe failed; no posts for %.0fs",
+                "circuit breaker %s open again: the probe failed; no posts for %.0fs",
+                self.name,
                 int(open_ms) / 1000,
-                extra={"breaker": OPEN},
+                extra={"breaker": OPEN, "geolocation": self.name},
             )
         elif transition == "closed":
-            log.warning("circuit breaker closed: the probe succeeded", extra={"breaker": CLOSED})
+            log.warning(
+                "circuit breaker %s closed: the probe succeeded",
+                self.name,
+                extra={"breaker": CLOSED, "geolocation": self.name},
+            )
         return transition
 
     def status(self) -> BreakerStatus:
         """The state now, and the calls and failures counted in the window."""
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hgetall(keys.BREAKER)
-        pipe.hgetall(keys.BREAKER_WINDOW)
+        pipe.hgetall(self.key)
+        pipe.hgetall(self.window_key)
         pipe.time()
         record, window, (seconds, _micros) = pipe.execute()
         calls = failures = 0
@@ -275,13 +315,77 @@ class Breaker:
     def force_open(self) -> None:
         """An operator's stop: no posts until ``close``."""
         pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(keys.BREAKER, mapping={"state": FORCED_OPEN})
-        pipe.hdel(keys.BREAKER, "until", "probe_until")
+        pipe.hset(self.key, mapping={"state": FORCED_OPEN})
+        pipe.hdel(self.key, "until", "probe_until")
         pipe.hincrby(keys.STATS, "breaker_opened", 1)
         pipe.execute()
-        log.error("circuit breaker forced open by an operator", extra={"breaker": FORCED_OPEN})
+        log.error(
+            "circuit breaker %s forced open by an operator",
+            self.name,
+            extra={"breaker": FORCED_OPEN, "geolocation": self.name},
+        )
 
     def close(self) -> None:
         """An operator's go: closed, with a fresh window."""
-        self.redis.delete(keys.BREAKER, keys.BREAKER_WINDOW)
-        log.warning("circuit breaker closed by an operator", extra={"breaker": CLOSED})
+        self.redis.delete(self.key, self.window_key)
+        log.warning(
+            "circuit breaker %s closed by an operator",
+            self.name,
+            extra={"breaker": CLOSED, "geolocation": self.name},
+        )
+
+
+class Breakers:
+    """The breaker of each geolocation, made on first use (a handful: Concur has a few).
+
+    ``default_geolocation``: where the default company's posts go now (any URL there: its
+    host[:port] names it; it may follow a geolocation Concur names); a registry company living
+    there shares that breaker.
+    """
+
+    def __init__(
+        self, redis: Redis, policy: BreakerPolicy, default_geolocation: Callable[[], str]
+    ) -> None:
+        self.redis = redis
+        self.policy = policy
+        self.default = Breaker(redis, policy)
+        self._default_geolocation = default_geolocation
+        self._made: dict[str, Breaker] = {}
+        self._lock = threading.Lock()
+
+    def for_geolocation(self, geolocation: str | None) -> Breaker:
+        """The breaker of the geolocation at base URL ``geolocation`` (None: the default's)."""
+        if geolocation is None:
+            return self.default
+        name = geolocation_name(geolocation)
+        if name == geolocation_name(self._default_geolocation()):
+            return self.default
+        made = self._made.get(name)
+        if made is None:
+            with self._lock:
+                made = self._made.get(name)
+                if made is None:
+                    # Listed once per process, so `notify breaker status` and /metrics find it.
+                    self.redis.sadd(keys.BREAKER_GEOLOCATIONS, name)
+                    made = self._made[name] = Breaker(self.redis, self.policy, name)
+        return made
+
+    def named(self, name: str) -> Breaker:
+        """The breaker an operator names: ``default`` or a geolocation's ``host[:port]``."""
+        if name == DEFAULT_GEOLOCATION:
+            return self.default
+        name = name.lower()
+        if _GEOLOCATION_NAME.fullmatch(name) is None:
+            raise ValueError(
+                f"{name!r} is not a geolocation: `default`, or a host[:port] such as "
+                "emea.api.concursolutions.com (`notify breaker status` lists them)"
+            )
+        # Listed, so an operator may stop a geolocation before any worker has posted there.
+        self.redis.sadd(keys.BREAKER_GEOLOCATIONS, name)
+        return Breaker(self.redis, self.policy, name)
+
+    def names(self) -> list[str]:
+        """``default`` first, then every geolocation with a breaker of its own, sorted."""
+        listed = self.redis.smembers(keys.BREAKER_GEOLOCATIONS)
+        names = {v.decode() if isinstance(v, bytes) else str(v) for v in listed}
+        return [DEFAULT_GEOLOCATION, *sorted(names - {DEFAULT_GEOLOCATION})]

@@ -61,6 +61,8 @@ INVALID_REQUEST = "invalid_request"
 TEMPLATE_NOT_ALLOWED = "template_not_allowed"
 URL_NOT_ALLOWED = "url_not_allowed"
 MALFORMED_MESSAGE = "malformed_message"
+# The message's company is disconnected, unknown, or waited past its reconnect grace.
+COMPANY_DISCONNECTED = "company_disconnected"
 REASONS = (
     RETRIES_EXHAUSTED,
     UNAUTHORIZED,
@@ -70,6 +72,7 @@ REASONS = (
     TEMPLATE_NOT_ALLOWED,
     URL_NOT_ALLOWED,
     MALFORMED_MESSAGE,
+    COMPANY_DISCONNECTED,
 )
 
 

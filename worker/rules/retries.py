@@ -94,3 +94,22 @@ class RedisPatience:
 
 # The HTTP service and the CLI: a partner or an operator waits for the answer.
 ANSWERING = RedisPatience(seconds=2.0)
+
+
+# How often a message of a company waiting to be reconnected is looked at again: a reconnection
+# is noticed within this time, and a backlog of such messages costs one claim each per recheck.
+COMPANY_RECHECK_SECONDS = 60.0
+COMPANY_RECHECK_JITTER = 0.1  # up to this share of the recheck is added, spreading the backlog
+
+
+@dataclass(frozen=True, slots=True)
+class CompanyPolicy:
+    """How long a company's messages wait for its reconnection, and how often they look."""
+
+    grace_seconds: float = 86_400.0
+    recheck_seconds: float = COMPANY_RECHECK_SECONDS
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> CompanyPolicy:
+        """The policy the settings describe (``NOTIFY_COMPANY_RECONNECT_GRACE_SECONDS``)."""
+        return cls(grace_seconds=settings.company_reconnect_grace_seconds)

@@ -142,15 +142,19 @@ def partner_of(request: Mapping[str, Any] | None) -> str:
     return value if isinstance(value, str) and is_partner_name(value) else DEFAULT_PARTNER
 
 
-def request_company(request: Mapping[str, Any] | None) -> str:
-    """The company a stored or queued request is for (``default`` when it names none)."""
-    value = request.get("company") if request else None
-    return value if isinstance(value, str) and is_company_id(value) else DEFAULT_COMPANY
-
-
 def is_company_id(value: object) -> bool:
     """Whether ``value`` is a company UUID in canonical lower-case text (the whole string)."""
     return isinstance(value, str) and COMPANY_ID_PATTERN.fullmatch(value) is not None
+
+
+def company_of(request: Mapping[str, Any] | None) -> str:
+    """The company a stored or queued request is for: its ``company`` field, else the default.
+
+    The one reader of a message's company (intake checks the name; a record written before
+    companies existed names none and is the default company's).
+    """
+    value = request.get("company") if request else None
+    return value if isinstance(value, str) and is_company_id(value) else DEFAULT_COMPANY
 
 
 def is_message_id(value: object) -> bool:

@@ -32,10 +32,10 @@ from typing import Any
 from worker.shapes.models import (
     DEFAULT_COMPANY,
     DEFAULT_PARTNER,
+    company_of,
     is_company_id,
     is_partner_name,
     partner_of,
-    request_company,
 )
 from worker.shapes.times import int_or_none
 
@@ -232,7 +232,7 @@ def expand_record(record: Mapping[str, Any], earlier: list[Any] | None = None) -
     request = request_of(record)
     out["req"] = record["req"] if "req" in record else dumps(request)
     out.setdefault("partner", partner_of(request))
-    out.setdefault("company", request_company(request))
+    out.setdefault("company", company_of(request))
     out.setdefault("replays", "0")
     try:
         created = int(record.get("created") or 0)
@@ -289,7 +289,7 @@ class StatusRecord:
     @property
     def company(self) -> str:
         """The company the message is for (``default``: the one the settings define)."""
-        return request_company(self.request)
+        return company_of(self.request)
 
     @property
     def attempts(self) -> list[dict[str, Any]]:
@@ -365,7 +365,7 @@ class DeadLetter:
             worker=data.get("worker") or None,
             replays=int_or_none(data.get("replays")) or 0,
             partner=partner_of(request),
-            company=request_company(request),
+            company=company_of(request),
         )
 
 

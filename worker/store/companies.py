@@ -162,6 +162,18 @@ class CompanyRegistry:
         fields = self.redis.hgetall(keys.company(checked_id(company_id)))
         return company_of(company_id, _fields(fields))
 
+    def get_many(self, company_ids: list[str]) -> dict[str, Company | None]:
+        """Each company (None when unknown or not a company id), in one pipelined round trip."""
+        valid = [company_id for company_id in company_ids if is_company_id(company_id)]
+        found: dict[str, Company | None] = dict.fromkeys(company_ids)
+        if valid:
+            pipe = self.redis.pipeline(transaction=False)
+            for company_id in valid:
+                pipe.hgetall(keys.company(company_id))
+            for company_id, fields in zip(valid, pipe.execute(), strict=True):
+                found[company_id] = company_of(company_id, _fields(fields))
+        return found
+
     def ids(self) -> list[str]:
         """Every company id in the registry, sorted."""
         members = (_text(member) for member in self.redis.smembers(keys.COMPANIES))

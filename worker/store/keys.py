@@ -26,6 +26,10 @@
                                again, its current open time, the probe's lease
 ``notify:breaker:window``      hash: calls (``c:<second>``) and failures (``f:<second>``) per
                                second over the breaker's window
+``notify:breaker:geo:{geo}``   hash: the breaker of one other geolocation (``geo``: host[:port]),
+                               beside ``notify:breaker``, the default company's geolocation's
+``notify:breaker:geo:{geo}:window`` hash: that breaker's window
+``notify:breaker:geolocations`` set: the geolocations (host[:port]) with a breaker of their own
 ``notify:oauth:{client}``      hash: Concur OAuth state of one client id: the refresh token
                                (encrypted when a key is set), its expiry (ms), the geolocation,
                                the fingerprint of the configured token it descends from
@@ -38,6 +42,9 @@
                                its refresh token (Fernet-sealed), its expiry (ms), geolocation,
                                when it connected, last refreshed and changed state, and why
 ``notify:company:{id}:lock``   string: the one-refresh-at-a-time lock of that company's token
+``notify:company:{id}:cooldown`` string: set for a moment after that company's refresh failed
+``notify:company:{id}:ratelimit`` string: that company's own pace (GCRA, µs), when
+                               NOTIFY_COMPANY_RATE_LIMIT_PER_SECOND is set
 ``notify:console:session:{id}`` hash: one logged-in console session (its CSRF token, operator
                                fingerprint, when it started and was last used); expires when idle,
                                deleted at logout
@@ -71,6 +78,7 @@ WORKERS = f"{PREFIX}:workers"
 SERVER = f"{PREFIX}:server"
 BREAKER = f"{PREFIX}:breaker"
 BREAKER_WINDOW = f"{PREFIX}:breaker:window"
+BREAKER_GEOLOCATIONS = f"{PREFIX}:breaker:geolocations"
 HISTORY_OUTBOX = f"{PREFIX}:history:outbox"
 HISTORY_GROUP = "writers"
 HISTORY_LOCK = f"{PREFIX}:history:lock"
@@ -126,6 +134,26 @@ def company(company_id: str) -> str:
 def company_lock(company_id: str) -> str:
     """The lock under which one company's refresh token is used, rotated or replaced."""
     return f"{PREFIX}:company:{company_id}:lock"
+
+
+def company_cooldown(company_id: str) -> str:
+    """Present for a short while after a failed refresh of that company's token."""
+    return f"{PREFIX}:company:{company_id}:cooldown"
+
+
+def company_ratelimit(company_id: str) -> str:
+    """One company's own pace (the GCRA theoretical arrival time)."""
+    return f"{PREFIX}:company:{company_id}:ratelimit"
+
+
+def breaker(geolocation: str | None = None) -> str:
+    """The breaker of a geolocation (``host[:port]``); None: the default company's (today's key)."""
+    return BREAKER if geolocation is None else f"{PREFIX}:breaker:geo:{geolocation}"
+
+
+def breaker_window(geolocation: str | None = None) -> str:
+    """The failure window of a geolocation's breaker; None: the default company's."""
+    return BREAKER_WINDOW if geolocation is None else f"{PREFIX}:breaker:geo:{geolocation}:window"
 
 
 def console_session(session_id: str) -> str:

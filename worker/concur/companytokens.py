@@ -1,0 +1,187 @@
+"""Access tokens per company, in each worker process: ``CompanyTokens``.
+
+The default company (the settings' ``NOTIFY_API_TOKEN`` or ``NOTIFY_OAUTH_*``) keeps the
+provider it always had (``StaticToken`` or ``OAuthTokens``), untouched. A registry company
+(``worker.store.companies``) gets an ``OAuthTokens`` of its own, the same machinery with its
+state elsewhere (``CompanyTokenState``):
+
+* the refresh token is the registry's (sealed in ``notify:company:{id}``), read under the
+  company's own lock (``keys.company_lock``), so one process at a time in the fleet uses it, and
+  a rotated one is stored through ``CompanyRegistry.refreshed`` (a disconnected company is never
+  brought back by a late rotation);
+* the access token lives only in this process's memory, in a least-recently-used cache of at
+  most ``NOTIFY_COMPANY_TOKEN_CACHE_SIZE`` companies (``cachetools.LRUCache``): thousands of
+  companies cost a bounded amount of memory, and an evicted company simply fetches again;
+* every company's provider shares one token endpoint (one small connection pool).
+
+Concur refusing a company's refresh token (code 108, or an expired one) puts the company in
+``needs_reconnect`` (``CompanyRegistry.needs_reconnect``), logs an ERROR on ``notify.tokens``
+(an operational error: an operator must reconnect it; no secret in the line) and raises
+``CompanyNeedsReconnect``: its messages wait (``worker.delivery.ends.company_waits``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import NoReturn
+
+from cachetools import LRUCache
+from redis import Redis
+
+from worker.concur.oauth import (
+    OAuthConfig,
+    OAuthTokens,
+    StoredState,
+    TokenEndpoint,
+    report_untrusted_geolocation,
+)
+from worker.concur.tokens import CompanyNeedsReconnect, TokenUnavailable
+from worker.ops.logs import add_runtime_secret
+from worker.store import keys
+from worker.store.companies import CompanyRegistry
+
+log = logging.getLogger("notify.tokens")
+
+__all__ = ["CompanyNeedsReconnect", "CompanyTokenState", "CompanyTokens"]
+
+
+class CompanyTokenState:
+    """An ``OAuthTokens`` state (``worker.concur.oauth.TokenState``) kept in the registry."""
+
+    def __init__(
+        self,
+        registry: CompanyRegistry,
+        company_id: str,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.registry = registry
+        self.company_id = company_id
+        self._clock = clock
+
+    def load(self) -> StoredState:
+        """The company's refresh token (opened), its expiry and its geolocation."""
+        company = self.registry.get(self.company_id)
+        if company is None:
+            return StoredState()
+        refresh = self.registry.refresh_token(self.company_id)
+        add_runtime_secret(refresh)
+        return StoredState(refresh, company.refresh_expires_ms, company.geolocation)
+
+    def save(self, state: StoredState) -> None:
+        """Store a rotated refresh token and the latest geolocation.
+
+        Nothing without a refresh token: after a refusal the sealed one stays until the company
+        is reconnected or disconnected (docs/companies.md).
+        """
+        if state.refresh_token and state.geolocation:
+            self.registry.refreshed(
+                self.company_id,
+                state.refresh_token,
+                state.refresh_expires_at_ms,
+                state.geolocation,
+                int(self._clock() * 1000),
+            )
+
+    def unusable(self, why: str) -> NoReturn:
+        """Mark the company ``needs_reconnect``, log an ERROR, raise ``CompanyNeedsReconnect``."""
+        reason = f"Concur refused its refresh token: {why}"
+        if self.registry.needs_reconnect(self.company_id, reason, int(self._clock() * 1000)):
+            log.error(
+                "company %s needs to be reconnected (%s): its messages wait; reconnect it with "
+                "`notify companies connect %s --request-token ...`",
+                self.company_id,
+                why,
+                self.company_id,
+                extra={"company": self.company_id},
+            )
+        raise CompanyNeedsReconnect(self.company_id, why)
+
+
+class CompanyTokens:
+    """Access tokens of registry companies: one ``OAuthTokens`` per company, LRU-bounded."""
+
+    def __init__(
+        self,
+        registry: CompanyRegistry,
+        config: OAuthConfig | None,
+        redis: Redis,
+        *,
+        capacity: int,
+        endpoint: TokenEndpoint | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """``config``: the app's OAuth client (None: none configured, so no registry company
+        can have a token)."""
+        self.registry = registry
+        # The app's client, without the default company's own credentials: a registry company
+        # has only its refresh token (no password grant, no configured seed).
+        self.config = (
+            None
+            if config is None
+            else dataclasses.replace(
+                config, company_id=None, company_auth_token=None, initial_refresh_token=None
+            )
+        )
+        self.redis = redis
+        self.capacity = capacity
+        self._clock = clock
+        self._endpoint = endpoint
+        self._owns_endpoint = endpoint is None
+        self._cache: LRUCache[str, OAuthTokens] = LRUCache(maxsize=capacity)
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def provider(self, company_id: str) -> OAuthTokens:
+        """The company's provider (made, and the least recently used one dropped, when new)."""
+        with self._lock:
+            found = self._cache.get(company_id)
+            if found is None:
+                found = self._cache[company_id] = self._make(company_id)
+            return found
+
+    def token(self, company_id: str) -> str:
+        """The company's access token now; ``CompanyNeedsReconnect`` or ``TokenUnavailable``."""
+        return self.provider(company_id).token()
+
+    def refresh(self, company_id: str, refused: str) -> str:
+        """A new access token for the company after the API refused ``refused`` (a 401)."""
+        return self.provider(company_id).refresh(refused)
+
+    def geolocation(self, company_id: str) -> str | None:
+        """The geolocation the company's last token came from (None before the first)."""
+        with self._lock:  # a read moves the entry in the LRU order: not concurrently
+            found = self._cache.get(company_id)
+        return None if found is None else found.geolocation
+
+    def close(self) -> None:
+        """Close the shared token endpoint's connections."""
+        if self._endpoint is not None and self._owns_endpoint:
+            self._endpoint.close()
+
+    def _make(self, company_id: str) -> OAuthTokens:
+        if self.config is None:
+            raise TokenUnavailable(
+                f"company {company_id}: no OAuth client configured (NOTIFY_OAUTH_CLIENT_ID and "
+                "NOTIFY_OAUTH_CLIENT_SECRET) to fetch its tokens with"
+            )
+        if self._endpoint is None:
+            redis = self.redis
+
+            def untrusted(geolocation: str, source: str) -> None:
+                report_untrusted_geolocation(redis, geolocation, source)
+
+            self._endpoint = TokenEndpoint(self.config, on_untrusted=untrusted)
+        return OAuthTokens(
+            self.config,
+            self.redis,
+            state=CompanyTokenState(self.registry, company_id, self._clock),
+            lock_key=keys.company_lock(company_id),
+            cooldown_key=keys.company_cooldown(company_id),
+            endpoint=self._endpoint,
+        )
