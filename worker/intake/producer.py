@@ -48,13 +48,16 @@ def submit(
 def record(
     messages: Sequence[Message], *, runtime: Runtime | None = None
 ) -> list[tuple[bool, str]]:
-    """Record validated messages in one round trip and hand the new ones to the publisher.
+    """Record validated messages in one round trip; the new ones wait in their lanes for the
+    dispatcher (``NOTIFY_DISPATCH=fair``) or go to the publisher (``fifo``).
 
     Returns ``(created, state)`` per message; a duplicate is not published again. The HTTP
     gateway calls this for each group of requests (``worker.intake.intake``), ``submit`` for one.
     """
     rt = runtime or get_runtime()
     results = rt.store.create_many([(message.id, message.to_wire()) for message in messages])
+    if rt.store.laned:
+        return results
     rt.publish(
         [
             Envelope(message.id, 1, message.to_wire())
@@ -76,8 +79,9 @@ def enqueue(
 ) -> str:
     """Queue one message to a Concur user and return its id; raise ``InvalidRequest`` if bad.
 
-    It returns once the message is recorded in Redis; a background thread publishes it to the
-    queue moments later (see ``worker.queue.publisher``). ``partner`` names who sends it
+    It returns once the message is recorded in Redis; a worker's dispatcher (or, with
+    ``NOTIFY_DISPATCH=fifo``, a background thread here) puts it on the queue moments later.
+    ``partner`` names who sends it
     (``default``
     when None): the same request from two partners is two messages with two ids.
     """
@@ -96,7 +100,7 @@ def enqueue_many(
     One Redis round trip records them all and they travel in tasks of ``NOTIFY_BATCH_SIZE``
     messages, so a producer with a batch pays per batch much of what ``enqueue`` pays per
     message, and so do the workers. Like ``enqueue``, it returns once they are recorded; the
-    publisher puts them on the queue moments later.
+    dispatcher (or, with ``NOTIFY_DISPATCH=fifo``, the publisher) queues them moments later.
     """
     rt = runtime or get_runtime()
     messages = []

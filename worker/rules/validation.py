@@ -134,7 +134,10 @@ def validate_wire(wire: Any, allowlist: AllowList) -> Message:
     (plus ``"partner"`` for a partner other than ``default``)."""
     if not isinstance(wire, dict):
         raise InvalidRequest([Problem("body", "INVALID_FIELD", "the request must be an object")])
-    body = {key: value for key, value in wire.items() if key not in ("userId", "partner")}
+    # "company" names whose company the message is for (issue 21), never part of the v4 body.
+    body = {
+        key: value for key, value in wire.items() if key not in ("userId", "partner", "company")
+    }
     partner = wire.get("partner")
     if partner is not None and not isinstance(partner, str):
         raise InvalidRequest([Problem("partner", "INVALID_FIELD", "partner must be a string")])

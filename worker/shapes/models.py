@@ -136,6 +136,13 @@ def is_company_id(value: object) -> bool:
     return isinstance(value, str) and COMPANY_ID_PATTERN.fullmatch(value) is not None
 
 
+def request_company(request: Mapping[str, Any] | None) -> str:
+    """The company a stored or queued request is for (``DEFAULT_COMPANY`` when it names none,
+    or names something that is not a company UUID)."""
+    value = request.get("company") if request else None
+    return value if isinstance(value, str) and is_company_id(value) else DEFAULT_COMPANY
+
+
 def is_message_id(value: object) -> bool:
     """Whether ``value`` has the form of a message or dead-letter id (the whole string)."""
     return isinstance(value, str) and MESSAGE_ID_PATTERN.fullmatch(value) is not None
