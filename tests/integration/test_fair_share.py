@@ -20,6 +20,7 @@ from tests import conftest
 from tests.conftest import wait_for
 from tests.isolated import Isolated, isolated
 from worker.delivery.dispatcher import Dispatcher, DispatchPolicy
+from worker.front.stats import collect, render_prometheus
 from worker.queue.publisher import Publisher
 from worker.shapes.models import DEFAULT_COMPANY, Message
 from worker.store import keys
@@ -92,6 +93,9 @@ def test_a_laned_message_is_queued_off_the_schedule_and_counted_waiting(isolated
     # Sending the same again lanes nothing new.
     assert store.create_many(items) == [(False, "queued")] * 3
     assert redis.hget(keys.LIVE, "laned") == "3"
+    stats = collect(isolated.runtime)
+    assert stats.waiting_in_lanes == 3
+    assert "notify_lane_waiting 3.0" in render_prometheus(stats)
 
 
 def test_order_within_a_lane_is_kept(isolated):
