@@ -851,13 +851,14 @@ def queue_for(rt: Any, company: str, users: list[str], template: str) -> list[st
     round trip, then (fifo) the publisher. The ``company`` field is written into the request
     here until ``enqueue_many(company=...)`` (issue 21 item 2) does it."""
     from worker.queue.envelopes import Envelope
-    from worker.shapes.models import Message
+    from worker.shapes.models import DEFAULT_COMPANY, Message
 
     wires = []
     for user in users:
         message = Message.create(user, "s", template, URL)
         wire = message.to_wire()
-        wire["company"] = company
+        if company != DEFAULT_COMPANY:
+            wire["company"] = company
         wires.append((message.id, wire))
     results = rt.store.create_many(wires)
     if not rt.store.laned:
@@ -910,9 +911,12 @@ def _rate_between(sandbox: Sandbox, start: float, end: float, minus: list[float]
 
 
 def fairness_scenario(sandbox: Sandbox, ours: Any, env: dict[str, str], args: Any) -> list[Row]:
-    """Issue 21's fairness scenario: B alone, A alone, then A's backlog with B's trickle under
-    fair dispatch and under FIFO, the same workers and sandbox."""
+    """Issue 21's fairness scenario: the plain drain fair and fifo at both latencies; B alone,
+    A alone, then A's backlog with B's trickle under fair dispatch and under FIFO, the same
+    workers and sandbox."""
     from redis import Redis
+
+    from worker.shapes.models import DEFAULT_COMPANY
 
     redis = Redis.from_url(env["NOTIFY_REDIS_URL"])
     rows: list[Row] = []
@@ -925,6 +929,25 @@ def fairness_scenario(sandbox: Sandbox, ours: Any, env: dict[str, str], args: An
         made.env = {**made.env, "NOTIFY_DISPATCH": dispatch}
         return made
 
+    # 0. The plain drain (one company) fair and fifo, at both latencies.
+    for latency, p99, count in (
+        (args.latency_ms, None, args.messages),
+        (args.slow_latency_ms, args.slow_p99_ms, args.slow_messages),
+    ):
+        sandbox.latency(latency, p99)
+        pair = []
+        for dispatch in ("fair", "fifo"):
+            redis.flushdb()
+            rt = _producer(dispatch)
+            _backlog(rt, DEFAULT_COMPANY, count, f"d{dispatch}{run}")
+            pair.append(
+                drain_row(f"drain {latency:g} ms {dispatch}", sandbox, fleet(dispatch), count)
+            )
+            rt.close()
+        fair_rate, fifo_rate = (float(row.figures["delivered/s api"]) for row in pair)
+        pair[0].figures["vs fifo"] = f"{(fair_rate / fifo_rate - 1) * 100:+.1f} %"
+        rows += pair
+    sandbox.latency(args.slow_latency_ms, args.slow_p99_ms)
     # 1. B alone on an idle system.
     redis.flushdb()
     _connect_companies(env["NOTIFY_REDIS_URL"], [COMPANY_A, COMPANY_B])

@@ -248,6 +248,9 @@ redis = Redis.from_url(os.environ["NOTIFY_REDIS_URL"], decode_responses=True)
 store = MessageStore(redis, publish_grace_seconds=float(sys.argv[1]), lease_seconds=12,
                      status_ttl_seconds=3600, laned=True)
 taken = []
+redis.incr("test:ready")
+while not redis.get("test:go"):  # the racers start together
+    time.sleep(0.001)
 while True:
     batch = store.dispatch(limit=25, depth_per_worker=100_000, live_since_ms=now_ms(), quantum=1,
                            default_geolocation="http://127.0.0.1")
@@ -283,6 +286,9 @@ def test_two_dispatchers_in_two_processes_never_take_one_message_twice(isolated)
     everything += _ids(items := _messages(1000))
     store.create_many(items)
     racers = [_dispatch_in_a_process(isolated, 60, "publish") for _ in range(2)]
+    redis = isolated.runtime.redis
+    wait_for(lambda: redis.get("test:ready") == "2", timeout=30, what="both racers ready")
+    redis.set("test:go", 1)
     outputs = [json.loads(racer.communicate(timeout=60)[0]) for racer in racers]
     assert all(outputs), "both dispatchers took part"
     assert not set(outputs[0]) & set(outputs[1])
@@ -305,6 +311,7 @@ def test_a_dispatcher_killed_between_dispatch_and_publish_loses_nothing(
     items = _messages(40)
     store.create_many(items)
     killed = _dispatch_in_a_process(isolated, 2, "die")
+    isolated.runtime.redis.set("test:go", 1)
     killed.wait(timeout=30)
     assert killed.returncode == -9
     redis = isolated.runtime.redis
@@ -343,3 +350,26 @@ def test_two_companies_drain_through_workers_and_the_counter_returns_to_zero(
     wait_for(lambda: redis.get(keys.DISPATCHED) == "0", timeout=5, what="the depth back to 0")
     assert redis.hget(keys.LIVE, "laned") == "0"
     assert redis.llen(keys.LANES) == 0
+
+
+def test_fifo_publishes_at_intake_in_arrival_order_as_before(isolated):
+    import tasks
+    from worker.runtime import Runtime
+    from worker.settings import load_settings
+
+    settings = isolated.runtime.settings
+    fifo = Runtime.from_settings(
+        load_settings(redis_url=settings.redis_url, queue_name=settings.queue_name, dispatch="fifo")
+    )
+    try:
+        ids = tasks.enqueue_many(
+            [(f"fifo-{uuid.uuid4().hex[:8]}", f"s{i}", "welcome", None) for i in range(3)],
+            runtime=fifo,
+        )
+        assert fifo.publisher.flush()
+        redis = isolated.runtime.redis
+        assert sorted(redis.zrange(keys.SCHEDULE, 0, -1)) == sorted(ids)
+        assert redis.llen(keys.LANES) == 0 and not redis.hget(keys.LIVE, "laned")
+        assert redis.llen(settings.queue_name) == 1  # one task of three
+    finally:
+        fifo.close()
