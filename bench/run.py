@@ -366,6 +366,12 @@ def main() -> int:
     parser.add_argument("--fair-b-rate", type=int, default=20, help="fairness: B's messages/s")
     parser.add_argument("--fair-b-seconds", type=int, default=60, help="fairness: B's seconds")
     parser.add_argument("--companies", type=int, default=1000, help="companies: how many")
+    parser.add_argument(
+        "--redis-db",
+        type=int,
+        default=12,
+        help="database number on a Redis at 127.0.0.1:6379 (flushed); another run's must differ",
+    )
     parser.add_argument("--api-workers", type=int, default=2, help="`notify api --workers`")
     parser.add_argument("--connections", type=int, default=32, help="gateway load connections")
     parser.add_argument(
@@ -384,7 +390,7 @@ def main() -> int:
 
     embedded = None
     if redis_answers("redis://127.0.0.1:6379/0"):
-        redis_url = "redis://127.0.0.1:6379/12"
+        redis_url = f"redis://127.0.0.1:6379/{args.redis_db}"
     else:
         embedded = EmbeddedRedis()
         redis_url = embedded.start()
