@@ -24,6 +24,8 @@ not blur them; "from start" counts from the moment the workers were started. Sce
               a second (20) for --fair-b-seconds (60) at the slow-api latency: B's enqueue ->
               delivered p99 against B alone on an idle system, A's rate during B's minute
               against A alone, and the whole drain with NOTIFY_DISPATCH=fair and =fifo, one run
+  fair-drain  one company's backlog drained with NOTIFY_DISPATCH=fair and =fifo, at 20 ms
+              (--messages) and at the slow-api latency (--slow-messages); part of fairness
   companies   --companies companies x 10 messages (1,000) against one company's as many:
               delivered rate at the slow-api latency, fair dispatch
   history     Redis bytes per delivered message held (--held N, extrapolated to 1 M), the drain
@@ -511,6 +513,9 @@ def main() -> int:
         if "history" in only:
             rows += history_scenario(runtime, sandbox, ours, env, args)
 
+        if "fair-drain" in only:
+            rows += fair_drain_rows(sandbox, ours, env, args)
+
         if "fairness" in only:
             sandbox.latency(args.slow_latency_ms, args.slow_p99_ms)
             rows += fairness_scenario(sandbox, ours, env, args)
@@ -916,26 +921,27 @@ def _rate_between(sandbox: Sandbox, start: float, end: float, minus: list[float]
     return (total - others) / max(1, last - first)
 
 
-def fairness_scenario(sandbox: Sandbox, ours: Any, env: dict[str, str], args: Any) -> list[Row]:
-    """Issue 21's fairness scenario: the plain drain fair and fifo at both latencies; B alone,
-    A alone, then A's backlog with B's trickle under fair dispatch and under FIFO, the same
-    workers and sandbox."""
+def _fleet(ours: Any, dispatch: str) -> Fleet:
+    """Our workers with ``NOTIFY_DISPATCH=dispatch``."""
+    made: Fleet = ours()
+    made.env = {**made.env, "NOTIFY_DISPATCH": dispatch}
+    return made
+
+
+def fair_drain_rows(sandbox: Sandbox, ours: Any, env: dict[str, str], args: Any) -> list[Row]:
+    """The plain drain of one company's backlog with NOTIFY_DISPATCH=fair and =fifo, at the
+    20 ms and the slow-api latency."""
     from redis import Redis
 
     from worker.shapes.models import DEFAULT_COMPANY
 
     redis = Redis.from_url(env["NOTIFY_REDIS_URL"])
     rows: list[Row] = []
-    a_count, rate, seconds = args.fair_a, args.fair_b_rate, args.fair_b_seconds
-    b_count = rate * seconds
     run = uuid.uuid4().hex[:6]
 
     def fleet(dispatch: str) -> Fleet:
-        made: Fleet = ours()
-        made.env = {**made.env, "NOTIFY_DISPATCH": dispatch}
-        return made
+        return _fleet(ours, dispatch)
 
-    # 0. The plain drain (one company) fair and fifo, at both latencies.
     for latency, p99, count in (
         (args.latency_ms, None, args.messages),
         (args.slow_latency_ms, args.slow_p99_ms, args.slow_messages),
@@ -953,6 +959,26 @@ def fairness_scenario(sandbox: Sandbox, ours: Any, env: dict[str, str], args: An
         fair_rate, fifo_rate = (float(row.figures["delivered/s api"]) for row in pair)
         pair[0].figures["vs fifo"] = f"{(fair_rate / fifo_rate - 1) * 100:+.1f} %"
         rows += pair
+    sandbox.latency(args.latency_ms)
+    return rows
+
+
+def fairness_scenario(sandbox: Sandbox, ours: Any, env: dict[str, str], args: Any) -> list[Row]:
+    """Issue 21's fairness scenario: the plain drain fair and fifo at both latencies; B alone,
+    A alone, then A's backlog with B's trickle under fair dispatch and under FIFO, the same
+    workers and sandbox."""
+    from redis import Redis
+
+    redis = Redis.from_url(env["NOTIFY_REDIS_URL"])
+    rows: list[Row] = []
+    a_count, rate, seconds = args.fair_a, args.fair_b_rate, args.fair_b_seconds
+    b_count = rate * seconds
+    run = uuid.uuid4().hex[:6]
+
+    def fleet(dispatch: str) -> Fleet:
+        return _fleet(ours, dispatch)
+
+    rows += fair_drain_rows(sandbox, ours, env, args)
     sandbox.latency(args.slow_latency_ms, args.slow_p99_ms)
     # 1. B alone on an idle system.
     redis.flushdb()
