@@ -209,6 +209,16 @@ def test_the_depth_bounds_what_is_dispatched_and_claims_give_it_back(isolated):
     assert len(_dispatch(store, depth_per_worker=8)) == 3
 
 
+def test_the_room_below_the_depth_is_taken_in_whole_tasks(isolated):
+    store = isolated.runtime.store
+    store.create_many(_messages(100))
+    assert len(_dispatch(store, depth_per_worker=50, task_size=20)) == 40
+    assert _dispatch(store, depth_per_worker=50, task_size=20) == []  # room for 10: not a task
+    # A depth below one task still dispatches (what it allows).
+    assert len(_dispatch(store, depth_per_worker=45, task_size=50)) == 5
+    assert isolated.runtime.redis.get(keys.DISPATCHED) == "45"
+
+
 def test_the_lanes_of_a_disconnected_company_go_to_the_workers(isolated):
     store = isolated.runtime.store
     registry = _registry(isolated)
@@ -220,7 +230,11 @@ def test_the_lanes_of_a_disconnected_company_go_to_the_workers(isolated):
     store.create_many(acme)
     store.create_many(globex)
     policy = DispatchPolicy(
-        batch=20, depth_per_worker=100, default_geolocation=HOME, reconnect_grace_ms=3_600_000
+        batch=20,
+        task_size=20,
+        depth_per_worker=100,
+        default_geolocation=HOME,
+        reconnect_grace_ms=3_600_000,
     )
     publisher = Publisher(lambda batch: None, 20)
     dispatcher = Dispatcher(store, publisher, registry, policy)

@@ -57,6 +57,7 @@ def test_the_policy_comes_from_the_settings():
     )
     policy = DispatchPolicy.from_settings(settings)
     assert policy.batch == 40
+    assert policy.task_size == 10
     assert policy.depth_per_worker == 40
     assert policy.default_geolocation == "https://us2.api.concursolutions.com"
     assert policy.reconnect_grace_ms == 60_000

@@ -60,6 +60,7 @@ class DispatchPolicy:
     """How the dispatcher feeds the queue (from the settings)."""
 
     batch: int  # messages per dispatch call (the publisher makes tasks of NOTIFY_BATCH_SIZE)
+    task_size: int  # NOTIFY_BATCH_SIZE: the room below the depth is taken in whole tasks
     depth_per_worker: int  # dispatched and not yet claimed, per live worker process
     default_geolocation: str  # where the default company's messages go (scheme://host)
     reconnect_grace_ms: int  # how long a needs_reconnect company's lanes wait
@@ -74,6 +75,7 @@ class DispatchPolicy:
         ``NOTIFY_COMPANY_RECONNECT_GRACE_SECONDS``."""
         return cls(
             batch=4 * settings.batch_size,
+            task_size=settings.batch_size,
             depth_per_worker=settings.dispatch_depth_per_worker,
             default_geolocation=default_geolocation(settings.api_base_url),
             reconnect_grace_ms=settings.company_reconnect_grace_seconds * 1000,
@@ -139,6 +141,7 @@ class Dispatcher(Loop):
                 quantum=policy.quantum,
                 default_geolocation=policy.default_geolocation,
                 paused_geolocations=paused,
+                task_size=policy.task_size,
             )
             self.publisher.submit(batch)
             dispatched += len(batch)

@@ -483,6 +483,7 @@ class MessageStore:
         default_geolocation: str,
         paused_geolocations: Sequence[str] = (),
         max_skips: int = 1000,
+        task_size: int = 1,
     ) -> list[Envelope]:
         """Take up to ``limit`` messages from the lanes, round-robin over companies then
         partners, while fewer than ``depth_per_worker`` times the live workers (heartbeat since
@@ -491,7 +492,9 @@ class MessageStore:
         Each is put on the schedule a grace period ahead and flagged dispatched, in the same
         atomic step, so a crash before it is published loses nothing: the mover publishes it
         after the grace. Companies not ``connected``, or whose geolocation is in
-        ``paused_geolocations``, are passed over (their lanes wait).
+        ``paused_geolocations``, are passed over (their lanes wait). The room below the depth
+        is taken in whole multiples of ``task_size`` (``NOTIFY_BATCH_SIZE``), so the tasks made
+        from it are full.
         """
         flat = self._run(
             self._dispatch,
@@ -517,6 +520,7 @@ class MessageStore:
                 max_skips,
                 DEFAULT_COMPANY,
                 default_geolocation,
+                task_size,
                 *paused_geolocations,
             ],
         )

@@ -6,15 +6,20 @@
 -- KEYS: ring of companies, dispatched counter, schedule, live, workers, turn
 -- ARGV: now ms, limit, grace ms, record key prefix, lane key prefix, company ring prefix,
 --       company hash prefix, depth per live worker, live since ms, quantum, max skips,
---       default company, its geolocation, paused geolocations...
+--       default company, its geolocation, task size, paused geolocations...
 local now = tonumber(ARGV[1])
 local workers = math.max(1, redis.call('ZCOUNT', KEYS[5], ARGV[9], '+inf'))
-local room = tonumber(ARGV[8]) * workers - tonumber(redis.call('GET', KEYS[2]) or 0)
+local depth = tonumber(ARGV[8]) * workers
+local room = depth - tonumber(redis.call('GET', KEYS[2]) or 0)
+-- Whole tasks only (unless the depth is less than one): a thread holds a task until its
+-- slowest post is answered, so a task of 7 would keep a thread as long as a task of 20 does.
+local unit = tonumber(ARGV[14])
+if depth >= unit and room > 0 then room = room - room % unit end
 local limit = math.min(tonumber(ARGV[2]), room)
 local out = {}
 if limit <= 0 then return out end
 local paused = {}
-for i = 14, #ARGV do paused[ARGV[i]] = true end
+for i = 15, #ARGV do paused[ARGV[i]] = true end
 -- Whether a company's lanes may be dispatched now: it is connected (the default company always
 -- is: the settings are its state) and its geolocation is not paused. Read once per call.
 local open = {}
