@@ -200,6 +200,8 @@ def test_the_depth_bounds_what_is_dispatched_and_claims_give_it_back(isolated):
     for envelope in first:
         assert redis.hget(keys.message(envelope.id), "dq") == "1"
         assert redis.zscore(keys.SCHEDULE, envelope.id) > now_ms()
+        # The mark is bookkeeping, not part of the message's status.
+        assert "dq" not in store.status(envelope.id)
     claims = store.claim_many([(e, "o") for e in first[:3]], worker="w", task_id="t")
     assert [c.verdict for c in claims] == ["go"] * 3
     assert redis.get(keys.DISPATCHED) == "5"
