@@ -48,8 +48,8 @@ log = logging.getLogger("notify.dispatcher")
 INTERVAL_SECONDS = 0.02
 # How often the lanes of companies that cannot be served are looked at.
 SWEEP_SECONDS = 5.0
-# Messages a company gives in its turn before the next company's turn (measured: 1 is as fast
-# as larger quanta and the fairest; docs/performance.md).
+# Messages a company gives in its turn before the next company's turn: 1 is the fairest, and the
+# script's work per message is the same whatever the quantum (one rotation of the ring each).
 QUANTUM = 1
 # Messages moved onto the schedule per script call when a company's lanes are swept.
 SWEEP_BATCH = 1000
