@@ -20,6 +20,14 @@ not blur them; "from start" counts from the moment the workers were started. Sce
   steady      the same pace at 20 ms
   gateway     HTTP ingestion through `notify api` with a load generator in another process
   backlog     100k messages waiting for retry: worker RSS and Redis memory per message
+  fairness    company A queues --fair-a messages (100,000), then company B sends --fair-b-rate
+              a second (20) for --fair-b-seconds (60) at the slow-api latency: B's enqueue ->
+              delivered p99 against B alone on an idle system, A's rate during B's minute
+              against A alone, and the whole drain with NOTIFY_DISPATCH=fair and =fifo, one run
+  fair-drain  one company's backlog drained with NOTIFY_DISPATCH=fair and =fifo, at 20 ms
+              (--messages) and at the slow-api latency (--slow-messages); part of fairness
+  companies   --companies companies x 10 messages (1,000) against one company's as many:
+              delivered rate at the slow-api latency, fair dispatch
   history     Redis bytes per delivered message held (--held N, extrapolated to 1 M), the drain
               with the PostgreSQL history off and on (--history-drain N), history rows written
               per second (--history-url, a database notify_bench is made there)
@@ -58,6 +66,7 @@ from sandbox.redisserver import (  # noqa: E402
 
 TOKEN = "bench-token"
 TEMPLATE = "bench"
+TEMPLATE_B = "bench-b"  # company B's messages in the fairness scenario, told apart by the sandbox
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -362,6 +371,17 @@ def main() -> int:
         default="postgresql://postgres@127.0.0.1:5432/postgres",
         help="history: a PostgreSQL where the database notify_bench may be made",
     )
+    parser.add_argument("--fair-a", type=int, default=100_000, help="fairness: A's backlog")
+    parser.add_argument("--fair-b-rate", type=int, default=20, help="fairness: B's messages/s")
+    parser.add_argument("--fair-b-seconds", type=int, default=60, help="fairness: B's seconds")
+    parser.add_argument("--companies", type=int, default=1000, help="companies: how many")
+    parser.add_argument(
+        "--redis-db",
+        type=int,
+        default=None,
+        help="database number on a Redis at 127.0.0.1:6379 (flushed); default: one claimed as "
+        "the tests claim theirs",
+    )
     parser.add_argument("--api-workers", type=int, default=2, help="`notify api --workers`")
     parser.add_argument("--connections", type=int, default=32, help="gateway load connections")
     parser.add_argument(
@@ -370,6 +390,7 @@ def main() -> int:
     parser.add_argument(
         "--only",
         default="drain,before,baseline,slow-api,slow-steady,steady,gateway,backlog,history",
+        # fairness and companies run when named (fairness alone takes about 8 minutes)
         help="comma-separated scenarios to run",
     )
     args = parser.parse_args()
@@ -378,12 +399,17 @@ def main() -> int:
         only -= {"before"}
 
     embedded = None
-    claimed = claim_database() if redis_answers("redis://127.0.0.1:6379/0") else None
-    if claimed:
-        # A database of its own, claimed as the tests claim theirs: a test run's flush or movers
-        # on the same number would wipe or republish the benchmark's messages.
-        redis_url = claimed
-        atexit.register(release_database, claimed)
+    claimed = None
+    if redis_answers("redis://127.0.0.1:6379/0"):
+        # A database of its own, claimed as the tests claim theirs (or the one --redis-db names):
+        # a test run's flush or movers on the same number would wipe or republish the
+        # benchmark's messages.
+        claimed = claim_database() if args.redis_db is None else None
+        if args.redis_db is None and claimed is None:
+            sys.exit("error: every Redis database number is claimed; pass --redis-db N")
+        redis_url = claimed or f"redis://127.0.0.1:6379/{args.redis_db}"
+        if claimed:
+            atexit.register(release_database, claimed)
     else:
         embedded = EmbeddedRedis()
         redis_url = embedded.start()
@@ -399,7 +425,7 @@ def main() -> int:
         "NOTIFY_API_BASE_URL": sandbox.url,
         "NOTIFY_API_TOKEN": TOKEN,
         "NOTIFY_QUEUE_NAME": "bench",
-        "NOTIFY_ALLOWED_TEMPLATES": TEMPLATE,
+        "NOTIFY_ALLOWED_TEMPLATES": f"{TEMPLATE},{TEMPLATE_B}",
         "NOTIFY_ALLOWED_URL_DOMAINS": "app.example.com",
         "BASELINE_REDIS_URL": redis_url,
         "BASELINE_API_URL": sandbox.url,
@@ -503,6 +529,19 @@ def main() -> int:
 
         if "history" in only:
             rows += history_scenario(runtime, sandbox, ours, env, args)
+
+        if "fair-drain" in only:
+            rows += fair_drain_rows(sandbox, ours, env, args)
+
+        if "fairness" in only:
+            sandbox.latency(args.slow_latency_ms, args.slow_p99_ms)
+            rows += fairness_scenario(sandbox, ours, env, args)
+            sandbox.latency(args.latency_ms)
+
+        if "companies" in only:
+            sandbox.latency(args.slow_latency_ms, args.slow_p99_ms)
+            rows += companies_scenario(sandbox, ours, env, args)
+            sandbox.latency(args.latency_ms)
     finally:
         sandbox.stop()
         if embedded is not None:
@@ -804,6 +843,249 @@ def history_scenario(
     redis.flushdb()
     admin.execute("DROP DATABASE IF EXISTS notify_bench WITH (FORCE)")
     admin.close()
+    return rows
+
+
+COMPANY_A = "aaaaaaaa-0000-4000-8000-00000000000a"
+COMPANY_B = "bbbbbbbb-0000-4000-8000-00000000000b"
+
+
+def _connect_companies(redis_url: str, companies: list[str]) -> None:
+    """Registry entries in state ``connected`` (the dispatcher serves those only)."""
+    from cryptography.fernet import Fernet
+    from redis import Redis
+
+    from worker.store.codec import now_ms
+    from worker.store.companies import CompanyRegistry
+    from worker.store.sealing import Cipher
+
+    registry = CompanyRegistry(
+        Redis.from_url(redis_url, decode_responses=True), Cipher(Fernet.generate_key().decode())
+    )
+    for company in companies:
+        registry.connected(company, "bench-refresh", None, "http://127.0.0.1", now_ms())
+
+
+def _producer(dispatch: str) -> Any:
+    """A producer runtime whose new messages go to lanes (fair) or straight to the queue."""
+    from worker.runtime import Runtime
+    from worker.settings import load_settings
+
+    return Runtime.from_settings(load_settings(dispatch=dispatch))
+
+
+def queue_for(rt: Any, company: str, users: list[str], template: str) -> list[str]:
+    """Record and queue one message per user for ``company``, as ``enqueue_many`` does: one
+    round trip, then (fifo) the publisher. The ``company`` field is written into the request
+    here until ``enqueue_many(company=...)`` (issue 21 item 2) does it."""
+    from worker.queue.envelopes import Envelope
+    from worker.shapes.models import DEFAULT_COMPANY, Message
+
+    wires = []
+    for user in users:
+        message = Message.create(user, "s", template, URL)
+        wire = message.to_wire()
+        if company != DEFAULT_COMPANY:
+            wire["company"] = company
+        wires.append((message.id, wire))
+    results = rt.store.create_many(wires)
+    if not rt.store.laned:
+        rt.publish(
+            [Envelope(i, 1, w) for (i, w), (new, _) in zip(wires, results, strict=True) if new]
+        )
+    return [i for i, _ in wires]
+
+
+def _backlog(rt: Any, company: str, count: int, tag: str) -> None:
+    for start in range(0, count, 1000):
+        queue_for(
+            rt, company, [f"{tag}-{i}" for i in range(start, min(count, start + 1000))], TEMPLATE
+        )
+    rt.publisher.flush(600)
+
+
+def _pace_b(rt: Any, rate: int, seconds: int, tag: str) -> tuple[list[str], float, float]:
+    """Company B's messages one by one at ``rate`` a second; their ids, start and end."""
+    ids: list[str] = []
+    started = time.time()
+    for i in range(rate * seconds):
+        pause = started + i / rate - time.time()
+        if pause > 0:
+            time.sleep(pause)
+        ids += queue_for(rt, COMPANY_B, [f"{tag}-{i}"], TEMPLATE_B)
+    return ids, started, time.time()
+
+
+def _latencies(rt: Any, ids: list[str]) -> list[int]:
+    records = [rt.store.status(message_id) for message_id in ids]
+    return [int(r["updated"]) - int(r["created"]) for r in records if r]
+
+
+def _b_delivered_at(sandbox: Sandbox) -> list[float]:
+    answer = sandbox.http.get(
+        f"{sandbox.root}/_sandbox/requests", params={"templateId": TEMPLATE_B}
+    )
+    return [r["at"] for r in answer.json()["requests"] if r["status"] and r["status"] < 300]
+
+
+def _rate_between(sandbox: Sandbox, start: float, end: float, minus: list[float]) -> float:
+    """2xx per second the sandbox decided in whole seconds within [start, end], less ``minus``
+    (the other company's 2xx times)."""
+    first, last = int(start) + 1, int(end)  # whole seconds only
+    per_second = sandbox.stats()["perSecond"]
+    total = sum(int(per_second.get(str(second), 0)) for second in range(first, last))
+    others = sum(1 for at in minus if first <= at < last)
+    return (total - others) / max(1, last - first)
+
+
+def _fleet(ours: Any, dispatch: str) -> Fleet:
+    """Our workers with ``NOTIFY_DISPATCH=dispatch``."""
+    made: Fleet = ours()
+    made.env = {**made.env, "NOTIFY_DISPATCH": dispatch}
+    return made
+
+
+def fair_drain_rows(sandbox: Sandbox, ours: Any, env: dict[str, str], args: Any) -> list[Row]:
+    """The plain drain of one company's backlog with NOTIFY_DISPATCH=fair and =fifo, at the
+    20 ms and the slow-api latency."""
+    from redis import Redis
+
+    from worker.shapes.models import DEFAULT_COMPANY
+
+    redis = Redis.from_url(env["NOTIFY_REDIS_URL"])
+    rows: list[Row] = []
+    run = uuid.uuid4().hex[:6]
+
+    def fleet(dispatch: str) -> Fleet:
+        return _fleet(ours, dispatch)
+
+    for latency, p99, count in (
+        (args.latency_ms, None, args.messages),
+        (args.slow_latency_ms, args.slow_p99_ms, args.slow_messages),
+    ):
+        sandbox.latency(latency, p99)
+        pair = []
+        for dispatch in ("fair", "fifo"):
+            redis.flushdb()
+            rt = _producer(dispatch)
+            _backlog(rt, DEFAULT_COMPANY, count, f"d{dispatch}{run}")
+            pair.append(
+                drain_row(f"drain {latency:g} ms {dispatch}", sandbox, fleet(dispatch), count)
+            )
+            rt.close()
+        fair_rate, fifo_rate = (float(row.figures["delivered/s api"]) for row in pair)
+        pair[0].figures["vs fifo"] = f"{(fair_rate / fifo_rate - 1) * 100:+.1f} %"
+        rows += pair
+    sandbox.latency(args.latency_ms)
+    return rows
+
+
+def fairness_scenario(sandbox: Sandbox, ours: Any, env: dict[str, str], args: Any) -> list[Row]:
+    """Issue 21's fairness scenario: the plain drain fair and fifo at both latencies; B alone,
+    A alone, then A's backlog with B's trickle under fair dispatch and under FIFO, the same
+    workers and sandbox."""
+    from redis import Redis
+
+    redis = Redis.from_url(env["NOTIFY_REDIS_URL"])
+    rows: list[Row] = []
+    a_count, rate, seconds = args.fair_a, args.fair_b_rate, args.fair_b_seconds
+    b_count = rate * seconds
+    run = uuid.uuid4().hex[:6]
+
+    def fleet(dispatch: str) -> Fleet:
+        return _fleet(ours, dispatch)
+
+    rows += fair_drain_rows(sandbox, ours, env, args)
+    sandbox.latency(args.slow_latency_ms, args.slow_p99_ms)
+    # 1. B alone on an idle system.
+    redis.flushdb()
+    _connect_companies(env["NOTIFY_REDIS_URL"], [COMPANY_A, COMPANY_B])
+    rt = _producer("fair")
+    workers = fleet("fair")
+    workers.start()
+    time.sleep(5)
+    sandbox.reset()
+    ids, _, _ = _pace_b(rt, rate, seconds, f"bi{run}")
+    wait_delivered(sandbox, b_count, timeout=300)
+    workers.stop()
+    idle = _latencies(rt, ids)
+    rows.append(
+        Row(
+            "fair: B alone", {"B p50 ms": percentile(idle, 0.5), "B p99 ms": percentile(idle, 0.99)}
+        )
+    )
+    # 2. A alone.
+    _backlog(rt, COMPANY_A, a_count, f"ai{run}")
+    alone = drain_row("fair: A alone", sandbox, fleet("fair"), a_count)
+    rows.append(alone)
+    a_alone = float(alone.figures["delivered/s api"])
+    # 3. A's backlog, then B's trickle: fair, then FIFO.
+    for dispatch in ("fair", "fifo"):
+        redis.flushdb()
+        _connect_companies(env["NOTIFY_REDIS_URL"], [COMPANY_A, COMPANY_B])
+        rt = _producer(dispatch)
+        _backlog(rt, COMPANY_A, a_count, f"a{dispatch}{run}")
+        sandbox.reset()
+        workers = fleet(dispatch)
+        workers.start()
+        wait_delivered(sandbox, 1, timeout=60)
+        time.sleep(2)  # A is flowing
+        ids, b_start, b_end = _pace_b(rt, rate, seconds, f"b{dispatch}{run}")
+        drained = wait_delivered(sandbox, a_count + b_count, timeout=1800)
+        workers.stop()
+        latencies = _latencies(rt, ids)
+        a_rate = _rate_between(sandbox, b_start, b_end, _b_delivered_at(sandbox))
+        rows.append(
+            Row(
+                f"{dispatch}: A + B",
+                {
+                    "B p50 ms": percentile(latencies, 0.5),
+                    "B p99 ms": percentile(latencies, 0.99),
+                    "B p99 - idle ms": percentile(latencies, 0.99) - percentile(idle, 0.99),
+                    "A/s in B's minute": a_rate,
+                    "vs A alone": f"{a_rate / a_alone * 100:.0f} %",
+                    "total drain/s api": drained.rate(a_count + b_count),
+                    "CPU ms/msg": 1000 * workers.cpu_seconds / (a_count + b_count),
+                },
+            )
+        )
+        rt.close()
+    fair_rate = float(rows[-2].figures["total drain/s api"])
+    fifo_rate = float(rows[-1].figures["total drain/s api"])
+    rows[-2].figures["vs fifo"] = f"{(fair_rate / fifo_rate - 1) * 100:+.1f} %"
+    redis.flushdb()
+    return rows
+
+
+def companies_scenario(sandbox: Sandbox, ours: Any, env: dict[str, str], args: Any) -> list[Row]:
+    """Many companies x 10 messages against one company's as many, fair dispatch; drain rates.
+
+    Token requests per company need per-company tokens (issue 21 item 3) and a sandbox of many
+    companies (item 6); until then every post carries the default company's token."""
+    from redis import Redis
+
+    redis = Redis.from_url(env["NOTIFY_REDIS_URL"])
+    run = uuid.uuid4().hex[:6]
+    count = args.companies * 10
+    rows: list[Row] = []
+    for label, companies in (
+        ("one company", [str(uuid.uuid4())]),
+        (
+            f"{args.companies:,} companies",
+            [str(uuid.uuid4()) for _ in range(args.companies)],
+        ),
+    ):
+        redis.flushdb()
+        _connect_companies(env["NOTIFY_REDIS_URL"], companies)
+        rt = _producer("fair")
+        per = count // len(companies)
+        for n, company in enumerate(companies):
+            queue_for(rt, company, [f"c{run}-{n}-{i}" for i in range(per)], TEMPLATE)
+        rows.append(drain_row(f"{label} x {per:,}", sandbox, ours(), count))
+        rt.close()
+    one = float(rows[0].figures["delivered/s api"])
+    rows[1].figures["vs one"] = f"{float(rows[1].figures['delivered/s api']) / one * 100:.0f} %"
+    redis.flushdb()
     return rows
 
 

@@ -12,12 +12,14 @@ from typing import Any
 
 from celery import signals
 
+from worker.delivery.dispatcher import Dispatcher, DispatchPolicy, OpenBreakers
 from worker.delivery.mover import Liveness, Mover
 from worker.ops.logs import configure_from_settings
 from worker.ops.monitoring import init_sentry
 from worker.queue.config import SEND_TASK, app_for
 from worker.runtime import get_runtime
 from worker.settings import SettingsError, get_settings
+from worker.store.companies import CompanyRegistry
 from worker.store.history import HistoryWriter, settings_url
 
 __all__ = ["SEND_TASK", "app"]
@@ -25,6 +27,7 @@ __all__ = ["SEND_TASK", "app"]
 app = app_for(get_settings())
 
 _mover: Mover | None = None
+_dispatcher: Dispatcher | None = None
 _liveness: Liveness | None = None
 
 
@@ -84,6 +87,21 @@ def _start_mover(**_: object) -> None:
     liveness().start()
 
 
+@signals.worker_ready.connect
+def _start_dispatcher(**_: object) -> None:
+    # Every worker runs one, with NOTIFY_DISPATCH=fifo too: lanes left from a fair spell drain.
+    global _dispatcher
+    runtime = get_runtime()
+    _dispatcher = Dispatcher(
+        runtime.store,
+        runtime.publisher,
+        CompanyRegistry.from_settings(runtime.redis, runtime.settings),
+        DispatchPolicy.from_settings(runtime.settings),
+        paused_geolocations=OpenBreakers(runtime.breakers),
+    )
+    _dispatcher.start()
+
+
 _history: HistoryWriter | None = None
 
 
@@ -129,7 +147,10 @@ def _release(sender: Any = None, args: Any = None, **_: object) -> None:
 
 @signals.worker_shutdown.connect
 def _stop_mover(**_: object) -> None:
-    global _mover, _liveness
+    global _mover, _liveness, _dispatcher
+    if _dispatcher is not None:
+        _dispatcher.stop()
+        _dispatcher = None
     if _mover is not None:
         _mover.stop()
         _mover = None

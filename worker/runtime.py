@@ -97,6 +97,7 @@ class Runtime:
             replica_wait=ReplicaWait.from_settings(settings),
             history=settings.history_url is not None,
             history_url=settings_url(settings),
+            laned=settings.dispatch == "fair",
         )
         return cls(
             settings=settings,

@@ -134,6 +134,14 @@ class Settings(BaseSettings):
     retry_poll_interval_seconds: float = Field(1.0, gt=0, le=60)
     status_ttl_seconds: int = Field(24 * 3600, ge=60)
 
+    # Fair share (worker/delivery/dispatcher.py): "fair" keeps new messages in lanes per
+    # (company, partner) that each worker's dispatcher feeds round-robin into a shallow queue;
+    # "fifo" publishes them at intake, in arrival order (as before issue 21).
+    dispatch: Literal["fair", "fifo"] = "fair"
+    # Messages dispatched and not yet claimed, per live worker process; 0: chosen from the batch
+    # size and concurrency (``dispatch_depth_per_worker``).
+    dispatch_depth: int = Field(0, ge=0, le=100_000)
+
     # The durable history in PostgreSQL (worker/store/history.py); unset: none beyond the hot
     # window.
     history_url: SecretStr | None = None
@@ -547,6 +555,14 @@ class Settings(BaseSettings):
     def uses_oauth(self) -> bool:
         """True when Concur OAuth client credentials are configured."""
         return self.oauth_client_id is not None
+
+    @property
+    def dispatch_depth_per_worker(self) -> int:
+        """``NOTIFY_DISPATCH_DEPTH``, or when 0, enough to keep a worker process's threads busy:
+        half a batch per thread (docs/scaling.md, "Fair share")."""
+        if self.dispatch_depth:
+            return self.dispatch_depth
+        return max(self.batch_size, self.batch_size * self.worker_concurrency // 2)
 
     @property
     def has_oauth_company(self) -> bool:

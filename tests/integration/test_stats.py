@@ -145,7 +145,10 @@ def test_queued_is_the_broker_queue_length_in_tasks() -> None:
     # A queue no worker consumes: what is published stays in the broker's list. Messages
     # published together travel together, up to NOTIFY_BATCH_SIZE to a task.
     idle = Runtime.from_settings(
-        load_settings(queue_name=f"notify-test-idle-{uuid.uuid4().hex}", batch_size=2)
+        # Published at intake (fifo), so the queue holds them with no dispatcher running.
+        load_settings(
+            queue_name=f"notify-test-idle-{uuid.uuid4().hex}", batch_size=2, dispatch="fifo"
+        )
     )
     try:
         assert collect(idle).queued == 0

@@ -9,6 +9,8 @@ Where each number comes from, and what it costs:
 * ``queued``: the Celery queue's length in the broker (``LLEN`` of the queue's list and of its
   priority sub-lists). Messages a worker has already prefetched are not in it; they are
   ``reserved`` (kombu's ``unacked`` hash, ``HLEN``: every queue on this Redis database).
+* ``waiting_in_lanes``: new messages in the lanes (``NOTIFY_DISPATCH=fair``), not yet handed
+  to the queue by a dispatcher; a gauge in ``keys.LIVE`` (``laned``) like the next ones.
 * ``inflight``, ``retry_waiting`` and ``dead_letters`` by reason: gauges in ``keys.LIVE`` that
   the Lua scripts of ``worker/store/lua/`` change in the same atomic step as the message's
   state, so reading them is O(1) and exact, rather than a scan of the schedule or the dead-letter
@@ -114,6 +116,8 @@ class Stats:
     breakers: Mapping[str, str] = field(default_factory=dict)
     # partner -> its cumulative counters (the fields of ``totals``, and ``dead:<reason>``)
     partners: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    # Messages waiting in the lanes for the dispatcher (NOTIFY_DISPATCH=fair), all companies.
+    waiting_in_lanes: int = 0
     partner: str | None = None  # set: ``totals`` and ``dead_lettered_total`` are this partner's
     # state -> how many registry companies are in it (every state, zeros included)
     companies: Mapping[str, int] = field(default_factory=dict)
@@ -202,6 +206,7 @@ def build(
         reserved=_int(reserved),
         inflight=max(0, _int(live.get("inflight"))),
         retry_waiting=max(0, _int(live.get("retrying"))),
+        waiting_in_lanes=max(0, _int(live.get("laned"))),
         dead_letters_total=_int(dead_index_size),
         dead_letters=dead_now,
         delivered_per_minute=tuple(
@@ -328,6 +333,11 @@ class _Collector:
             "notify_retry_waiting",
             "Messages waiting on the schedule for their next attempt.",
             stats.retry_waiting,
+        )
+        yield _gauge(
+            "notify_lane_waiting",
+            "New messages waiting in the companies' lanes for the dispatcher.",
+            stats.waiting_in_lanes,
         )
         dead = GaugeMetricFamily(
             "notify_dead_letters", "Dead letters held now, by reason.", labels=["reason"]

@@ -294,6 +294,7 @@ def stats_view(snapshot: Stats, minutes: int) -> RenderableType:
     fields = _fields()
     dead = printable(", ".join(f"{r} {n}" for r, n in sorted(snapshot.dead_letters.items()) if n))
     rows = [
+        ("waiting in lanes", str(snapshot.waiting_in_lanes)),
         (f"queued (queue {snapshot.queue})", str(snapshot.queued)),
         ("reserved by workers", str(snapshot.reserved)),
         ("in flight", str(snapshot.inflight)),

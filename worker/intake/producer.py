@@ -89,8 +89,8 @@ def record_admitted(
 
 
 def record(messages: Sequence[Message], *, runtime: Runtime | None = None) -> list[Recorded]:
-    """Record validated, admitted messages in one round trip and hand the new ones to the
-    publisher.
+    """Record validated, admitted messages in one round trip; the new ones wait in their lanes
+    for the dispatcher (``NOTIFY_DISPATCH=fair``) or go to the publisher (``fifo``).
 
     Returns ``(created, state)`` per message; a duplicate is not published again. The HTTP
     gateway calls this for each group of requests (through ``record_admitted``), ``submit`` for
@@ -98,6 +98,8 @@ def record(messages: Sequence[Message], *, runtime: Runtime | None = None) -> li
     """
     rt = runtime or get_runtime()
     results = rt.store.create_many([(message.id, message.to_wire()) for message in messages])
+    if rt.store.laned:
+        return results
     rt.publish(
         [
             Envelope(message.id, 1, message.to_wire())
@@ -120,11 +122,12 @@ def enqueue(
 ) -> str:
     """Queue one message to a Concur user and return its id; raise ``InvalidRequest`` if bad.
 
-    It returns once the message is recorded in Redis; a background thread publishes it to the
-    queue moments later (see ``worker.queue.publisher``). ``partner`` names who sends it
-    (``default`` when None): the same request from two partners is two messages with two ids.
-    ``company`` names the Concur company of the user (a company UUID of the registry; None: the
-    default company); an unknown or disconnected company raises ``InvalidRequest``.
+    It returns once the message is recorded in Redis; a worker's dispatcher (or, with
+    ``NOTIFY_DISPATCH=fifo``, a background thread here) puts it on the queue moments later.
+    ``partner`` names who sends it (``default`` when None): the same request from two partners
+    is two messages with two ids. ``company`` names the Concur company of the user (a company
+    UUID of the registry; None: the default company); an unknown or disconnected company raises
+    ``InvalidRequest``.
     """
     body = request_body(session_id, template_id, url)
     return submit(user_id, body, runtime=runtime, partner=partner, company=company).id
@@ -142,8 +145,9 @@ def enqueue_many(
     One Redis round trip records them all and they travel in tasks of ``NOTIFY_BATCH_SIZE``
     messages, so a producer with a batch pays per batch much of what ``enqueue`` pays per
     message, and so do the workers. Like ``enqueue``, it returns once they are recorded; the
-    publisher puts them on the queue moments later. ``company`` (all of them are for it) is
-    checked once for the batch: one more round trip, none for the default company.
+    dispatcher (or, with ``NOTIFY_DISPATCH=fifo``, the publisher) queues them moments later.
+    ``company`` (all of them are for it) is checked once for the batch: one more round trip,
+    none for the default company.
     """
     rt = runtime or get_runtime()
     messages = []

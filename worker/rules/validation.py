@@ -167,6 +167,7 @@ def validate_wire(wire: Any, allowlist: AllowList) -> Message:
     than ``default``)."""
     if not isinstance(wire, dict):
         raise InvalidRequest([Problem("body", "INVALID_FIELD", "the request must be an object")])
+    # "company" names whose company the message is for (issue 21), never part of the v4 body.
     body = {
         key: value for key, value in wire.items() if key not in ("userId", "partner", "company")
     }

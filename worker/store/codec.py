@@ -227,7 +227,8 @@ def expand_record(record: Mapping[str, Any], earlier: list[Any] | None = None) -
     out: dict[str, Any] = {
         name: value
         for name, value in record.items()
-        if name not in ("u", "s", "t", "url", "du") and not _ATTEMPT_FIELD.fullmatch(name)
+        # "dq": the dispatcher's mark until a worker claims it (worker/delivery/dispatcher.py).
+        if name not in ("u", "s", "t", "url", "du", "dq") and not _ATTEMPT_FIELD.fullmatch(name)
     }
     request = request_of(record)
     out["req"] = record["req"] if "req" in record else dumps(request)

@@ -52,6 +52,17 @@
                                window, over every client address (expires with the window)
 ``notify:auth:failures:{addr}`` counter: the same for one client address
 
+``notify:lane:{c}:{p}``       list: ids of company ``c``'s messages from partner ``p`` waiting for
+                               the dispatcher (``NOTIFY_DISPATCH=fair``), oldest first
+``notify:lanes:{c}``           list: the partners of company ``c`` whose lane is not empty (a ring
+                               the dispatcher rotates)
+``notify:lanes``               list: the companies with a lane that is not empty (a ring)
+``notify:lanes:turn``          string: how many messages the company at the ring's head has had
+                               in its current turn (the round-robin's deficit, carried between
+                               calls)
+``notify:dispatched``          counter: messages dispatched (their record flagged ``dq``) and not
+                               yet claimed; the dispatcher keeps it under the depth
+
 ``notify:workers``             sorted set: worker (``host:pid``) -> its last heartbeat (ms)
 ``notify:held:{worker}``       set: ids of the messages in tasks a worker has received (prefetched
                                or running) and not finished; taken over when the worker dies
@@ -84,6 +95,11 @@ HISTORY_GROUP = "writers"
 HISTORY_LOCK = f"{PREFIX}:history:lock"
 COMPANIES = f"{PREFIX}:companies"
 AUTH_FAILURES = f"{PREFIX}:auth:failures"
+LANES = f"{PREFIX}:lanes"
+LANES_TURN = f"{PREFIX}:lanes:turn"
+DISPATCHED = f"{PREFIX}:dispatched"
+# A lane's key is this, the company, ':' and the partner (the dispatch script builds it so).
+LANE_PREFIX = f"{PREFIX}:lane:"
 
 
 def message(message_id: str) -> str:
@@ -164,3 +180,13 @@ def console_session(session_id: str) -> str:
 def auth_failures(address: str) -> str:
     """Failed key checks from one client address in the current window."""
     return f"{AUTH_FAILURES}:{address}"
+
+
+def lane(company_id: str, partner: str) -> str:
+    """The lane (a list of message ids, oldest first) of one company's messages from a partner."""
+    return f"{LANE_PREFIX}{company_id}:{partner}"
+
+
+def company_lanes(company_id: str) -> str:
+    """The ring of partners whose lane of ``company_id`` is not empty."""
+    return f"{PREFIX}:lanes:{company_id}"

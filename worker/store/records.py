@@ -35,7 +35,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -44,7 +44,7 @@ from redis import Redis
 
 from worker.queue.envelopes import Envelope
 from worker.settings import Settings
-from worker.shapes.models import partner_of
+from worker.shapes.models import DEFAULT_COMPANY, company_of, partner_of
 from worker.store import keys
 from worker.store.codec import (
     AttemptRecord,
@@ -78,6 +78,8 @@ SCRIPTS: dict[str, tuple[str, ...]] = {
     "defer": ("request", "gauges"),
     "forget": ("request", "gauges"),
     "due": ("request",),
+    "dispatch": ("request",),
+    "unlane": ("request",),
 }
 
 
@@ -149,8 +151,12 @@ class MessageStore:
         replica_wait: ReplicaWait | None = None,
         history: bool = False,
         history_url: str | None = None,
+        laned: bool = False,
     ) -> None:
         self.redis = redis
+        # New messages wait in their company's lanes for the dispatcher (NOTIFY_DISPATCH=fair)
+        # instead of being published at intake (fifo).
+        self.laned = laned
         # Every attempt and outcome also goes to the history outbox (``NOTIFY_HISTORY_URL``).
         self.history = history
         # Where ``lookup`` finds a message Redis no longer holds (None: nowhere).
@@ -174,6 +180,8 @@ class MessageStore:
         self._due = scripts["due"]
         self._defer = scripts["defer"]
         self._forget = scripts["forget"]
+        self._dispatch = scripts["dispatch"]
+        self._unlane = scripts["unlane"]
         self._local = threading.local()
 
     def _run(self, script: Any, *, keys: list[str], args: list[Any]) -> Any:
@@ -205,19 +213,37 @@ class MessageStore:
     def create(self, message_id: str, request: Mapping[str, Any]) -> tuple[bool, str]:
         """Record a new message as queued; ``(False, state)`` when it exists already."""
         created, state, _gen = self._run(
-            self._create,
-            keys=[keys.message(message_id), keys.SCHEDULE, keys.PARTNERS],
-            args=[
-                message_id,
-                now_ms(),
-                self.publish_grace_ms,
-                partner_of(request),
-                *request_fields(request),
-            ],
+            self._create, **self._create_call(message_id, request, now_ms())
         )
         if self._replicas_to_wait():
             self._replicated(self._conn().wait(*self._wait_args()))
         return bool(int(created)), str(state)
+
+    def _create_call(
+        self, message_id: str, request: Mapping[str, Any], now: int
+    ) -> dict[str, list[Any]]:
+        # The KEYS and ARGV of create.lua for one message: its lane's keys when laned.
+        partner = partner_of(request)
+        company = company_of(request)
+        return {
+            "keys": [
+                keys.message(message_id),
+                keys.SCHEDULE,
+                keys.PARTNERS,
+                keys.lane(company, partner),
+                keys.company_lanes(company),
+                keys.LANES,
+                keys.LIVE,
+            ],
+            "args": [
+                message_id,
+                now,
+                self.publish_grace_ms,
+                partner,
+                company if self.laned else "",
+                *request_fields(request),
+            ],
+        }
 
     def _replicas_to_wait(self) -> int:
         # WAIT for replicas that are connected (asked at most once a second): with none (the
@@ -260,17 +286,7 @@ class MessageStore:
         now = now_ms()
         pipe = self.redis.pipeline(transaction=False)
         for message_id, request in items:
-            self._create(
-                keys=[keys.message(message_id), keys.SCHEDULE, keys.PARTNERS],
-                args=[
-                    message_id,
-                    now,
-                    self.publish_grace_ms,
-                    partner_of(request),
-                    *request_fields(request),
-                ],
-                client=pipe,
-            )
+            self._create(**self._create_call(message_id, request, now), client=pipe)
         waiting = self._replicas_to_wait()
         if waiting:  # same connection, so it waits for these writes
             pipe.wait(*self._wait_args())
@@ -296,7 +312,7 @@ class MessageStore:
         now = now_ms()
         calls: list[tuple[list[str], list[Any]]] = [
             (
-                [keys.message(envelope.id), keys.SCHEDULE, keys.LIVE],
+                [keys.message(envelope.id), keys.SCHEDULE, keys.LIVE, keys.DISPATCHED],
                 [
                     envelope.id,
                     envelope.gen,
@@ -458,6 +474,77 @@ class MessageStore:
             Envelope(str(flat[i]), int(flat[i + 1]), loads_object(flat[i + 2]))
             for i in range(0, len(flat), 3)
         ]
+
+    def dispatch(
+        self,
+        *,
+        limit: int,
+        depth_per_worker: int,
+        live_since_ms: int,
+        quantum: int,
+        default_geolocation: str,
+        paused_geolocations: Sequence[str] = (),
+        max_skips: int = 1000,
+        task_size: int = 1,
+    ) -> list[Envelope]:
+        """Take up to ``limit`` messages from the lanes, round-robin over companies then
+        partners, while fewer than ``depth_per_worker`` times the live workers (heartbeat since
+        ``live_since_ms``) are dispatched and not yet claimed.
+
+        Each is put on the schedule a grace period ahead and flagged dispatched, in the same
+        atomic step, so a crash before it is published loses nothing: the mover publishes it
+        after the grace. Companies not ``connected``, or whose geolocation is in
+        ``paused_geolocations``, are passed over (their lanes wait). The room below the depth
+        is taken in whole multiples of ``task_size`` (``NOTIFY_BATCH_SIZE``), so the tasks made
+        from it are full.
+        """
+        flat = self._run(
+            self._dispatch,
+            keys=[
+                keys.LANES,
+                keys.DISPATCHED,
+                keys.SCHEDULE,
+                keys.LIVE,
+                keys.WORKERS,
+                keys.LANES_TURN,
+            ],
+            args=[
+                now_ms(),
+                limit,
+                self.publish_grace_ms,
+                keys.message(""),
+                keys.LANE_PREFIX,
+                keys.company_lanes(""),
+                keys.company(""),
+                depth_per_worker,
+                live_since_ms,
+                quantum,
+                max_skips,
+                DEFAULT_COMPANY,
+                default_geolocation,
+                task_size,
+                *paused_geolocations,
+            ],
+        )
+        return [
+            Envelope(str(flat[i]), int(flat[i + 1]), loads_object(flat[i + 2]))
+            for i in range(0, len(flat), 3)
+        ]
+
+    def laned_companies(self) -> list[str]:
+        """The companies with messages waiting in a lane (the dispatcher's ring, in its order)."""
+        return [str(name) for name in self.redis.lrange(keys.LANES, 0, -1)]
+
+    def unlane(self, company_id: str, limit: int = 1000) -> int:
+        """Move up to ``limit`` of a company's laned messages onto the schedule, due now; how
+        many moved (0: its lanes are empty)."""
+        return int(
+            self._run(
+                self._unlane,
+                keys=[keys.LANES, keys.company_lanes(company_id), keys.SCHEDULE, keys.LIVE],
+                args=[company_id, now_ms(), limit, keys.LANE_PREFIX],
+            )
+        )
 
     @property
     def _history_flag(self) -> str:

@@ -1,4 +1,4 @@
--- KEYS: record, schedule, live
+-- KEYS: record, schedule, live, dispatched counter
 -- ARGV: id, gen, now ms, lease ms, owner, worker, task id, partner, request field pairs...
 local now = tonumber(ARGV[3])
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -10,6 +10,11 @@ if not state then
   if ARGV[8] ~= 'default' then redis.call('HSET', KEYS[1], 'partner', ARGV[8]) end
   waiting(KEYS[1], 1)
   state = 'queued'
+end
+-- A dispatched message's task has left the queue: it no longer counts against the dispatch
+-- depth, whatever this claim decides (exactly once: the flag goes with the count).
+if redis.call('HDEL', KEYS[1], 'dq') == 1 and redis.call('DECR', KEYS[4]) < 0 then
+  redis.call('SET', KEYS[4], 0)
 end
 if state == 'delivered' or state == 'failed' then return {'done', state} end
 if redis.call('HGET', KEYS[1], 'gen') ~= ARGV[2] then return {'stale', state} end
