@@ -98,6 +98,7 @@ class Runtime:
             history=settings.history_url is not None,
             history_url=settings_url(settings),
             laned=settings.dispatch == "fair",
+            dispatch_grace_seconds=settings.dispatch_grace_seconds,
         )
         return cls(
             settings=settings,

@@ -141,6 +141,11 @@ class Settings(BaseSettings):
     # Messages dispatched and not yet claimed, per live worker process; 0: chosen from the batch
     # size and concurrency (``dispatch_depth_per_worker``).
     dispatch_depth: int = Field(0, ge=0, le=100_000)
+    # A dispatched message not claimed within this time is published again by the mover (the
+    # copy that arrives second is fenced off). The fair queue is shallow, so a minute outlasts a
+    # normal wait in it; it bounds what a dispatcher that could not publish (a partition, a
+    # crash) delays. With a low NOTIFY_RATE_LIMIT_PER_SECOND, keep it above depth / rate.
+    dispatch_grace_seconds: float = Field(60.0, ge=1, le=86_400)
 
     # The durable history in PostgreSQL (worker/store/history.py); unset: none beyond the hot
     # window.

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import uuid
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -167,11 +171,24 @@ def _comparable(data: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k not in ("at_ms", "delivered_per_minute")}
 
 
-def test_notify_stats_json_matches_collect(runtime: Any) -> None:
-    result = CliRunner().invoke(main, ["stats", "--json", "--minutes", "5"])
-    assert result.exit_code == 0, result.output
-    printed = json.loads(result.output)
-    assert _comparable(printed) == _comparable(collect(runtime, minutes=5).to_dict())
+def test_notify_stats_json_matches_collect(isolated: Isolated) -> None:
+    # A database of its own, with a few records, so nothing else moves the counts between the
+    # command's reading and ours.
+    tasks.enqueue_many(
+        [(f"stats-j-{uuid.uuid4().hex[:6]}", f"s-{n}", "welcome", None) for n in range(3)],
+        runtime=isolated.runtime,
+    )
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("notify")), "stats", "--json", "--minutes", "5"],
+        env={**os.environ, **isolated.env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout)
+    assert _comparable(printed) == _comparable(collect(isolated.runtime, minutes=5).to_dict())
+    assert printed["waiting_in_lanes"] == 3  # no worker on this database dispatches them
     assert len(printed["delivered_per_minute"]) == 5
     table = CliRunner().invoke(main, ["stats"])
     assert table.exit_code == 0 and "waiting for retry" in table.output

@@ -152,6 +152,7 @@ class MessageStore:
         history: bool = False,
         history_url: str | None = None,
         laned: bool = False,
+        dispatch_grace_seconds: float | None = None,
     ) -> None:
         self.redis = redis
         # New messages wait in their company's lanes for the dispatcher (NOTIFY_DISPATCH=fair)
@@ -167,6 +168,9 @@ class MessageStore:
         self._replicas_checked = -1e9
         self._wait_warned: float | None = None
         self.publish_grace_ms = int(publish_grace_seconds * 1000)
+        # A dispatched message waits this long for its claim before the mover republishes it
+        # (None: the publish grace).
+        self.dispatch_grace_ms = int((dispatch_grace_seconds or publish_grace_seconds) * 1000)
         self.lease_ms = int(lease_seconds * 1000)
         self.status_ttl_seconds = status_ttl_seconds
         # redis-py ``Script`` objects: run by their SHA, loaded again when Redis forgot them.
@@ -491,12 +495,12 @@ class MessageStore:
         partners, while fewer than ``depth_per_worker`` times the live workers (heartbeat since
         ``live_since_ms``) are dispatched and not yet claimed.
 
-        Each is put on the schedule a grace period ahead and flagged dispatched, in the same
-        atomic step, so a crash before it is published loses nothing: the mover publishes it
-        after the grace. Companies not ``connected``, or whose geolocation is in
-        ``paused_geolocations``, are passed over (their lanes wait). The room below the depth
-        is taken in whole multiples of ``task_size`` (``NOTIFY_BATCH_SIZE``), so the tasks made
-        from it are full.
+        Each is put on the schedule ``dispatch_grace_ms`` ahead and flagged dispatched, in the same
+        atomic step, so a crash or a partition before it is published loses nothing and delays it
+        little: the mover publishes it after that grace. Companies not ``connected``, or whose
+        geolocation is in ``paused_geolocations``, are passed over (their lanes wait). The room
+        below the depth is taken in whole multiples of ``task_size`` (``NOTIFY_BATCH_SIZE``), so the
+        tasks made from it are full.
         """
         flat = self._run(
             self._dispatch,
@@ -511,7 +515,7 @@ class MessageStore:
             args=[
                 now_ms(),
                 limit,
-                self.publish_grace_ms,
+                self.dispatch_grace_ms,
                 keys.message(""),
                 keys.LANE_PREFIX,
                 keys.company_lanes(""),
