@@ -27,7 +27,8 @@ not blur them; "from start" counts from the moment the workers were started. Sce
   fair-drain  one company's backlog drained with NOTIFY_DISPATCH=fair and =fifo, at 20 ms
               (--messages) and at the slow-api latency (--slow-messages); part of fairness
   companies   --companies companies x 10 messages (1,000) against one company's as many:
-              delivered rate at the slow-api latency, fair dispatch
+              delivered rate at the slow-api latency, fair dispatch, and the token requests per
+              company the sandbox counted (at most one per worker process)
   history     Redis bytes per delivered message held (--held N, extrapolated to 1 M), the drain
               with the PostgreSQL history off and on (--history-drain N), history rows written
               per second (--history-url, a database notify_bench is made there)
@@ -46,6 +47,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -231,7 +233,7 @@ def wait_delivered(sandbox: Sandbox, count: int, timeout: float) -> Drained:
     raise SystemExit(f"timed out: the sandbox counted {sandbox.stats()['delivered']} of {count}")
 
 
-def percentile(values: list[float], share: float) -> float:
+def percentile(values: Sequence[float], share: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
 
@@ -569,10 +571,9 @@ def main() -> int:
         ("slow-api (ours)", "slow-api (bare Dramatiq)"),
         ("slow-api (ours)", f"slow-api ({args.before})"),
     ):
-        if rates.get(ours_name) and rates.get(theirs_name):
-            print(
-                f"  ratio {ours_name} / {theirs_name}: {rates[ours_name] / rates[theirs_name]:.2f}x"
-            )
+        mine, other = rates.get(ours_name), rates.get(theirs_name)
+        if mine and other:
+            print(f"  ratio {ours_name} / {theirs_name}: {mine / other:.2f}x")
     return 0
 
 
@@ -850,20 +851,83 @@ COMPANY_A = "aaaaaaaa-0000-4000-8000-00000000000a"
 COMPANY_B = "bbbbbbbb-0000-4000-8000-00000000000b"
 
 
-def _connect_companies(redis_url: str, companies: list[str]) -> None:
-    """Registry entries in state ``connected`` (the dispatcher serves those only)."""
-    from cryptography.fernet import Fernet
-    from redis import Redis
+# The partner app the workers present to the sandbox's token endpoint: any client id, and the
+# client secret sandbox/oauth.py accepts (its default).
+CLIENT_ID = "bench-app"
+CLIENT_SECRET = "sandbox-client-secret"
 
-    from worker.store.codec import now_ms
-    from worker.store.companies import CompanyRegistry
-    from worker.store.sealing import Cipher
 
-    registry = CompanyRegistry(
-        Redis.from_url(redis_url, decode_responses=True), Cipher(Fernet.generate_key().decode())
-    )
-    for company in companies:
-        registry.connected(company, "bench-refresh", None, "http://127.0.0.1", now_ms())
+class Companies:
+    """Registry companies connected through the bench's sandbox, as `notify companies connect
+    --refresh-token` leaves them: the workers fetch each one's own tokens from the sandbox's
+    token endpoint and post at its geolocation (the sandbox's primary one).
+
+    The registry seals the refresh tokens with a key of this run; ``env`` gives the workers that
+    key and the partner app's credentials."""
+
+    def __init__(self, sandbox: Sandbox, redis_url: str) -> None:
+        from cryptography.fernet import Fernet
+        from redis import Redis
+
+        from worker.limits.breaker import geolocation_name
+        from worker.store.companies import CompanyRegistry
+        from worker.store.sealing import Cipher
+
+        self.sandbox = sandbox
+        key = Fernet.generate_key().decode()
+        self.registry = CompanyRegistry(
+            Redis.from_url(redis_url, decode_responses=True), Cipher(key)
+        )
+        primary = next(
+            g
+            for g in sandbox.http.get(f"{sandbox.root}/_sandbox/geolocations").json()[
+                "geolocations"
+            ]
+            if g["primary"]
+        )
+        self.geolocation_name, self.geolocation = str(primary["name"]), str(primary["rootUrl"])
+        self.env = {
+            "NOTIFY_OAUTH_CLIENT_ID": CLIENT_ID,
+            "NOTIFY_OAUTH_CLIENT_SECRET": CLIENT_SECRET,
+            "NOTIFY_TOKEN_ENCRYPTION_KEY": key,
+            # A loopback geolocation is not Concur's: today's trust rules follow it only when
+            # listed.
+            "NOTIFY_OAUTH_EXTRA_GEOLOCATION_HOSTS": geolocation_name(self.geolocation),
+        }
+
+    def connect(self, companies: list[str]) -> None:
+        """Make ``companies`` anew in the sandbox (the others forgotten, so its token counts are
+        this set's) in one control call, each holding a refresh token of our app, and store them
+        in the registry as connected with it (the dispatcher serves connected companies only)."""
+        from worker.store.codec import now_ms
+
+        control = f"{self.sandbox.root}/_sandbox/companies"
+        self.sandbox.http.delete(control).raise_for_status()
+        self.sandbox.http.post(
+            control,
+            json={
+                "companies": [
+                    {
+                        "id": company,
+                        "geolocation": self.geolocation_name,
+                        "requestToken": f"rq-{company}",
+                        "refreshToken": f"rt-{company}",
+                        "clientId": CLIENT_ID,
+                    }
+                    for company in companies
+                ]
+            },
+        ).raise_for_status()
+        now = now_ms()
+        for company in companies:
+            self.registry.connected(company, f"rt-{company}", None, self.geolocation, now)
+
+    def token_requests(self) -> tuple[dict[int, int], int]:
+        """How many companies made how many token requests, and how many 2xx the sandbox
+        answered to posts carrying one of these companies' own access tokens (its counts)."""
+        answer = self.sandbox.http.get(f"{self.sandbox.root}/_sandbox/companies").json()
+        histogram = {int(n): int(c) for n, c in answer["tokenRequestsPerCompany"].items()}
+        return histogram, sum(int(company["delivered"]) for company in answer["companies"])
 
 
 def _producer(dispatch: str) -> Any:
@@ -875,25 +939,18 @@ def _producer(dispatch: str) -> Any:
 
 
 def queue_for(rt: Any, company: str, users: list[str], template: str) -> list[str]:
-    """Record and queue one message per user for ``company``, as ``enqueue_many`` does: one
-    round trip, then (fifo) the publisher. The ``company`` field is written into the request
-    here until ``enqueue_many(company=...)`` (issue 21 item 2) does it."""
-    from worker.queue.envelopes import Envelope
-    from worker.shapes.models import DEFAULT_COMPANY, Message
+    """Queue one message per user for ``company`` through ``tasks.enqueue_many``: the company's
+    admission read, then one round trip recording them all (then, fifo, the publisher)."""
+    import tasks
+    from worker.shapes.models import DEFAULT_COMPANY
 
-    wires = []
-    for user in users:
-        message = Message.create(user, "s", template, URL)
-        wire = message.to_wire()
-        if company != DEFAULT_COMPANY:
-            wire["company"] = company
-        wires.append((message.id, wire))
-    results = rt.store.create_many(wires)
-    if not rt.store.laned:
-        rt.publish(
-            [Envelope(i, 1, w) for (i, w), (new, _) in zip(wires, results, strict=True) if new]
+    return list(
+        tasks.enqueue_many(
+            [(user, "s", template, URL) for user in users],
+            runtime=rt,
+            company=None if company == DEFAULT_COMPANY else company,
         )
-    return [i for i, _ in wires]
+    )
 
 
 def _backlog(rt: Any, company: str, count: int, tag: str) -> None:
@@ -938,10 +995,11 @@ def _rate_between(sandbox: Sandbox, start: float, end: float, minus: list[float]
     return (total - others) / max(1, last - first)
 
 
-def _fleet(ours: Any, dispatch: str) -> Fleet:
-    """Our workers with ``NOTIFY_DISPATCH=dispatch``."""
+def _fleet(ours: Any, dispatch: str, companies: Companies | None = None) -> Fleet:
+    """Our workers with ``NOTIFY_DISPATCH=dispatch`` (and the settings that let them fetch the
+    registry ``companies``' tokens)."""
     made: Fleet = ours()
-    made.env = {**made.env, "NOTIFY_DISPATCH": dispatch}
+    made.env = {**made.env, **(companies.env if companies else {}), "NOTIFY_DISPATCH": dispatch}
     return made
 
 
@@ -991,15 +1049,16 @@ def fairness_scenario(sandbox: Sandbox, ours: Any, env: dict[str, str], args: An
     a_count, rate, seconds = args.fair_a, args.fair_b_rate, args.fair_b_seconds
     b_count = rate * seconds
     run = uuid.uuid4().hex[:6]
+    companies = Companies(sandbox, env["NOTIFY_REDIS_URL"])
 
     def fleet(dispatch: str) -> Fleet:
-        return _fleet(ours, dispatch)
+        return _fleet(ours, dispatch, companies)
 
     rows += fair_drain_rows(sandbox, ours, env, args)
     sandbox.latency(args.slow_latency_ms, args.slow_p99_ms)
     # 1. B alone on an idle system.
     redis.flushdb()
-    _connect_companies(env["NOTIFY_REDIS_URL"], [COMPANY_A, COMPANY_B])
+    companies.connect([COMPANY_A, COMPANY_B])
     rt = _producer("fair")
     workers = fleet("fair")
     workers.start()
@@ -1022,7 +1081,7 @@ def fairness_scenario(sandbox: Sandbox, ours: Any, env: dict[str, str], args: An
     # 3. A's backlog, then B's trickle: fair, then FIFO.
     for dispatch in ("fair", "fifo"):
         redis.flushdb()
-        _connect_companies(env["NOTIFY_REDIS_URL"], [COMPANY_A, COMPANY_B])
+        companies.connect([COMPANY_A, COMPANY_B])
         rt = _producer(dispatch)
         _backlog(rt, COMPANY_A, a_count, f"a{dispatch}{run}")
         sandbox.reset()
@@ -1058,13 +1117,13 @@ def fairness_scenario(sandbox: Sandbox, ours: Any, env: dict[str, str], args: An
 
 
 def companies_scenario(sandbox: Sandbox, ours: Any, env: dict[str, str], args: Any) -> list[Row]:
-    """Many companies x 10 messages against one company's as many, fair dispatch; drain rates.
-
-    Token requests per company need per-company tokens (issue 21 item 3) and a sandbox of many
-    companies (item 6); until then every post carries the default company's token."""
+    """Many registry companies x 10 messages against one registry company's as many, fair
+    dispatch: drain rates, and the token requests each company made (the sandbox's count; each
+    worker process fetches a company's access token once, so at most one per process)."""
     from redis import Redis
 
     redis = Redis.from_url(env["NOTIFY_REDIS_URL"])
+    registry = Companies(sandbox, env["NOTIFY_REDIS_URL"])
     run = uuid.uuid4().hex[:6]
     count = args.companies * 10
     rows: list[Row] = []
@@ -1076,12 +1135,22 @@ def companies_scenario(sandbox: Sandbox, ours: Any, env: dict[str, str], args: A
         ),
     ):
         redis.flushdb()
-        _connect_companies(env["NOTIFY_REDIS_URL"], companies)
+        registry.connect(companies)
         rt = _producer("fair")
         per = count // len(companies)
         for n, company in enumerate(companies):
             queue_for(rt, company, [f"c{run}-{n}-{i}" for i in range(per)], TEMPLATE)
-        rows.append(drain_row(f"{label} x {per:,}", sandbox, ours(), count))
+        rows.append(drain_row(f"{label} x {per:,}", sandbox, _fleet(ours, "fair", registry), count))
+        requests, own_token = registry.token_requests()
+        rows[-1].figures["delivered with own token"] = own_token
+        rows[-1].figures["token requests/company"] = (
+            ", ".join(
+                f"{n} for {c:,} {'company' if c == 1 else 'companies'}"
+                for n, c in sorted(requests.items())
+            )
+            or "-"
+        )
+        rows[-1].figures[f"max (<= {args.processes} processes)"] = max(requests, default=0)
         rt.close()
     one = float(rows[0].figures["delivered/s api"])
     rows[1].figures["vs one"] = f"{float(rows[1].figures['delivered/s api']) / one * 100:.0f} %"
