@@ -28,6 +28,13 @@ from worker.store.companies import CompanyRegistry
 from worker.store.records import MessageStore
 from worker.store.sealing import Cipher
 
+
+@pytest.fixture(autouse=True)
+def _fair_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Fair dispatch is opt-in (NOTIFY_DISPATCH=fair): these tests' runtimes and workers turn it on.
+    monkeypatch.setenv("NOTIFY_DISPATCH", "fair")
+
+
 ACME = "0f3c2f6e-4a1b-4c2d-9e8f-7a6b5c4d3e2f"
 GLOBEX = "1a2b3c4d-5e6f-4a1b-8c2d-3e4f5a6b7c8d"
 GEO = "https://us2.api.concursolutions.com"

@@ -23,6 +23,13 @@ from worker.store.sealing import Cipher
 
 pytestmark = pytest.mark.slow
 
+
+@pytest.fixture(autouse=True)
+def _fair_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Fair dispatch is opt-in (NOTIFY_DISPATCH=fair): these tests' runtimes and workers turn it on.
+    monkeypatch.setenv("NOTIFY_DISPATCH", "fair")
+
+
 COMPANY_A = "aaaaaaaa-0000-4000-8000-00000000000a"
 COMPANY_B = "bbbbbbbb-0000-4000-8000-00000000000b"
 A_TEMPLATE, B_TEMPLATE = "welcome", "expense-approved"

@@ -34,9 +34,9 @@ def test_a_lane_is_named_by_company_then_partner():
     assert keys.company_lanes(COMPANY) == f"notify:lanes:{COMPANY}"
 
 
-def test_fair_dispatch_is_the_default_and_fifo_the_escape_hatch():
-    assert load_settings().dispatch == "fair"
-    assert load_settings(dispatch="fifo").dispatch == "fifo"
+def test_fifo_is_the_default_until_fair_dispatch_meets_its_targets_and_fair_is_opt_in():
+    assert load_settings().dispatch == "fifo"
+    assert load_settings(dispatch="fair").dispatch == "fair"
     with pytest.raises(SettingsError, match="DISPATCH"):
         load_settings(dispatch="lifo")
 
