@@ -25,7 +25,7 @@ from cryptography.fernet import Fernet
 from prometheus_client.parser import text_string_to_metric_families
 
 from sandbox.concur import Sandbox
-from tests.harness import free_port, wait_for
+from tests.harness import NotifyApi
 from worker.concur.companies import default_company
 from worker.front.stats import collect, render_prometheus
 from worker.runtime import Runtime
@@ -370,32 +370,11 @@ def test_the_metric_counts_companies_by_state(registry, runtime):
 @pytest.fixture(scope="module")
 def service(concur: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real ``notify api`` process with the app's OAuth client and this module's sandbox."""
-    port = free_port()
     holder = Case(concur, "", "", f"app-{uuid.uuid4().hex[:8]}")
-    log_path = tmp_path_factory.mktemp("api") / "api.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [NOTIFY, "api", "--port", str(port)],
-            cwd=ROOT,
-            env=holder.env(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        url = f"http://127.0.0.1:{port}"
-
-        def up() -> bool:
-            if process.poll() is not None:
-                raise AssertionError(f"notify api exited:\n{log_path.read_text()}")
-            try:
-                return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(up, timeout=30, what="notify api")
-        yield url
-        process.terminate()
-        process.wait(timeout=30)
-    logged = log_path.read_text(errors="replace")
+    api = NotifyApi(tmp_path_factory.mktemp("api") / "api.log", holder.env())
+    yield api.url
+    api.stop()
+    logged = api.log()
     assert "request-" not in logged  # no request token reached a log line
 
 

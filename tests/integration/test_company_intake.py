@@ -27,7 +27,7 @@ from cryptography.fernet import Fernet
 
 import tasks
 from sandbox.concur import Sandbox
-from tests.harness import free_port, wait_for
+from tests.harness import NotifyApi
 from worker.front.stats import collect, render_prometheus
 from worker.rules.validation import InvalidRequest
 from worker.runtime import Runtime
@@ -83,9 +83,7 @@ def companies(runtime: Runtime, sandbox: Sandbox) -> Companies:
 def service(companies: Companies, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real ``notify api``: acme may name two companies, globex any, beta none (and a grant
     to ``ghost``, a partner without a key)."""
-    port = free_port()
     env = {
-        **os.environ,
         "NOTIFY_GATEWAY_KEYS": f"acme:{ACME_KEY},globex:{GLOBEX_KEY},beta:{BETA_KEY}",
         "NOTIFY_OPERATOR_KEYS": OPERATOR_KEY,
         "NOTIFY_PARTNER_COMPANIES": (
@@ -93,29 +91,10 @@ def service(companies: Companies, tmp_path_factory: pytest.TempPathFactory) -> I
         ),
         "NOTIFY_LOG_FORMAT": "text",
     }
-    log_path = API_LOG["path"] = tmp_path_factory.mktemp("api") / "api.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [NOTIFY, "api", "--port", str(port)],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        url = f"http://127.0.0.1:{port}"
-
-        def up() -> bool:
-            if process.poll() is not None:
-                raise AssertionError(f"notify api exited:\n{log_path.read_text()}")
-            try:
-                return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(up, timeout=30, what="notify api")
-        yield url
-        process.terminate()
-        process.wait(timeout=30)
+    API_LOG["path"] = tmp_path_factory.mktemp("api") / "api.log"
+    api = NotifyApi(API_LOG["path"], env)
+    yield api.url
+    api.stop()
 
 
 @pytest.fixture
