@@ -190,6 +190,8 @@ class Settings(BaseSettings):
     service_host: str = Field("127.0.0.1", min_length=1)
     service_port: int = Field(8000, ge=1, le=65535)
     service_max_body_bytes: int = Field(65536, ge=1024, le=16 * 1024 * 1024)
+    # The bulk route (POST /messages/batch, up to 500 messages) reads bodies up to this size.
+    service_max_batch_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
     service_public_url: str | None = None
     # Slow and greedy clients (worker/front/httpserver.py), per `notify api` process: the request
     # head must arrive within HEADER_TIMEOUT (from the connection, or from its first byte on a

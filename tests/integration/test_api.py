@@ -582,7 +582,7 @@ def test_accept_that_matches_nothing_is_406_never_500(http, accept):
 def test_tied_accept_lists_in_json(http):
     response = _list(http, accept="application/xml, application/json")
     assert response.status_code == 200
-    assert response.headers["content-type"] == JSON
+    assert response.headers["content-type"] == f"{JSON}; charset=utf-8"
 
 
 @pytest.mark.parametrize(
@@ -623,19 +623,22 @@ def test_filters_and_pages_give_what_the_cli_gives(http, runtime, user_id):
     assert [len(page) for page in pages] == [2, 2, 1]
     assert sorted(itertools.chain.from_iterable(pages)) == sorted(ids)
 
-    cli_pages, cursor = [], 0
-    while cursor is not None:
+    cli_pages: list[list[str]] = []
+    cursor: list[str] = []  # the first page: no --cursor
+    while True:
         result = CliRunner().invoke(
             notify_cli,
             [
                 *("failed", "list", "--json", "--user", user_id, "--template", "t-dead"),
-                *("--reason", "api_rejected", "--limit", "2", "--cursor", str(cursor)),
+                *("--reason", "api_rejected", "--limit", "2", *cursor),
             ],
         )
         assert result.exit_code == 0, result.output
         out = json.loads(result.output)
         cli_pages.append([item["id"] for item in out["items"]])
-        cursor = out["nextCursor"]
+        if out["nextCursor"] is None:
+            break
+        cursor = ["--cursor", out["nextCursor"]]
     assert cli_pages == pages
 
     by_user = itertools.chain.from_iterable(_follow(http, user=user_id))

@@ -1,4 +1,5 @@
-"""The one time parser and the one dead-letter filter of the API, the console and the CLI (pure)."""
+"""The one time parser, the one dead-letter filter and the one page cursor of the API, the
+console and the CLI (pure)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,16 @@ from datetime import UTC, datetime
 
 import pytest
 
+from worker.front.notifications import concur_time
 from worker.store.codec import DeadLetter
-from worker.store.query import DeadLetterFilter, parse_time, read_filter
+from worker.store.query import (
+    DeadLetterFilter,
+    PageCursor,
+    decode_cursor,
+    encode_cursor,
+    parse_time,
+    read_filter,
+)
 
 
 def _ms(*parts: int) -> int:
@@ -123,3 +132,46 @@ def test_a_filter_matches_on_every_field_it_sets() -> None:
     assert not DeadLetterFilter(http_status=503).matches(letter)
     assert DeadLetterFilter(template_id="welcome", user_id="u1").matches(letter)
     assert not DeadLetterFilter(template_id="other").matches(letter)
+
+
+@pytest.mark.parametrize(
+    "cursor",
+    [
+        PageCursor(0, "a"),
+        PageCursor(NOV_25, "3auaf7ieymuujnmg5dqwalna"),
+        PageCursor(10**15, "x" * 64),
+        PageCursor(1, "A-b_9"),
+    ],
+)
+def test_a_cursor_reads_back_as_written_and_is_url_safe_text(cursor: PageCursor) -> None:
+    text = encode_cursor(cursor)
+    assert decode_cursor(text) == cursor
+    assert text.isascii() and all(ch.isalnum() or ch in "-_" for ch in text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "12",  # an old offset cursor
+        "-1",
+        "!!!!",
+        encode_cursor(PageCursor(5, "abc")) + "=",  # padding is never written
+        encode_cursor(PageCursor(5, "abc")) + " x",
+        "a" * 121,
+        # well-formed base64 of what is not a cursor
+        "MTIzOmE6Yg",  # 123:a:b (":" is not in an id)
+        "eDph",  # x:a (time not a number)
+        "MTIzOg",  # 123: (no id)
+        "MTAwMDAwMDAwMDAwMDAwMTph",  # 1000000000000001:a (past any time)
+        "w6k6YQ",  # not ASCII once decoded
+    ],
+)
+def test_text_that_is_not_a_cursor_we_wrote_reads_as_none(text: str) -> None:
+    assert decode_cursor(text) is None
+
+
+def test_event_time_is_the_seeds_form_utc_without_an_offset() -> None:
+    assert concur_time(_ms(2012, 11, 14, 19, 45, 25) + 999) == "2012-11-14T19:45:25"
+    assert concur_time(None) is None
+    assert concur_time(0) is None

@@ -5,6 +5,9 @@ the failed-notification endpoints for operators; an ASGI app on Starlette, serve
   the ``Concur-Company-Id`` header names the message's company (absent: the default company),
   one the partner's key is granted (``NOTIFY_PARTNER_COMPANIES``; else 403, never queued) and
   the registry holds connected (else 422).
+* ``POST /messages/batch`` takes up to 500 such messages (a JSON array of v4 bodies, each with its
+  ``userId``), validates each on its own and records the valid ones in one Redis round trip:
+  202, or 207 when any was refused, with one result per message in order.
 * ``GET /messages/{id}`` shows a message's status and attempts.
 * ``GET /notifications?status=failed`` and ``GET|DELETE /notifications/{id}``,
   ``POST /notifications/{id}/replay``, ``POST /notifications/replay`` serve the dead letters in
@@ -57,7 +60,7 @@ from worker.front.guard import FailureLimiter, FailureLimits, client_address
 from worker.front.openapi import openapi_document
 from worker.front.stats import PROMETHEUS_CONTENT_TYPE, collect, render_prometheus
 from worker.intake.intake import Intake
-from worker.intake.producer import record_admitted
+from worker.intake.producer import record_admitted, submit_many
 from worker.ops.logs import configure_from_settings
 from worker.ops.monitoring import init_sentry
 from worker.rules.grants import NO_GRANTS, CompanyGrants, not_granted
@@ -70,10 +73,13 @@ from worker.shapes.contract import (
     DEFAULT_PAGE_LIMIT,
     HIGHEST_HTTP_STATUS,
     LOWEST_HTTP_STATUS,
-    MAX_CURSOR,
+    MAX_BATCH_MESSAGES,
     MAX_PAGE_LIMIT,
     MAX_REPLAY_RATE,
     Attempt,
+    BatchAnswer,
+    BatchQueued,
+    BatchRefused,
     ClientStatus,
     CompanyList,
     CompanyView,
@@ -98,7 +104,13 @@ from worker.shapes.models import (
 from worker.shapes.times import int_or_none, iso_utc
 from worker.store.codec import StatusRecord, now_ms
 from worker.store.companies import CompanyRegistry
-from worker.store.query import DeadLetterFilter, read_filter
+from worker.store.query import (
+    DeadLetterFilter,
+    PageCursor,
+    decode_cursor,
+    encode_cursor,
+    read_filter,
+)
 
 log = logging.getLogger(__name__)
 
@@ -116,10 +128,17 @@ INVALID_HEADER = "INVALID_HEADER"
 INVALID_PARAMETER = "INVALID_PARAMETER"
 UNSUPPORTED_STATUS = "UNSUPPORTED_STATUS"
 SERVICE_UNAVAILABLE = "SERVICE_UNAVAILABLE"
+INVALID_BATCH = "INVALID_BATCH"  # a bulk body that is not an array of 1..500 messages
+TOO_MANY_MESSAGES = "TOO_MANY_MESSAGES"  # a bulk body of more than 500
 INTERNAL_ERROR = "INTERNAL_ERROR"
 
 PARTNER = "partner"
 OPERATOR = "operator"
+
+# A bulk request's item that is not a JSON object: refused alone, as any invalid message is.
+NOT_AN_OBJECT = InvalidRequest(
+    [Problem("body", "INVALID_FIELD", "each message must be a JSON object: a v4 body and userId")]
+)
 
 # What a refused filter value (``read_filter``) is told, by its name there.
 _FILTER_ERRORS = {
@@ -132,6 +151,9 @@ _FILTER_ERRORS = {
 
 _AUTH_SCHEMES = ("bearer", "oauth")  # OAuth: the scheme in Concur's legacy examples
 JSON_TYPE = "application/json"
+# What JSON answers say they are: the seed's own Content-Type (JSON is UTF-8 anyway; ours is
+# ASCII-escaped).
+JSON_CONTENT_TYPE = f"{JSON_TYPE}; charset=utf-8"
 XML_TYPE = "application/xml"
 # What an Accept header can choose, in the server's order of preference: on a tie in quality
 # and specificity the first wins (RFC 9110 12.5.1 leaves ties to the server), so JSON.
@@ -177,6 +199,7 @@ class ServicePolicy:
     public_url: str | None
     failure_limits: FailureLimits
     grants: CompanyGrants = NO_GRANTS  # NOTIFY_PARTNER_COMPANIES
+    max_batch_body_bytes: int = 4 * 1024 * 1024  # NOTIFY_SERVICE_MAX_BATCH_BODY_BYTES
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ServicePolicy:
@@ -192,6 +215,7 @@ class ServicePolicy:
             public_url=settings.service_public_url,
             failure_limits=FailureLimits.from_settings(settings),
             grants=CompanyGrants.from_settings(settings),
+            max_batch_body_bytes=settings.service_max_batch_body_bytes,
         )
 
 
@@ -341,7 +365,7 @@ def json_response(
 ) -> Response:
     """A JSON response; ASCII-escaped, so any string (even a lone surrogate) encodes."""
     body = json.dumps(content, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
-    return Response(body.encode("ascii"), status, headers, media_type=JSON_TYPE)
+    return Response(body.encode("ascii"), status, headers, media_type=JSON_CONTENT_TYPE)
 
 
 def model_response(
@@ -365,6 +389,14 @@ def error_response(error: ApiError) -> Response:
         ]
     )
     return model_response(body, error.status, error.headers)
+
+
+def _error_items(problems: list[Problem]) -> list[ErrorItem]:
+    # One refused message of a bulk request: its problems as the seed's error items.
+    return [
+        ErrorItem(errorId=str(uuid.uuid4()), errorCode=p.code, errorMessage=p.message)
+        for p in problems
+    ]
 
 
 def _xml_response(
@@ -471,8 +503,8 @@ class Service:
             ):
                 raise ApiError(415, UNSUPPORTED_MEDIA_TYPE, "the body must be UTF-8 JSON")
 
-    async def _read_body(self, request: Request) -> bytes:
-        limit = self.policy.max_body_bytes
+    async def _read_body(self, request: Request, limit: int | None = None) -> bytes:
+        limit = self.policy.max_body_bytes if limit is None else limit
         declared = request.headers.get("content-length")
         if declared is not None and not declared.strip().isdigit():
             raise ApiError(400, INVALID_HEADER, "Content-Length is not a number")
@@ -542,6 +574,19 @@ class Service:
             raise ApiError(400, INVALID_PARAMETER, f"{name} must be an integer {low}..{high}")
         return int(raw)
 
+    @staticmethod
+    def _cursor(request: Request) -> PageCursor | None:
+        # Opaque text from a previous page's X-Next-Cursor (or Link); absent: the first page.
+        raw = request.query_params.get("cursor")
+        if raw is None:
+            return None
+        after = decode_cursor(raw)
+        if after is None:
+            raise ApiError(
+                400, INVALID_PARAMETER, "cursor must be a previous page's X-Next-Cursor, unchanged"
+            )
+        return after
+
     # gateway
 
     def _company(self, request: Request, caller: Caller) -> str | None:
@@ -604,6 +649,79 @@ class Service:
             {"Location": f"/messages/{message.id}"},
         )
 
+    async def submit_batch(self, request: Request) -> Response:
+        """``POST /messages/batch``: validate each of up to 500 messages on its own and queue
+        the valid ones, all recorded in one Redis round trip.
+
+        202 when every message was accepted, 207 when any was refused (the body says which:
+        one result per message, in order, its id or its errors). The request as a whole is
+        refused as the one-message route refuses it (key, ``Concur-Company-Id`` and its grant,
+        Content-Type, body size: ``NOTIFY_SERVICE_MAX_BATCH_BODY_BYTES``), and with 400 when
+        the body is not a JSON array of messages, 413 when it holds more than 500, 422 when its
+        company is unknown or disconnected: then nothing of it is queued.
+        """
+        caller = await self._require(request, PARTNER)
+        company = self._company(request, caller)
+        self._check_json_content_type(request)
+        raw = await self._read_body(request, limit=self.policy.max_batch_body_bytes)
+        try:
+            document = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as error:
+            what = "UTF-8" if isinstance(error, UnicodeDecodeError) else "valid JSON"
+            raise ApiError(400, "INVALID_JSON", f"the body is not {what}") from None
+        if not isinstance(document, list) or not document:
+            raise ApiError(
+                400,
+                INVALID_BATCH,
+                f"the body must be a JSON array of 1..{MAX_BATCH_MESSAGES} messages, each a v4 "
+                "request body with its userId",
+            )
+        if len(document) > MAX_BATCH_MESSAGES:
+            raise ApiError(
+                413,
+                TOO_MANY_MESSAGES,
+                f"{len(document)} messages in one request; at most {MAX_BATCH_MESSAGES}",
+            )
+        # Each message is the v4 body plus its userId; one that is not an object is refused
+        # alone, here, and the others go through the producer's bulk path.
+        objects = [(index, item) for index, item in enumerate(document) if isinstance(item, dict)]
+        requests = [
+            (item.get("userId"), {key: value for key, value in item.items() if key != "userId"})
+            for _, item in objects
+        ]
+        try:
+            outcomes = await run_in_threadpool(
+                functools.partial(
+                    submit_many,
+                    requests,
+                    runtime=self.runtime,
+                    partner=caller.partner,
+                    company=company,
+                )
+            )
+        except InvalidRequest as error:  # its company is unknown or disconnected
+            raise ApiError(422, "", "", problems=error.problems) from None
+        answered = dict(zip((index for index, _ in objects), outcomes, strict=True))
+        results: list[BatchQueued | BatchRefused] = []
+        for index in range(len(document)):
+            outcome = answered.get(index, NOT_AN_OBJECT)
+            if isinstance(outcome, InvalidRequest):
+                results.append(BatchRefused(index=index, errors=_error_items(outcome.problems)))
+            else:
+                status = (
+                    "queued"
+                    if not outcome.duplicate
+                    else STATUS_OF_STATE.get(outcome.state, "queued")
+                )
+                results.append(
+                    BatchQueued(
+                        index=index, id=outcome.id, status=status, duplicate=outcome.duplicate
+                    )
+                )
+        refused = sum(isinstance(result, BatchRefused) for result in results)
+        answer = BatchAnswer(accepted=len(results) - refused, refused=refused, results=results)
+        return model_response(answer, 207 if refused else 202)
+
     async def message_status(self, request: Request) -> Response:
         """``GET /messages/{id}``: the message's status and attempts."""
         caller = await self._require(request, PARTNER, also=OPERATOR)
@@ -631,18 +749,19 @@ class Service:
         self._status_param(request, required=True)
         selection = self._filter(request)
         limit = self._int_param(request, "limit", DEFAULT_PAGE_LIMIT, 1, MAX_PAGE_LIMIT)
-        cursor = self._int_param(request, "cursor", 0, 0, MAX_CURSOR)
+        after = self._cursor(request)
         store = self.runtime.deadletters
         page = await run_in_threadpool(
-            functools.partial(store.page, selection, cursor=cursor, limit=limit)
+            functools.partial(store.page, selection, after=after, limit=limit)
         )
         base = self._base_url(request)
         headers: dict[str, str] = {}
         if page.next_cursor is not None:
+            next_cursor = encode_cursor(page.next_cursor)
             query = {key: value for key, value in request.query_params.items() if key != "cursor"}
-            query.update(cursor=str(page.next_cursor), limit=str(limit))
+            query.update(cursor=next_cursor, limit=str(limit))
             headers["Link"] = f'<{base}/notifications?{urlencode(query)}>; rel="next"'
-            headers["X-Next-Cursor"] = str(page.next_cursor)
+            headers["X-Next-Cursor"] = next_cursor
         if fmt == "xml":
             return _xml_response(
                 notifications.notification_list_xml(page.items, base), 200, headers
@@ -931,6 +1050,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     service = Service(policy, runtime, limiter)
     routes = [
         Route("/messages/{userId}/session", _handle(service.submit), methods=["POST"]),
+        Route("/messages/batch", _handle(service.submit_batch), methods=["POST"]),
         Route("/messages/{id}", _handle(service.message_status), methods=["GET"]),
         Route("/notifications", _handle(service.list_notifications), methods=["GET"]),
         Route("/notifications/replay", _handle(service.replay_many), methods=["POST"]),

@@ -258,17 +258,24 @@ def _filters(function: F) -> F:
 @failed.command("list")
 @_filters
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 10_000))
-@click.option("--cursor", default=0, type=click.IntRange(0), help="from a previous page")
+@click.option("--cursor", default=None, help="the previous page's cursor (its `more:` line)")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 @friendly_errors
-def failed_list(selection: Any, limit: int, cursor: int, as_json: bool) -> None:
+def failed_list(selection: Any, limit: int, cursor: str | None, as_json: bool) -> None:
     """List dead letters, newest first."""
+    from worker.store.query import decode_cursor, encode_cursor
 
-    page = _runtime().deadletters.page(selection, cursor=cursor, limit=limit)
+    after = None
+    if cursor is not None:
+        after = decode_cursor(cursor)
+        if after is None:
+            raise click.BadParameter("not a cursor this command printed", param_hint="--cursor")
+    page = _runtime().deadletters.page(selection, after=after, limit=limit)
+    next_cursor = None if page.next_cursor is None else encode_cursor(page.next_cursor)
     if as_json:
         click.echo(
             json.dumps(
-                {"items": [item.to_dict() for item in page.items], "nextCursor": page.next_cursor},
+                {"items": [item.to_dict() for item in page.items], "nextCursor": next_cursor},
                 indent=2,
             )
         )
@@ -282,8 +289,8 @@ def failed_list(selection: Any, limit: int, cursor: int, as_json: bool) -> None:
     from worker.front import views
 
     parts: list[Any] = [views.dead_letters_table(page.items)]
-    if page.next_cursor is not None:
-        parts.append(Text(f"more: --cursor {page.next_cursor}"))
+    if next_cursor is not None:
+        parts.append(Text(f"more: --cursor {next_cursor}"))
     views.show(Group(*parts))
 
 

@@ -56,11 +56,12 @@ from worker.rules import outcomes
 from worker.rules.validation import company_problem
 from worker.runtime import Runtime
 from worker.settings import Settings
+from worker.shapes.contract import MAX_CURSOR_LENGTH
 from worker.shapes.models import company_of, is_message_id, is_partner_name, partner_of
 from worker.shapes.times import iso_utc
 from worker.store.codec import DeadLetter, StatusRecord
 from worker.store.companies import CompanyRegistry, count_states
-from worker.store.query import DeadLetterFilter, read_filter
+from worker.store.query import DeadLetterFilter, decode_cursor, encode_cursor, read_filter
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ class Query:
     since: str = ""
     until: str = ""
     company: str = ""
-    cursor: int = 0
+    cursor: str = ""  # opaque (worker.store.query.encode_cursor); empty: the first page
     limit: int = DEFAULT_PAGE_SIZE
 
     def params(self, **changes: Any) -> str:
@@ -120,7 +121,7 @@ class Query:
             "company": self.company,
             "since": self.since,
             "until": self.until,
-            "cursor": str(self.cursor) if self.cursor else "",
+            "cursor": self.cursor,
             "limit": str(self.limit) if self.limit != DEFAULT_PAGE_SIZE else "",
         }
         values.update({key: str(value) for key, value in changes.items()})
@@ -165,8 +166,10 @@ def read_query(params: Any) -> tuple[Query, DeadLetterFilter, list[str]]:
     for name in refused:
         problems.append(f"{name} is not a date and time")
         moments[name] = ""
-    cursor_raw = text("cursor", 13)
-    cursor = int(cursor_raw) if cursor_raw.isascii() and cursor_raw.isdigit() else 0
+    cursor = text("cursor", MAX_CURSOR_LENGTH + 1)
+    if cursor and decode_cursor(cursor) is None:
+        problems.append("the page cursor is not one this console gave: showing the first page")
+        cursor = ""
     limit_raw = text("limit", 4)
     limit = int(limit_raw) if limit_raw.isdigit() and int(limit_raw) in PAGE_SIZES else 0
     query = Query(
@@ -374,7 +377,9 @@ class Console:
             functools.partial(collect, self.runtime, minutes=SUMMARY_MINUTES)
         )
         page = await run_in_threadpool(
-            functools.partial(store.page, selection, cursor=query.cursor, limit=query.limit)
+            functools.partial(
+                store.page, selection, after=decode_cursor(query.cursor), limit=query.limit
+            )
         )
         return self._page(
             request,
@@ -384,7 +389,9 @@ class Console:
                 "query": query,
                 "problems": problems,
                 "letters": page.items,
-                "next_cursor": page.next_cursor,
+                "next_cursor": (
+                    None if page.next_cursor is None else encode_cursor(page.next_cursor)
+                ),
                 "reason_names": outcomes.REASONS,
                 "page_sizes": PAGE_SIZES,
                 "notice": _notice(request.query_params.get("done"), request.query_params.get("id")),

@@ -39,6 +39,13 @@ def event_time(ms: int | None) -> str | None:
     return iso_utc(ms)
 
 
+def concur_time(ms: int | None) -> str | None:
+    """Milliseconds since the epoch as ``YYYY-MM-DDTHH:MM:SS``, UTC without an offset, as the
+    seed's ``EventDateTime`` example writes it (``2012-11-14T19:45:25``); None for no time."""
+    shown = iso_utc(ms)
+    return None if shown is None else shown.removesuffix("Z")
+
+
 def xml_safe(text: str) -> str:
     """``text`` with every character XML 1.0 forbids replaced by U+FFFD."""
     return _NOT_XML.sub(REPLACEMENT, text)
@@ -97,7 +104,7 @@ def notification_dict(letter: DeadLetter, base_url: str) -> dict[str, Any]:
     """One dead letter as a Concur ``Notification`` (PascalCase keys, in the seed's order)."""
     return {
         "Context": _context_url(letter.request),
-        "EventDateTime": event_time(letter.dead_ms),
+        "EventDateTime": concur_time(letter.dead_ms),
         "EventType": f"{EVENT_TYPE_PREFIX}{letter.reason}",
         "NotificationURI": notification_uri(base_url, letter.id),
         "ObjectType": OBJECT_TYPE,

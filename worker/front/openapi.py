@@ -143,8 +143,14 @@ _PAGING = (
     _param(
         "cursor",
         "query",
-        {"type": "integer", "minimum": 0, "maximum": contract.MAX_CURSOR, "default": 0},
-        description="From the previous page's `X-Next-Cursor` (or its `Link: rel=next`)",
+        {
+            "type": "string",
+            "pattern": contract.CURSOR_PATTERN,
+            "maxLength": contract.MAX_CURSOR_LENGTH,
+        },
+        description="Opaque: the previous page's `X-Next-Cursor` (or its `Link: rel=next`), "
+        "unchanged. A keyset on (time, id): letters added or deleted while paging never make "
+        "a row repeat or go missing. Absent: the first page.",
     ),
 )
 _REPLAY_OPTIONS = (
@@ -240,6 +246,46 @@ OPERATIONS: tuple[Operation, ...] = (
         request=SendRequest,
     ),
     Operation(
+        "post",
+        "/messages/batch",
+        "sendMessages",
+        f"Queue up to {contract.MAX_BATCH_MESSAGES} messages at once, each validated on its own",
+        {
+            202: Answer(
+                "Every message accepted (queued, or a duplicate): one result per message, in order",
+                contract.BatchAnswer,
+            ),
+            207: Answer(
+                "Some (or all) messages refused: each refused one's result lists its errors and "
+                "nothing of it was queued; the accepted ones were queued",
+                contract.BatchAnswer,
+            ),
+            400: _error(
+                "Not JSON, not an array of 1..500 messages (INVALID_BATCH), or a "
+                "Concur-Company-Id that is not a company UUID; nothing is queued"
+            ),
+            408: _error("The body did not arrive within NOTIFY_SERVICE_BODY_TIMEOUT_SECONDS"),
+            413: _error(
+                "Body over NOTIFY_SERVICE_MAX_BATCH_BODY_BYTES (PAYLOAD_TOO_LARGE), or more than "
+                f"{contract.MAX_BATCH_MESSAGES} messages (TOO_MANY_MESSAGES); nothing is queued"
+            ),
+            415: _error("Content-Type is not application/json"),
+            **_UNAUTHORIZED,
+            403: _error(
+                "An operator key without a partner key's role, or a company not granted to "
+                "the key's partner (COMPANY_NOT_GRANTED); nothing is queued"
+            ),
+            422: _error(
+                "The company is not in the registry (UNKNOWN_COMPANY) or is disconnected "
+                "(COMPANY_DISCONNECTED); nothing is queued"
+            ),
+            **_UNAVAILABLE,
+        },
+        security=(PARTNER_KEY,),
+        params=(_COMPANY_HEADER,),
+        request=contract.BatchRequest,
+    ),
+    Operation(
         "get",
         "/messages/{id}",
         "getMessage",
@@ -265,7 +311,9 @@ OPERATIONS: tuple[Operation, ...] = (
                 (JSON, XML),
                 {
                     "Link": {"schema": {"type": "string"}},
-                    "X-Next-Cursor": {"schema": {"type": "integer"}},
+                    "X-Next-Cursor": {
+                        "schema": {"type": "string", "pattern": contract.CURSOR_PATTERN}
+                    },
                 },
             ),
             **_BAD_FILTER,

@@ -19,16 +19,22 @@ from pydantic.json_schema import SkipJsonSchema
 from worker.shapes.models import (
     COMPANY_ID_PATTERN,
     DEFAULT_COMPANY,
+    MAX_ID_LENGTH,
     MESSAGE_ID_PATTERN,
     PARTNER_PATTERN,
     CompanyState,
+    ErrorItem,
+    SendRequest,
     schema_pattern,
 )
 
 # Paging of the failed list: a page is at most MAX_PAGE_LIMIT dead letters.
 DEFAULT_PAGE_LIMIT = 50
 MAX_PAGE_LIMIT = 1000
-MAX_CURSOR = 10**12  # a cursor is an offset into the dead-letter index; far past any real one
+# A page's cursor is opaque text (worker.store.query.encode_cursor: unpadded URL-safe base64 of
+# the last letter's time and id); no cursor we give is longer.
+CURSOR_PATTERN = "^[A-Za-z0-9_-]+$"
+MAX_CURSOR_LENGTH = 120
 # The httpStatus filter: a status an HTTP answer can have.
 LOWEST_HTTP_STATUS = 100
 HIGHEST_HTTP_STATUS = 599
@@ -44,6 +50,14 @@ PartnerName = Annotated[str, Field(pattern=schema_pattern(PARTNER_PATTERN))]
 # them exactly as written.
 Timestamp = Annotated[str, Field(json_schema_extra={"format": "date-time"})]
 UriReference = Annotated[str, Field(json_schema_extra={"format": "uri-reference"})]
+# The failed list's EventDateTime, as the seed's example writes it: no offset, the time is UTC.
+ConcurDateTime = Annotated[
+    str,
+    Field(
+        pattern=r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}$",
+        description="UTC, written without an offset as in Concur's example (`2012-11-14T19:45:25`)",
+    ),
+]
 
 # Strict and closed: an answer with a key or a type the model does not describe is a bug.
 _answer = ConfigDict(strict=True, extra="forbid")
@@ -150,7 +164,7 @@ class Notification(BaseModel):
 
     model_config = _answer
     Context: str | None
-    EventDateTime: Timestamp | None
+    EventDateTime: ConcurDateTime | None
     EventType: str
     NotificationURI: UriReference
     ObjectType: str = Field(description="always `NOTIFICATION`, as in Concur's examples")
@@ -160,6 +174,53 @@ class Notification(BaseModel):
 
 class NotificationList(RootModel[list[Notification]]):
     """A page of the failed list: a plain list, as in Concur's examples (paging is in headers)."""
+
+
+# -- bulk intake: POST /messages/batch ----------------------------------------------------------
+
+# At most this many messages in one bulk request; more is refused whole (413, TOO_MANY_MESSAGES).
+MAX_BATCH_MESSAGES = 500
+
+
+class BatchMessage(SendRequest):
+    """One message of a bulk request: the v4 body plus the ``userId`` the one-message route
+    takes in its path."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", title="BatchMessage")
+    userId: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
+
+
+class BatchRequest(RootModel[list[BatchMessage]]):
+    """A bulk request's body: a JSON array of 1..500 messages, each validated on its own."""
+
+    root: list[BatchMessage] = Field(min_length=1, max_length=MAX_BATCH_MESSAGES)
+
+
+class BatchQueued(BaseModel):
+    """A message of a bulk request that was accepted: queued, or a duplicate of one that was."""
+
+    model_config = _answer
+    index: int = Field(ge=0, description="its place in the request's array, from 0")
+    id: MessageId
+    status: ClientStatus
+    duplicate: bool
+
+
+class BatchRefused(BaseModel):
+    """A message of a bulk request that was refused: nothing of it was queued."""
+
+    model_config = _answer
+    index: int = Field(ge=0, description="its place in the request's array, from 0")
+    errors: list[ErrorItem] = Field(min_length=1)
+
+
+class BatchAnswer(BaseModel):
+    """``202``/``207`` of the bulk intake: one result per message, in the request's order."""
+
+    model_config = _answer
+    accepted: int = Field(ge=0, description="how many results are BatchQueued")
+    refused: int = Field(ge=0, description="how many results are BatchRefused")
+    results: list[BatchQueued | BatchRefused]
 
 
 ReplayRate = Annotated[float, Field(gt=0, lt=MAX_REPLAY_RATE)]

@@ -9,6 +9,7 @@ count; delete removes it and the message's status record.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,10 +21,17 @@ from worker.queue.envelopes import Envelope
 from worker.shapes.contract import DEFAULT_PAGE_LIMIT
 from worker.store import keys
 from worker.store.codec import DeadLetter
-from worker.store.query import DeadLetterFilter
+from worker.store.query import DeadLetterFilter, PageCursor
 from worker.store.records import MessageStore
 
-__all__ = ["DeadLetter", "DeadLetterFilter", "DeadLetterStore", "Page", "redrive_schedule"]
+__all__ = [
+    "DeadLetter",
+    "DeadLetterFilter",
+    "DeadLetterStore",
+    "Page",
+    "PageCursor",
+    "redrive_schedule",
+]
 
 SCAN_CHUNK = 500
 REPLAY_CHUNK = 200  # dead letters replayed and published together in a bulk replay
@@ -34,7 +42,7 @@ class Page:
     """One page of dead letters, newest first, and the cursor of the next page (None at the end)."""
 
     items: list[DeadLetter]
-    next_cursor: int | None
+    next_cursor: PageCursor | None
 
 
 class DeadLetterStore:
@@ -56,49 +64,68 @@ class DeadLetterStore:
         data = cast(dict[str, str], self.redis.hgetall(keys.dead_letter(letter_id)))
         return DeadLetter.from_hash(data) if data else None
 
-    def _scan(self, selection: DeadLetterFilter, cursor: int) -> Iterator[tuple[int, DeadLetter]]:
-        # Walks the index newest first in chunks, yielding (position after, letter) for matches.
-        position = cursor
+    def _walk(self, after: PageCursor | None) -> Iterator[tuple[int, str]]:
+        # (time, id) of every letter in the index strictly after ``after``, newest first, in
+        # the index's own order (score, then id, both descending). Keyset, not offsets: each
+        # chunk starts after the last pair read, so letters added or removed meanwhile move
+        # no position. The ties of one millisecond are read whole (few share one).
+        tie_ms, below = (after.dead_ms, after.letter_id) if after is not None else (0, None)
         while True:
-            ids = cast(
-                list[str],
-                self.redis.zrevrange(keys.DEAD_INDEX, position, position + SCAN_CHUNK - 1),
+            upper = "+inf"
+            if below is not None:
+                ties = cast(list[str], self.redis.zrangebyscore(keys.DEAD_INDEX, tie_ms, tie_ms))
+                # Redis orders equal scores by the members' bytes; ids are ASCII.
+                yield from ((tie_ms, member) for member in reversed(ties) if member < below)
+                upper = f"({tie_ms}"
+            rows = cast(
+                list[tuple[str, float]],
+                self.redis.zrevrangebyscore(
+                    keys.DEAD_INDEX, upper, "-inf", start=0, num=SCAN_CHUNK, withscores=True
+                ),
             )
-            if not ids:
+            for member, score in rows:
+                yield int(score), member
+            if len(rows) < SCAN_CHUNK:
                 return
+            tie_ms, below = int(rows[-1][1]), rows[-1][0]
+
+    def _scan(
+        self, selection: DeadLetterFilter, after: PageCursor | None
+    ) -> Iterator[tuple[PageCursor, DeadLetter]]:
+        # The letters ``selection`` matches after ``after``, newest first, each with its place.
+        walk = self._walk(after)
+        while chunk := list(itertools.islice(walk, SCAN_CHUNK)):
             pipe = self.redis.pipeline(transaction=False)
-            for letter_id in ids:
+            for _, letter_id in chunk:
                 pipe.hgetall(keys.dead_letter(letter_id))
-            for offset, data in enumerate(pipe.execute()):
-                if not data:
+            for (dead_ms, letter_id), data in zip(chunk, pipe.execute(), strict=True):
+                if not data:  # deleted since the index was read
                     continue
                 letter = DeadLetter.from_hash(data)
                 if selection.matches(letter):
-                    yield position + offset + 1, letter
-            if len(ids) < SCAN_CHUNK:
-                return
-            position += len(ids)
+                    yield PageCursor(dead_ms, letter_id), letter
 
     def page(
         self,
         selection: DeadLetterFilter | None = None,
         *,
-        cursor: int = 0,
+        after: PageCursor | None = None,
         limit: int = DEFAULT_PAGE_LIMIT,
     ) -> Page:
-        """A page of dead letters, newest first; pass ``next_cursor`` back for the next page."""
+        """A page of dead letters, newest first, after the cursor ``after`` (None: the first
+        page); pass ``next_cursor`` back as ``after`` for the next page."""
         items: list[DeadLetter] = []
-        last_position = cursor
-        for position, letter in self._scan(selection or DeadLetterFilter(), max(cursor, 0)):
+        last: PageCursor | None = None
+        for place, letter in self._scan(selection or DeadLetterFilter(), after):
             if len(items) == limit:
-                return Page(items, last_position)
+                return Page(items, last)
             items.append(letter)
-            last_position = position
+            last = place
         return Page(items, None)
 
     def select(self, selection: DeadLetterFilter) -> list[str]:
         """The ids of every dead letter that ``selection`` matches."""
-        return [letter.id for _, letter in self._scan(selection, 0)]
+        return [letter.id for _, letter in self._scan(selection, None)]
 
     def replay(self, letter_id: str) -> Envelope | None:
         """Send one dead letter back through the pipeline; None when it does not exist."""

@@ -12,15 +12,28 @@ means the same everywhere (docs/http-api.md, docs/cli.md):
   ``T10:00:00.250`` ends at that millisecond).
 
 Times are ISO-8601 (what ``datetime.fromisoformat`` reads), UTC unless an offset is given.
+
+The failed list pages by a keyset cursor (``PageCursor``): the (time, id) of the last letter
+shown, which the next page starts strictly after, so a letter added or deleted meanwhile never
+makes a row repeat or vanish between pages (an offset did). It travels as opaque text
+(``encode_cursor``, ``decode_cursor``), the same in the API, the console and the CLI.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from worker.shapes.contract import HIGHEST_HTTP_STATUS, LOWEST_HTTP_STATUS
+from worker.shapes.contract import (
+    CURSOR_PATTERN,
+    HIGHEST_HTTP_STATUS,
+    LOWEST_HTTP_STATUS,
+    MAX_CURSOR_LENGTH,
+)
+from worker.shapes.models import is_message_id
 from worker.store.codec import DeadLetter
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -30,6 +43,9 @@ _SPAN_OF_DIGITS = {2: 3_600_000, 4: 60_000, 6: 1_000}
 _DAY_MS = 86_400_000
 _DATE_CHARACTERS = re.compile(r"[0-9W-]*")
 _OFFSET = re.compile(r"[Zz+-]")
+_MAX_CURSOR_MS = 10**15  # far past any real dead-letter time (year 33658)
+_CURSOR_MS = re.compile(r"[0-9]{1,16}")
+_CURSOR_TEXT = re.compile(CURSOR_PATTERN)  # unpadded URL-safe base64
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,3 +158,39 @@ def read_filter(
         company=company or None,
     )
     return selection, refused
+
+
+@dataclass(frozen=True, slots=True)
+class PageCursor:
+    """Where a page of the failed list ended: the last letter's dead-letter time and id.
+
+    The list is ordered newest first by (time, id), as the dead-letter index orders it; the
+    next page holds the letters strictly after this pair in that order.
+    """
+
+    dead_ms: int
+    letter_id: str
+
+
+def encode_cursor(cursor: PageCursor) -> str:
+    """The cursor as opaque, URL-safe text (base64 of ``time:id``, unpadded)."""
+    raw = f"{cursor.dead_ms}:{cursor.letter_id}".encode("ascii")
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def decode_cursor(text: str) -> PageCursor | None:
+    """The cursor ``encode_cursor`` wrote as ``text``; None when ``text`` is not one."""
+    value = text.strip()
+    if len(value) > MAX_CURSOR_LENGTH or not _CURSOR_TEXT.fullmatch(value):
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).decode("ascii")
+    except (binascii.Error, ValueError):
+        return None
+    ms, _, letter_id = raw.partition(":")
+    if not _CURSOR_MS.fullmatch(ms) or not is_message_id(letter_id):
+        return None
+    dead_ms = int(ms)
+    if dead_ms > _MAX_CURSOR_MS:
+        return None
+    return PageCursor(dead_ms, letter_id)
