@@ -38,7 +38,7 @@ from tests.harness import (
 from worker.front.api import create_app
 from worker.front.notifications import XSI_NAMESPACE
 from worker.runtime import Runtime
-from worker.shapes.contract import MAX_PAGE_LIMIT
+from worker.shapes.contract import MAX_BATCH_MESSAGES, MAX_PAGE_LIMIT
 from worker.shapes.models import MAX_ID_LENGTH, MESSAGE_ID_PATTERN, schema_pattern
 
 NIL = f"{{{XSI_NAMESPACE}}}nil"
@@ -191,6 +191,8 @@ def _answers(http: httpx.Client, runtime: Runtime, concur: Sandbox) -> Iterator[
         http.post(send, content=b"{}", headers={**PARTNER, "Content-Type": "text/plain"}),
     )
 
+    yield from _batch_answers(http, user)
+
     message = "/messages/{id}"
     yield "GET", message, http.get(f"/messages/{queued.json()['id']}", headers=PARTNER)
     letter = dead_letter(runtime, user)
@@ -245,6 +247,24 @@ def _answers(http: httpx.Client, runtime: Runtime, concur: Sandbox) -> Iterator[
     yield "GET", "/metrics", http.get("/metrics", headers=PARTNER)
 
 
+def _batch_answers(http: httpx.Client, user: str) -> Iterator[Answer]:
+    """A live answer for each documented answer of ``POST /messages/batch`` but the 408, the
+    429 (``_locked``) and the 503 (``_unavailable``)."""
+    batch = "/messages/batch"
+    item = {"userId": user, **request_body()}
+    refused = {"userId": user, **request_body(), "templateId": "evil"}
+    yield "POST", batch, http.post(batch, json=[item], headers=PARTNER)
+    yield "POST", batch, http.post(batch, json=[item, refused, 7], headers=PARTNER)
+    yield "POST", batch, http.post(batch, json={"not": "an array"}, headers=PARTNER)
+    yield "POST", batch, http.post(batch, json=[item] * (MAX_BATCH_MESSAGES + 1), headers=PARTNER)
+    unknown = {**PARTNER, "Concur-Company-Id": str(uuid.uuid4())}
+    yield "POST", batch, http.post(batch, json=[item], headers=unknown)
+    yield "POST", batch, http.post(batch, json=[item])
+    yield "POST", batch, http.post(batch, json=[item], headers=OPERATOR)
+    plain = {**PARTNER, "Content-Type": "text/plain"}
+    yield "POST", batch, http.post(batch, content=b"[]", headers=plain)
+
+
 def _raw_answer(url: str, head: bytes, body_start: bytes) -> httpx.Response:
     """Send a request head and the start of its body, and read the answer (to a body that
     never finishes)."""
@@ -266,10 +286,13 @@ def _locked(locked: httpx.Client) -> Iterator[Answer]:
     )
     slow = _raw_answer(str(locked.base_url).rstrip("/"), head, b'{"')
     yield "POST", "/messages/{userId}/session", slow
+    batch_head = head.replace(b"/messages/u-slow/session", b"/messages/batch")
+    yield "POST", "/messages/batch", _raw_answer(str(locked.base_url).rstrip("/"), batch_head, b"[")
     for _ in range(2):
         locked.get("/metrics", headers=WRONG_KEY)
     for method, template, path in (
         ("POST", "/messages/{userId}/session", "/messages/u-1/session"),
+        ("POST", "/messages/batch", "/messages/batch"),
         ("GET", "/messages/{id}", "/messages/abc"),
         ("GET", "/notifications", "/notifications?status=failed"),
         ("POST", "/notifications/replay", "/notifications/replay"),
@@ -322,6 +345,7 @@ def _unavailable(down: httpx.Client) -> list[Answer]:
     """
     sent = [
         ("POST", "/messages/{userId}/session", "/messages/u-1/session", PARTNER),
+        ("POST", "/messages/batch", "/messages/batch", PARTNER),
         ("GET", "/messages/{id}", "/messages/abc", PARTNER),
         ("GET", "/notifications", "/notifications?status=failed", OPERATOR),
         ("POST", "/notifications/replay", "/notifications/replay", OPERATOR),
@@ -339,7 +363,9 @@ def _unavailable(down: httpx.Client) -> list[Answer]:
     ]
 
     def send(method: str, path: str, headers: dict[str, str]) -> httpx.Response:
-        body = request_body() if path.endswith("/session") else None
+        body: Any = request_body() if path.endswith("/session") else None
+        if path.endswith("/batch"):
+            body = [{"userId": "u-1", **request_body()}]
         if method == "PUT":
             body = {"requestToken": "r"}
         return down.request(method, path, json=body, headers=headers)
