@@ -1,6 +1,7 @@
 """A load generator for the gateway: ``--connections`` requests kept in flight on libcurl.
 
     python bench/load.py --url http://127.0.0.1:8000 --key KEY --seconds 10 --connections 64
+    python bench/load.py ... --batch 500      # POST /messages/batch of 500 messages each
 
 Each request is a distinct valid v4 message (its own sessionId), so none is a duplicate. Prints
 one JSON line: accepted/s (202 answers per second), latency percentiles, the request count, and
@@ -35,10 +36,17 @@ class _Load:
     """The slots' shared tallies; touched only on the transport's engine thread."""
 
     def __init__(
-        self, transport: CurlTransport, url: str, key: str, template: str, deadline: float
+        self,
+        transport: CurlTransport,
+        url: str,
+        key: str,
+        template: str,
+        deadline: float,
+        batch: int = 0,
     ) -> None:
         self._transport = transport
         self._url = url.rstrip("/")
+        self._batch = batch  # 0: one message per request; N: POST /messages/batch of N
         self._headers = (f"Authorization: Bearer {key}", "Content-Type: application/json")
         # The body around the sessionId, rendered once (ids are hex, digits and dashes).
         self._body_head = '{"sessionId": "'
@@ -60,13 +68,20 @@ class _Load:
 
     def _slot(self, index: int) -> tuple[Exchange, Done]:
         url = f"{self._url}/messages/load-{index}/session"
+        if self._batch:
+            url = f"{self._url}/messages/batch"
+        user_head = '{"userId": "load-' + str(index) + '", ' + self._body_head[1:]
         sequence = 0
 
         def exchange() -> Exchange:
             nonlocal sequence
             sequence += 1
             session = f"{self._run}-{index}-{sequence}"
-            body = (self._body_head + session + self._body_tail).encode()
+            if self._batch:
+                items = (user_head + f"{session}-{n}" + self._body_tail for n in range(self._batch))
+                body = ("[" + ",".join(items) + "]").encode()
+            else:
+                body = (self._body_head + session + self._body_tail).encode()
             return Exchange(
                 "POST", url, self._headers, body, _TIMEOUT_SECONDS, _CONNECT_TIMEOUT_SECONDS
             )
@@ -85,11 +100,16 @@ class _Load:
         return exchange(), done
 
 
-def run(url: str, key: str, seconds: float, connections: int, template: str) -> dict[str, object]:
-    """Drive the gateway for ``seconds`` with ``connections`` requests in flight; the figures."""
+def run(
+    url: str, key: str, seconds: float, connections: int, template: str, batch: int = 0
+) -> dict[str, object]:
+    """Drive the gateway for ``seconds`` with ``connections`` requests in flight; the figures.
+
+    ``batch`` N sends ``POST /messages/batch`` of N messages instead of one message a request:
+    ``accepted/s`` then counts messages (N per 202), the latencies are per request."""
     transport = CurlTransport(max_connections=connections)
     started = time.perf_counter()
-    load = _Load(transport, url, key, template, started + seconds)
+    load = _Load(transport, url, key, template, started + seconds, batch)
     try:
         load.start(connections)
         load.finished.wait()
@@ -102,7 +122,7 @@ def run(url: str, key: str, seconds: float, connections: int, template: str) -> 
         return 1000 * ordered[min(len(ordered) - 1, int(share * len(ordered)))] if ordered else 0.0
 
     return {
-        "accepted/s": load.statuses.get("202", 0) / elapsed,
+        "accepted/s": load.statuses.get("202", 0) * max(batch, 1) / elapsed,
         "p50 ms": pct(0.50),
         "p99 ms": pct(0.99),
         "requests": len(ordered),
@@ -117,8 +137,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--template", default="bench")
+    parser.add_argument(
+        "--batch", type=int, default=0, help="messages per POST /messages/batch (0: one-message)"
+    )
     args = parser.parse_args()
-    print(json.dumps(run(args.url, args.key, args.seconds, args.connections, args.template)))
+    figures = run(args.url, args.key, args.seconds, args.connections, args.template, args.batch)
+    print(json.dumps(figures))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,9 @@ not blur them; "from start" counts from the moment the workers were started. Sce
               latency percentiles against the API's own p99
   steady      the same pace at 20 ms
   gateway     HTTP ingestion through `notify api` with a load generator in another process
+  bulk        the gateway's bulk intake (POST /messages/batch of --bulk-size, 500) beside the
+              one-message route, same `notify api`, rounds interleaved: messages accepted/s,
+              request p50/p99 (run when named: --only bulk)
   backlog     100k messages waiting for retry: worker RSS and Redis memory per message
   fairness    company A queues --fair-a messages (100,000), then company B sends --fair-b-rate
               a second (20) for --fair-b-seconds (60) at the slow-api latency: B's enqueue ->
@@ -386,6 +389,12 @@ def main() -> int:
     )
     parser.add_argument("--api-workers", type=int, default=2, help="`notify api --workers`")
     parser.add_argument("--connections", type=int, default=32, help="gateway load connections")
+    parser.add_argument("--bulk-size", type=int, default=500, help="bulk: messages a request")
+    parser.add_argument(
+        "--bulk-connections", type=int, default=4, help="bulk: bulk requests in flight"
+    )
+    parser.add_argument("--bulk-seconds", type=float, default=8, help="bulk: seconds a round")
+    parser.add_argument("--bulk-rounds", type=int, default=2, help="bulk: rounds of each kind")
     parser.add_argument(
         "--before", default=None, metavar="REF", help="git revision for the 'before' rows"
     )
@@ -526,6 +535,9 @@ def main() -> int:
         if "gateway" in only:
             rows.append(gateway_scenario(env, sandbox, args.api_workers, args.connections))
 
+        if "bulk" in only:
+            rows += bulk_scenario(env, redis, args.api_workers, args)
+
         if "backlog" in only:
             rows.append(backlog_scenario(runtime, celery, env, args.backlog))
 
@@ -652,6 +664,76 @@ def gateway_scenario(
     finally:
         server.terminate()
         server.wait(timeout=15)
+
+
+def bulk_scenario(env: dict[str, str], redis: Any, api_workers: int, args: Any) -> list[Row]:
+    """Issue 22's bulk intake beside the one-message gateway: the same `notify api`, loaded by
+    bench/load.py in another process with one message a request (--connections in flight) and
+    with POST /messages/batch of --bulk-size (--bulk-connections in flight), rounds of
+    --bulk-seconds interleaved A, B, A, B. Messages accepted a second (202s x messages per
+    request, by the client's clock) and the p50/p99 latency of a request. Nothing is delivered
+    (no workers): the records and queued tasks are flushed after each round."""
+    port = free_port()
+    key = "bench-partner-key-0001"
+    api_env = {**env, "NOTIFY_GATEWAY_KEYS": key, "NOTIFY_OPERATOR_KEYS": "bench-operator-key-0001"}
+    server = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "notify"),
+            *("api", "--host", "127.0.0.1", "--port", str(port)),
+            *("--workers", str(api_workers)),
+        ],
+        cwd=ROOT,
+        env=api_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    kinds = {
+        f"one-message {args.connections}c": (0, args.connections),
+        f"bulk {args.bulk_size} {args.bulk_connections}c": (args.bulk_size, args.bulk_connections),
+    }
+    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in kinds}
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{base}/healthz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        for _ in range(args.bulk_rounds):
+            for name, (batch, connections) in kinds.items():
+                result = subprocess.run(
+                    [
+                        sys.executable,
+                        str(ROOT / "bench" / "load.py"),
+                        *("--url", base, "--key", key, "--template", TEMPLATE),
+                        *("--seconds", str(args.bulk_seconds)),
+                        *("--connections", str(connections), "--batch", str(batch)),
+                    ],
+                    capture_output=True,
+                    text=True,
+                    env=api_env,
+                    timeout=args.bulk_seconds + 120,
+                )
+                rounds[name].append(json.loads(result.stdout.strip().splitlines()[-1]))
+                time.sleep(2)  # the service's publisher empties its queue; then a clean slate
+                redis.flushdb()
+    finally:
+        server.terminate()
+        server.wait(timeout=15)
+    rows = []
+    for name, results in rounds.items():
+        figures: dict[str, Any] = {
+            "accepted/s": sorted(r["accepted/s"] for r in results)[len(results) // 2],
+            "p50 ms": sorted(r["p50 ms"] for r in results)[len(results) // 2],
+            "p99 ms": sorted(r["p99 ms"] for r in results)[len(results) // 2],
+            "rounds accepted/s": " ".join(f"{r['accepted/s']:.0f}" for r in results),
+            "rounds p99 ms": " ".join(f"{r['p99 ms']:.0f}" for r in results),
+            "statuses": results[-1]["statuses"],
+        }
+        rows.append(Row(f"{name} ({api_workers}p)", figures))
+    return rows
 
 
 def backlog_scenario(runtime: Any, command: list[str], env: dict[str, str], count: int) -> Row:

@@ -10,6 +10,7 @@ boundaries fall inside such ties (``SCAN_CHUNK`` made small).
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import xml.etree.ElementTree as ET
@@ -20,7 +21,7 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
-from tests.harness import OPERATOR, ServerThread
+from tests.harness import OPERATOR, OPERATOR_KEY, ServerThread
 from tests.harness import app_settings as _settings
 from tests.harness import dead_letter as _dead_letter
 from worker.front.api import create_app
@@ -54,12 +55,14 @@ def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
 class Walk:
     """A set of letters an operator pages through, changed between pages as the test says."""
 
-    def __init__(self, runtime: Any, user: str, write: Callable[[Any, str, int], str]) -> None:
+    def __init__(
+        self, runtime: Any, user: str, write: Callable[[Any, str, int], str], count: int = 30
+    ) -> None:
         self.runtime = runtime
         self.user = user
         self.write = write
-        # 30 letters, three per millisecond: T0+9 (newest) down to T0.
-        self.present = {write(runtime, user, T0 + i // 3): T0 + i // 3 for i in range(30)}
+        # ``count`` letters, three per millisecond: the newest at T0 + count/3, the oldest at T0.
+        self.present = {write(runtime, user, T0 + i // 3): T0 + i // 3 for i in range(count)}
         self.expected = set(self.present)  # what the walk must show exactly once
         self.newer = 0
         self.older = 0
@@ -88,12 +91,12 @@ class Walk:
         assert self.runtime.deadletters.delete(letter)
         del self.present[letter]
 
-    def check(self, pages: list[list[str]]) -> None:
+    def check(self, pages: list[list[str]], min_pages: int = 5) -> None:
         """No row twice, none missing, newest first by (time, id)."""
         seen = [letter for page in pages for letter in page]
         assert len(seen) == len(set(seen)), "a row repeated"
         assert set(seen) == self.expected, "a row missing or one deleted before it was shown"
-        assert len(pages) > 4
+        assert len(pages) >= min_pages
         places = [(self.runtime.deadletters.get(letter), letter) for letter in seen]
         order = [(letter.dead_ms, ident) for letter, ident in places if letter is not None]
         assert order == sorted(order, reverse=True)
@@ -165,6 +168,35 @@ def test_cli_pages_never_repeat_or_skip_while_letters_come_and_go(
     refused = CliRunner().invoke(notify_cli, ["failed", "list", "--cursor", "12"])
     assert refused.exit_code == 2
     assert "--cursor" in refused.output
+
+
+def test_console_pages_never_repeat_or_skip_while_letters_come_and_go(isolated, letter_at, user_id):
+    runtime = isolated.runtime
+    walk = Walk(runtime, user_id, letter_at, count=90)  # pages of 25: four of them
+    pages: list[list[str]] = []
+    with (
+        ServerThread(create_app(_settings(), runtime)) as server,
+        httpx.Client(base_url=server.url, timeout=30) as console,
+    ):
+        form = console.get("/console/login")
+        csrf = re.search(r'name="csrf" value="([^"]+)"', form.text)
+        assert csrf is not None, form.text
+        data = {"csrf": csrf.group(1), "key": OPERATOR_KEY, "next": "/console"}
+        assert console.post("/console/login", data=data).status_code == 303
+        path = "/console"
+        while True:
+            page = console.get(path)
+            assert page.status_code == 200
+            pages.append(re.findall(r'href="/console/messages/([A-Za-z0-9_-]+)"', page.text))
+            link = re.search(r'rel="next" href="([^"]+)"', page.text)
+            if link is None:
+                break
+            path = html.unescape(link.group(1))
+            walk.change([letter for shown in pages for letter in shown])
+        stale = console.get("/console", params={"cursor": "12"})  # an old offset
+        assert stale.status_code == 200
+        assert "not one this console gave" in stale.text
+    walk.check(pages, min_pages=4)
 
 
 @pytest.fixture
