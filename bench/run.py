@@ -609,7 +609,7 @@ def gateway_scenario(
     env: dict[str, str], sandbox: Sandbox, api_workers: int, connections: int
 ) -> Row:
     """HTTP ingestion through `notify api`, load from bench/load.py in another process."""
-    if not (ROOT / "worker" / "api.py").exists():
+    if not (ROOT / "worker" / "front" / "api.py").exists():
         return Row("gateway", {"skipped": "no HTTP service"})
     port = free_port()
     key = "bench-partner-key-0001"
