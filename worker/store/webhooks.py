@@ -194,6 +194,17 @@ class Event:
         }
 
 
+class NoSealingKey(ValueError):
+    """A webhook secret cannot be stored: ``NOTIFY_TOKEN_ENCRYPTION_KEY`` is not set."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "NOTIFY_TOKEN_ENCRYPTION_KEY: required to keep webhook signing secrets (they are "
+            "stored sealed, like refresh tokens); make one with `python -c 'from "
+            "cryptography.fernet import Fernet; print(Fernet.generate_key().decode())'`"
+        )
+
+
 class WebhookStore:
     """Partners' webhooks and their events; every change of an event is one atomic script."""
 
@@ -218,11 +229,17 @@ class WebhookStore:
 
     # -- each partner's webhook ------------------------------------------------------------
 
+    def _check_sealing(self) -> None:
+        # A secret in clear text in Redis would sign events for anyone who reads it.
+        if self.cipher.seal("").startswith("p:"):
+            raise NoSealingKey
+
     def set(self, partner: str, url: str, events: Iterable[str]) -> tuple[WebhookConfig, str]:
         """Create or change ``partner``'s webhook (``url`` checked by the caller); its signing
         secret: a new one, or the one it had (``rotate`` makes a new one)."""
         key = keys.webhook(checked_partner(partner))
         chosen = parse_events(list(events))
+        self._check_sealing()
         now = now_ms()
         stored = self.redis.hget(key, "secret")
         secret = self.cipher.open(_text(stored)) if stored else new_secret()
@@ -281,6 +298,7 @@ class WebhookStore:
         stored = self.redis.hget(key, "secret")
         if stored is None:
             raise KeyError(partner)
+        self._check_sealing()
         secret = new_secret()
         now = now_ms()
         self.redis.hset(
