@@ -8,6 +8,7 @@ machine, which the workers may post to only with ``NOTIFY_WEBHOOK_ALLOW_PRIVATE=
 from __future__ import annotations
 
 import json
+import re
 import select
 import socket
 import subprocess
@@ -20,12 +21,25 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from cryptography.fernet import Fernet
 from standardwebhooks import Webhook
 
 from sandbox.concur import Sandbox
-from tests.harness import ROOT, TEST_TOKEN, Isolated, dead_letter, wait_for
+from tests import harness
+from tests.harness import (
+    OPERATOR,
+    OPERATOR_KEY,
+    PARTNER,
+    ROOT,
+    TEST_TOKEN,
+    Isolated,
+    ServerThread,
+    dead_letter,
+    wait_for,
+)
+from worker.front.api import create_app
 from worker.store.sealing import Cipher
 from worker.store.webhooks import DELIVERED, EXPIRED, FAILED, WebhookStore
 from worker.webhooks.delivery import WebhookDelivery, WebhookPolicy
@@ -361,3 +375,64 @@ def test_events_are_written_only_for_the_types_a_partner_chose(
     store.set("default", "https://hooks.example.com/in", [EXPIRED])
     dead_letter(isolated.runtime, f"u-{uuid.uuid4().hex[:8]}", reason="api_rejected")
     assert store.pending_count() == 2
+
+
+CSRF = re.compile(r'name="csrf" value="([^"]+)"')
+
+
+def test_the_operator_api_and_the_console_show_a_webhook_but_never_its_secret(
+    isolated: Isolated,
+) -> None:
+    settings = harness.app_settings(
+        redis_url=isolated.env["NOTIFY_REDIS_URL"], token_encryption_key=KEY
+    )
+    with (
+        ServerThread(create_app(settings, isolated.runtime)) as server,
+        httpx.Client(base_url=server.url, timeout=30, follow_redirects=True) as http,
+    ):
+        path = "/partners/acme/webhook"
+        body = {"url": "https://hooks.example.com/in?k=1", "events": ["message.delivered"]}
+        assert http.put(path, json=body, headers=PARTNER).status_code == 403
+        answer = http.put(path, json=body, headers=OPERATOR)
+        assert answer.status_code == 200, answer.text
+        secret = answer.json()["secret"]
+        assert secret.startswith("whsec_")
+        assert answer.json()["webhook"]["events"] == [DELIVERED]
+        again = http.put(path, json={"url": body["url"]}, headers=OPERATOR).json()
+        assert again["secret"] == secret  # setting it again keeps the secret
+        assert again["webhook"]["events"] == [FAILED, EXPIRED]
+        shown = http.get(path, headers=OPERATOR)
+        assert shown.status_code == 200 and secret not in shown.text
+        assert shown.json()["breaker"] == "closed"
+        rotated = http.post(path + "/rotate", headers=OPERATOR).json()
+        assert rotated["secret"] != secret
+        assert rotated["webhook"]["previous_secret_until"] is not None
+        assert webhooks(isolated).signing_secrets("acme") == [rotated["secret"], secret]
+        refused = http.put(path, json={"url": "https://169.254.169.254/"}, headers=OPERATOR)
+        assert refused.status_code == 400 and "metadata" in refused.text
+        queued = http.post(path + "/test", headers=OPERATOR)
+        assert queued.status_code == 202 and queued.json()["eventId"].startswith("evt_")
+
+        login = http.get("/console/webhooks")
+        token = CSRF.search(login.text)
+        assert token is not None
+        http.post(
+            "/console/login",
+            data={"csrf": token.group(1), "key": OPERATOR_KEY, "next": "/console/webhooks"},
+        )
+        page = http.get("/console/webhooks")
+        assert page.status_code == 200
+        assert "https://hooks.example.com/in?k=1" in page.text
+        assert "message.failed, message.expired" in page.text
+        assert '<span class="badge closed">closed</span>' in page.text
+        assert secret not in page.text and rotated["secret"] not in page.text
+        assert "whsec_" not in page.text
+
+        assert http.delete(path, headers=OPERATOR).status_code == 204
+        assert http.get(path, headers=OPERATOR).status_code == 404
+        # The queued test event has no webhook to go to: a webhook dead letter, listed.
+        delivery = WebhookDelivery(webhooks(isolated), WebhookPolicy())
+        assert delivery.attempt(queued.json()["eventId"]) == "dead"
+        listed = http.get("/webhooks/failed", params={"partner": "acme"}, headers=OPERATOR)
+        assert [item["id"] for item in listed.json()["items"]] == [queued.json()["eventId"]]
+        assert listed.json()["items"][0]["reason"] == "no_webhook"
