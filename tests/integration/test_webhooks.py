@@ -436,3 +436,45 @@ def test_the_operator_api_and_the_console_show_a_webhook_but_never_its_secret(
         listed = http.get("/webhooks/failed", params={"partner": "acme"}, headers=OPERATOR)
         assert [item["id"] for item in listed.json()["items"]] == [queued.json()["eventId"]]
         assert listed.json()["items"][0]["reason"] == "no_webhook"
+
+
+def test_the_webhook_commands(isolated: Isolated) -> None:
+    # In this process (click's runner) with the isolated database's environment: a notify
+    # process per command costs seconds each on a busy machine.
+    from click.testing import CliRunner
+
+    from worker.front import cli
+    from worker.settings import get_settings
+
+    def run(*args: str, **env: str) -> Any:
+        get_settings.cache_clear()
+        cli._runtime.cache_clear()
+        try:
+            return CliRunner().invoke(
+                cli.main, ["partners", "webhook", *args], env={**isolated.env, **FAST, **env}
+            )
+        finally:
+            get_settings.cache_clear()
+            cli._runtime.cache_clear()
+
+    url = "https://hooks.example.com/in"
+    unsealed = run("set", "acme", url, NOTIFY_TOKEN_ENCRYPTION_KEY="")
+    assert unsealed.exit_code == 2 and "NOTIFY_TOKEN_ENCRYPTION_KEY" in unsealed.output
+    assert run("set", "acme", "http://hooks.example.com/in").exit_code == 1
+    assert run("set", "acme", url, "--events", "message.bounced").exit_code == 1
+    assert run("set", "Not A Partner", url).exit_code == 1
+    first = run("set", "acme", url)
+    assert first.exit_code == 0, first.output
+    secret = first.output.strip().splitlines()[-1]
+    rotated = run("rotate", "acme")
+    assert rotated.exit_code == 0, rotated.output
+    new = rotated.output.strip().splitlines()[-1]
+    assert new.startswith("whsec_") and new != secret
+    shown = run("show")
+    assert shown.exit_code == 0 and url in shown.output and "previous secret" in shown.output
+    assert secret not in shown.output and new not in shown.output
+    assert webhooks(isolated).signing_secrets("acme") == [new, secret]
+    assert run("test", "acme", "--wait", "0").exit_code == 0
+    assert run("remove", "acme").exit_code == 0
+    assert run("remove", "acme").exit_code == 4
+    assert run("rotate", "acme").exit_code == 4

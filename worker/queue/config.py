@@ -77,6 +77,8 @@ def broker_options(settings: Settings) -> dict[str, Any]:
         # exchange is what it needs if it were.
         return {
             "task_default_queue_type": "quorum",
+            # The webhook queue (``webhook_queue``) is made when first used: quorum too.
+            "task_create_missing_queue_type": "quorum",
             "task_default_exchange_type": "topic",
             "worker_detect_quorum_queues": True,
             "broker_transport_options": {"confirm_publish": True},
