@@ -63,6 +63,8 @@ class Receiver:
     def __init__(self) -> None:
         self.received: list[tuple[dict[str, str], bytes]] = []
         self.status = 204
+        self.headers: dict[str, str] = {}
+        self.body = b""
         self.hang = threading.Event()
         self.in_flight = 0
         self.most_in_flight = 0
@@ -87,8 +89,11 @@ class Receiver:
                         receiver.hold(self.connection)
                         return
                     self.send_response(receiver.status)
-                    self.send_header("content-length", "0")
+                    for name, value in receiver.headers.items():
+                        self.send_header(name, value)
+                    self.send_header("content-length", str(len(receiver.body)))
                     self.end_headers()
+                    self.wfile.write(receiver.body)
                 finally:
                     with receiver._lock:
                         receiver.in_flight -= 1
@@ -478,3 +483,34 @@ def test_the_webhook_commands(isolated: Isolated) -> None:
     assert run("remove", "acme").exit_code == 0
     assert run("remove", "acme").exit_code == 4
     assert run("rotate", "acme").exit_code == 4
+
+
+def test_the_post_is_pinned_to_the_checked_address_follows_no_redirect_and_bounds_the_answer(
+    receiver: Receiver,
+) -> None:
+    from worker.concur.transport import ExchangeFailed
+    from worker.rules.endpoints import Endpoint
+    from worker.webhooks import sender
+    from worker.webhooks.guard import Target
+
+    port = receiver.server.server_address[1]
+    # A name that never resolves (.invalid), pinned to the address the guard checked: the post
+    # reaches it without resolving the name, and says the name in Host.
+    endpoint = Endpoint(f"http://hooks.invalid:{port}/in", "http", "hooks.invalid", port)
+    target = Target(endpoint, "127.0.0.1")
+    answer = sender.post(target, {"x-test": "1"}, b"{}", timeout_seconds=5)
+    assert answer.status == 204
+    assert receiver.received[-1][0]["host"] == f"hooks.invalid:{port}"
+    receiver.status, receiver.headers = 302, {"location": f"http://127.0.0.1:{port}/elsewhere"}
+    assert sender.post(target, {}, b"{}", timeout_seconds=5).status == 302
+    assert len(receiver.received) == 2  # not followed
+    receiver.status, receiver.headers, receiver.body = 200, {}, b"x" * (64 * 1024 + 1)
+    with pytest.raises(ExchangeFailed) as failed:
+        sender.post(target, {}, b"{}", timeout_seconds=5)
+    assert failed.value.kind == "protocol" and "larger than" in failed.value.detail
+    receiver.body = b""
+    receiver.hang.set()
+    started = time.monotonic()
+    with pytest.raises(ExchangeFailed) as failed:
+        sender.post(target, {}, b"{}", timeout_seconds=1)
+    assert failed.value.kind == "timeout" and time.monotonic() - started < 5
