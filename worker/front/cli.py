@@ -1047,6 +1047,26 @@ def webhook_redeliver(event_ids: tuple[str, ...]) -> None:
         _fail(f"no webhook dead letter {', '.join(missing)}", EXIT_NOT_FOUND)
 
 
+@webhook.command("forget")
+@click.argument("event_ids", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="every webhook dead letter (of --partner)")
+@click.option("--partner", default=None, help="with --all: only this partner's")
+@friendly_errors
+def webhook_forget(event_ids: tuple[str, ...], all_: bool, partner: str | None) -> None:
+    """Delete webhook dead letters (they are kept until deleted or sent again)."""
+    if bool(event_ids) == all_:
+        _fail("give event ids or --all (not both)", EXIT_INVALID)
+    store = _webhooks()
+    if all_:
+        chosen = [letter.id for letter in store.dead_letters(limit=10**9, partner=partner)]
+    else:
+        chosen = list(event_ids)
+    gone = sum(1 for event_id in chosen if store.forget(event_id))
+    click.echo(f"deleted {gone}")
+    if not all_ and gone < len(chosen):
+        _fail(f"{len(chosen) - gone} of them were no webhook event", EXIT_NOT_FOUND)
+
+
 def _webhook_dead_letters(selection: Any, limit: int, as_json: bool) -> None:
     partner = getattr(selection, "partner", None) if selection is not None else None
     letters = _webhooks().dead_letters(limit=limit, partner=partner)

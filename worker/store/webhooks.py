@@ -23,6 +23,7 @@ webhook mover (``worker.webhooks.delivery``), as messages are by theirs.
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import secrets
 from collections.abc import Iterable, Mapping
@@ -436,10 +437,11 @@ class WebhookStore:
 
     def dead_letters(self, *, limit: int = 100, partner: str | None = None) -> list[Event]:
         """Webhook dead letters, newest first (``partner``: only that partner's)."""
-        ids = [_text(i) for i in self.redis.zrevrange(keys.WEBHOOK_DEAD, 0, -1)]
         found: list[Event] = []
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
+        for start in itertools.count(0, 500):
+            chunk = [_text(i) for i in self.redis.zrevrange(keys.WEBHOOK_DEAD, start, start + 499)]
+            if not chunk:
+                return found
             pipe = self.redis.pipeline(transaction=False)
             for event_id in chunk:
                 pipe.hgetall(keys.webhook_event(event_id))
