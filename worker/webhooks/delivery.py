@@ -17,6 +17,7 @@ attempts, as messages do.
 Failure reasons of a webhook dead letter::
 
     no_webhook        the partner's webhook was removed before the event went out
+    secret_unreadable its signing secret does not open with NOTIFY_TOKEN_ENCRYPTION_KEY
     endpoint_refused  the URL or what its host resolves to is refused (worker.rules.endpoints)
     http_status       the endpoint answered, not 2xx (a redirect too: never followed)
     timeout | connect | protocol   no answer (worker.concur.transport's kinds)
@@ -184,7 +185,12 @@ class WebhookDelivery:
             breaker.record(1, 1, probe=False if probe else None)
             return self._failed(event, owner, None, "endpoint_refused", refused.detail, endpoint)
         body = event.body()
-        secrets = self.store.signing_secrets(event.partner)
+        try:
+            secrets = self.store.signing_secrets(event.partner)
+        except ValueError as unreadable:  # sealed under a key no longer configured
+            return self._failed(event, owner, None, "secret_unreadable", str(unreadable), endpoint)
+        if not secrets:  # removed between the claim and now
+            return self._failed(event, owner, None, "no_webhook", "no signing secret", endpoint)
         headers = {
             "content-type": "application/json",
             **signing.headers(secrets, event.id, int(time.time()), body),
