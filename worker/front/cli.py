@@ -265,7 +265,8 @@ def _filters(function: F) -> F:
     default="message",
     show_default=True,
     type=click.Choice(["message", "webhook"]),
-    help="messages' dead letters, or partners' webhook events that could not be sent",
+    help="messages' dead letters, or partners' webhook events that could not be sent (of the "
+    "filters, only --partner applies to these)",
 )
 @friendly_errors
 def failed_list(selection: Any, limit: int, cursor: int, as_json: bool, kind: str) -> None:
