@@ -167,6 +167,11 @@ def run_dev(
         env["NOTIFY_API_BASE_URL"] = sandbox.start()
         started.append(sandbox)
         _say(f"no NOTIFY_API_TOKEN: posting to the local sandbox at {sandbox.url}")
+        # A local stack: partners' webhooks may point at a receiver on this machine
+        # (docs/webhooks.md); never the default elsewhere.
+        if "NOTIFY_WEBHOOK_ALLOW_PRIVATE" not in os.environ and not settings.webhook_allow_private:
+            env["NOTIFY_WEBHOOK_ALLOW_PRIVATE"] = "true"
+            _say("webhooks may reach loopback receivers (NOTIFY_WEBHOOK_ALLOW_PRIVATE=true)")
     else:
         _say(f"posting to {settings.api_base_url}")
 

@@ -12,11 +12,12 @@ from typing import Any
 
 from celery import Task
 
-from worker.celery_app import SEND_TASK, app
+from worker.celery_app import SEND_TASK, WEBHOOK_TASK, app
 from worker.delivery.attempts import deliver_task
 from worker.intake.producer import Enqueued, enqueue, enqueue_many, record, submit
 from worker.rules.validation import InvalidRequest, Problem
 from worker.runtime import get_runtime
+from worker.webhooks.delivery import get_delivery
 
 __all__ = [
     "Enqueued",
@@ -26,6 +27,7 @@ __all__ = [
     "enqueue_many",
     "record",
     "send_message",
+    "send_webhook",
     "submit",
 ]
 
@@ -51,3 +53,15 @@ def _worker_is_stopping() -> bool:
     from celery.worker import state
 
     return state.should_stop is not None and state.should_stop is not False
+
+
+@app.task(name=WEBHOOK_TASK, ignore_result=True)
+def send_webhook(event_id: Any = None, *_: Any, **__: Any) -> str:
+    """Attempt one outcome event for a partner's endpoint (``worker.webhooks.delivery``).
+
+    Not acked late: the event waits in Redis (``keys.WEBHOOK_SCHEDULE``) until its outcome is
+    written, and the webhook mover publishes it again if this task is lost.
+    """
+    if not isinstance(event_id, str):
+        return "skipped"
+    return get_delivery().attempt(event_id)

@@ -16,13 +16,15 @@ from worker.delivery.dispatcher import Dispatcher, DispatchPolicy, OpenBreakers
 from worker.delivery.mover import Liveness, Mover
 from worker.ops.logs import configure_from_settings
 from worker.ops.monitoring import init_sentry
-from worker.queue.config import SEND_TASK, app_for
+from worker.queue.config import SEND_TASK, WEBHOOK_TASK, app_for, webhook_queue
 from worker.runtime import get_runtime
 from worker.settings import SettingsError, get_settings
 from worker.store.companies import CompanyRegistry
 from worker.store.history import HistoryWriter, settings_url
+from worker.store.webhooks import WebhookStore
+from worker.webhooks.delivery import WebhookMover
 
-__all__ = ["SEND_TASK", "app"]
+__all__ = ["SEND_TASK", "WEBHOOK_TASK", "app"]
 
 app = app_for(get_settings())
 
@@ -157,3 +159,43 @@ def _stop_mover(**_: object) -> None:
     if _liveness is not None:
         _liveness.stop()
         _liveness = None
+
+
+# -- outcome webhooks (worker/webhooks/) -------------------------------------------------------
+
+_webhook_mover: WebhookMover | None = None
+
+
+@signals.celeryd_after_setup.connect
+def _consume_webhooks(instance: Any = None, **_: object) -> None:
+    # Every worker also consumes the webhook queue: events need no process of their own, and
+    # their queue keeps them from waiting behind (or holding up) the send tasks.
+    if instance is not None:
+        instance.app.amqp.queues.select_add(webhook_queue(get_settings()))
+
+
+@signals.worker_ready.connect
+def _start_webhook_mover(**_: object) -> None:
+    global _webhook_mover
+    runtime = get_runtime()
+    queue = webhook_queue(runtime.settings)
+
+    def publish(event_ids: Any) -> None:
+        for event_id in event_ids:
+            runtime.celery.send_task(WEBHOOK_TASK, args=[event_id], queue=queue)
+
+    _webhook_mover = WebhookMover(
+        WebhookStore.from_settings(runtime.redis, runtime.settings),
+        publish,
+        runtime.settings.retry_poll_interval_seconds,
+        grace_ms=runtime.store.publish_grace_ms,
+    )
+    _webhook_mover.start()
+
+
+@signals.worker_shutdown.connect
+def _stop_webhook_mover(**_: object) -> None:
+    global _webhook_mover
+    if _webhook_mover is not None:
+        _webhook_mover.stop()
+        _webhook_mover = None

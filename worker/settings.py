@@ -218,6 +218,20 @@ class Settings(BaseSettings):
     # globex=*" (* = any company of the registry). A partner not listed: the default company only.
     partner_companies: Grants = {}
 
+    # Outcome webhooks per partner (docs/webhooks.md): a partner endpoint on a private,
+    # loopback or CGNAT address (and plain http:// to loopback) is refused unless this is on (a
+    # developer's local receiver; `notify dev` sets it). Link-local and metadata addresses are
+    # refused always.
+    webhook_allow_private: bool = False
+    # After `notify partners webhook rotate`, events are signed with the old secret too for this
+    # long, so a partner can switch secrets without losing one.
+    webhook_rotation_grace_seconds: int = Field(24 * 3600, ge=0, le=30 * 86_400)
+    # One deadline for a webhook post: resolving, connecting, sending and reading the answer.
+    webhook_timeout_seconds: float = Field(10.0, gt=0, le=120)
+    # Webhook posts one worker process makes at once; the rest wait on the schedule, so slow
+    # partner endpoints never hold more than this many of the threads that post to Concur.
+    webhook_concurrency: int = Field(2, ge=1, le=64)
+
     log_format: Literal["json", "text"] = "json"
     # Unset: the worker follows celery's --loglevel, the other services log INFO.
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] | None = None

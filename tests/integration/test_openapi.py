@@ -240,6 +240,7 @@ def _answers(http: httpx.Client, runtime: Runtime, concur: Sandbox) -> Iterator[
     yield "DELETE", one, http.delete(f"/notifications/{gone}", headers=PARTNER)
 
     yield from _company_answers(http, concur)
+    yield from _webhook_answers(http)
 
     for path in ("/healthz", "/readyz", "/metrics", "/openapi.json"):
         yield "GET", path, http.get(path)
@@ -304,6 +305,7 @@ def _locked(locked: httpx.Client) -> Iterator[Answer]:
         ("GET", "/companies/{companyId}", "/companies/default"),
         ("PUT", "/companies/{companyId}", f"/companies/{uuid.uuid4()}"),
         ("DELETE", "/companies/{companyId}", f"/companies/{uuid.uuid4()}"),
+        *_WEBHOOK_CALLS,
     ):
         yield method, template, locked.request(method, path, headers=WRONG_KEY)
 
@@ -337,6 +339,55 @@ def _company_answers(http: httpx.Client, concur: Sandbox) -> Iterator[Answer]:
     yield "DELETE", one, http.delete(path, headers=PARTNER)
 
 
+_HOOK = "/partners/{partner}/webhook"
+_WEBHOOK_CALLS = (
+    ("GET", _HOOK, "/partners/acme/webhook"),
+    ("PUT", _HOOK, "/partners/acme/webhook"),
+    ("DELETE", _HOOK, "/partners/acme/webhook"),
+    ("POST", _HOOK + "/rotate", "/partners/acme/webhook/rotate"),
+    ("POST", _HOOK + "/test", "/partners/acme/webhook/test"),
+    ("GET", "/webhooks/failed", "/webhooks/failed"),
+)
+
+
+def _webhook_answers(http: httpx.Client) -> Iterator[Answer]:
+    """A live answer for each documented answer of the webhook operations but the 503s."""
+    partner = f"p-{uuid.uuid4().hex[:8]}"
+    path = f"/partners/{partner}/webhook"
+    hook = {"url": "https://hooks.example.com/in", "events": ["message.failed"]}
+    yield "PUT", _HOOK, http.put(path, json=hook, headers=OPERATOR)
+    yield "PUT", _HOOK, http.put(path, json={"url": "http://hooks.example.com/"}, headers=OPERATOR)
+    big = b'{"url": "' + b"a" * MAX_BODY + b'"}'
+    json_type = {"Content-Type": "application/json"}
+    yield "PUT", _HOOK, http.put(path, content=big, headers={**OPERATOR, **json_type})
+    plain = {**OPERATOR, "Content-Type": "text/plain"}
+    yield "PUT", _HOOK, http.put(path, content=b"{}", headers=plain)
+    for method, template, _ in _WEBHOOK_CALLS:
+        real = template.replace("{partner}", partner)
+        body = hook if method == "PUT" else None
+        yield method, template, http.request(method, real, json=body)
+        yield method, template, http.request(method, real, json=body, headers=PARTNER)
+    yield "GET", _HOOK, http.get(path, headers=OPERATOR)
+    yield "GET", _HOOK, http.get("/partners/ACME/webhook", headers=OPERATOR)
+    yield "POST", _HOOK + "/rotate", http.post(path + "/rotate", headers=OPERATOR)
+    yield "POST", _HOOK + "/rotate", http.post("/partners/ACME/webhook/rotate", headers=OPERATOR)
+    yield "POST", _HOOK + "/test", http.post(path + "/test", headers=OPERATOR)
+    yield "POST", _HOOK + "/test", http.post("/partners/ACME/webhook/test", headers=OPERATOR)
+    yield "GET", "/webhooks/failed", http.get("/webhooks/failed", headers=OPERATOR)
+    failed = http.get("/webhooks/failed", params={"limit": "0"}, headers=OPERATOR)
+    yield "GET", "/webhooks/failed", failed
+    yield "DELETE", _HOOK, http.delete(path, headers=OPERATOR)
+    yield "DELETE", _HOOK, http.delete("/partners/ACME/webhook", headers=OPERATOR)
+    yield "DELETE", _HOOK, http.delete(path, headers=OPERATOR)
+    for template in (_HOOK, _HOOK + "/rotate", _HOOK + "/test"):
+        method = "GET" if template == _HOOK else "POST"
+        yield (
+            method,
+            template,
+            http.request(method, template.replace("{partner}", partner), headers=OPERATOR),
+        )
+
+
 def _unavailable(down: httpx.Client) -> list[Answer]:
     """Every operation of an app whose Redis does not answer (503 where one is documented).
 
@@ -356,6 +407,7 @@ def _unavailable(down: httpx.Client) -> list[Answer]:
         ("GET", "/companies/{companyId}", f"/companies/{uuid.uuid4()}", OPERATOR),
         ("PUT", "/companies/{companyId}", f"/companies/{uuid.uuid4()}", OPERATOR),
         ("DELETE", "/companies/{companyId}", f"/companies/{uuid.uuid4()}", OPERATOR),
+        *((method, template, path, OPERATOR) for method, template, path in _WEBHOOK_CALLS),
         ("GET", "/healthz", "/healthz", {}),
         ("GET", "/readyz", "/readyz", {}),
         ("GET", "/metrics", "/metrics", {}),
@@ -367,7 +419,7 @@ def _unavailable(down: httpx.Client) -> list[Answer]:
         if path.endswith("/batch"):
             body = [{"userId": "u-1", **request_body()}]
         if method == "PUT":
-            body = {"requestToken": "r"}
+            body = {"url": "https://a.example"} if "webhook" in path else {"requestToken": "r"}
         return down.request(method, path, json=body, headers=headers)
 
     with ThreadPoolExecutor(len(sent)) as pool:

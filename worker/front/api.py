@@ -92,6 +92,12 @@ from worker.shapes.contract import (
     Ready,
     Replayed,
     ReplayPreview,
+    SetWebhook,
+    WebhookDeadLetter,
+    WebhookDeadLetterList,
+    WebhookSecret,
+    WebhookTestQueued,
+    WebhookView,
 )
 from worker.shapes.models import (
     DEFAULT_COMPANY,
@@ -1004,6 +1010,150 @@ def company_routes(service: Service, settings: Settings) -> list[Route]:
     ]
 
 
+# -- partners' outcome webhooks (docs/webhooks.md) over the operator API -----------------------
+
+
+class WebhookEndpoints:
+    """``/partners/{partner}/webhook`` and ``/webhooks/failed`` (operator key)."""
+
+    def __init__(self, service: Service, settings: Settings) -> None:
+        from worker.store.webhooks import WebhookStore
+        from worker.webhooks.delivery import WebhookPolicy
+
+        self.service = service
+        self.settings = settings
+        self.store = WebhookStore.from_settings(service.runtime.redis, settings)
+        self.breaker_policy = WebhookPolicy.from_settings(settings).breaker
+
+    @staticmethod
+    def _partner(request: Request) -> str:
+        value = str(request.path_params["partner"])
+        if not is_partner_name(value):
+            raise ApiError(400, INVALID_PARAMETER, "partner must be a partner name")
+        return value
+
+    def _view(self, config: Any) -> WebhookView:
+        from worker.rules.endpoints import EndpointRefused, check_url
+        from worker.webhooks.delivery import EndpointBreaker
+
+        try:
+            name = check_url(config.url, allow_private=True).name
+        except EndpointRefused:
+            name = "refused"
+        state = EndpointBreaker(self.store.redis, self.breaker_policy, name).status().state
+        return WebhookView.model_validate({**config.to_json(), "breaker": state})
+
+    async def _found(self, partner: str) -> Any:
+        config = await run_in_threadpool(self.store.get, partner)
+        if config is None:
+            raise ApiError(404, NOT_FOUND, "the partner has no webhook")
+        return config
+
+    async def show(self, request: Request) -> Response:
+        """``GET /partners/{partner}/webhook``: the webhook, never its secret."""
+        await self.service._require(request, OPERATOR)
+        config = await self._found(self._partner(request))
+        return model_response(await run_in_threadpool(self._view, config))
+
+    async def put(self, request: Request) -> Response:
+        """``PUT /partners/{partner}/webhook``: set it; answers the signing secret."""
+        from worker.rules.endpoints import EndpointRefused, check_url
+        from worker.store.webhooks import NoSealingKey
+
+        await self.service._require(request, OPERATOR)
+        partner = self._partner(request)
+        self.service._check_json_content_type(request)
+        raw = await self.service._read_body(request)
+        try:
+            document = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as error:
+            what = "UTF-8" if isinstance(error, UnicodeDecodeError) else "valid JSON"
+            raise ApiError(400, "INVALID_JSON", f"the body is not {what}") from None
+        try:
+            body = SetWebhook.model_validate(document)
+        except ValidationError as error:
+            raise ApiError(400, "", "", problems=_body_problems(error)) from None
+        try:
+            check_url(body.url, allow_private=self.settings.webhook_allow_private)
+        except EndpointRefused as error:
+            raise ApiError(400, "URL_REFUSED", error.detail) from None
+        try:
+            config, secret = await run_in_threadpool(
+                self.store.set, partner, body.url, body.events or []
+            )
+        except NoSealingKey as error:
+            raise ApiError(503, NOT_CONFIGURED, str(error)) from None
+        log.info("webhook of partner %s set", partner, extra={"partner": partner})
+        view = await run_in_threadpool(self._view, config)
+        return model_response(WebhookSecret(webhook=view, secret=secret))
+
+    async def remove(self, request: Request) -> Response:
+        """``DELETE /partners/{partner}/webhook``: 204."""
+        await self.service._require(request, OPERATOR)
+        partner = self._partner(request)
+        if not await run_in_threadpool(self.store.remove, partner):
+            raise ApiError(404, NOT_FOUND, "the partner has no webhook")
+        log.info("webhook of partner %s removed", partner, extra={"partner": partner})
+        return Response(status_code=204)
+
+    async def rotate(self, request: Request) -> Response:
+        """``POST /partners/{partner}/webhook/rotate``: a new secret; the old one signs too for
+        the grace period."""
+        from worker.store.webhooks import NoSealingKey
+
+        await self.service._require(request, OPERATOR)
+        partner = self._partner(request)
+        try:
+            secret = await run_in_threadpool(self.store.rotate, partner)
+        except KeyError:
+            raise ApiError(404, NOT_FOUND, "the partner has no webhook") from None
+        except NoSealingKey as error:
+            raise ApiError(503, NOT_CONFIGURED, str(error)) from None
+        log.info("webhook secret of partner %s rotated", partner, extra={"partner": partner})
+        view = await run_in_threadpool(self._view, await self._found(partner))
+        return model_response(WebhookSecret(webhook=view, secret=secret))
+
+    async def test(self, request: Request) -> Response:
+        """``POST /partners/{partner}/webhook/test``: queue a ``webhook.test`` event (202)."""
+        await self.service._require(request, OPERATOR)
+        partner = self._partner(request)
+        try:
+            event_id = await run_in_threadpool(self.store.test_event, partner)
+        except KeyError:
+            raise ApiError(404, NOT_FOUND, "the partner has no webhook") from None
+        return model_response(WebhookTestQueued(eventId=event_id), 202)
+
+    async def failed(self, request: Request) -> Response:
+        """``GET /webhooks/failed``: webhook dead letters, newest first."""
+        await self.service._require(request, OPERATOR)
+        partner = request.query_params.get("partner")
+        if partner is not None and not is_partner_name(partner):
+            raise ApiError(400, INVALID_PARAMETER, "partner must be a partner name")
+        limit = self.service._int_param(request, "limit", DEFAULT_PAGE_LIMIT, 1, MAX_PAGE_LIMIT)
+        letters = await run_in_threadpool(
+            functools.partial(self.store.dead_letters, limit=limit, partner=partner)
+        )
+        return model_response(
+            WebhookDeadLetterList(
+                items=[WebhookDeadLetter.model_validate(each.to_json()) for each in letters]
+            )
+        )
+
+
+def webhook_routes(service: Service, settings: Settings) -> list[Route]:
+    """The webhook routes, for the service's route list."""
+    endpoints = WebhookEndpoints(service, settings)
+    one = "/partners/{partner}/webhook"
+    return [
+        Route(one, _handle(endpoints.show), methods=["GET"]),
+        Route(one, _handle(endpoints.put), methods=["PUT"]),
+        Route(one, _handle(endpoints.remove), methods=["DELETE"]),
+        Route(one + "/rotate", _handle(endpoints.rotate), methods=["POST"]),
+        Route(one + "/test", _handle(endpoints.test), methods=["POST"]),
+        Route("/webhooks/failed", _handle(endpoints.failed), methods=["GET"]),
+    ]
+
+
 def _handle(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[..., Any]:
     # Turns ApiError into the error schema; Redis or broker outages into 503.
     @functools.wraps(endpoint)
@@ -1062,6 +1212,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         Route("/metrics", _handle(service.metrics), methods=["GET"]),
         Route("/openapi.json", _handle(service.openapi), methods=["GET"]),
         *company_routes(service, settings),  # /companies: the company registry (issue 21)
+        *webhook_routes(service, settings),  # partners' outcome webhooks (issue 22)
         *console_routes(settings, runtime, limiter),  # /console: the dead-letter console
     ]
     app = Starlette(

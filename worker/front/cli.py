@@ -260,9 +260,20 @@ def _filters(function: F) -> F:
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 10_000))
 @click.option("--cursor", default=None, help="the previous page's cursor (its `more:` line)")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
+@click.option(
+    "--kind",
+    default="message",
+    show_default=True,
+    type=click.Choice(["message", "webhook"]),
+    help="messages' dead letters, or partners' webhook events that could not be sent (of the "
+    "filters, only --partner applies to these)",
+)
 @friendly_errors
-def failed_list(selection: Any, limit: int, cursor: str | None, as_json: bool) -> None:
+def failed_list(selection: Any, limit: int, cursor: str | None, as_json: bool, kind: str) -> None:
     """List dead letters, newest first."""
+    if kind == "webhook":
+        _webhook_dead_letters(selection, limit, as_json)
+        return
     from worker.store.query import decode_cursor, encode_cursor
 
     after = None
@@ -835,3 +846,247 @@ def flower(port: int | None, address: str | None, wait_seconds: float, log_level
 
         wait_for_worker(celery_app, wait_seconds, lambda line: click.echo(line, err=True))
     os.execve(argv[0], argv, env)
+
+
+# -- partners' outcome webhooks (docs/webhooks.md) ---------------------------------------------
+
+
+@main.group()
+def partners() -> None:
+    """Partners' settings kept in Redis: their outcome webhooks."""
+
+
+@partners.group()
+def webhook() -> None:
+    """A partner's outcome webhook: set, show, rotate its secret, test, remove."""
+
+
+def _webhooks() -> Any:
+    from worker.store.webhooks import WebhookStore
+
+    runtime = _runtime()
+    return WebhookStore.from_settings(runtime.redis, runtime.settings)
+
+
+def _partner_name(partner: str) -> str:
+    from worker.shapes.models import is_partner_name
+
+    if not is_partner_name(partner):
+        _fail(f"{partner!r} is not a partner name (lower-case letters, digits, _.-)", EXIT_INVALID)
+    return partner
+
+
+def _webhook_lines(config: Any, breaker: Any) -> list[str]:
+    lines = [
+        f"partner:  {config.partner}",
+        f"url:      {config.url}",
+        f"events:   {', '.join(config.events)}",
+        f"endpoint: breaker {breaker.state}",
+        f"updated:  {iso_utc(config.updated_ms) or '-'}",
+    ]
+    if config.rotating_until_ms:
+        lines.append(f"previous secret signs too until {iso_utc(config.rotating_until_ms)}")
+    return lines
+
+
+def _endpoint_breaker(url: str) -> Any:
+    from worker.rules.endpoints import EndpointRefused, check_url
+    from worker.webhooks.delivery import EndpointBreaker, WebhookPolicy
+
+    runtime = _runtime()
+    try:
+        name = check_url(url, allow_private=True).name
+    except EndpointRefused:
+        name = "refused"
+    return EndpointBreaker(
+        runtime.redis, WebhookPolicy.from_settings(runtime.settings).breaker, name
+    ).status()
+
+
+@webhook.command("set")
+@click.argument("partner")
+@click.argument("url")
+@click.option(
+    "--events",
+    default=None,
+    help="comma-separated: message.failed, message.expired, message.delivered "
+    "[default: message.failed,message.expired]",
+)
+@friendly_errors
+def webhook_set(partner: str, url: str, events: str | None) -> None:
+    """Send PARTNER's outcome events to URL (https); prints the signing secret on its last line.
+
+    Setting an existing webhook again keeps its secret (`rotate` makes a new one).
+    """
+    from worker.rules.endpoints import EndpointRefused, check_url
+    from worker.store.webhooks import parse_events
+
+    partner = _partner_name(partner)
+    settings = _runtime().settings
+    try:
+        check_url(url, allow_private=settings.webhook_allow_private)
+        chosen = parse_events(events)
+    except EndpointRefused as error:
+        _fail(f"URL refused: {error.detail}", EXIT_INVALID)
+        return
+    except ValueError as error:
+        _fail(str(error), EXIT_INVALID)
+        return
+    known = {name for name, _key in settings.gateway_partners} | {"default"}
+    if partner not in known:
+        click.echo(f"warning: partner {partner!r} has no key in NOTIFY_GATEWAY_KEYS", err=True)
+    from worker.store.webhooks import NoSealingKey
+
+    try:
+        config, secret = _webhooks().set(partner, url, chosen)
+    except NoSealingKey as error:
+        _fail(str(error), EXIT_CONFIG)
+        return
+    click.echo(f"webhook of {config.partner}: {config.url}")
+    click.echo(f"events: {', '.join(config.events)}")
+    click.echo("signing secret (give it to the partner; `show` never prints it):")
+    click.echo(secret)
+
+
+@webhook.command("show")
+@click.argument("partner", required=False)
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@friendly_errors
+def webhook_show(partner: str | None, as_json: bool) -> None:
+    """Show PARTNER's webhook (no PARTNER: every partner's); never the secret."""
+    store = _webhooks()
+    if partner is None:
+        configs = store.all()
+    else:
+        found = store.get(_partner_name(partner))
+        if found is None:
+            _fail(f"partner {partner} has no webhook", EXIT_NOT_FOUND)
+        configs = [found]
+    if as_json:
+        items = [
+            {**config.to_json(), "breaker": _endpoint_breaker(config.url).state}
+            for config in configs
+        ]
+        click.echo(json.dumps(items[0] if partner else {"webhooks": items}, indent=2))
+        return
+    if not configs:
+        click.echo("no webhooks")
+    for index, config in enumerate(configs):
+        if index:
+            click.echo("")
+        click.echo("\n".join(_webhook_lines(config, _endpoint_breaker(config.url))))
+
+
+@webhook.command("rotate")
+@click.argument("partner")
+@friendly_errors
+def webhook_rotate(partner: str) -> None:
+    """A new signing secret for PARTNER (printed on the last line); the old one keeps signing
+    for NOTIFY_WEBHOOK_ROTATION_GRACE_SECONDS."""
+    runtime = _runtime()
+    from worker.store.webhooks import NoSealingKey
+
+    try:
+        secret = _webhooks().rotate(_partner_name(partner))
+    except KeyError:
+        _fail(f"partner {partner} has no webhook", EXIT_NOT_FOUND)
+        return
+    except NoSealingKey as error:
+        _fail(str(error), EXIT_CONFIG)
+        return
+    grace = runtime.settings.webhook_rotation_grace_seconds
+    click.echo(f"events are signed with the old secret too for {grace} s; the new secret:")
+    click.echo(secret)
+
+
+@webhook.command("test")
+@click.argument("partner")
+@click.option(
+    "--wait",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="seconds to wait for a worker to send it (0: do not wait)",
+)
+@friendly_errors
+def webhook_test(partner: str, wait: float) -> None:
+    """Send PARTNER's endpoint a `webhook.test` event (through the workers, signed as any other)."""
+    store = _webhooks()
+    try:
+        event_id = store.test_event(_partner_name(partner))
+    except KeyError:
+        _fail(f"partner {partner} has no webhook", EXIT_NOT_FOUND)
+        return
+    click.echo(f"test event {event_id} queued")
+    if wait <= 0:
+        return
+    deadline = time.monotonic() + wait
+    event = store.event(event_id)
+    while event is not None and event.state != "dead" and event.attempts == 0:
+        if time.monotonic() > deadline:
+            _fail(f"not sent within {wait:g} s (is a worker running?)", EXIT_UNAVAILABLE)
+        time.sleep(0.2)
+        event = store.event(event_id)
+    if event is None:
+        click.echo("sent: the endpoint answered 2xx")
+        return
+    _fail(f"not sent: {event.detail or event.dead_reason or 'failed'} (retried as any event)", 1)
+
+
+@webhook.command("remove")
+@click.argument("partner")
+@friendly_errors
+def webhook_remove(partner: str) -> None:
+    """Remove PARTNER's webhook (its events not yet sent become webhook dead letters)."""
+    if not _webhooks().remove(_partner_name(partner)):
+        _fail(f"partner {partner} has no webhook", EXIT_NOT_FOUND)
+    click.echo(f"removed the webhook of {partner}")
+
+
+@webhook.command("redeliver")
+@click.argument("event_ids", nargs=-1, required=True)
+@friendly_errors
+def webhook_redeliver(event_ids: tuple[str, ...]) -> None:
+    """Send webhook dead letters (`notify failed list --kind webhook`) again."""
+    store = _webhooks()
+    missing = [event_id for event_id in event_ids if not store.replay(event_id)]
+    click.echo(f"redelivering {len(event_ids) - len(missing)}")
+    if missing:
+        _fail(f"no webhook dead letter {', '.join(missing)}", EXIT_NOT_FOUND)
+
+
+@webhook.command("forget")
+@click.argument("event_ids", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="every webhook dead letter (of --partner)")
+@click.option("--partner", default=None, help="with --all: only this partner's")
+@friendly_errors
+def webhook_forget(event_ids: tuple[str, ...], all_: bool, partner: str | None) -> None:
+    """Delete webhook dead letters (they are kept until deleted or sent again)."""
+    if bool(event_ids) == all_:
+        _fail("give event ids or --all (not both)", EXIT_INVALID)
+    store = _webhooks()
+    if all_:
+        chosen = [letter.id for letter in store.dead_letters(limit=10**9, partner=partner)]
+    else:
+        chosen = list(event_ids)
+    gone = sum(1 for event_id in chosen if store.forget(event_id))
+    click.echo(f"deleted {gone}")
+    if not all_ and gone < len(chosen):
+        _fail(f"{len(chosen) - gone} of them were no webhook event", EXIT_NOT_FOUND)
+
+
+def _webhook_dead_letters(selection: Any, limit: int, as_json: bool) -> None:
+    partner = getattr(selection, "partner", None) if selection is not None else None
+    letters = _webhooks().dead_letters(limit=limit, partner=partner)
+    if as_json:
+        click.echo(json.dumps({"items": [letter.to_json() for letter in letters]}, indent=2))
+        return
+    if not letters:
+        click.echo("no failed webhook events")
+        return
+    for letter in letters:
+        click.echo(
+            f"{letter.id}  {letter.partner}  {letter.type}  message {letter.message_id or '-'}  "
+            f"{letter.dead_reason}  {letter.detail or ''}  attempts {letter.attempts}  "
+            f"{iso_utc(letter.dead_ms) or ''}"
+        )

@@ -639,6 +639,40 @@ def companies_page(
     return companies
 
 
+def webhooks_page(console: Console, settings: Settings) -> Callable[[Request], Awaitable[Response]]:
+    """``GET /console/webhooks``: each partner's outcome webhook (URL, events, state), never its
+    secret; and how many webhook events wait or could not be sent."""
+    from worker.rules.endpoints import EndpointRefused, check_url
+    from worker.store.webhooks import WebhookStore
+    from worker.webhooks.delivery import EndpointBreaker, WebhookPolicy
+
+    store = WebhookStore.from_settings(console.runtime.redis, settings)
+    breaker_policy = WebhookPolicy.from_settings(settings).breaker
+
+    def rows() -> dict[str, Any]:
+        listed = []
+        for config in store.all():
+            try:
+                endpoint = check_url(config.url, allow_private=True).name
+                state = EndpointBreaker(store.redis, breaker_policy, endpoint).status().state
+            except EndpointRefused:
+                state = "refused"
+            listed.append({"config": config, "state": state})
+        return {
+            "webhooks": listed,
+            "pending": store.pending_count(),
+            "dead": store.dead_count(),
+            "letters": store.dead_letters(limit=20),
+        }
+
+    async def webhooks(request: Request) -> Response:
+        session = await console._operator(request)
+        context = await run_in_threadpool(rows)
+        return console._page(request, "webhooks.html", context, session=session)
+
+    return webhooks
+
+
 def console_routes(
     settings: Settings, runtime: Runtime, limiter: FailureLimiter
 ) -> list[BaseRoute]:
@@ -655,6 +689,7 @@ def console_routes(
         Route(f"{PREFIX}/login", guarded(console.login), methods=["POST"]),
         Route(f"{PREFIX}/logout", guarded(console.logout), methods=["POST"]),
         Route(f"{PREFIX}/companies", guarded(companies_page(console, settings)), methods=["GET"]),
+        Route(f"{PREFIX}/webhooks", guarded(webhooks_page(console, settings)), methods=["GET"]),
         Route(f"{PREFIX}/messages/{{id}}", guarded(console.message), methods=["GET"]),
         Route(f"{PREFIX}/messages/{{id}}/{{action}}", guarded(console.confirm), methods=["GET"]),
         Route(f"{PREFIX}/messages/{{id}}/{{action}}", guarded(console.act), methods=["POST"]),

@@ -212,6 +212,16 @@ _COMPANY_HEADER = _param(
 _LOCATION = {
     "Location": {"description": "/messages/{id}", "required": True, "schema": {"type": "string"}}
 }
+_PARTNER = _param(
+    "partner",
+    "path",
+    {"type": "string", "pattern": schema_pattern(PARTNER_PATTERN)},
+    description="The partner's name (its NOTIFY_GATEWAY_KEYS name; `default` for unkeyed "
+    "producers)",
+)
+_BAD_PARTNER = {400: _error("partner is not a partner name")}
+_NO_WEBHOOK = {404: _error("The partner has no webhook")}
+_WEBHOOK = "/partners/{partner}/webhook"
 
 OPERATIONS: tuple[Operation, ...] = (
     Operation(
@@ -436,6 +446,106 @@ OPERATIONS: tuple[Operation, ...] = (
         },
         security=(OPERATOR_KEY,),
         params=(_COMPANY_ID,),
+    ),
+    Operation(
+        "get",
+        _WEBHOOK,
+        "getWebhook",
+        "A partner's outcome webhook: its URL, event types, endpoint breaker (never its secret)",
+        {
+            200: Answer("The webhook", contract.WebhookView),
+            **_BAD_PARTNER,
+            **_NO_WEBHOOK,
+            **_OPERATOR_ERRORS,
+        },
+        security=(OPERATOR_KEY,),
+        params=(_PARTNER,),
+    ),
+    Operation(
+        "put",
+        _WEBHOOK,
+        "setWebhook",
+        "Send a partner's outcome events to a URL; answers the signing secret (kept if it had one)",
+        {
+            200: Answer("The webhook and its signing secret", contract.WebhookSecret),
+            400: _error(
+                "Not JSON, an unknown event type, a refused URL, or partner is not a partner name"
+            ),
+            413: _error("Body over NOTIFY_SERVICE_MAX_BODY_BYTES"),
+            415: _error("Content-Type is not application/json"),
+            **_UNAUTHORIZED,
+            **_FORBIDDEN,
+            503: _error(
+                "Redis is unavailable, or NOTIFY_TOKEN_ENCRYPTION_KEY is not set (NOT_CONFIGURED: "
+                "secrets are stored sealed)"
+            ),
+        },
+        security=(OPERATOR_KEY,),
+        params=(_PARTNER,),
+        request=contract.SetWebhook,
+    ),
+    Operation(
+        "delete",
+        _WEBHOOK,
+        "removeWebhook",
+        "Remove a partner's webhook (its events not yet sent become webhook dead letters)",
+        {204: Answer("Removed"), **_BAD_PARTNER, **_NO_WEBHOOK, **_OPERATOR_ERRORS},
+        security=(OPERATOR_KEY,),
+        params=(_PARTNER,),
+    ),
+    Operation(
+        "post",
+        _WEBHOOK + "/rotate",
+        "rotateWebhookSecret",
+        "A new signing secret; the old one signs too for NOTIFY_WEBHOOK_ROTATION_GRACE_SECONDS",
+        {
+            200: Answer("The webhook and its new signing secret", contract.WebhookSecret),
+            **_BAD_PARTNER,
+            **_NO_WEBHOOK,
+            **_OPERATOR_ERRORS,
+        },
+        security=(OPERATOR_KEY,),
+        params=(_PARTNER,),
+    ),
+    Operation(
+        "post",
+        _WEBHOOK + "/test",
+        "testWebhook",
+        "Queue a webhook.test event for the partner's endpoint (sent by a worker, signed)",
+        {
+            202: Answer("Queued", contract.WebhookTestQueued),
+            **_BAD_PARTNER,
+            **_NO_WEBHOOK,
+            **_OPERATOR_ERRORS,
+        },
+        security=(OPERATOR_KEY,),
+        params=(_PARTNER,),
+    ),
+    Operation(
+        "get",
+        "/webhooks/failed",
+        "listWebhookDeadLetters",
+        "Webhook events that could not be sent (after the last attempt), newest first",
+        {
+            200: Answer("Webhook dead letters", contract.WebhookDeadLetterList),
+            400: _error("A bad parameter"),
+            **_OPERATOR_ERRORS,
+        },
+        security=(OPERATOR_KEY,),
+        params=(
+            _param(
+                "partner",
+                "query",
+                {"type": "string", "pattern": schema_pattern(PARTNER_PATTERN)},
+                description="only this partner's",
+            ),
+            _param(
+                "limit",
+                "query",
+                {"type": "integer", "minimum": 1, "maximum": contract.MAX_PAGE_LIMIT},
+                description="at most this many (default 50)",
+            ),
+        ),
     ),
     Operation(
         "get", "/healthz", "healthz", "The process is up", {200: Answer("Up", contract.Health)}

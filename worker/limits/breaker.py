@@ -214,6 +214,8 @@ class Breaker:
         self.name = geolocation or DEFAULT_GEOLOCATION
         self.key = keys.breaker(geolocation)
         self.window_key = keys.breaker_window(geolocation)
+        # Where openings are counted (a webhook endpoint's breaker counts them in its own hash).
+        self.stats_key = keys.STATS
         self._admit = redis.register_script(_ADMIT)
         self._record = redis.register_script(_RECORD)
 
@@ -242,7 +244,7 @@ class Breaker:
             return ""
         p = self.policy
         transition, open_ms, total, failed = self._record(
-            keys=[self.key, self.window_key, keys.STATS],
+            keys=[self.key, self.window_key, self.stats_key],
             args=[
                 calls,
                 failures,

@@ -23,6 +23,14 @@ from celery import Celery
 from worker.settings import Settings
 
 SEND_TASK = "tasks.send_message"
+# Outcome webhooks (worker/webhooks/): a task per event, on a queue of their own.
+WEBHOOK_TASK = "tasks.send_webhook"
+
+
+def webhook_queue(settings: Settings) -> str:
+    """The queue of the webhook tasks: ``<NOTIFY_QUEUE_NAME>.webhooks``; every worker consumes it
+    beside its own (``worker.celery_app``)."""
+    return f"{settings.queue_name}.webhooks"
 
 
 def make_app(settings: Settings) -> Celery:
@@ -30,7 +38,10 @@ def make_app(settings: Settings) -> Celery:
     app = Celery("worker", broker=settings.celery_broker_url, include=["tasks"])
     app.conf.update(
         task_default_queue=settings.queue_name,
-        task_routes={SEND_TASK: {"queue": settings.queue_name}},
+        task_routes={
+            SEND_TASK: {"queue": settings.queue_name},
+            WEBHOOK_TASK: {"queue": webhook_queue(settings)},
+        },
         task_serializer="json",
         accept_content=["json"],
         result_serializer="json",
@@ -66,6 +77,8 @@ def broker_options(settings: Settings) -> dict[str, Any]:
         # exchange is what it needs if it were.
         return {
             "task_default_queue_type": "quorum",
+            # The webhook queue (``webhook_queue``) is made when first used: quorum too.
+            "task_create_missing_queue_type": "quorum",
             "task_default_exchange_type": "topic",
             "worker_detect_quorum_queues": True,
             "broker_transport_options": {"confirm_publish": True},

@@ -331,3 +331,86 @@ class ConnectCompany(BaseModel):
         if (self.requestToken is None) == (self.refreshToken is None):
             raise ValueError("give requestToken or refreshToken (exactly one)")
         return self
+
+
+# -- partners' outcome webhooks (docs/webhooks.md) -----------------------------------------------
+
+WebhookEventType = Literal["message.failed", "message.expired", "message.delivered"]
+MAX_WEBHOOK_URL_LENGTH = 2048
+
+
+class SetWebhook(BaseModel):
+    """``PUT /partners/{partner}/webhook``'s body (a request, kept beside its answers)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    url: str = Field(
+        min_length=1,
+        max_length=MAX_WEBHOOK_URL_LENGTH,
+        description="the partner's endpoint: https:// (http:// only to loopback, and only with "
+        "NOTIFY_WEBHOOK_ALLOW_PRIVATE); its host must not resolve to a private, loopback, "
+        "link-local or metadata address",
+    )
+    events: list[WebhookEventType] | SkipJsonSchema[None] = Field(
+        default=None,
+        description="the event types it takes; absent or empty: message.failed, message.expired",
+        json_schema_extra=_no_default,
+    )
+
+
+class WebhookView(BaseModel):
+    """A partner's webhook as operators see it: never its secret."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", title="Webhook")
+    partner: PartnerName
+    url: str
+    events: list[WebhookEventType]
+    created: Timestamp | None
+    updated: Timestamp | None
+    previous_secret_until: Timestamp | None = Field(
+        description="after a rotation: until when the previous secret signs too"
+    )
+    breaker: str = Field(description="the endpoint's circuit breaker: closed, open, half_open")
+
+
+class WebhookSecret(BaseModel):
+    """``PUT`` and ``POST .../rotate``: the webhook and the secret that signs its events now."""
+
+    model_config = _answer
+    webhook: WebhookView
+    secret: str = Field(
+        pattern=r"^whsec_[A-Za-z0-9+/=]+$",
+        description="the signing secret (whsec_ + base64): give it to the partner; it is shown "
+        "only here",
+    )
+
+
+class WebhookTestQueued(BaseModel):
+    """``POST .../test``: the test event's id (its ``webhook-id``); a worker sends it."""
+
+    model_config = _answer
+    eventId: str
+
+
+class WebhookDeadLetter(BaseModel):
+    """One webhook event that could not be sent (a webhook dead letter)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", title="WebhookDeadLetter")
+    id: str
+    kind: Literal["webhook"]
+    type: str
+    message_id: str
+    partner: str
+    state: str
+    attempts: int
+    reason: str | None
+    detail: str | None
+    http_status: int | None
+    created: Timestamp | None
+    dead: Timestamp | None
+
+
+class WebhookDeadLetterList(BaseModel):
+    """``GET /webhooks/failed``: webhook dead letters, newest first."""
+
+    model_config = _answer
+    items: list[WebhookDeadLetter]

@@ -69,6 +69,19 @@
 ``notify:server``              hash: the run id of the Redis the schedule is on and when a mover
                                last saw it (a new run id means a failover or a restart)
 
+``notify:webhooks``            set: the partners with an outcome webhook
+``notify:webhook:partner:{p}`` hash: partner ``p``'s webhook (``worker.store.webhooks``): its URL,
+                               the event types it takes, its signing secret (Fernet-sealed), the
+                               previous secret (sealed) and until when it still signs, when set
+``notify:webhook:event:{e}``   hash: one outcome event for a partner's endpoint (its type, the
+                               message, the outcome), pending, being sent, or dead (a webhook dead
+                               letter); deleted once the endpoint took it
+``notify:webhook:schedule``    sorted set: pending event id -> when it must next be sent (or, being
+                               sent, when its lease ends)
+``notify:webhook:dead``        sorted set: dead event id -> when its last attempt failed (ms)
+``notify:webhook:breaker:{h}`` hash: the circuit breaker of one webhook endpoint (``h``:
+                               host[:port]); ``...:window`` its failure window
+
 Celery's own broker keys (the queue list, ``unacked``) are Celery's and not listed here.
 """
 
@@ -98,6 +111,9 @@ AUTH_FAILURES = f"{PREFIX}:auth:failures"
 LANES = f"{PREFIX}:lanes"
 LANES_TURN = f"{PREFIX}:lanes:turn"
 DISPATCHED = f"{PREFIX}:dispatched"
+WEBHOOKS = f"{PREFIX}:webhooks"
+WEBHOOK_SCHEDULE = f"{PREFIX}:webhook:schedule"
+WEBHOOK_DEAD = f"{PREFIX}:webhook:dead"
 # A lane's key is this, the company, ':' and the partner (the dispatch script builds it so).
 LANE_PREFIX = f"{PREFIX}:lane:"
 
@@ -190,3 +206,23 @@ def lane(company_id: str, partner: str) -> str:
 def company_lanes(company_id: str) -> str:
     """The ring of partners whose lane of ``company_id`` is not empty."""
     return f"{PREFIX}:lanes:{company_id}"
+
+
+def webhook(partner: str) -> str:
+    """A partner's outcome webhook (URL, event types, sealed secrets)."""
+    return f"{PREFIX}:webhook:partner:{partner}"
+
+
+def webhook_event(event_id: str) -> str:
+    """One outcome event for a partner's endpoint."""
+    return f"{PREFIX}:webhook:event:{event_id}"
+
+
+def webhook_breaker(endpoint: str) -> str:
+    """The breaker of one webhook endpoint (``host[:port]``)."""
+    return f"{PREFIX}:webhook:breaker:{endpoint}"
+
+
+def webhook_breaker_window(endpoint: str) -> str:
+    """That breaker's failure window."""
+    return f"{PREFIX}:webhook:breaker:{endpoint}:window"

@@ -35,6 +35,7 @@ import functools
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -71,9 +72,9 @@ _LUA = resources.files("worker.store") / "lua"
 SCRIPTS: dict[str, tuple[str, ...]] = {
     "create": ("request",),
     "claim": ("request", "gauges"),
-    "delivered": ("request", "gauges"),
+    "delivered": ("request", "gauges", "webhook"),
     "retry": ("request", "gauges"),
-    "dead": ("request", "gauges"),
+    "dead": ("request", "gauges", "webhook"),
     "replay": ("request", "gauges"),
     "defer": ("request", "gauges"),
     "forget": ("request", "gauges"),
@@ -92,8 +93,12 @@ def script_source(name: str) -> str:
     """
     parts = [*SCRIPTS[name], name]
     text = "".join("\n" + (_LUA / f"{part}.lua").read_text(encoding="utf-8") for part in parts)
-    return text.replace("@PARTNER_STATS@", keys.partner_stats("")).replace(
-        "@COMPANY_WAITING@", keys.COMPANY_WAITING
+    return (
+        text.replace("@PARTNER_STATS@", keys.partner_stats(""))
+        .replace("@COMPANY_WAITING@", keys.COMPANY_WAITING)
+        .replace("@WEBHOOK@", keys.webhook(""))
+        .replace("@WEBHOOK_EVENT@", keys.webhook_event(""))
+        .replace("@WEBHOOK_SCHEDULE@", keys.WEBHOOK_SCHEDULE)
     )
 
 
@@ -114,6 +119,12 @@ class ReplicaWait:
     def from_settings(cls, settings: Settings) -> ReplicaWait:
         """``NOTIFY_REDIS_WAIT_REPLICAS`` (1 with Sentinel, else 0)."""
         return cls(replicas=settings.wait_replicas)
+
+
+def webhook_event_id() -> str:
+    """A new outcome event's id (its ``webhook-id``): random, so a message that ends twice (a
+    replayed dead letter) or an id used again after its record expired never repeats one."""
+    return "evt_" + uuid.uuid4().hex
 
 
 def _back_on_schedule_keys(message_id: str) -> list[str]:
@@ -362,6 +373,8 @@ class MessageStore:
                     self.status_ttl_seconds,
                     DELIVERED_COUNTER_TTL_SECONDS,
                     self._history_flag,
+                    # Used only if the partner's webhook takes message.delivered (webhook.lua).
+                    webhook_event_id(),
                 ],
             )
         )
@@ -417,6 +430,7 @@ class MessageStore:
                     attempt.compact() if attempt else "",
                     partner_of(loads_object(stored_request)),
                     self._history_flag,
+                    webhook_event_id(),
                 ],
             )
         )

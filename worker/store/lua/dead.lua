@@ -1,7 +1,7 @@
 -- KEYS: record, schedule, dead letter, dead index, stats, live, history outbox
 -- ARGV: id, owner ('' = no owner check), now ms, attempt at ms ('' = no attempt),
 --       request json (if no record), reason, detail, status, errors json, cid, task, worker,
---       attempt rest, partner of the request, history
+--       attempt rest, partner of the request, history, webhook event id ('' = none)
 local state = redis.call('HGET', KEYS[1], 'state')
 if ARGV[2] ~= '' and (state ~= 'inflight' or redis.call('HGET', KEYS[1], 'owner') ~= ARGV[2]) then
   return 0
@@ -39,4 +39,5 @@ if ARGV[15] == '1' then
   if at == '' then at = ARGV[3]; rest = false end
   outbox(KEYS[7], KEYS[1], ARGV[1], k, at, rest, true)
 end
+webhook_event(KEYS[1], ARGV[1], ARGV[16], 'failed', ARGV[6], ARGV[8], ARGV[9], r[1] or 0, ARGV[3])
 return 1

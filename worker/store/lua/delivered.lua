@@ -1,6 +1,7 @@
 -- KEYS: record, schedule, attempts (a record's list from before attempts were folded in),
 --       stats, delivered-this-minute, live, history outbox
--- ARGV: id, now ms, attempt at ms, attempt rest, ttl s, counter ttl s, history ('1' = on)
+-- ARGV: id, now ms, attempt at ms, attempt rest, ttl s, counter ttl s, history ('1' = on),
+--       webhook event id ('' = none)
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == 'delivered' or state == 'failed' then return 0 end
 -- A 2xx is the truth even if this worker's lease ran out: record it.
@@ -25,4 +26,5 @@ by_partner(KEYS[1], 'delivered')
 redis.call('INCR', KEYS[5])
 redis.call('EXPIRE', KEYS[5], ARGV[6])
 if ARGV[7] == '1' then outbox(KEYS[7], KEYS[1], ARGV[1], k, ARGV[3], ARGV[4], true) end
+webhook_event(KEYS[1], ARGV[1], ARGV[8], 'delivered', '', '', '', k, ARGV[2])
 return 1
