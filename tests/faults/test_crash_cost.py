@@ -1,10 +1,11 @@
 """What a SIGKILLed worker costs its users: how many posts go out twice, and how long its
-messages wait (issue 24, item 3).
+messages wait (issue 24, item 3; docs/architecture.md, "What a crash costs").
 
 Two workers as the Procfile runs them (default settings), a 20 ms API, 1,500 messages; one worker
 is SIGKILLed after 300 posts. Every message of the dead worker must be delivered within 30 s of
 the kill (the sandbox's clock), and the messages posted twice must be at most the posts the dead
-worker said it had in flight (its figure in ``keys.POSTS_IN_FLIGHT``, read just before the kill).
+worker had in flight by its gauge (its figure in ``keys.POSTS_IN_FLIGHT``: the last it wrote
+before it died, read at the kill).
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def test_a_killed_worker_costs_at_most_its_posts_in_flight_and_30_seconds(
     wait_for(
         lambda: api.stats()["total"] >= 300 and figure() > 0,
         timeout=120,
-        interval=0.002,
+        interval=0.01,
         what="300 posts",
     )
     killed = sigkill(doomed)
