@@ -77,3 +77,30 @@ def test_the_default_cap_bounds_a_process_below_threads_times_batch() -> None:
     cap = default["max_in_flight"]
     assert default["batch_size"] <= cap < default["worker_concurrency"] * default["batch_size"]
     assert load_settings(max_in_flight=0).max_in_flight == 0
+
+
+def test_the_gauges_sum_the_processes_and_name_the_most_of_one() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from worker.front.stats import build, render_prometheus
+
+    stats = build(
+        at_ms=0,
+        queue="q",
+        queue_lengths=[],
+        reserved=0,
+        live={},
+        totals={},
+        dead_index_size=0,
+        minute_counts=[],
+        penalty=None,
+        posts_in_flight={"vm:1": "40", "vm:2": "12", "vm:3": "-1", "vm:4": "garbage"},
+    )
+    assert (stats.posts_in_flight, stats.posts_in_flight_most) == (52, 40)
+    values = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(render_prometheus(stats))
+        for sample in family.samples
+    }
+    assert values["notify_posts_in_flight"] == 52
+    assert values["notify_posts_in_flight_process_max"] == 40
