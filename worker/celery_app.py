@@ -44,9 +44,7 @@ def liveness() -> Liveness:
     if _liveness is None:
         runtime = get_runtime()
         _liveness = Liveness(
-            runtime.redis,
-            runtime.worker_name,
-            grace_ms=runtime.store.publish_grace_ms,
+            runtime.redis, runtime.worker_name, grace_ms=runtime.store.publish_grace_ms
         )
     return _liveness
 
