@@ -16,6 +16,7 @@ import time
 from sandbox.concur import Sandbox
 from tests.harness import Isolated, wait_for
 from tests.reconcile import (
+    KILL_MARGIN_SECONDS,
     assert_all_accounted,
     delivered_count,
     reconcile,
@@ -23,6 +24,7 @@ from tests.reconcile import (
     settle,
     sigkill,
 )
+from worker.delivery.mover import DEAD_AFTER_SECONDS, HEARTBEAT_SECONDS
 from worker.settings import Settings
 from worker.store import keys
 
@@ -63,7 +65,7 @@ def test_a_killed_worker_costs_at_most_its_posts_in_flight_and_30_seconds(
     # The producer's publish grace is how long a task lost in kombu's own window (popped from
     # the queue by the dying worker, not yet in ``unacked``) waits: nothing else knows of it
     # (docs/architecture.md, "What a crash costs"). An hour at the default; 20 s here, so the
-    # run measures the takeover and not that window (it hit two runs in ten).
+    # run measures the takeover and not that window (it hit two or three runs in ten).
     isolated.env["NOTIFY_VISIBILITY_TIMEOUT_SECONDS"] = "20"
     queued: list[list[str]] = []
     producer = threading.Thread(target=lambda: queued.append(isolated.enqueue_many(sent)))
@@ -90,7 +92,13 @@ def test_a_killed_worker_costs_at_most_its_posts_in_flight_and_30_seconds(
     ids = queued[0]
     assert delivered_count(isolated.runtime, ids) < len(ids), "everything finished before the kill"
     settle(isolated.runtime, ids, timeout=180)
-    result = reconcile(isolated.runtime, api, sent, killed_at=[killed])
+    # A second 2xx is explained when the first is unknown to our records and was answered
+    # before another worker could take the dead one's messages over (its last heartbeat, up to
+    # HEARTBEAT_SECONDS before the kill, plus DEAD_AFTER_SECONDS): the sandbox shares this
+    # process, and on a loaded machine it stamped posts the dying worker had sent up to seconds
+    # after the kill, past reconcile's own 2 s margin.
+    explained_until = killed + DEAD_AFTER_SECONDS - HEARTBEAT_SECONDS - KILL_MARGIN_SECONDS
+    result = reconcile(isolated.runtime, api, sent, killed_at=[explained_until])
     last_2xx = max(
         r["at"] for r in api.requests() if r["status"] is not None and 200 <= r["status"] < 300
     )
