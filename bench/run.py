@@ -29,6 +29,8 @@ not blur them; "from start" counts from the moment the workers were started. Sce
   companies   --companies companies x 10 messages (1,000) against one company's as many:
               delivered rate at the slow-api latency, fair dispatch, and the token requests per
               company the sandbox counted (at most one per worker process)
+  in-flight   the drain (--messages at --latency-ms) under each NOTIFY_MAX_IN_FLIGHT of
+              --in-flight-values (0: no cap), --rounds times, the order reversed each round
   history     Redis bytes per delivered message held (--held N, extrapolated to 1 M), the drain
               with the PostgreSQL history off and on (--history-drain N), history rows written
               per second (--history-url, a database notify_bench is made there)
