@@ -32,6 +32,8 @@ not blur them; "from start" counts from the moment the workers were started. Sce
   companies   --companies companies x 10 messages (1,000) against one company's as many:
               delivered rate at the slow-api latency, fair dispatch, and the token requests per
               company the sandbox counted (at most one per worker process)
+  in-flight   the drain (--messages at --latency-ms) under each NOTIFY_MAX_IN_FLIGHT of
+              --in-flight-values (0: no cap), --rounds times, the order reversed each round
   history     Redis bytes per delivered message held (--held N, extrapolated to 1 M), the drain
               with the PostgreSQL history off and on (--history-drain N), history rows written
               per second (--history-url, a database notify_bench is made there)
@@ -381,6 +383,12 @@ def main() -> int:
     parser.add_argument("--fair-b-seconds", type=int, default=60, help="fairness: B's seconds")
     parser.add_argument("--companies", type=int, default=1000, help="companies: how many")
     parser.add_argument(
+        "--in-flight-values",
+        default="0,160,320,400,640",
+        help="in-flight: NOTIFY_MAX_IN_FLIGHT values to drain with (0: no cap)",
+    )
+    parser.add_argument("--rounds", type=int, default=2, help="in-flight: rounds of all values")
+    parser.add_argument(
         "--redis-db",
         type=int,
         default=None,
@@ -543,6 +551,9 @@ def main() -> int:
 
         if "history" in only:
             rows += history_scenario(runtime, sandbox, ours, env, args)
+
+        if "in-flight" in only:
+            rows += in_flight_rows(sandbox, ours, env, args)
 
         if "fair-drain" in only:
             rows += fair_drain_rows(sandbox, ours, env, args)
@@ -1083,6 +1094,37 @@ def _fleet(ours: Any, dispatch: str, companies: Companies | None = None) -> Flee
     made: Fleet = ours()
     made.env = {**made.env, **(companies.env if companies else {}), "NOTIFY_DISPATCH": dispatch}
     return made
+
+
+def in_flight_rows(sandbox: Sandbox, ours: Any, env: dict[str, str], args: Any) -> list[Row]:
+    """Issue 24: the drain (--messages at --latency-ms) under each NOTIFY_MAX_IN_FLIGHT value,
+    interleaved: every value once per round, the order reversed each round."""
+    from redis import Redis
+
+    redis = Redis.from_url(env["NOTIFY_REDIS_URL"])
+    values = [int(v) for v in args.in_flight_values.split(",")]
+    rates: dict[int, list[float]] = {v: [] for v in values}
+    rows: list[Row] = []
+    for number in range(args.rounds):
+        for value in values if number % 2 == 0 else list(reversed(values)):
+            redis.flushdb()
+            enqueue_ours(args.messages, f"if{value}r{number}")
+            fleet = Fleet(
+                ours().command, {**env, "NOTIFY_MAX_IN_FLIGHT": str(value)}, args.processes
+            )
+            row = drain_row(
+                f"cap {value or 'none'} round {number + 1}", sandbox, fleet, args.messages
+            )
+            rates[value].append(float(row.figures["delivered/s api"]))
+            rows.append(row)
+    uncapped = rates.get(0)
+    for value in values:
+        mean = sum(rates[value]) / len(rates[value])
+        figures: dict[str, Any] = {"mean delivered/s api": mean}
+        if uncapped and value:
+            figures["vs none"] = f"{(mean / (sum(uncapped) / len(uncapped)) - 1) * 100:+.1f} %"
+        rows.append(Row(f"cap {value or 'none'} mean", figures))
+    return rows
 
 
 def fair_drain_rows(sandbox: Sandbox, ours: Any, env: dict[str, str], args: Any) -> list[Row]:

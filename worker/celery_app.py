@@ -7,6 +7,7 @@ threads, the history writer, and the held-message bookkeeping for each received 
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import Any
 
@@ -14,11 +15,14 @@ from celery import signals
 
 from worker.delivery.dispatcher import Dispatcher, DispatchPolicy, OpenBreakers
 from worker.delivery.mover import Liveness, Mover
+from worker.limits.inflight import InFlightGauge
 from worker.ops.logs import configure_from_settings
 from worker.ops.monitoring import init_sentry
+from worker.queue import broker
 from worker.queue.config import SEND_TASK, WEBHOOK_TASK, app_for, webhook_queue
 from worker.runtime import get_runtime
 from worker.settings import SettingsError, get_settings
+from worker.store import keys
 from worker.store.companies import CompanyRegistry
 from worker.store.history import HistoryWriter, settings_url
 from worker.store.webhooks import WebhookStore
@@ -29,6 +33,7 @@ __all__ = ["SEND_TASK", "WEBHOOK_TASK", "app"]
 app = app_for(get_settings())
 
 _mover: Mover | None = None
+_gauge: InFlightGauge | None = None
 _dispatcher: Dispatcher | None = None
 _liveness: Liveness | None = None
 
@@ -54,6 +59,35 @@ def _message_ids(args: Any) -> list[str]:
     return [
         item["id"] for item in args if isinstance(item, dict) and isinstance(item.get("id"), str)
     ]
+
+
+def _body_args(body: Any) -> Any:
+    # A send task's body (Celery's protocol 2): [args, kwargs, embed].
+    try:
+        decoded = json.loads(body)
+    except (TypeError, ValueError, RecursionError):
+        return None  # not a task: the consumer dead-letters it
+    return decoded[0] if isinstance(decoded, list) and decoded else None
+
+
+def _note_received(pipe: Any, message: Any) -> None:
+    # In the MULTI that puts the task in kombu's ``unacked`` (worker/queue/broker.py): the two
+    # cannot be parted by a SIGKILL.
+    headers = getattr(message, "headers", None)
+    if not isinstance(headers, dict) or headers.get("task") != SEND_TASK:
+        return
+    ids = _message_ids(_body_args(getattr(message, "body", None)))
+    if ids:
+        pipe.sadd(keys.held(get_runtime().worker_name), *ids)
+
+
+@signals.worker_init.connect
+def _hold_on_receipt(**_: object) -> None:
+    settings = get_settings()
+    # Only where the broker is the Redis the held sets live in (NOTIFY_BROKER_URL unset);
+    # otherwise ``_hold`` notes them when Celery has the task.
+    if settings.broker_url is None:
+        broker.on_receipt(_note_received)
 
 
 @signals.setup_logging.connect
@@ -87,6 +121,9 @@ def _start_mover(**_: object) -> None:
     _mover = Mover(runtime.store, runtime.publisher, runtime.settings.retry_poll_interval_seconds)
     _mover.start()
     liveness().start()
+    global _gauge
+    _gauge = InFlightGauge(runtime.redis, runtime.worker_name, runtime.in_flight)
+    _gauge.start()
 
 
 @signals.worker_ready.connect
@@ -137,6 +174,9 @@ def _stop_history_writer(**_: object) -> None:
 @signals.task_received.connect
 def _hold(request: Any = None, **_: object) -> None:
     # Prefetched or about to run: if this process dies now, another worker takes these over.
+    # Noted already when kombu received the task (``_note_received``), where it can be.
+    if broker.receipt_hook() is not None:
+        return
     if request is not None and getattr(request, "name", None) == SEND_TASK:
         liveness().hold(_message_ids(getattr(request, "args", None)))
 
@@ -149,7 +189,10 @@ def _release(sender: Any = None, args: Any = None, **_: object) -> None:
 
 @signals.worker_shutdown.connect
 def _stop_mover(**_: object) -> None:
-    global _mover, _liveness, _dispatcher
+    global _mover, _liveness, _dispatcher, _gauge
+    if _gauge is not None:
+        _gauge.stop()
+        _gauge = None
     if _dispatcher is not None:
         _dispatcher.stop()
         _dispatcher = None

@@ -21,6 +21,7 @@ from worker.concur.client import ConcurClient
 from worker.concur.tokens import StaticToken, TokenProvider
 from worker.concur.transport import CurlTransport
 from worker.limits.breaker import Breaker, BreakerPolicy, Breakers
+from worker.limits.inflight import InFlight
 from worker.limits.ratelimit import RateLimiter, RateLimitPolicy
 from worker.queue.config import SEND_TASK, app_for
 from worker.queue.envelopes import Envelope
@@ -65,6 +66,7 @@ class Runtime:
     worker_name: str = field(default_factory=default_worker_name)
     _client: ConcurClient | None = None
     _tokens: TokenProvider | None = None
+    _in_flight: InFlight | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
@@ -184,6 +186,15 @@ class Runtime:
             argsrepr=f"[{', '.join(envelope.id for envelope in batch)}]",
             kwargsrepr="{}",
         )
+
+    @property
+    def in_flight(self) -> InFlight:
+        """The process's cap on posts in flight (``NOTIFY_MAX_IN_FLIGHT``), made on first use."""
+        if self._in_flight is None:
+            with self._lock:  # one per process: two would each count half the posts
+                if self._in_flight is None:
+                    self._in_flight = InFlight(self.settings.max_in_flight)
+        return self._in_flight
 
     @functools.cached_property
     def rate_limiter(self) -> RateLimiter:

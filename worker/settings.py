@@ -130,6 +130,9 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(64, ge=1, le=1024)
     worker_prefetch_multiplier: int = Field(2, ge=1)
     batch_size: int = Field(20, ge=1, le=500)
+    # Posts one worker process has in flight at most (worker/limits/inflight.py): what a SIGKILL
+    # of it may cost in double posts. 0: no cap (up to concurrency x batch size).
+    max_in_flight: int = Field(512, ge=0, le=100_000)
     visibility_timeout_seconds: int = Field(3600, ge=10)
     retry_poll_interval_seconds: float = Field(1.0, gt=0, le=60)
     status_ttl_seconds: int = Field(24 * 3600, ge=60)

@@ -103,6 +103,11 @@ def deliver_task(
     Once ``stopping()`` says the worker is shutting down, messages not yet claimed are published
     again for another worker, and claimed ones whose post has not started go back on the
     schedule without spending an attempt, instead of holding up the shutdown.
+
+    The batch first takes a slot of the process's cap on posts in flight for each message
+    (``NOTIFY_MAX_IN_FLIGHT``, worker.limits.inflight), before its claims so that a wait for
+    slots does not eat into their leases; each slot goes back when its message's outcome is
+    written.
     """
     batch = _Batch(parts, task_id, stopping)
     verdicts: list[str] = []
@@ -112,7 +117,12 @@ def deliver_task(
             verdicts.append(batch.record(ends.unreadable(item)))
         else:
             envelopes.append(item)
-    if envelopes and stopping():
+    taken = (
+        bool(envelopes)
+        and not stopping()
+        and parts.in_flight.take(len(envelopes), stopping=stopping)
+    )
+    if envelopes and not taken:
         # Same generation: whichever copy a worker claims first wins; the other is refused.
         parts.publisher.submit(envelopes)
         # Before the process exits: what the broker does not take meanwhile waits for its
@@ -120,7 +130,11 @@ def deliver_task(
         parts.publisher.flush(HAND_BACK_FLUSH_SECONDS)
         verdicts.extend(["handed_back"] * len(envelopes))
     elif envelopes:
-        verdicts.extend(batch.run(envelopes))
+        batch.slots = len(envelopes)
+        try:
+            verdicts.extend(batch.run(envelopes))
+        finally:
+            batch.keep(0)  # whatever an error left taken
     if len(verdicts) == 1:
         return verdicts[0]
     counts: dict[str, int] = {}
@@ -204,6 +218,15 @@ class _Batch:
         self.parts = parts
         self.task_id = task_id
         self.stopping = stopping
+        self.slots = 0  # slots of the cap on posts in flight this batch holds
+
+    def keep(self, count: int) -> None:
+        """Give back the batch's slots beyond ``count`` (messages that will not be posted, or
+        whose outcome is written)."""
+        extra = self.slots - max(0, count)
+        if extra > 0:
+            self.slots -= extra
+            self.parts.in_flight.give(extra)
 
     def run(self, envelopes: list[Envelope]) -> list[str]:
         """Claim, post and record every message of the task; their verdicts."""
@@ -230,6 +253,7 @@ class _Batch:
                 ready.append(taken)
             else:
                 verdicts.append(self.record(taken))
+        self.keep(len(ready))
         if not ready:
             return verdicts
         routes = self._routes(by_company(ready), verdicts)
@@ -397,6 +421,7 @@ class _Batch:
             )
             posting.append(route)
         answers, started = self._start(posting, verdicts)
+        self.keep(started)  # a slot for each post started (a 401's repost keeps its own)
         refused: dict[int, list[Attempt]] = {}
         # The transport answers every post within its deadline; the margin only guards a bug.
         patience = parts.client.timeout_seconds + parts.client.connect_timeout_seconds + 60
@@ -422,6 +447,7 @@ class _Batch:
             verdicts.append(
                 self.record(ends.after_answer(attempt, result, outcome, now_ms=now_ms()))
             )
+            self.keep(self.slots - 1)  # written: a crash from now on cannot post it twice
         for tally in tallies.values():
             tally.flush()
         again = []

@@ -6,7 +6,7 @@ would be fenced off by ``claim`` anyway). It publishes through the process's ``P
 keeps a batch the broker did not take and tries again within seconds; meanwhile the mover takes
 nothing more from the schedule.
 
-Each worker process also runs a ``Liveness`` thread, which keeps three promises:
+Each worker process also runs a ``Liveness`` thread, which keeps these promises:
 
 * **A dead worker's messages come back in seconds, not after the visibility timeout.** Every
   worker writes a heartbeat (``keys.WORKERS``) every ``HEARTBEAT_SECONDS`` and lists the ids of the
@@ -18,6 +18,8 @@ Each worker process also runs a ``Liveness`` thread, which keeps three promises:
   A worker that is alive but cut off from Redis keeps its connections open on the server's side,
   so its in-flight messages wait for their lease as before: a post it may still be making is not
   made twice. Extra copies of a message are fenced off by ``claim`` (generation, lease, state).
+* **A dead worker's figure of posts in flight goes with it** (``keys.POSTS_IN_FLIGHT``, written
+  by ``worker.limits.inflight.InFlightGauge``), so ``/metrics`` sums the live ones.
 * **Only a worker that has itself been heartbeating for ``DEAD_AFTER_SECONDS`` judges others**, so
   after a Redis outage nobody mistakes the whole fleet for dead.
 * **A failover or restart of Redis loses no published message.** Replication is asynchronous,
@@ -68,11 +70,12 @@ DEAD_AFTER_SECONDS = 15.0
 RESCUE_MARGIN_SECONDS = 10.0
 
 _REAP = """
--- KEYS: workers, held set, schedule
+-- KEYS: workers, held set, schedule, posts in flight
 -- ARGV: worker, dead before ms, now ms, record key prefix, in-flight too ('1' or '0')
 local seen = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if seen and tonumber(seen) >= tonumber(ARGV[2]) then return -1 end
 redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[4], ARGV[1])
 local now = tonumber(ARGV[3])
 local taken = 0
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[2])) do
@@ -243,7 +246,7 @@ class Liveness(Loop):
             connected = self._connected(name)
             count = int(
                 self._reap(
-                    keys=[keys.WORKERS, keys.held(name), keys.SCHEDULE],
+                    keys=[keys.WORKERS, keys.held(name), keys.SCHEDULE, keys.POSTS_IN_FLIGHT],
                     args=[name, dead_before, now, keys.message(""), "0" if connected else "1"],
                 )
             )
@@ -282,6 +285,7 @@ class Liveness(Loop):
         try:
             pipe = self.redis.pipeline(transaction=False)
             pipe.zrem(keys.WORKERS, self.worker)
+            pipe.hdel(keys.POSTS_IN_FLIGHT, self.worker)
             pipe.delete(keys.held(self.worker))
             pipe.execute()
         except RedisError as error:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Protocol
 from worker.concur.client import ConcurClient
 from worker.concur.tokens import TokenProvider
 from worker.limits.breaker import Breaker, Breakers
+from worker.limits.inflight import InFlight
 from worker.limits.ratelimit import RateLimiter
 from worker.queue.publisher import Publisher
 from worker.rules.allowlist import AllowList
@@ -67,6 +68,11 @@ class DeliveryParts(Protocol):
     @property
     def breakers(self) -> Breakers:
         """The circuit breaker of each geolocation."""
+        ...
+
+    @property
+    def in_flight(self) -> InFlight:
+        """The process's cap on posts in flight: a batch takes its slots before its claims."""
         ...
 
     @property

@@ -123,6 +123,10 @@ class Stats:
     companies: Mapping[str, int] = field(default_factory=dict)
     # company -> messages not finished yet, the companies with the most first (a few)
     waiting_by_company: Mapping[str, int] = field(default_factory=dict)
+    # Posts in flight (NOTIFY_MAX_IN_FLIGHT): all worker processes together, and the most of any
+    # one, which is what a SIGKILL of it may cost in double posts.
+    posts_in_flight: int = 0
+    posts_in_flight_most: int = 0
 
     @property
     def delivered_last_minute(self) -> int:
@@ -182,6 +186,7 @@ def build(
     partner: str | None = None,
     companies: Mapping[str, int] | None = None,
     waiting_by_company: Sequence[tuple[Any, Any]] = (),
+    posts_in_flight: Mapping[Any, Any] | None = None,
 ) -> Stats:
     """Turn the raw Redis replies into ``Stats`` (pure).
 
@@ -199,6 +204,7 @@ def build(
         else:
             plain[name] = _int(value)
     plain["dead_lettered"] = sum(dead_ever.values())
+    per_process = [max(0, _int(value)) for value in (posts_in_flight or {}).values()]
     return Stats(
         at_ms=at_ms,
         queue=queue,
@@ -231,6 +237,8 @@ def build(
             for company, count in ((name, _int(score)) for name, score in waiting_by_company)
             if count > 0
         },
+        posts_in_flight=sum(per_process),
+        posts_in_flight_most=max(per_process, default=0),
     )
 
 
@@ -260,6 +268,7 @@ def collect(
     pipe.hget(keys.BREAKER, "state")
     pipe.zrevrange(keys.COMPANY_WAITING, 0, TOP_COMPANIES - 1, withscores=True)
     pipe.smembers(keys.BREAKER_GEOLOCATIONS)
+    pipe.hgetall(keys.POSTS_IN_FLIGHT)
     replies = pipe.execute()
     lengths, rest = replies[: len(lists)], replies[len(lists) :]
     (
@@ -273,6 +282,7 @@ def collect(
         breaker_state,
         top,
         geos,
+        posts,
     ) = rest
     names = sorted(name for name in partner_names if is_partner_name(name))
     geolocations = sorted(str(name) for name in geos if name != DEFAULT_GEOLOCATION)
@@ -304,6 +314,7 @@ def collect(
         # O(companies) pipelined reads of each one's state: exact, and a partner has hundreds.
         companies=CompanyRegistry.from_settings(runtime.redis, runtime.settings).counts_by_state(),
         waiting_by_company=top,
+        posts_in_flight=posts,
     )
 
 
@@ -328,6 +339,18 @@ class _Collector:
         )
         yield _gauge(
             "notify_inflight", "Messages claimed by a worker for an attempt now.", stats.inflight
+        )
+        yield _gauge(
+            "notify_posts_in_flight",
+            "Posts the worker processes have in flight (claimed for a post, outcome not yet "
+            "written): each process's most since its last heartbeat, summed.",
+            stats.posts_in_flight,
+        )
+        yield _gauge(
+            "notify_posts_in_flight_process_max",
+            "The most posts one worker process has in flight: what a SIGKILL of it may cost "
+            "in double posts (at most NOTIFY_MAX_IN_FLIGHT).",
+            stats.posts_in_flight_most,
         )
         yield _gauge(
             "notify_retry_waiting",

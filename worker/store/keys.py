@@ -66,6 +66,9 @@
 ``notify:workers``             sorted set: worker (``host:pid``) -> its last heartbeat (ms)
 ``notify:held:{worker}``       set: ids of the messages in tasks a worker has received (prefetched
                                or running) and not finished; taken over when the worker dies
+``notify:inflight:posts``      hash: worker (``host:pid``) -> the most posts it had in flight since
+                               its previous heartbeat (written with the heartbeat; a dead
+                               worker's field goes when it is taken over)
 ``notify:server``              hash: the run id of the Redis the schedule is on and when a mover
                                last saw it (a new run id means a failover or a restart)
 
@@ -99,6 +102,7 @@ COMPANY_WAITING = f"{PREFIX}:stats:company:waiting"
 RATE_LIMIT = f"{PREFIX}:ratelimit"
 RATE_LIMIT_PENALTY = f"{PREFIX}:ratelimit:penalty"
 WORKERS = f"{PREFIX}:workers"
+POSTS_IN_FLIGHT = f"{PREFIX}:inflight:posts"
 SERVER = f"{PREFIX}:server"
 BREAKER = f"{PREFIX}:breaker"
 BREAKER_WINDOW = f"{PREFIX}:breaker:window"
