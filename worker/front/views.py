@@ -52,6 +52,7 @@ STATE_TEXT = {
     "retrying": "retrying (waiting for the next attempt)",
     "delivered": "delivered",
     "failed": "failed (a dead letter)",
+    "cancelled": "cancelled (never posted)",
 }
 OUTCOME_STYLE = {"delivered": "green", "retry": "yellow", "dead": "red", "deferred": "cyan"}
 STATE_STYLE = {"delivered": "green", "retrying": "yellow", "failed": "red", "inflight": "cyan"}
