@@ -22,6 +22,14 @@ Two rules make "nothing lost, nothing sent twice" hold with an at-least-once bro
 ``defer`` puts a claimed message back to ``retrying`` without counting an attempt (the rate
 limit had no permit for it); it is fenced like ``retry`` (owner check, new generation).
 
+``cancel`` ends a ``queued`` or ``retrying`` message as ``cancelled`` (a partner's ``DELETE
+/messages/{id}``): off the schedule, a new generation, and every claim refuses it as ``done``;
+one ``inflight`` or finished is refused. A message's deadline (its record's ``exp``) caps every
+time it is due again (``retry``, ``defer``, ``create``), and a claim past it answers ``expired``
+(taken under the claimer's owner, no attempt counted) for the worker to dead-letter it.
+An explicit idempotency key (``keys.idempotency``) is taken by ``create`` in the same step as the
+record, so concurrent requests under one key record one message.
+
 Operators' gauges (``keys.LIVE``: messages ``inflight`` and ``retrying`` now, dead letters held
 now by ``dead:<reason>``) are changed by the same scripts that change a state, in the same
 atomic step, so they are exact as long as only these scripts write the records.
