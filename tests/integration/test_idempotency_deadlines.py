@@ -447,3 +447,40 @@ def test_a_message_cancelled_before_its_post_is_never_posted_though_its_task_is_
         )
         assert api.requests(user_id=user_id) == []
         assert client.get(f"/messages/{ident}", headers=PARTNER).json()["status"] == "cancelled"
+
+
+def test_the_cli_sends_with_a_deadline_and_a_key_and_cancels(runtime: Any, user_id: str) -> None:
+    from click.testing import CliRunner
+
+    from worker.front.cli import main as notify_cli
+
+    cli = CliRunner()
+    later = _iso(now_ms() + 3_600_000)
+    send = ["send", user_id, "--session", "s-cli", "--template", "welcome"]
+    keyed = [*send, "--expires-at", later, "--idempotency-key", f"cli-{user_id}"]
+    sent = cli.invoke(notify_cli, keyed)
+    assert sent.exit_code == 0, sent.output
+    ident = sent.stdout.strip().splitlines()[-1]
+    assert runtime.store.status(ident)["exp"] == str(deadlines_ms(later))
+    again = cli.invoke(notify_cli, keyed)
+    assert (again.exit_code, again.stdout.strip().splitlines()[-1]) == (0, ident)
+    other = [*send[:3], "s-other", *send[4:], "--idempotency-key", f"cli-{user_id}"]
+    conflict = cli.invoke(notify_cli, other)
+    assert conflict.exit_code == 5 and ident in conflict.output
+    naive = cli.invoke(notify_cli, [*send, "--expires-at", "2026-12-01T10:00:00"])
+    assert naive.exit_code == 1 and "INVALID_DEADLINE" not in naive.output  # a sentence, no code
+    assert "time zone" in naive.output
+    # Cancel: one recorded without a task (nothing takes it first), a dead letter, an unknown.
+    waiting = Message.create(user_id, "s-cancel", "welcome")
+    runtime.store.create(waiting.id, waiting.to_wire())
+    cancelled = cli.invoke(notify_cli, ["cancel", waiting.id])
+    assert cancelled.exit_code == 0 and "cancelled" in cancelled.output
+    assert _state(runtime, waiting.id) == "cancelled"
+    letter = harness.dead_letter(runtime, user_id)
+    assert cli.invoke(notify_cli, ["cancel", letter]).exit_code == 5
+    assert cli.invoke(notify_cli, ["cancel", "nosuchmessage"]).exit_code == 4
+
+
+def deadlines_ms(text: str) -> int:
+    parsed = datetime.fromisoformat(text)
+    return int(parsed.timestamp() * 1000)

@@ -185,6 +185,8 @@ def message_view(
     fields.add_row("updated", plain(when(record.get("updated"), now_ms)))
     if state == "retrying":
         fields.add_row("next retry", plain(when(record.get("next"), now_ms)))
+    if record.get("exp"):
+        fields.add_row("deadline", plain(when(record.get("exp"), now_ms)))
     if state == "inflight":
         fields.add_row("lease ends", plain(when(record.get("lease"), now_ms)))
     if state == "failed":
