@@ -94,6 +94,31 @@ def test_a_waiting_message_is_due_again_no_later_than_its_deadline(isolated: Iso
     assert (late.verdict, late.attempt) == ("expired", 0)
 
 
+def test_an_expired_letter_replayed_by_an_operator_is_sent_without_its_deadline(
+    isolated: Isolated,
+) -> None:
+    from worker.delivery import ends
+    from worker.store.codec import Failure
+
+    store = isolated.runtime.store
+    message = Message.create("u-5", "s-1", "welcome", URL).expiring(now_ms() + 60_000)
+    tasks.record([message], runtime=isolated.runtime)
+    isolated.runtime.redis.hset(keys.message(message.id), "exp", now_ms() - 1)  # it has passed
+    claim = store.claim(
+        Envelope(message.id, 1, message.to_wire()), owner="o", worker="w", task_id="t"
+    )
+    end = ends.expired(message.id, "o", claim)
+    assert store.dead_letter(message.id, end.failure, owner="o")
+    letter = isolated.runtime.deadletters.get(message.id)
+    assert letter is not None and (letter.reason, letter.attempts) == ("expired", 0)
+    assert isinstance(end.failure, Failure) and "passed before it could be posted" in letter.detail
+    replayed = store.replay(message.id)
+    assert replayed is not None
+    assert "exp" not in store.status(message.id)
+    again = store.claim(replayed, owner="o2", worker="w", task_id="t2")
+    assert (again.verdict, again.expires_ms) == ("go", None)
+
+
 def test_a_laned_message_with_a_deadline_is_on_the_schedule_at_its_deadline(
     isolated: Isolated,
 ) -> None:
