@@ -165,6 +165,10 @@ def test_cancel_ends_a_waiting_message_and_a_task_that_carries_it_is_refused(
     assert store.cancel(other.id, partner=None) == ("refused", "inflight")
     assert store.cancel("nosuchmessage", partner=None) == ("missing", "")
     assert isolated.runtime.redis.hget(keys.LIVE, "inflight") == "1"  # the gauges stay exact
+    from worker.front.stats import collect, render_prometheus
+
+    assert collect(isolated.runtime).totals["cancelled"] == 1
+    assert "notify_cancelled_total 1.0" in render_prometheus(collect(isolated.runtime))
 
 
 def test_the_same_key_from_many_connections_at_once_records_one_message(
