@@ -1,9 +1,11 @@
 """The ``send_message`` task, and the producer helpers partners call (``worker.intake.producer``).
 
 ``enqueue`` validates before it queues (raising ``InvalidRequest``, queuing nothing) and returns
-the message id; sending the same (user, session, template) again for the same partner and
-company (``company=``: a company UUID of the registry; the default company when absent) returns
-the same id and queues nothing new.
+the message id; sending the same request (user, session, template, URL) again for the same
+partner and company (``company=``: a company UUID of the registry; the default company when
+absent) returns the same id and queues nothing new. ``idempotency_key=`` makes a key of the
+caller's say what "the same message" is (another request under a key already used raises
+``IdempotencyConflict``); ``expires_at=`` (a datetime with a time zone) is its deadline.
 """
 
 from __future__ import annotations
@@ -14,13 +16,21 @@ from celery import Task
 
 from worker.celery_app import SEND_TASK, WEBHOOK_TASK, app
 from worker.delivery.attempts import deliver_task
-from worker.intake.producer import Enqueued, enqueue, enqueue_many, record, submit
+from worker.intake.producer import (
+    Enqueued,
+    IdempotencyConflict,
+    enqueue,
+    enqueue_many,
+    record,
+    submit,
+)
 from worker.rules.validation import InvalidRequest, Problem
 from worker.runtime import get_runtime
 from worker.webhooks.delivery import get_delivery
 
 __all__ = [
     "Enqueued",
+    "IdempotencyConflict",
     "InvalidRequest",
     "Problem",
     "enqueue",

@@ -40,10 +40,11 @@ GATEWAY_KEY = "faults-gateway-" + uuid.uuid4().hex
 THROUGH_GATEWAY: set[tuple[str, str, str]] = set()
 
 
-def request_id(user: str, session: str, template: str) -> str:
-    """The message id a request got, by the way it was sent."""
+def request_id(user: str, session: str, template: str, url: str | None = None) -> str:
+    """The message id a request got, by the way it was sent (the URL is part of it)."""
     through_gateway = (user, session, template) in THROUGH_GATEWAY
-    return message_id(user, session, template, BARE_KEY_PARTNER if through_gateway else None)
+    partner = BARE_KEY_PARTNER if through_gateway else None
+    return message_id(user, session, template, partner, url=url)
 
 
 FAST = {
@@ -128,7 +129,7 @@ def reconcile(
         if status is not None and 200 <= status < 300:
             key = (record["userId"], body.get("sessionId"), body.get("templateId"))
             ok_posts[key].append(record)
-    ids = {request_id(u, s, t): (u, s, t) for u, s, t, _ in requests}
+    ids = {request_id(u, s, t, url): (u, s, t) for u, s, t, url in requests}
     if len(ids) != len(requests):
         result.wrong.append("the test sent the same request twice")
     strangers = set(ok_posts) - set(ids.values())
@@ -224,7 +225,7 @@ def refused_requests(api: Sandbox, count: int) -> list[Request]:
 
 
 def ids_of(requests: list[Request]) -> list[str]:
-    return [request_id(u, s, t) for u, s, t, _ in requests]
+    return [request_id(u, s, t, url) for u, s, t, url in requests]
 
 
 def expect(requests: list[Request], *reasons: str) -> dict[str, set[str]]:

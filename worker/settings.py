@@ -57,6 +57,10 @@ SecretList = Annotated[list[SecretStr], NoDecode]
 # NOTIFY_PARTNER_COMPANIES's "any company of the registry".
 ANY_COMPANY = "*"
 Grants = Annotated[dict[str, tuple[str, ...]], NoDecode]
+Expiries = Annotated[dict[str, float], NoDecode]
+# NOTIFY_PARTNER_EXPIRY_SECONDS's "every partner not listed".
+ANY_PARTNER = "*"
+MAX_EXPIRY_SECONDS = 365 * 86_400
 MIN_KEY_LENGTH = 16
 # A key's strength, estimated as length x log2(distinct characters): 64 bits is what 16 random
 # hex digits give; a repeated or patterned key ("aaaa...", "abab...") falls far below.
@@ -136,6 +140,13 @@ class Settings(BaseSettings):
     visibility_timeout_seconds: int = Field(3600, ge=10)
     retry_poll_interval_seconds: float = Field(1.0, gt=0, le=60)
     status_ttl_seconds: int = Field(24 * 3600, ge=60)
+    # How long an explicit idempotency key (Idempotency-Key, idempotency_key=) is remembered
+    # after its first use; unset: 24 h, or the status TTL when that is shorter (a key outliving
+    # its message's record could not say how the message ended).
+    idempotency_window_seconds: int | None = Field(None, ge=60, le=30 * 86_400)
+    # A deadline for the messages of a partner that give none: "acme=3600,default=600,*=86400"
+    # (seconds after intake; * = every partner not listed). Empty: no deadline unless given.
+    partner_expiry_seconds: Expiries = {}
 
     # Fair share (worker/delivery/dispatcher.py): "fair" keeps new messages in lanes per
     # (company, partner) that each worker's dispatcher feeds round-robin into a shallow queue;
@@ -342,6 +353,20 @@ class Settings(BaseSettings):
             value = ",".join(f"{name}={'|'.join(ids)}" for name, ids in value.items())
         return parse_partner_companies(value) if isinstance(value, str) else value
 
+    @field_validator("partner_expiry_seconds", mode="before")
+    @classmethod
+    def _partner_expiry(cls, value: Any) -> Any:
+        if isinstance(value, dict):  # given in code: checked as the variable's text would be
+            value = ",".join(f"{name}={seconds}" for name, seconds in value.items())
+        return parse_partner_expiry(value) if isinstance(value, str) else value
+
+    @property
+    def idempotency_window(self) -> int:
+        """How long an explicit idempotency key is remembered (seconds)."""
+        if self.idempotency_window_seconds is not None:
+            return self.idempotency_window_seconds
+        return min(24 * 3600, self.status_ttl_seconds)
+
     @field_validator("service_public_url")
     @classmethod
     def _public_url(cls, value: str | None) -> str | None:
@@ -459,6 +484,15 @@ class Settings(BaseSettings):
         if self.redis_sentinels and not self.redis_sentinel_master:
             raise ValueError(
                 f"{ENV_PREFIX}REDIS_SENTINEL_MASTER: required with {ENV_PREFIX}REDIS_SENTINELS"
+            )
+        if (
+            self.idempotency_window_seconds is not None
+            and self.idempotency_window_seconds > self.status_ttl_seconds
+        ):
+            raise ValueError(
+                f"{ENV_PREFIX}IDEMPOTENCY_WINDOW_SECONDS ({self.idempotency_window_seconds}) "
+                f"exceeds {ENV_PREFIX}STATUS_TTL_SECONDS ({self.status_ttl_seconds}): a key "
+                "would outlive its message's record, and a repeat could not be told how it ended"
             )
         self._check_oauth()
         self._check_plain_http()
@@ -693,6 +727,33 @@ def parse_partner_companies(text: str) -> dict[str, tuple[str, ...]]:
                 )
         grants[name] = tuple(dict.fromkeys(companies))
     return grants
+
+
+def parse_partner_expiry(text: str) -> dict[str, float]:
+    """``NOTIFY_PARTNER_EXPIRY_SECONDS`` (``acme=3600,default=600,*=86400``) as partner ->
+    seconds (``*``: every partner not listed); ``ValueError`` naming the entry that is not one."""
+    expiry: dict[str, float] = {}
+    for entry in (part.strip() for part in text.split(",")):
+        if not entry:
+            continue
+        name, equals, seconds = (part.strip() for part in entry.partition("="))
+        if not equals or not (name == ANY_PARTNER or is_partner_name(name)):
+            raise ValueError(
+                f"{entry!r} is not partner=seconds (like acme=3600, or {ANY_PARTNER}=86400 for "
+                "every partner not listed)"
+            )
+        try:
+            value = float(seconds)
+        except ValueError:
+            value = -1.0
+        if not 1 <= value <= MAX_EXPIRY_SECONDS:
+            raise ValueError(
+                f"partner {name!r}: {seconds!r} is not a number of seconds 1..{MAX_EXPIRY_SECONDS}"
+            )
+        if name in expiry:
+            raise ValueError(f"partner {name!r} is listed twice")
+        expiry[name] = value
+    return expiry
 
 
 _URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^/@\s:]*):[^/@\s]*@")

@@ -85,17 +85,23 @@ def test_same_request_twice_returns_the_first_id_and_queues_nothing_new(http, ru
     body = _body(session="same-session")
     first = http.post(f"/messages/{user_id}/session", json=body, headers=PARTNER)
     count = _message_keys(runtime)
-    # A different partner key and another URL: still the same (user, session, template).
-    again = {**body, "context": {"url": "https://app.example.com/other"}}
+    # Another key of the same partner (both bare keys: partner gateway), the same request.
     second = http.post(
         f"/messages/{user_id}/session",
-        json=again,
+        json=body,
         headers={"Authorization": f"Bearer {OTHER_PARTNER_KEY}"},
     )
     assert second.status_code == 202
     assert second.json()["id"] == first.json()["id"]
     assert second.json()["duplicate"] is True
     assert _message_keys(runtime) == count
+    # The whole request is the implicit key: another URL is another message (before issue 22 it
+    # was answered "duplicate" and never sent).
+    moved = {**body, "context": {"url": "https://app.example.com/other"}}
+    third = http.post(f"/messages/{user_id}/session", json=moved, headers=PARTNER)
+    assert third.status_code == 202
+    assert third.json()["duplicate"] is False and third.json()["id"] != first.json()["id"]
+    assert _message_keys(runtime) == count + 1
 
 
 @pytest.mark.parametrize(

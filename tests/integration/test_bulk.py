@@ -211,3 +211,24 @@ def test_the_bulk_route_has_the_gateway_keys_and_content_type(http, user_id):
     wrong_type = http.post(BATCH, content=b"[]", headers={**PARTNER, "Content-Type": "text/plain"})
     assert wrong_type.status_code == 415
     assert http.get(BATCH, headers=PARTNER).status_code == 404  # GET /messages/{id}: no such id
+
+
+def test_expires_at_gives_every_message_of_the_batch_its_deadline(http, runtime, user_id):
+    deadline = "2099-01-01T00:00:00Z"
+    items = [_item(user_id) for _ in range(2)]
+    answer = http.post(BATCH, json=items, headers={**PARTNER, "Expires-At": deadline})
+    assert answer.status_code == 202, answer.text
+    for result in answer.json()["results"]:
+        status = http.get(f"/messages/{result['id']}", headers=PARTNER)
+        assert status.status_code == 200, status.text
+        assert status.json()["expiresAt"].startswith("2099-01-01T00:00:00")
+
+
+def test_an_expires_at_without_a_time_zone_refuses_the_batch_whole(http, runtime, user_id):
+    before = _message_keys(runtime)
+    answer = http.post(
+        BATCH, json=[_item(user_id)], headers={**PARTNER, "Expires-At": "2099-01-01T00:00:00"}
+    )
+    assert answer.status_code == 400, answer.text
+    assert _refused_whole(answer) == ["INVALID_DEADLINE"]
+    assert _message_keys(runtime) == before

@@ -103,11 +103,14 @@ def http(service: str) -> Iterator[httpx.Client]:
         yield client
 
 
+REPORT_URL = "https://app.example.com/reports/1"
+
+
 def _body(session: str | None = None) -> dict[str, object]:
     return {
         "sessionId": session or f"s-{uuid.uuid4().hex[:8]}",
         "templateId": "welcome",
-        "context": {"url": "https://app.example.com/reports/1"},
+        "context": {"url": REPORT_URL},
     }
 
 
@@ -145,12 +148,16 @@ def test_a_partner_key_naming_a_company_not_granted_is_refused_403_and_nothing_i
         refused = _post(http, user_id, body, key, company)
         assert refused.status_code == 403, refused.text
         assert _codes(refused) == ["COMPANY_NOT_GRANTED"]
-        would_be = message_id(user_id, str(body["sessionId"]), "welcome", partner, company)
+        would_be = message_id(
+            user_id, str(body["sessionId"]), "welcome", partner, company, url=REPORT_URL
+        )
         assert not _recorded(runtime, would_be)
     # Without the header, beta still sends to the default company as before.
     plain = http.post(f"/messages/{user_id}/session", json=body, headers=BETA)
     assert plain.status_code == 202, plain.text
-    assert plain.json()["id"] == message_id(user_id, str(body["sessionId"]), "welcome", "beta")
+    assert plain.json()["id"] == message_id(
+        user_id, str(body["sessionId"]), "welcome", "beta", url=REPORT_URL
+    )
 
 
 def test_an_unknown_company_is_refused_422_and_nothing_is_queued(http, runtime, user_id):
@@ -159,7 +166,9 @@ def test_an_unknown_company_is_refused_422_and_nothing_is_queued(http, runtime, 
     assert refused.status_code == 422, refused.text
     assert _codes(refused) == ["UNKNOWN_COMPANY"]
     assert stranger in refused.json()["errors"][0]["errorMessage"]
-    ident = message_id(user_id, str(body["sessionId"]), "welcome", "globex", stranger)
+    ident = message_id(
+        user_id, str(body["sessionId"]), "welcome", "globex", stranger, url=REPORT_URL
+    )
     assert not _recorded(runtime, ident)
 
 
@@ -170,7 +179,9 @@ def test_a_disconnected_company_is_refused_422_and_nothing_is_queued(
     refused = _post(http, user_id, body, GLOBEX, companies.disconnected)
     assert refused.status_code == 422, refused.text
     assert _codes(refused) == ["COMPANY_DISCONNECTED"]
-    ident = message_id(user_id, str(body["sessionId"]), "welcome", "globex", companies.disconnected)
+    ident = message_id(
+        user_id, str(body["sessionId"]), "welcome", "globex", companies.disconnected, url=REPORT_URL
+    )
     assert not _recorded(runtime, ident)
 
 
@@ -183,7 +194,9 @@ def test_granted_companies_are_queued_needs_reconnect_included_and_status_names_
         queued = _post(http, user_id, body, ACME, company)
         assert queued.status_code == 202, queued.text
         ident = queued.json()["id"]
-        assert ident == message_id(user_id, str(body["sessionId"]), "welcome", "acme", company)
+        assert ident == message_id(
+            user_id, str(body["sessionId"]), "welcome", "acme", company, url=REPORT_URL
+        )
         status = http.get(f"/messages/{ident}", headers=ACME).json()
         assert status["company"] == company
         ids.append(ident)

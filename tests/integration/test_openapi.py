@@ -39,7 +39,13 @@ from worker.front.api import create_app
 from worker.front.notifications import XSI_NAMESPACE
 from worker.runtime import Runtime
 from worker.shapes.contract import MAX_BATCH_MESSAGES, MAX_PAGE_LIMIT
-from worker.shapes.models import MAX_ID_LENGTH, MESSAGE_ID_PATTERN, schema_pattern
+from worker.shapes.models import (
+    BARE_KEY_PARTNER,
+    MAX_ID_LENGTH,
+    MESSAGE_ID_PATTERN,
+    Message,
+    schema_pattern,
+)
 
 NIL = f"{{{XSI_NAMESPACE}}}nil"
 XML_ACCEPT = {**OPERATOR, "Accept": "application/xml"}
@@ -176,6 +182,9 @@ def _answers(http: httpx.Client, runtime: Runtime, concur: Sandbox) -> Iterator[
     yield "POST", template, http.post(send, json=request_body(session="again"), headers=PARTNER)
     yield "POST", template, http.post(send, json=request_body(session="again"), headers=PARTNER)
     yield "POST", template, http.post(send, json={"sessionId": 5}, headers=PARTNER)
+    keyed = {**PARTNER, "Idempotency-Key": f"k-{uuid.uuid4()}"}
+    yield "POST", template, http.post(send, json=request_body(), headers=keyed)
+    yield "POST", template, http.post(send, json=request_body(), headers=keyed)  # 409
     unknown = {**PARTNER, "Concur-Company-Id": str(uuid.uuid4())}
     yield "POST", template, http.post(send, json=request_body(), headers=unknown)
     not_one = {**PARTNER, "Concur-Company-Id": "ACME"}
@@ -199,6 +208,13 @@ def _answers(http: httpx.Client, runtime: Runtime, concur: Sandbox) -> Iterator[
     yield "GET", message, http.get(f"/messages/{letter}", headers=OPERATOR)
     yield "GET", message, http.get("/messages/nosuchmessage", headers=PARTNER)
     yield "GET", message, http.get("/messages/nosuchmessage")
+    # Recorded without a task: nothing takes it before it is cancelled (the mover's grace).
+    waiting = Message.create(user, "s-cancel", "welcome", partner=BARE_KEY_PARTNER)
+    runtime.store.create(waiting.id, waiting.to_wire())
+    yield "DELETE", message, http.delete(f"/messages/{waiting.id}", headers=PARTNER)
+    yield "DELETE", message, http.delete(f"/messages/{letter}", headers=OPERATOR)  # 409
+    yield "DELETE", message, http.delete("/messages/nosuchmessage", headers=PARTNER)
+    yield "DELETE", message, http.delete(f"/messages/{waiting.id}")
 
     listed = "/notifications"
     mine = {"status": "failed", "user": user}
@@ -295,6 +311,7 @@ def _locked(locked: httpx.Client) -> Iterator[Answer]:
         ("POST", "/messages/{userId}/session", "/messages/u-1/session"),
         ("POST", "/messages/batch", "/messages/batch"),
         ("GET", "/messages/{id}", "/messages/abc"),
+        ("DELETE", "/messages/{id}", "/messages/abc"),
         ("GET", "/notifications", "/notifications?status=failed"),
         ("POST", "/notifications/replay", "/notifications/replay"),
         ("GET", "/notifications/{id}", "/notifications/abc"),
@@ -398,6 +415,7 @@ def _unavailable(down: httpx.Client) -> list[Answer]:
         ("POST", "/messages/{userId}/session", "/messages/u-1/session", PARTNER),
         ("POST", "/messages/batch", "/messages/batch", PARTNER),
         ("GET", "/messages/{id}", "/messages/abc", PARTNER),
+        ("DELETE", "/messages/{id}", "/messages/abc", PARTNER),
         ("GET", "/notifications", "/notifications?status=failed", OPERATOR),
         ("POST", "/notifications/replay", "/notifications/replay", OPERATOR),
         ("GET", "/notifications/{id}", "/notifications/abc", OPERATOR),

@@ -94,7 +94,8 @@ def test_partner_sending_the_same_request_first_does_not_make_anothers_a_duplica
 def test_bare_key_is_a_partner_of_its_own_kept_apart_from_unkeyed_producers(http, runtime, user_id):
     session = f"s-{uuid.uuid4().hex[:8]}"
     sent = _send(http, user_id, _body(session), BARE)
-    assert sent["id"] == message_id(user_id, session, "welcome", BARE_KEY_PARTNER)
+    url = "https://app.example.com/reports/1"  # the URL is part of the id (_body's)
+    assert sent["id"] == message_id(user_id, session, "welcome", BARE_KEY_PARTNER, url=url)
     assert json.loads(runtime.store.status(sent["id"])["req"])["partner"] == BARE_KEY_PARTNER
     assert http.get(f"/messages/{sent['id']}", headers=BARE).json()["partner"] == BARE_KEY_PARTNER
 

@@ -472,6 +472,10 @@ class _Batch:
                 if self.stopping():
                     verdicts.append(self.record(ends.handed_back(attempt, now_ms=now_ms())))
                     continue
+                late = ends.past_deadline(attempt, now_ms=now_ms())
+                if late is not None:  # it waited for its token past its deadline: never posted
+                    verdicts.append(self.record(late))
+                    continue
                 reply = functools.partial(_answered, answers, route, attempt)
                 if own is None and not limiter.policy.enabled:
                     together.append((attempt.message, reply))  # no pace to keep: all at once
@@ -490,6 +494,10 @@ class _Batch:
                             )
                         )
                     )
+                    continue
+                late = ends.past_deadline(attempt, now_ms=now_ms())
+                if late is not None:  # it waited for its permit past its deadline
+                    verdicts.append(self.record(late))
                     continue
                 client.start([(attempt.message, reply)], route.token, route.base_url)
                 started += 1

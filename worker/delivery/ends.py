@@ -8,8 +8,8 @@ each in the store and logs it in one place (its verdict in brackets)::
     Delivered      a 2xx ("delivered")
     RetryLater     a passing failure with attempts left: due again after the backoff ("retry")
     DeadLetter     failed for good, kept for an operator with why ("dead:<reason>"): the API's
-                   answer, an invalid request, or attempts started again and again and never
-                   finished
+                   answer, an invalid request, attempts started again and again and never
+                   finished, or its deadline passed before it was posted (``expired``)
     Unreadable     the queued task was not a message at all ("dead:malformed_message")
     NoToken        no Concur token could be had ("deferred", with a ``token_unavailable`` entry)
     RateLimited    no rate-limit permit in time ("deferred")
@@ -19,8 +19,10 @@ each in the store and logs it in one place (its verdict in brackets)::
                    again at the next recheck, never past the end of its reconnect grace
 
 The last five go back on the schedule **without spending an attempt**: nothing was posted.
-There is no "expired" end: a message waits on the schedule until it is delivered or
-dead-lettered.
+A message with a deadline (``expires_ms``) never waits past it: the store puts it back on the
+schedule no later than its deadline, the claim past it answers ``expired`` (``after_claim``:
+a dead letter ``expired``), and a post whose deadline passed while it waited for its permit or
+token is not started (``past_deadline``). A cancelled message's claim is refused as ``done``.
 
 The decisions take the claim, the answer, the policy and the time (``now_ms``, injected), and do
 no I/O; what an API answer means is ``worker.rules.outcomes.classify``'s to say, and
@@ -40,6 +42,7 @@ from worker.rules.outcomes import ApiResponse, TransportFailure
 from worker.rules.retries import COMPANY_RECHECK_JITTER, CompanyPolicy, RetryPolicy
 from worker.rules.validation import InvalidRequest, validate_wire
 from worker.shapes.models import CompanyState, Message
+from worker.shapes.times import iso_utc
 from worker.store.codec import AttemptRecord, Claim, Failure
 
 PAUSE_JITTER_MS = 1000  # spreads the messages a breaker paused over a second when it lets go
@@ -194,6 +197,8 @@ def after_claim(
     now_ms: int,
 ) -> Attempt | NotAttempted | DeadLetter:
     """After the claim: an ``Attempt`` to post, or how the message ends without a post."""
+    if claim.verdict == "expired":
+        return expired(message_id, owner, claim)
     if claim.verdict != "go":
         return NotAttempted(message_id, claim.verdict, claim.state)
     if claim.attempt > policy.max_attempts:
@@ -218,6 +223,28 @@ def after_claim(
             message_id, owner, claim, Failure(invalid.reason, str(invalid), errors=errors)
         )
     return Attempt(message_id, owner, claim, message, now_ms)
+
+
+def expired(message_id: str, owner: str, claim: Claim) -> DeadLetter:
+    """A message whose deadline (``claim.expires_ms``) passed before it was posted: a dead
+    letter ``expired``; it is never posted."""
+    when = iso_utc(claim.expires_ms)
+    deadline = f"its deadline ({when})" if when else "its deadline"
+    return DeadLetter(
+        message_id,
+        owner,
+        claim,
+        Failure(outcomes.EXPIRED, f"{deadline} passed before it could be posted"),
+    )
+
+
+def past_deadline(attempt: Attempt, *, now_ms: int) -> DeadLetter | None:
+    """Just before its post starts: a dead letter ``expired`` when the deadline passed while the
+    message waited for its token or rate-limit permit (None: post it)."""
+    deadline = attempt.claim.expires_ms
+    if deadline is None or now_ms < deadline:
+        return None
+    return expired(attempt.message_id, attempt.owner, attempt.claim)
 
 
 def attempt_record(

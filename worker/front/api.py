@@ -5,10 +5,13 @@ the failed-notification endpoints for operators; an ASGI app on Starlette, serve
   the ``Concur-Company-Id`` header names the message's company (absent: the default company),
   one the partner's key is granted (``NOTIFY_PARTNER_COMPANIES``; else 403, never queued) and
   the registry holds connected (else 422).
+  ``Idempotency-Key`` makes the partner's key, not the whole request, say what "the same
+  message" is (another request under a key already used: 409); ``Expires-At`` is its deadline.
 * ``POST /messages/batch`` takes up to 500 such messages (a JSON array of v4 bodies, each with its
   ``userId``), validates each on its own and records the valid ones in one Redis round trip:
   202, or 207 when any was refused, with one result per message in order.
-* ``GET /messages/{id}`` shows a message's status and attempts.
+* ``GET /messages/{id}`` shows a message's status and attempts; ``DELETE /messages/{id}``
+  cancels it while it is not being or has not been posted (409 once it is).
 * ``GET /notifications?status=failed`` and ``GET|DELETE /notifications/{id}``,
   ``POST /notifications/{id}/replay``, ``POST /notifications/replay`` serve the dead letters in
   the shape of Concur's "Get Notifications by Status" (JSON or XML by ``Accept``).
@@ -60,9 +63,10 @@ from worker.front.guard import FailureLimiter, FailureLimits, client_address
 from worker.front.openapi import openapi_document
 from worker.front.stats import PROMETHEUS_CONTENT_TYPE, collect, render_prometheus
 from worker.intake.intake import Intake
-from worker.intake.producer import record_admitted, submit_many
+from worker.intake.producer import IdempotencyConflict, prepare, record_admitted, submit_many
 from worker.ops.logs import configure_from_settings
 from worker.ops.monitoring import init_sentry
+from worker.rules import deadlines
 from worker.rules.grants import NO_GRANTS, CompanyGrants, not_granted
 from worker.rules.retries import ANSWERING
 from worker.rules.validation import InvalidRequest, Problem, company_problem, validate
@@ -71,11 +75,14 @@ from worker.settings import Settings, get_settings
 from worker.shapes.contract import (
     COMPANY_HEADER,
     DEFAULT_PAGE_LIMIT,
+    EXPIRES_HEADER,
     HIGHEST_HTTP_STATUS,
+    IDEMPOTENCY_HEADER,
     LOWEST_HTTP_STATUS,
     MAX_BATCH_MESSAGES,
     MAX_PAGE_LIMIT,
     MAX_REPLAY_RATE,
+    REPLAYED_HEADER,
     Attempt,
     BatchAnswer,
     BatchQueued,
@@ -137,6 +144,8 @@ SERVICE_UNAVAILABLE = "SERVICE_UNAVAILABLE"
 INVALID_BATCH = "INVALID_BATCH"  # a bulk body that is not an array of 1..500 messages
 TOO_MANY_MESSAGES = "TOO_MANY_MESSAGES"  # a bulk body of more than 500
 INTERNAL_ERROR = "INTERNAL_ERROR"
+IDEMPOTENCY_KEY_REUSED = "IDEMPOTENCY_KEY_REUSED"
+NOT_CANCELLABLE = "NOT_CANCELLABLE"
 
 PARTNER = "partner"
 OPERATOR = "operator"
@@ -173,6 +182,7 @@ STATUS_OF_STATE: dict[str, ClientStatus] = {
     "retrying": "retrying",
     "delivered": "delivered",
     "failed": "failed",
+    "cancelled": "cancelled",
 }
 
 
@@ -355,6 +365,7 @@ def message_view(message_id: str, record: StatusRecord, base_url: str) -> Messag
         createdAt=_iso_ms(record.get("created")),
         updatedAt=_iso_ms(record.get("updated")),
         nextAttemptAt=_iso_ms(record.get("next")) if state == "retrying" else None,
+        expiresAt=_iso_ms(record.get("exp")),
         replays=int_or_none(record.get("replays")) or 0,
         reason=_text(record.get("reason")) or None,
         notificationUri=(
@@ -623,10 +634,30 @@ class Service:
             raise ApiError(403, problem.code, problem.message)
         return company
 
+    @staticmethod
+    def _one_header(request: Request, name: str) -> str | None:
+        values = request.headers.getlist(name)
+        if len(values) > 1:
+            raise ApiError(400, INVALID_HEADER, f"{name} must be given at most once")
+        return values[0] if values else None
+
+    def _deadline(self, request: Request) -> int | None:
+        """The ``Expires-At`` header as epoch ms (None: absent); 400 for a value that is not
+        an RFC 3339 date-time with a time zone."""
+        text = self._one_header(request, EXPIRES_HEADER)
+        if text is None:
+            return None
+        deadline = deadlines.parse_deadline(text)
+        if isinstance(deadline, Problem):
+            raise ApiError(400, deadline.code, f"{EXPIRES_HEADER}: {deadline.message}")
+        return deadline
+
     async def submit(self, request: Request) -> Response:
         """``POST /messages/{userId}/session``: validate and queue a v4 request."""
         caller = await self._require(request, PARTNER)
         company = self._company(request, caller)
+        idempotency_key = self._one_header(request, IDEMPOTENCY_HEADER)
+        expires_ms = self._deadline(request)
         self._check_json_content_type(request)
         raw = await self._read_body(request)
         try:
@@ -642,17 +673,32 @@ class Service:
             message = validate(
                 user_id, body, self.runtime.allowlist, partner=caller.partner, company=company
             )
+            message = prepare(
+                message,
+                runtime=self.runtime,
+                expires_ms=expires_ms,
+                idempotency_key=idempotency_key,
+            )
         except InvalidRequest as error:
             raise ApiError(400, "", "", problems=error.problems) from None
         try:
             created, state = await self.intake.record(message)
         except InvalidRequest as error:  # its company is unknown or disconnected
             raise ApiError(422, "", "", problems=error.problems) from None
+        except IdempotencyConflict as conflict:
+            raise ApiError(
+                409,
+                IDEMPOTENCY_KEY_REUSED,
+                f"{IDEMPOTENCY_HEADER} was used for another request within its window: "
+                f"message {conflict.existing_id}; nothing was queued",
+                headers={"Location": f"/messages/{conflict.existing_id}"},
+            ) from None
         status = "queued" if created else STATUS_OF_STATE.get(state, "queued")
+        headers = {"Location": f"/messages/{message.id}"}
+        if idempotency_key is not None and not created:
+            headers[REPLAYED_HEADER] = "true"
         return model_response(
-            Queued(id=message.id, status=status, duplicate=not created),
-            202,
-            {"Location": f"/messages/{message.id}"},
+            Queued(id=message.id, status=status, duplicate=not created), 202, headers
         )
 
     async def submit_batch(self, request: Request) -> Response:
@@ -668,6 +714,7 @@ class Service:
         """
         caller = await self._require(request, PARTNER)
         company = self._company(request, caller)
+        expires_ms = self._deadline(request)
         self._check_json_content_type(request)
         raw = await self._read_body(request, limit=self.policy.max_batch_body_bytes)
         try:
@@ -703,6 +750,7 @@ class Service:
                     runtime=self.runtime,
                     partner=caller.partner,
                     company=company,
+                    expires_ms=expires_ms,
                 )
             )
         except InvalidRequest as error:  # its company is unknown or disconnected
@@ -727,6 +775,35 @@ class Service:
         refused = sum(isinstance(result, BatchRefused) for result in results)
         answer = BatchAnswer(accepted=len(results) - refused, refused=refused, results=results)
         return model_response(answer, 207 if refused else 202)
+
+    async def cancel_message(self, request: Request) -> Response:
+        """``DELETE /messages/{id}``: cancel a message not yet posted (200 with its status);
+        409 once an attempt is under way or over; 404 for another partner's."""
+        caller = await self._require(request, PARTNER, also=OPERATOR)
+        message_id = self._id(request)
+        # The partner check is inside the same atomic step as the cancel: another partner's
+        # message is "no such message", exactly as for GET.
+        partner = None if caller.operator else caller.partner
+        verdict, state = await run_in_threadpool(
+            functools.partial(self.runtime.store.cancel, message_id, partner=partner)
+        )
+        if verdict == "missing":
+            raise ApiError(404, NOT_FOUND, "no such message (unknown, or its status expired)")
+        if verdict == "refused":
+            being = "being posted" if state == "inflight" else state
+            raise ApiError(
+                409, NOT_CANCELLABLE, f"the message is {being}: it can no longer be cancelled"
+            )
+        log.info(
+            "message %s cancelled (was %s)",
+            message_id,
+            state,
+            extra={"message_id": message_id, "partner": caller.partner},
+        )
+        record = await run_in_threadpool(self.runtime.store.lookup, message_id)
+        if record is None:  # deleted in the meantime: still cancelled, never posted
+            raise ApiError(404, NOT_FOUND, "no such message (unknown, or its status expired)")
+        return model_response(message_view(message_id, record, self._base_url(request)))
 
     async def message_status(self, request: Request) -> Response:
         """``GET /messages/{id}``: the message's status and attempts."""
@@ -1202,6 +1279,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         Route("/messages/{userId}/session", _handle(service.submit), methods=["POST"]),
         Route("/messages/batch", _handle(service.submit_batch), methods=["POST"]),
         Route("/messages/{id}", _handle(service.message_status), methods=["GET"]),
+        Route("/messages/{id}", _handle(service.cancel_message), methods=["DELETE"]),
         Route("/notifications", _handle(service.list_notifications), methods=["GET"]),
         Route("/notifications/replay", _handle(service.replay_many), methods=["POST"]),
         Route("/notifications/{id}", _handle(service.show_notification), methods=["GET"]),

@@ -32,6 +32,7 @@ EXIT_INVALID = 1
 EXIT_CONFIG = 2
 EXIT_UNAVAILABLE = 3
 EXIT_NOT_FOUND = 4
+EXIT_CONFLICT = 5  # an idempotency key used for another request; a message no longer cancellable
 
 
 def _fail(message: str, code: int) -> None:
@@ -111,19 +112,76 @@ def main() -> None:
     help="the user's Concur company: its UUID, connected in the registry [default: the company "
     "the settings define]",
 )
+@click.option(
+    "--expires-at",
+    default=None,
+    help="its deadline, an RFC 3339 date-time with a time zone (2026-12-01T10:00:00Z): past "
+    "it, it is never posted and becomes a dead letter `expired`",
+)
+@click.option(
+    "--idempotency-key",
+    default=None,
+    help="your key for this request: the same key and request print the same id and queue "
+    "nothing; another request under it is refused (exit 5)",
+)
 @friendly_errors
 def send(
-    user_id: str, session_id: str, template_id: str, url: str | None, company: str | None
+    user_id: str,
+    session_id: str,
+    template_id: str,
+    url: str | None,
+    company: str | None,
+    expires_at: str | None,
+    idempotency_key: str | None,
 ) -> None:
     """Validate and queue one message; print its id."""
-    from worker.intake.producer import submit
+    from datetime import UTC, datetime
+
+    from worker.intake.producer import IdempotencyConflict, submit
+    from worker.rules import deadlines
+    from worker.rules.validation import InvalidRequest, Problem
     from worker.shapes.models import request_body
 
+    deadline = None
+    if expires_at is not None:
+        parsed = deadlines.parse_deadline(expires_at)
+        if isinstance(parsed, Problem):
+            raise InvalidRequest([parsed])
+        deadline = datetime.fromtimestamp(parsed / 1000, UTC)
     body = request_body(session_id, template_id, url)
-    result = submit(user_id, body, runtime=_runtime(), company=company)
+    try:
+        result = submit(
+            user_id,
+            body,
+            runtime=_runtime(),
+            company=company,
+            expires_at=deadline,
+            idempotency_key=idempotency_key,
+        )
+    except IdempotencyConflict as conflict:
+        _fail(f"{conflict}; nothing queued", EXIT_CONFLICT)
+        return
     if result.duplicate:
         click.echo(f"already submitted (state: {result.state}); nothing new queued", err=True)
     click.echo(result.id)
+
+
+@main.command()
+@click.argument("message_id")
+@friendly_errors
+def cancel(message_id: str) -> None:
+    """Cancel a message not yet posted: it ends `cancelled` and is never posted."""
+    from worker.shapes.models import is_message_id
+
+    if not is_message_id(message_id):
+        _fail(f"no message {message_id!r}", EXIT_NOT_FOUND)
+    verdict, state = _runtime().store.cancel(message_id, partner=None)
+    if verdict == "missing":
+        _fail(f"no message {message_id!r} (unknown, or its status record expired)", EXIT_NOT_FOUND)
+    if verdict == "refused":
+        being = "being posted" if state == "inflight" else state
+        _fail(f"message {message_id} is {being}: it can no longer be cancelled", EXIT_CONFLICT)
+    click.echo(f"cancelled {message_id} (was {state})")
 
 
 def _now_ms() -> int:

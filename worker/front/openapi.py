@@ -25,6 +25,7 @@ from pydantic_core import core_schema
 from worker.front.notifications import NAMESPACE, SUPPORTED_STATUSES
 from worker.shapes import contract
 from worker.shapes.models import (
+    IDEMPOTENCY_KEY_PATTERN,
     MAX_ID_LENGTH,
     MESSAGE_ID_PATTERN,
     PARTNER_PATTERN,
@@ -222,6 +223,23 @@ _PARTNER = _param(
 _BAD_PARTNER = {400: _error("partner is not a partner name")}
 _NO_WEBHOOK = {404: _error("The partner has no webhook")}
 _WEBHOOK = "/partners/{partner}/webhook"
+_IDEMPOTENCY_HEADER = _param(
+    contract.IDEMPOTENCY_HEADER,
+    "header",
+    {"type": "string", "pattern": schema_pattern(IDEMPOTENCY_KEY_PATTERN)},
+    description="The partner's key for this request (1-255 visible ASCII characters, per "
+    "partner): the same key and request give the same id and queue nothing; another request "
+    "under the key within NOTIFY_IDEMPOTENCY_WINDOW_SECONDS is a 409. Absent: the whole request "
+    "(userId, sessionId, templateId, context.url, company) is the key.",
+)
+_EXPIRES_HEADER = _param(
+    contract.EXPIRES_HEADER,
+    "header",
+    {"type": "string", "format": "date-time"},
+    description="The message's deadline, an RFC 3339 date-time with a time zone "
+    "(2026-12-01T10:00:00Z): past it, it is never posted and becomes a dead letter `expired`. "
+    "Absent: the partner's default (NOTIFY_PARTNER_EXPIRY_SECONDS), or none.",
+)
 
 OPERATIONS: tuple[Operation, ...] = (
     Operation(
@@ -231,11 +249,26 @@ OPERATIONS: tuple[Operation, ...] = (
         "Queue a message to a Concur user (the v4 contract)",
         {
             202: Answer(
-                "Queued (or already queued: duplicate is true)", contract.Queued, headers=_LOCATION
+                "Queued (or already queued: duplicate is true)",
+                contract.Queued,
+                headers={
+                    **_LOCATION,
+                    contract.REPLAYED_HEADER: {
+                        "description": "true: the Idempotency-Key's earlier message answers",
+                        "schema": {"type": "string", "enum": ["true"]},
+                    },
+                },
             ),
             400: _error(
-                "Invalid JSON, schema violation, not allowed, or a Concur-Company-Id that is "
-                "not a company UUID"
+                "Invalid JSON, schema violation, not allowed, a Concur-Company-Id that is "
+                "not a company UUID, a bad Idempotency-Key (INVALID_IDEMPOTENCY_KEY), or an "
+                "Expires-At that is not a date-time with a time zone or has passed "
+                "(INVALID_DEADLINE)"
+            ),
+            409: _error(
+                "The Idempotency-Key was used for another request within its window "
+                "(IDEMPOTENCY_KEY_REUSED); nothing is queued; Location names the first message",
+                _LOCATION,
             ),
             408: _error("The body did not arrive within NOTIFY_SERVICE_BODY_TIMEOUT_SECONDS"),
             413: _error("Body over NOTIFY_SERVICE_MAX_BODY_BYTES"),
@@ -252,7 +285,7 @@ OPERATIONS: tuple[Operation, ...] = (
             **_UNAVAILABLE,
         },
         security=(PARTNER_KEY,),
-        params=(_USER_ID, _COMPANY_HEADER),
+        params=(_USER_ID, _COMPANY_HEADER, _IDEMPOTENCY_HEADER, _EXPIRES_HEADER),
         request=SendRequest,
     ),
     Operation(
@@ -271,8 +304,9 @@ OPERATIONS: tuple[Operation, ...] = (
                 contract.BatchAnswer,
             ),
             400: _error(
-                "Not JSON, not an array of 1..500 messages (INVALID_BATCH), or a "
-                "Concur-Company-Id that is not a company UUID; nothing is queued"
+                "Not JSON, not an array of 1..500 messages (INVALID_BATCH), a "
+                "Concur-Company-Id that is not a company UUID, or an Expires-At that is not a "
+                "date-time with a time zone (INVALID_DEADLINE); nothing is queued"
             ),
             408: _error("The body did not arrive within NOTIFY_SERVICE_BODY_TIMEOUT_SECONDS"),
             413: _error(
@@ -292,7 +326,7 @@ OPERATIONS: tuple[Operation, ...] = (
             **_UNAVAILABLE,
         },
         security=(PARTNER_KEY,),
-        params=(_COMPANY_HEADER,),
+        params=(_COMPANY_HEADER, _EXPIRES_HEADER),
         request=contract.BatchRequest,
     ),
     Operation(
@@ -303,6 +337,23 @@ OPERATIONS: tuple[Operation, ...] = (
         {
             200: Answer("The status", contract.MessageStatus),
             404: _error("Unknown, another partner's, or its status record expired"),
+            **_UNAUTHORIZED,
+            **_UNAVAILABLE,
+        },
+        security=(PARTNER_KEY, OPERATOR_KEY),
+        params=(_ID,),
+    ),
+    Operation(
+        "delete",
+        "/messages/{id}",
+        "cancelMessage",
+        "Cancel a message not yet posted: it is never posted",
+        {
+            200: Answer("Cancelled (or cancelled before): its status", contract.MessageStatus),
+            404: _error("Unknown, another partner's, or its status record expired"),
+            409: _error(
+                "An attempt is under way or over (delivering, delivered, failed): not cancelled"
+            ),
             **_UNAUTHORIZED,
             **_UNAVAILABLE,
         },

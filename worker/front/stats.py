@@ -79,6 +79,11 @@ _COUNTERS = (
     ),
     ("replayed", "notify_replayed_total", "Dead letters sent back through the pipeline."),
     (
+        "cancelled",
+        "notify_cancelled_total",
+        "Messages cancelled before they were posted (DELETE /messages/{id}, notify cancel).",
+    ),
+    (
         "geolocation_refused",
         "notify_oauth_geolocation_refused_total",
         "Geolocations named by Concur's token endpoint that were not followed "

@@ -52,6 +52,7 @@ STATE_TEXT = {
     "retrying": "retrying (waiting for the next attempt)",
     "delivered": "delivered",
     "failed": "failed (a dead letter)",
+    "cancelled": "cancelled (never posted)",
 }
 OUTCOME_STYLE = {"delivered": "green", "retry": "yellow", "dead": "red", "deferred": "cyan"}
 STATE_STYLE = {"delivered": "green", "retrying": "yellow", "failed": "red", "inflight": "cyan"}
@@ -184,6 +185,8 @@ def message_view(
     fields.add_row("updated", plain(when(record.get("updated"), now_ms)))
     if state == "retrying":
         fields.add_row("next retry", plain(when(record.get("next"), now_ms)))
+    if record.get("exp"):
+        fields.add_row("deadline", plain(when(record.get("exp"), now_ms)))
     if state == "inflight":
         fields.add_row("lease ends", plain(when(record.get("lease"), now_ms)))
     if state == "failed":

@@ -15,6 +15,7 @@ from typing import Any
 
 from worker.shapes.models import (
     MAX_RAW_EXCERPT,
+    company_of,
     is_message_id,
     malformed_id,
     message_id,
@@ -71,7 +72,15 @@ def parse_envelope(value: Any) -> Envelope | Malformed:
         parts = (request.get("userId"), request.get("sessionId"), request.get("templateId"))
         if not all(isinstance(part, str) for part in parts):
             return _malformed(value, "req lacks userId, sessionId or templateId")
-        return Envelope(message_id(*parts, partner_of(request)), 1, request)  # type: ignore[arg-type]
+        context = request.get("context")
+        url = context.get("url") if isinstance(context, dict) else None
+        made = message_id(
+            *parts,  # type: ignore[arg-type]
+            partner_of(request),
+            company_of(request),
+            url if isinstance(url, str) else None,
+        )
+        return Envelope(made, 1, request)
     ident, gen = value.get("id"), value.get("gen")
     if not isinstance(ident, str) or not is_message_id(ident):
         return _malformed(value, "id is not a short URL-safe string")

@@ -15,7 +15,9 @@ Outcome of one attempt::
           ├── invalid_request       ┐
           ├── template_not_allowed  ├ from validation: never sent
           ├── url_not_allowed       ┘
-          └── malformed_message     the queued task could not be read at all
+          ├── malformed_message     the queued task could not be read at all
+          └── expired               its deadline passed before it could be posted (never
+                                    posted; decided at the claim, worker.delivery.ends)
 
 ``classify`` is pure: it takes the answer (``ApiResponse``, or ``TransportFailure`` when there was
 none: the types are defined here, where they are read; ``worker.concur.client`` makes them), the
@@ -63,6 +65,9 @@ URL_NOT_ALLOWED = "url_not_allowed"
 MALFORMED_MESSAGE = "malformed_message"
 # The message's company is disconnected, unknown, or waited past its reconnect grace.
 COMPANY_DISCONNECTED = "company_disconnected"
+# The message's deadline (expires_at, Expires-At, NOTIFY_PARTNER_EXPIRY_SECONDS) passed before it
+# was posted; it never was.
+EXPIRED = "expired"
 REASONS = (
     RETRIES_EXHAUSTED,
     UNAUTHORIZED,
@@ -73,6 +78,7 @@ REASONS = (
     URL_NOT_ALLOWED,
     MALFORMED_MESSAGE,
     COMPANY_DISCONNECTED,
+    EXPIRED,
 )
 
 

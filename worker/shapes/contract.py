@@ -42,7 +42,7 @@ HIGHEST_HTTP_STATUS = 599
 MAX_REPLAY_RATE = 1e6
 
 # The status a client sees (worker.front.api maps the stored states onto these).
-ClientStatus = Literal["queued", "retrying", "delivered", "failed"]
+ClientStatus = Literal["queued", "retrying", "delivered", "failed", "cancelled"]
 
 MessageId = Annotated[str, Field(pattern=schema_pattern(MESSAGE_ID_PATTERN))]
 PartnerName = Annotated[str, Field(pattern=schema_pattern(PARTNER_PATTERN))]
@@ -70,7 +70,8 @@ class Queued(BaseModel):
     id: MessageId
     status: ClientStatus
     duplicate: bool = Field(
-        description="true: the same (userId, sessionId, templateId) was submitted before by "
+        description="true: the same request (userId, sessionId, templateId, context.url, "
+        "company), or the same Idempotency-Key with the same request, was submitted before by "
         "this partner; nothing new was queued and id is the first message's"
     )
 
@@ -82,6 +83,14 @@ CompanyName = Annotated[str, Field(pattern=COMPANY_NAME_PATTERN)]
 # The gateway's request header naming the Concur company of a message (absent: the default
 # company); beside the unchanged v4 path and body (docs/http-api.md).
 COMPANY_HEADER = "Concur-Company-Id"
+# The gateway's explicit idempotency key (docs/http-api.md, "Idempotency"): the same key and
+# request give the same id, another request under the key within the window is a 409.
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+# Answered with a 202 that found the key's earlier message (nothing new was queued).
+REPLAYED_HEADER = "Idempotent-Replayed"
+# The gateway's deadline header: an RFC 3339 date-time with a time zone; past it the message is
+# never posted and becomes a dead letter ``expired``.
+EXPIRES_HEADER = "Expires-At"
 
 
 class Attempt(BaseModel):
@@ -122,6 +131,10 @@ class MessageStatus(BaseModel):
     createdAt: Timestamp | None
     updatedAt: Timestamp | None
     nextAttemptAt: Timestamp | None
+    expiresAt: Timestamp | None = Field(
+        description="its deadline (Expires-At, or the partner's default): past it, it is never "
+        "posted and becomes a dead letter `expired`; null: none"
+    )
     replays: int
     reason: str | None
     notificationUri: UriReference | None

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -46,6 +47,10 @@ COMPANY_ID_PATTERN = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4
 # refused its refresh token: connect it again with a new request token), disconnected (an
 # operator removed it; its refresh token is deleted).
 CompanyState = Literal["connected", "needs_reconnect", "disconnected"]
+# An explicit idempotency key (the gateway's ``Idempotency-Key``, ``tasks.enqueue(…,
+# idempotency_key=)``): 1 to 255 visible ASCII characters, as Stripe and Svix take them. It never
+# reaches a Redis key name as it is (``idempotency_digest``).
+IDEMPOTENCY_KEY_PATTERN = re.compile(r"[\x21-\x7e]{1,255}")
 COMPANY_STATES: tuple[CompanyState, ...] = ("connected", "needs_reconnect", "disconnected")
 
 
@@ -108,27 +113,69 @@ def message_id(
     template_id: str,
     partner: str | None = None,
     company: str | None = None,
+    url: str | None = None,
 ) -> str:
     """The stable, URL-safe id of a request: the same (partner, company, user, session,
-    template) gives the same id.
+    template, context.url) gives the same id.
 
-    The id doubles as the idempotency key, so a request sent twice is found, not queued twice.
-    It is per partner: partner ``default`` keeps the unkeyed hash every earlier id was made with,
-    any other partner's hash is keyed with its name, so two partners sending the same triple get
-    unrelated ids and neither can make the other's request a "duplicate". It is per company the
-    same way: the default company's ids are the ones every earlier message had, another
-    company's id hashes its UUID too (the same user id in two companies is two people).
+    The id doubles as the implicit idempotency key, so a request sent twice is found, not
+    queued twice; it covers the whole request, so a second message with another URL is another
+    message (before, the URL was left out and such a message was answered ``duplicate``). A
+    request without a URL keeps the id it always had. It is per partner: partner ``default``
+    keeps the unkeyed hash every earlier id was made with, any other partner's hash is keyed
+    with its name, so two partners sending the same request get unrelated ids and neither can
+    make the other's request a "duplicate". It is per company the same way: the default
+    company's ids are the ones every earlier message had, another company's id hashes its UUID
+    too (the same user id in two companies is two people).
     """
     parts = [user_id, session_id, template_id]
     if company is not None and company != DEFAULT_COMPANY:
         parts.append(company)
-    data = "\x1f".join(parts).encode("utf-8", "surrogatepass")
+    text = "\x1f".join(parts)
+    if url is not None:
+        # After a separator no id part can hold (none has control characters), so the URL is
+        # told apart from a company, and a request without one hashes as it always did.
+        text += "\x1e" + url
+    return _id_of(text.encode("utf-8", "surrogatepass"), partner)
+
+
+def _id_of(data: bytes, partner: str | None) -> str:
     if partner is None or partner == DEFAULT_PARTNER:
         digest = hashlib.blake2b(data, digest_size=15).digest()
     else:
         key = partner.encode("utf-8", "surrogatepass")[:64]  # blake2b keys are at most 64 bytes
         digest = hashlib.blake2b(data, digest_size=15, key=key).digest()
     return base64.b32encode(digest).decode("ascii").lower()
+
+
+def is_idempotency_key(value: object) -> bool:
+    """Whether ``value`` is a valid explicit idempotency key (1-255 visible ASCII characters)."""
+    return isinstance(value, str) and IDEMPOTENCY_KEY_PATTERN.fullmatch(value) is not None
+
+
+def idempotency_digest(key: str) -> str:
+    """The part of an idempotency key's Redis key name that stands for the key (hex, 32)."""
+    return hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+
+
+def request_fingerprint(wire: Mapping[str, Any], expires_ms: int | None) -> str:
+    """What "the same body" means for an explicit idempotency key: the whole request (user,
+    v4 body, company) and the deadline the caller gave (not one a partner default made)."""
+    text = json.dumps(
+        {"request": dict(wire), "expiresAt": expires_ms},
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=True,
+    )
+    return hashlib.blake2b(text.encode("ascii"), digest_size=16).hexdigest()
+
+
+def keyed_message_id(partner: str | None, key: str, fingerprint: str) -> str:
+    """The id of a request sent with an explicit idempotency key: the same key and body give
+    the same id; another key (or body) another. Never an implicit id: the text hashed has a
+    control character (\x1d) no request's parts can hold."""
+    data = f"\x1dkey\x1d{key}\x1d{fingerprint}".encode("utf-8", "surrogatepass")
+    return _id_of(data, partner)
 
 
 def is_partner_name(value: object) -> bool:
@@ -179,6 +226,12 @@ class Message:
     url: str | None = None
     partner: str = DEFAULT_PARTNER
     company: str = DEFAULT_COMPANY  # a registry company's UUID, or the settings' company
+    # The deadline (epoch ms; None: none): past it the message is never posted, and becomes a
+    # dead letter ``expired``. Kept in the record, not in the request.
+    expires_ms: int | None = None
+    # The explicit idempotency key and the request's fingerprint under it (``keyed``).
+    idempotency_key: str | None = None
+    fingerprint: str | None = None
 
     @classmethod
     def create(
@@ -190,18 +243,33 @@ class Message:
         partner: str | None = None,
         company: str | None = None,
     ) -> Message:
-        """A message with its id derived from the request, partner and company (see
+        """A message with its id derived from the whole request, partner and company (see
         ``message_id``)."""
         partner = partner or DEFAULT_PARTNER
         company = company or DEFAULT_COMPANY
         return cls(
-            message_id(user_id, session_id, template_id, partner, company),
+            message_id(user_id, session_id, template_id, partner, company, url),
             user_id,
             session_id,
             template_id,
             url,
             partner,
             company,
+        )
+
+    def expiring(self, expires_ms: int | None) -> Message:
+        """This message with a deadline (None: none); its id is unchanged."""
+        return replace(self, expires_ms=expires_ms)
+
+    def keyed(self, key: str, given_expires_ms: int | None = None) -> Message:
+        """This message sent under the explicit idempotency ``key``: its id comes from the key
+        and the request's fingerprint (``given_expires_ms``: the deadline the caller gave)."""
+        fingerprint = request_fingerprint(self.to_wire(), given_expires_ms)
+        return replace(
+            self,
+            id=keyed_message_id(self.partner, key, fingerprint),
+            idempotency_key=key,
+            fingerprint=fingerprint,
         )
 
     def body(self) -> dict[str, Any]:

@@ -58,10 +58,12 @@ def now_ms() -> int:
 class Claim:
     """The answer of ``claim``: ``go`` (attempt number and stored request) or why not."""
 
-    verdict: str  # go | done | stale | busy
+    verdict: str  # go | expired | done | stale | busy
     attempt: int = 0
     request: dict[str, Any] | None = None
     state: str = ""
+    # The message's deadline (epoch ms), when it has one; ``expired``: it has passed.
+    expires_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,13 +128,19 @@ class Failure:
 
 def claim_from(reply: Any) -> Claim:
     """The claim script's reply (worker/store/lua/claim.lua) as a ``Claim``."""
-    if reply[0] != "go":
+    if reply[0] not in ("go", "expired"):
         return Claim(str(reply[0]), state=str(reply[1]))
     try:
         request = json.loads(reply[2])
-    except ValueError:
+    except (TypeError, ValueError):
         request = None
-    return Claim("go", int(reply[1]), request if isinstance(request, dict) else None)
+    deadline = int_or_none(reply[3]) if len(reply) > 3 else None
+    return Claim(
+        str(reply[0]),
+        int(reply[1]),
+        request if isinstance(request, dict) else None,
+        expires_ms=deadline,
+    )
 
 
 def attempt_entry(value: str, created_ms: int) -> dict[str, Any]:

@@ -9,6 +9,9 @@
                                deleted once written
 ``notify:history:lock``        string: the history writer that prunes old partitions this hour
 ``notify:schedule``            sorted set: id -> when the message must next be attempted
+``notify:idem:{p}:{digest}``  string: partner ``p``'s explicit idempotency key (``digest``: its
+                               hash, ``models.idempotency_digest``) -> "<fingerprint> <message id>";
+                               expires after NOTIFY_IDEMPOTENCY_WINDOW_SECONDS
 ``notify:dead:{id}``           hash: one dead letter
 ``notify:dead``                sorted set: dead-letter id -> when it was dead-lettered (ms)
 ``notify:stats``               hash: cumulative counters (delivered, retried, deferred, replayed,
@@ -125,6 +128,11 @@ LANE_PREFIX = f"{PREFIX}:lane:"
 def message(message_id: str) -> str:
     """The status record of one message."""
     return f"{PREFIX}:msg:{message_id}"
+
+
+def idempotency(partner: str, digest: str) -> str:
+    """One partner's explicit idempotency key (``digest``: ``models.idempotency_digest``)."""
+    return f"{PREFIX}:idem:{partner}:{digest}"
 
 
 def partner_stats(partner: str) -> str:

@@ -22,6 +22,14 @@ Two rules make "nothing lost, nothing sent twice" hold with an at-least-once bro
 ``defer`` puts a claimed message back to ``retrying`` without counting an attempt (the rate
 limit had no permit for it); it is fenced like ``retry`` (owner check, new generation).
 
+``cancel`` ends a ``queued`` or ``retrying`` message as ``cancelled`` (a partner's ``DELETE
+/messages/{id}``): off the schedule, a new generation, and every claim refuses it as ``done``;
+one ``inflight`` or finished is refused. A message's deadline (its record's ``exp``) caps every
+time it is due again (``retry``, ``defer``, ``create``), and a claim past it answers ``expired``
+(taken under the claimer's owner, no attempt counted) for the worker to dead-letter it.
+An explicit idempotency key (``keys.idempotency``) is taken by ``create`` in the same step as the
+record, so concurrent requests under one key record one message.
+
 Operators' gauges (``keys.LIVE``: messages ``inflight`` and ``retrying`` now, dead letters held
 now by ``dead:<reason>``) are changed by the same scripts that change a state, in the same
 atomic step, so they are exact as long as only these scripts write the records.
@@ -81,6 +89,7 @@ SCRIPTS: dict[str, tuple[str, ...]] = {
     "due": ("request",),
     "dispatch": ("request",),
     "unlane": ("request",),
+    "cancel": ("request", "gauges"),
 }
 
 
@@ -125,6 +134,29 @@ def webhook_event_id() -> str:
     """A new outcome event's id (its ``webhook-id``): random, so a message that ends twice (a
     replayed dead letter) or an id used again after its record expired never repeats one."""
     return "evt_" + uuid.uuid4().hex
+
+
+@dataclass(frozen=True, slots=True)
+class NewRecord:
+    """What a new message's record carries beside its request: its deadline, and the explicit
+    idempotency key it was sent under (its Redis key name, the request's fingerprint, how long
+    the key is held)."""
+
+    expires_ms: int | None = None
+    idempotency_key: str | None = None  # keys.idempotency(...)
+    fingerprint: str = ""
+    window_seconds: int = 86_400
+
+
+@dataclass(frozen=True, slots=True)
+class KeyConflict:
+    """The explicit idempotency key was used, within its window, for another request: nothing
+    was recorded; ``existing_id`` is the message that request made."""
+
+    existing_id: str
+
+
+Created = tuple[bool, str]  # (created, state): state of the earlier message when not created
 
 
 def _back_on_schedule_keys(message_id: str) -> list[str]:
@@ -197,6 +229,7 @@ class MessageStore:
         self._forget = scripts["forget"]
         self._dispatch = scripts["dispatch"]
         self._unlane = scripts["unlane"]
+        self._cancel = scripts["cancel"]
         self._local = threading.local()
 
     def _run(self, script: Any, *, keys: list[str], args: list[Any]) -> Any:
@@ -227,19 +260,17 @@ class MessageStore:
 
     def create(self, message_id: str, request: Mapping[str, Any]) -> tuple[bool, str]:
         """Record a new message as queued; ``(False, state)`` when it exists already."""
-        created, state, _gen = self._run(
-            self._create, **self._create_call(message_id, request, now_ms())
-        )
-        if self._replicas_to_wait():
-            self._replicated(self._conn().wait(*self._wait_args()))
-        return bool(int(created)), str(state)
+        [result] = self.create_each([(message_id, request)])
+        assert not isinstance(result, KeyConflict)  # no explicit key, no conflict
+        return result
 
     def _create_call(
-        self, message_id: str, request: Mapping[str, Any], now: int
+        self, message_id: str, request: Mapping[str, Any], now: int, extra: NewRecord | None
     ) -> dict[str, list[Any]]:
         # The KEYS and ARGV of create.lua for one message: its lane's keys when laned.
         partner = partner_of(request)
         company = company_of(request)
+        extra = extra or NewRecord()
         return {
             "keys": [
                 keys.message(message_id),
@@ -249,6 +280,7 @@ class MessageStore:
                 keys.company_lanes(company),
                 keys.LANES,
                 keys.LIVE,
+                extra.idempotency_key or keys.message(message_id),
             ],
             "args": [
                 message_id,
@@ -256,6 +288,9 @@ class MessageStore:
                 self.publish_grace_ms,
                 partner,
                 company if self.laned else "",
+                extra.fingerprint if extra.idempotency_key else "",
+                extra.window_seconds,
+                "" if extra.expires_ms is None else extra.expires_ms,
                 *request_fields(request),
             ],
         }
@@ -296,19 +331,62 @@ class MessageStore:
 
     def create_many(self, items: list[tuple[str, Mapping[str, Any]]]) -> list[tuple[bool, str]]:
         """``create`` for many messages in one round trip."""
-        if len(items) == 1:  # the single call is the cheaper round trip
-            return [self.create(*items[0])]
+        results = self.create_each(items)
+        return [result for result in results if not isinstance(result, KeyConflict)]
+
+    def create_each(
+        self,
+        items: Sequence[tuple[str, Mapping[str, Any]]],
+        extras: Sequence[NewRecord | None] | None = None,
+    ) -> list[Created | KeyConflict]:
+        """Record new messages in one round trip, each with its ``NewRecord`` (deadline,
+        explicit idempotency key); per message ``(created, state)``, or ``KeyConflict`` when its
+        key was used for another request within the window (nothing recorded)."""
         now = now_ms()
-        pipe = self.redis.pipeline(transaction=False)
-        for message_id, request in items:
-            self._create(**self._create_call(message_id, request, now), client=pipe)
+        calls = [
+            self._create_call(message_id, request, now, extras[i] if extras else None)
+            for i, (message_id, request) in enumerate(items)
+        ]
         waiting = self._replicas_to_wait()
-        if waiting:  # same connection, so it waits for these writes
-            pipe.wait(*self._wait_args())
-        replies = pipe.execute()
-        if waiting:
-            self._replicated(replies.pop())
-        return [(bool(int(created)), str(state)) for created, state, _ in replies]
+        if len(calls) == 1:  # the single call is the cheaper round trip
+            replies = [self._run(self._create, **calls[0])]
+            if waiting:
+                self._replicated(self._conn().wait(*self._wait_args()))
+        else:
+            pipe = self.redis.pipeline(transaction=False)
+            for call in calls:
+                self._create(**call, client=pipe)
+            if waiting:  # same connection, so it waits for these writes
+                pipe.wait(*self._wait_args())
+            replies = pipe.execute()
+            if waiting:
+                self._replicated(replies.pop())
+        results: list[Created | KeyConflict] = []
+        for created, state, third in replies:
+            if int(created) == 2:
+                results.append(KeyConflict(str(third)))
+            else:
+                results.append((bool(int(created)), str(state)))
+        return results
+
+    def cancel(self, message_id: str, *, partner: str | None) -> tuple[str, str]:
+        """Cancel a message not yet posted: ``("cancelled", state before)`` (also when it was
+        cancelled already), ``("refused", state)`` once an attempt is under way or over, or
+        ``("missing", "")`` when there is no such message of ``partner``'s (None: any
+        partner's, for operators)."""
+        verdict, state = self._run(
+            self._cancel,
+            keys=[
+                keys.message(message_id),
+                keys.SCHEDULE,
+                keys.LIVE,
+                keys.DISPATCHED,
+                keys.STATS,
+                keys.HISTORY_OUTBOX,
+            ],
+            args=[message_id, partner or "", now_ms(), self.status_ttl_seconds, self._history_flag],
+        )
+        return str(verdict), str(state)
 
     def claim(self, envelope: Envelope, *, owner: str, worker: str, task_id: str) -> Claim:
         """Take the message for one attempt, or say why this task must not attempt it."""

@@ -6,7 +6,7 @@ local state = redis.call('HGET', KEYS[1], 'state')
 if ARGV[2] ~= '' and (state ~= 'inflight' or redis.call('HGET', KEYS[1], 'owner') ~= ARGV[2]) then
   return 0
 end
-if state == 'delivered' or state == 'failed' then return 0 end
+if state == 'delivered' or state == 'failed' or state == 'cancelled' then return 0 end
 if not state then
   redis.call('HSET', KEYS[1], 'req', ARGV[5], 'gen', 1, 'attempt', 0, 'created', ARGV[3])
   if ARGV[14] ~= 'default' then redis.call('HSET', KEYS[1], 'partner', ARGV[14]) end

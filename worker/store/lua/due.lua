@@ -4,7 +4,7 @@ local out = {}
 local regrace = tonumber(ARGV[1]) + tonumber(ARGV[3])
 for _, id in ipairs(ids) do
   local r = redis.call('HMGET', ARGV[4] .. id, 'state', 'gen')
-  if (not r[1]) or r[1] == 'delivered' or r[1] == 'failed' then
+  if (not r[1]) or r[1] == 'delivered' or r[1] == 'failed' or r[1] == 'cancelled' then
     redis.call('ZREM', KEYS[1], id)
   else
     -- Not removed: it stays scheduled (a grace period ahead) until a worker claims it, so a

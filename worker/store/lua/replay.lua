@@ -14,7 +14,8 @@ if not before or before == 'failed' or before == 'delivered' then waiting(KEYS[1
 local gen = redis.call('HINCRBY', KEYS[1], 'gen', 1)
 redis.call('HSET', KEYS[1], 'state', 'queued', 'attempt', 0, 'replays', replays, 'lease', 0,
            'updated', ARGV[2])
-redis.call('HDEL', KEYS[1], 'next', 'owner', 'reason', 'first', 'last')
+-- A replay is an operator's "send it now": a deadline it had is gone with its letter.
+redis.call('HDEL', KEYS[1], 'next', 'owner', 'reason', 'first', 'last', 'exp')
 redis.call('PERSIST', KEYS[1])
 redis.call('ZADD', KEYS[2], tonumber(ARGV[2]) + tonumber(ARGV[3]), ARGV[1])
 redis.call('DEL', KEYS[3])

@@ -5,10 +5,15 @@ if redis.call('HGET', KEYS[1], 'state') ~= 'inflight'
   return 0  -- this worker lost the message (its lease ran out); the new holder decides
 end
 local gen = redis.call('HINCRBY', KEYS[1], 'gen', 1)
-redis.call('HSET', KEYS[1], 'state', 'retrying', 'next', ARGV[4], 'status', ARGV[7],
+-- Due again no later than its deadline, when it is dead-lettered 'expired' (claim.lua): a message
+-- waiting out a backoff, a breaker, a rate limit or a token outage expires on time.
+local due = ARGV[4]
+local deadline = redis.call('HGET', KEYS[1], 'exp')
+if deadline and tonumber(deadline) < tonumber(due) then due = deadline end
+redis.call('HSET', KEYS[1], 'state', 'retrying', 'next', due, 'status', ARGV[7],
            'cid', ARGV[8], 'updated', ARGV[3], 'lease', 0)
 redis.call('HDEL', KEYS[1], 'owner')
-redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
+redis.call('ZADD', KEYS[2], due, ARGV[1])
 local k = add_attempt(KEYS[1], ARGV[5], ARGV[6])
 redis.call('HINCRBY', KEYS[3], 'retried', 1)
 by_partner(KEYS[1], 'retried')
