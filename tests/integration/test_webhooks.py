@@ -17,6 +17,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ import pytest
 from cryptography.fernet import Fernet
 from standardwebhooks import Webhook
 
+import tasks
 from sandbox.concur import Sandbox
 from tests import harness
 from tests.harness import (
@@ -40,6 +42,7 @@ from tests.harness import (
     wait_for,
 )
 from worker.front.api import create_app
+from worker.limits.breaker import Breaker, BreakerPolicy
 from worker.store.sealing import Cipher
 from worker.store.webhooks import DELIVERED, EXPIRED, FAILED, WebhookStore
 from worker.webhooks.delivery import WebhookDelivery, WebhookPolicy
@@ -243,6 +246,25 @@ def test_an_expired_dead_letter_fires_message_expired_and_rotation_signs_with_bo
     assert verified(new, headers, body)["type"] == FAILED
     with pytest.raises(Exception, match="signature"):
         verified(old, headers, body)
+
+
+def test_a_message_past_its_deadline_behind_an_open_breaker_fires_message_expired(
+    isolated: Isolated, receiver: Receiver, start_worker: Any, sandbox: Sandbox
+) -> None:
+    # End to end: the worker's own expiry (not a dead letter written by hand) fires the event.
+    store = webhooks(isolated)
+    _config, secret = store.set("default", receiver.url, [])  # the default: failed + expired
+    start_worker(**isolated.env, **FAST, NOTIFY_BREAKER_ENABLED="true")
+    Breaker(isolated.runtime.redis, BreakerPolicy(enabled=True)).force_open()
+    user = f"u-{uuid.uuid4().hex[:8]}"
+    deadline = datetime.now(UTC) + timedelta(seconds=3)
+    ident = tasks.enqueue(user, "s-1", "welcome", runtime=isolated.runtime, expires_at=deadline)
+    wait_for(lambda: receiver.events(), timeout=60, what="the expired event")
+    headers, body = receiver.received[0]
+    document = verified(secret, headers, body)
+    assert document["type"] == EXPIRED and document["data"]["id"] == ident
+    assert document["data"]["reason"] == "expired"
+    assert sandbox.requests(user_id=user) == []
 
 
 def test_a_dead_endpoint_is_retried_then_dead_lettered_while_concur_posts_go_on(
