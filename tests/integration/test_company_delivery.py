@@ -10,6 +10,7 @@ messages are recorded with a ``company`` and published as the producer does.
 
 from __future__ import annotations
 
+import random
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -28,7 +29,8 @@ from worker.limits.breaker import geolocation_name
 from worker.queue.envelopes import Envelope
 from worker.rules import outcomes
 from worker.shapes.models import Message
-from worker.store.companies import CompanyRegistry
+from worker.store import keys
+from worker.store.companies import CompanyRegistry, shared_access_of
 from worker.store.sealing import Cipher
 
 CLIENT_ID = "partner-app"
@@ -352,3 +354,70 @@ def test_thousands_of_companies_do_not_grow_a_workers_memory_past_the_token_cach
     # Each company's token was asked for once (its refresh grant), at its own geolocation.
     asked = {c["id"]: c["tokenRequests"] for c in fresh.companies()["companies"]}
     assert {asked[company] for company in companies} == {1}
+
+
+def test_two_worker_processes_ask_one_token_per_company_and_share_it_sealed(
+    start_worker: Callable[..., WorkerProcess], isolated: Isolated, fresh: Sandbox
+) -> None:
+    # 40 companies, 6 messages each, shuffled into tasks that both processes take: a company
+    # whose messages both processes post still makes one token request (the first process
+    # shares its access token; the other reads it, before the company's lock or under it).
+    registry = registry_of(isolated)
+    companies = [str(uuid.uuid4()) for _ in range(40)]
+    fresh.create_companies(
+        [
+            {
+                "id": company,
+                "geolocation": "us",
+                "requestToken": f"rq-{company}",
+                "refreshToken": f"rt-{company}",
+                "clientId": CLIENT_ID,
+            }
+            for company in companies
+        ]
+    )
+    now = int(time.time() * 1000)
+    for company in companies:
+        registry.connected(company, f"rt-{company}", None, fresh.geolocation_url("us"), now)
+    workers = [
+        start_worker(f"share{n}", **workers_env(isolated, fresh, NOTIFY_WORKER_CONCURRENCY="4"))
+        for n in range(2)
+    ]
+    store = isolated.runtime.store
+    items: list[tuple[str, dict[str, Any]]] = []
+    owner: dict[str, str] = {}
+    for i in range(6):
+        for company in companies:
+            message = Message.create(f"u{i}-{company[:8]}", "s-1", "welcome", URL)
+            mid = f"{message.id}{uuid.uuid4().hex[:6]}"
+            items.append((mid, {**message.to_wire(), "company": company}))
+            owner[mid] = company
+    random.Random(21).shuffle(items)
+    assert all(ok for ok, _ in store.create_many(items))
+    isolated.runtime.publish([Envelope(mid, 1, request) for mid, request in items])
+    isolated.runtime.publisher.flush(30)
+    ids = [mid for mid, _ in items]
+    wait_for(lambda: all_in(isolated, ids, "delivered"), timeout=120, what="every delivery")
+
+    asked = {c["id"]: c["tokenRequests"] for c in fresh.companies()["companies"]}
+    assert {asked[company] for company in companies} == {1}
+    assert {fresh.stats(company=company)["delivered"] for company in companies} == {6}
+    # The test shows sharing only if both processes posted for one company at least.
+    logs = [w.log_path.read_text(errors="replace") for w in workers]
+    posted_by = [{owner[mid] for mid in ids if f"delivered {mid} " in text} for text in logs]
+    assert posted_by[0] & posted_by[1], "no company had posts from both processes"
+
+    # Shared sealed: the token is not in Redis in clear text, and it expires from Redis.
+    redis = isolated.runtime.redis
+    company = companies[0]
+    stored = redis.get(keys.company_access(company))
+    assert stored is not None
+    text = stored.decode() if isinstance(stored, bytes) else str(stored)
+    assert text.startswith("f1:")
+    shared = shared_access_of(Cipher(FERNET_KEY).open(text))
+    assert shared is not None and shared.token and shared.token not in text
+    assert shared.geolocation == fresh.geolocation_url("us")
+    assert 0 < int(redis.pttl(keys.company_access(company))) <= 3600 * 1000
+    # Disconnecting the company deletes its shared token with its refresh token.
+    registry.disconnect(company, int(time.time() * 1000))
+    assert redis.get(keys.company_access(company)) is None

@@ -8,7 +8,7 @@ import random
 
 from redis import Redis
 
-from worker.concur.companytokens import CompanyTokens
+from worker.concur.companytokens import CompanyAccessShare, CompanyTokens
 from worker.concur.oauth import OAuthConfig, TokenEndpoint
 from worker.delivery import ends
 from worker.delivery.attempts import by_company
@@ -20,7 +20,7 @@ from worker.rules.retries import CompanyPolicy, RetryPolicy
 from worker.shapes.models import DEFAULT_COMPANY, Message, company_of
 from worker.store import keys
 from worker.store.codec import Claim
-from worker.store.companies import CompanyRegistry
+from worker.store.companies import CompanyRegistry, SharedAccess, shared_access_of
 from worker.store.sealing import Cipher
 
 POLICY = RetryPolicy(max_attempts=3, backoff_base_seconds=1, backoff_max_seconds=5)
@@ -166,3 +166,31 @@ def test_the_default_geolocation_keeps_todays_breaker_keys_and_others_have_their
     assert emea.key == "notify:breaker:geo:emea.api.concursolutions.com"
     assert emea.window_key == "notify:breaker:geo:emea.api.concursolutions.com:window"
     assert geolocation_name("http://127.0.0.1:8101") == "127.0.0.1:8101"
+
+
+def test_a_shared_access_token_reads_back_as_written_and_anything_else_is_none() -> None:
+    access = SharedAccess("at-123456", NOW + 3_600_000, NOW + 3_300_000, "https://us.example")
+    assert shared_access_of(access.to_json()) == access
+    for text in (
+        "",
+        "{}",
+        "[1]",
+        '{"token": "", "expires_ms": 1, "renew_ms": 1, "geolocation": "g"}',
+        '{"token": "t", "expires_ms": "soon", "renew_ms": 1, "geolocation": "g"}',
+    ):
+        assert shared_access_of(text) is None, text
+
+
+def test_each_company_provider_shares_its_access_token_under_its_own_key() -> None:
+    redis = Redis(host="127.0.0.1", port=1)  # never asked: nothing here does I/O
+    config = OAuthConfig(client_id="app", client_secret="secret")
+    tokens = CompanyTokens(
+        CompanyRegistry(redis, Cipher(None)),
+        config,
+        redis,
+        capacity=2,
+        endpoint=TokenEndpoint(config),
+    )
+    share = tokens.provider(ACME).share
+    assert isinstance(share, CompanyAccessShare) and share.company_id == ACME
+    assert keys.company_access(ACME) == f"notify:company:{ACME}:access"

@@ -78,6 +78,17 @@ def test_runtime_secrets_are_bounded_to_the_latest():
     assert redact(f"runtime-token-{logs.MAX_RUNTIME_SECRETS:06d}") == "[REDACTED]"
 
 
+def test_a_secret_holding_another_is_redacted_whole_and_each_occurrence_goes():
+    from worker.ops import logs
+
+    short = f"tok-{uuid.uuid4().hex[:12]}"
+    long = f"{short}-and-more-{uuid.uuid4().hex[:8]}"
+    logs.add_runtime_secret(short)
+    logs.add_runtime_secret(long)
+    # Longest first: the long one leaves no tail behind, and every copy of either goes.
+    assert redact(f"a {long} b {short} c {short}") == "a [REDACTED] b [REDACTED] c [REDACTED]"
+
+
 def test_sentry_scrub_removes_headers_bodies_and_secret_values():
     add_secret(TEST_TOKEN)
     event = {

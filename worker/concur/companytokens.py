@@ -9,10 +9,18 @@ state elsewhere (``CompanyTokenState``):
   company's own lock (``keys.company_lock``), so one process at a time in the fleet uses it, and
   a rotated one is stored through ``CompanyRegistry.refreshed`` (a disconnected company is never
   brought back by a late rotation);
-* the access token lives only in this process's memory, in a least-recently-used cache of at
+* the access token is kept in this process's memory, in a least-recently-used cache of at
   most ``NOTIFY_COMPANY_TOKEN_CACHE_SIZE`` companies (``cachetools.LRUCache``): thousands of
-  companies cost a bounded amount of memory, and an evicted company simply fetches again;
-* every company's provider shares one token endpoint (one small connection pool).
+  companies cost a bounded amount of memory, and an evicted company simply gets it again;
+* and shared with the fleet (``CompanyAccessShare``: sealed in ``keys.company_access`` until it
+  is due for renewal), so a company costs one token request across every worker process, not
+  one per process: the process that fetches it shares it before it lets the company's lock go,
+  and the others read it, before the lock or once they hold it;
+* a batch's companies get their tokens together (``tokens``): the ones this process holds, then
+  the shared ones in one round trip, then the rest fetched side by side on a small pool of
+  threads (``FETCH_THREADS``), so a batch of twenty new companies waits for about one fetch,
+  not twenty in a row;
+* every company's provider shares one token endpoint (one connection pool).
 
 Concur refusing a company's refresh token (code 108, or an expired one) puts the company in
 ``needs_reconnect`` (``CompanyRegistry.needs_reconnect``), logs an ERROR on ``notify.tokens``
@@ -27,6 +35,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import NoReturn
 
 from cachetools import LRUCache
@@ -35,6 +44,7 @@ from redis import Redis
 from worker.concur.oauth import (
     OAuthConfig,
     OAuthTokens,
+    SharedToken,
     StoredState,
     TokenEndpoint,
     report_untrusted_geolocation,
@@ -42,11 +52,16 @@ from worker.concur.oauth import (
 from worker.concur.tokens import CompanyNeedsReconnect, TokenUnavailable
 from worker.ops.logs import add_runtime_secret
 from worker.store import keys
-from worker.store.companies import CompanyRegistry
+from worker.store.companies import CompanyRegistry, SharedAccess
 
 log = logging.getLogger("notify.tokens")
 
-__all__ = ["CompanyNeedsReconnect", "CompanyTokenState", "CompanyTokens"]
+__all__ = ["CompanyAccessShare", "CompanyNeedsReconnect", "CompanyTokenState", "CompanyTokens"]
+
+# Token requests of one process in flight together (threads of the pool, connections of the
+# endpoint): enough for a batch of new companies to wait about one fetch, few enough that a
+# burst of thousands of new companies does not open thousands of connections.
+FETCH_THREADS = 16
 
 
 class CompanyTokenState:
@@ -101,6 +116,36 @@ class CompanyTokenState:
         raise CompanyNeedsReconnect(self.company_id, why)
 
 
+class CompanyAccessShare:
+    """An ``AccessShare`` over the registry: one company's access token, sealed in Redis."""
+
+    def __init__(
+        self,
+        registry: CompanyRegistry,
+        company_id: str,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.registry = registry
+        self.company_id = company_id
+        self._clock = clock
+
+    def load(self) -> SharedToken | None:
+        """The company's shared token not yet due for renewal, if any (one round trip)."""
+        found = self.registry.shared_access([self.company_id], int(self._clock() * 1000))
+        access = found.get(self.company_id)
+        return None if access is None else shared_token(access)
+
+    def save(self, token: SharedToken) -> None:
+        """Share a token just fetched (not when the company is no longer connected)."""
+        access = SharedAccess(token.token, token.expires_ms, token.renew_ms, token.geolocation)
+        self.registry.share_access(self.company_id, access, int(self._clock() * 1000))
+
+
+def shared_token(access: SharedAccess) -> SharedToken:
+    """The registry's form of a shared token as the OAuth provider takes it (pure)."""
+    return SharedToken(access.token, access.expires_ms, access.renew_ms, access.geolocation)
+
+
 class CompanyTokens:
     """Access tokens of registry companies: one ``OAuthTokens`` per company, LRU-bounded."""
 
@@ -133,6 +178,7 @@ class CompanyTokens:
         self._owns_endpoint = endpoint is None
         self._cache: LRUCache[str, OAuthTokens] = LRUCache(maxsize=capacity)
         self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
 
     def __len__(self) -> int:
         return len(self._cache)
@@ -149,6 +195,44 @@ class CompanyTokens:
         """The company's access token now; ``CompanyNeedsReconnect`` or ``TokenUnavailable``."""
         return self.provider(company_id).token()
 
+    def tokens(self, company_ids: list[str]) -> dict[str, str | TokenUnavailable]:
+        """Each company's access token now, or why it has none (``CompanyNeedsReconnect``, a
+        ``TokenUnavailable``): held ones first, then the fleet's shared ones in one round trip,
+        then the rest fetched side by side. Any other error (Redis away) is raised."""
+        found: dict[str, str | TokenUnavailable] = {}
+        providers: dict[str, OAuthTokens] = {}
+        for company_id in company_ids:
+            try:
+                provider = providers[company_id] = self.provider(company_id)
+            except TokenUnavailable as error:
+                found[company_id] = error
+                continue
+            held = provider.fresh()
+            if held is not None:
+                found[company_id] = held
+        missing = [company_id for company_id in providers if company_id not in found]
+        if not missing:
+            return found
+        shared = self.registry.shared_access(missing, int(self._clock() * 1000))
+        fetch: list[str] = []
+        for company_id in missing:
+            access = shared.get(company_id)
+            if access is not None and providers[company_id].adopt(shared_token(access)):
+                found[company_id] = access.token
+            else:
+                fetch.append(company_id)
+        if len(fetch) == 1:
+            found[fetch[0]] = _token_or_why(providers[fetch[0]])
+        elif fetch:
+            pool = self._fetch_pool()
+            futures: list[tuple[str, Future[str | TokenUnavailable]]] = [
+                (company_id, pool.submit(_token_or_why, providers[company_id]))
+                for company_id in fetch
+            ]
+            for company_id, future in futures:
+                found[company_id] = future.result()
+        return found
+
     def refresh(self, company_id: str, refused: str) -> str:
         """A new access token for the company after the API refused ``refused`` (a 401)."""
         return self.provider(company_id).refresh(refused)
@@ -160,9 +244,17 @@ class CompanyTokens:
         return None if found is None else found.geolocation
 
     def close(self) -> None:
-        """Close the shared token endpoint's connections."""
+        """Close the shared token endpoint's connections (and the fetching threads)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
         if self._endpoint is not None and self._owns_endpoint:
             self._endpoint.close()
+
+    def _fetch_pool(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(FETCH_THREADS, "notify-company-tokens")
+            return self._pool
 
     def _make(self, company_id: str) -> OAuthTokens:
         if self.config is None:
@@ -176,7 +268,9 @@ class CompanyTokens:
             def untrusted(geolocation: str, source: str) -> None:
                 report_untrusted_geolocation(redis, geolocation, source)
 
-            self._endpoint = TokenEndpoint(self.config, on_untrusted=untrusted)
+            self._endpoint = TokenEndpoint(
+                self.config, on_untrusted=untrusted, connections=FETCH_THREADS
+            )
         return OAuthTokens(
             self.config,
             self.redis,
@@ -184,4 +278,13 @@ class CompanyTokens:
             lock_key=keys.company_lock(company_id),
             cooldown_key=keys.company_cooldown(company_id),
             endpoint=self._endpoint,
+            share=CompanyAccessShare(self.registry, company_id, self._clock),
         )
+
+
+def _token_or_why(provider: OAuthTokens) -> str | TokenUnavailable:
+    """The provider's token, or the ``TokenUnavailable`` that says why it has none."""
+    try:
+        return provider.token()
+    except TokenUnavailable as error:
+        return error

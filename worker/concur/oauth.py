@@ -16,7 +16,10 @@ Where things live:
 One refresh at a time across every worker: a process takes a Redis lock (``SET NX PX`` with a
 random owner, released by a compare-and-delete script), reads the latest refresh token, runs its
 own grant and stores what came back before letting go. So a rotated refresh token is never
-presented twice, and each process still gets an access token of its own.
+presented twice, and each process still gets an access token of its own, unless the provider is
+given an ``AccessShare`` (registry companies: ``worker.concur.companytokens``): then the access
+token fetched is handed to the fleet (sealed, until it is due for renewal), and a process that
+finds one there, before taking the lock or once it holds it, uses it instead of asking Concur.
 
 Concur's answers are not trusted blindly: a ``geolocation`` (in a token answer, a code-16 error,
 or read back from Redis) is followed only when ``trusted_geolocation`` accepts it: ``https`` on a
@@ -441,12 +444,14 @@ class TokenEndpoint:
         transport: CurlTransport | None = None,
         *,
         on_untrusted: Callable[[str, str], None] | None = None,
+        connections: int = 0,
     ) -> None:
+        """``connections``: of its own transport (0: a handful, enough for one company)."""
         self.config = config
         # Told (geolocation, where it came from) about a geolocation that is not followed.
         self.on_untrusted = on_untrusted
         self._owns_transport = transport is None
-        self.transport = transport or CurlTransport(_TOKEN_CONNECTIONS)
+        self.transport = transport or CurlTransport(connections or _TOKEN_CONNECTIONS)
 
     def request(self, url: str, form: dict[str, str], deadline: float) -> tuple[Grant, str]:
         """Run one grant at ``url``; the grant and the URL that answered it.
@@ -527,6 +532,28 @@ def report_untrusted_geolocation(redis: Redis, geolocation: str, source: str) ->
         log.warning("could not count the refused geolocation", exc_info=True)
 
 
+@dataclass(frozen=True, slots=True)
+class SharedToken:
+    """An access token another process fetched (wall-clock times, ms)."""
+
+    token: str
+    expires_ms: int
+    renew_ms: int
+    geolocation: str
+
+
+class AccessShare(Protocol):
+    """Where a provider's fresh access tokens are shared with the fleet's other processes."""
+
+    def load(self) -> SharedToken | None:
+        """The token shared now and not yet due for renewal, if any."""
+        ...
+
+    def save(self, token: SharedToken) -> None:
+        """Share a token just fetched."""
+        ...
+
+
 class _CoolingDown(TokenUnavailable):
     """A refresh failed moments ago (in any worker); this one is not tried yet."""
 
@@ -545,10 +572,12 @@ class OAuthTokens:
         lock_key: str | None = None,
         cooldown_key: str | None = None,
         endpoint: TokenEndpoint | None = None,
+        share: AccessShare | None = None,
     ) -> None:
         """``state``, ``lock_key``, ``cooldown_key``: where the refresh token lives and the
         fleet's one-refresh-at-a-time lock; by default the client id's (the default company).
-        ``endpoint``: a token endpoint shared with other providers (then not closed here)."""
+        ``endpoint``: a token endpoint shared with other providers (then not closed here).
+        ``share``: where access tokens are shared with the fleet (None: this process's own)."""
         self.config = config
         self.redis = redis
         self.state: TokenState = state or TokenStateStore(
@@ -559,6 +588,7 @@ class OAuthTokens:
         self.lock_key = lock_key or keys.oauth_lock(config.client_id)
         self.cooldown_key = cooldown_key or keys.oauth_cooldown(config.client_id)
         self._on_geolocation = on_geolocation
+        self.share = share
         add_secret(config.client_secret, config.company_auth_token, config.initial_refresh_token)
         self._mutex = threading.Lock()
         self._access: str | None = None
@@ -581,6 +611,22 @@ class OAuthTokens:
     def geolocation(self) -> str | None:
         """The geolocation the last token came from."""
         return self._geolocation
+
+    def fresh(self) -> str | None:
+        """The access token when it is not yet due for renewal (no I/O); else None."""
+        current = self._access
+        return current if current is not None and time.monotonic() < self._renew_at else None
+
+    def adopt(self, shared: SharedToken) -> bool:
+        """Use a token another process fetched (read from the share by the caller), unless this
+        process holds a fresh one or its geolocation may not be followed; whether it is used."""
+        if self._checked(shared.geolocation, "a shared access token") is None:
+            return False
+        with self._mutex:
+            if self.fresh() is not None:
+                return False
+            self._install(shared)
+        return True
 
     def token(self) -> str:
         """The access token to use now, fetching a new one when it is due."""
@@ -611,7 +657,7 @@ class OAuthTokens:
             if self._access is not None and self._access != refused:
                 return self._access  # another thread already replaced it
             self._access = None
-            return self._fetch()
+            return self._fetch(refused)
 
     def close(self) -> None:
         """Close the token endpoint's connections (when the endpoint is this provider's own)."""
@@ -629,16 +675,44 @@ class OAuthTokens:
         self._untrusted(geolocation, source)
         return None
 
-    def _fetch(self) -> str:
+    def _install(self, shared: SharedToken) -> None:
+        """Use ``shared`` from now on (its wall-clock times turned monotonic)."""
+        now, wall_ms = time.monotonic(), time.time() * 1000
+        add_runtime_secret(shared.token)
+        self._access = shared.token
+        self._expires_at = now + (shared.expires_ms - wall_ms) / 1000
+        self._renew_at = now + (shared.renew_ms - wall_ms) / 1000
+        if shared.geolocation != self._geolocation:
+            self._geolocation = shared.geolocation
+            if self._on_geolocation is not None:
+                self._on_geolocation(shared.geolocation)
+
+    def _shared(self, refused: str | None) -> SharedToken | None:
+        """The fleet's shared token, unless it is the one the API just refused (or none is
+        shared, or it points where this process may not go)."""
+        if self.share is None:
+            return None
+        found = self.share.load()
+        if found is None or found.token == refused:
+            return None
+        if self._checked(found.geolocation, "a shared access token") is None:
+            return None
+        return found
+
+    def _fetch(self, refused: str | None = None) -> str:
         try:
-            return self._fetch_under_lock()
+            return self._fetch_under_lock(refused)
         except _CoolingDown:
             raise  # the failure itself was reported when it happened
         except TokenUnavailable as error:
             log.error("Concur token refresh failed: %s", error, exc_info=True)
             raise
 
-    def _fetch_under_lock(self) -> str:
+    def _fetch_under_lock(self, refused: str | None) -> str:
+        shared = self._shared(refused)
+        if shared is not None:
+            self._install(shared)  # another process fetched it: no token request
+            return shared.token
         cooldown = self.cooldown_key
         if self.redis.exists(cooldown):
             raise _CoolingDown("a token refresh failed moments ago; waiting before the next")
@@ -654,7 +728,20 @@ class OAuthTokens:
         if not lock.acquire(blocking_timeout=self.config.fetch_budget_seconds):
             raise TokenUnavailable("another worker held the token refresh lock for too long")
         try:
-            grant, geolocation = self._grant(deadline)
+            # The holder this process waited for has just shared what it fetched.
+            shared = self._shared(refused)
+            if shared is None:
+                grant, geolocation = self._grant(deadline)
+                wall_ms = int(time.time() * 1000)
+                shared = SharedToken(
+                    grant.access_token,
+                    wall_ms + int(grant.expires_in_seconds * 1000),
+                    wall_ms + int(refresh_delay_seconds(grant.expires_in_seconds) * 1000),
+                    geolocation,
+                )
+                if self.share is not None:
+                    # Before the lock is let go, so the processes waiting for it find it.
+                    self.share.save(shared)
         except TokenUnavailable:
             self.redis.set(cooldown, "1", px=int(FAILURE_COOLDOWN_SECONDS * 1000))
             raise
@@ -662,15 +749,8 @@ class OAuthTokens:
             # Expired meanwhile and taken by another: theirs now, nothing to release.
             with contextlib.suppress(LockError):
                 lock.release()
-        now = time.monotonic()
-        self._access = grant.access_token
-        self._expires_at = now + grant.expires_in_seconds
-        self._renew_at = now + refresh_delay_seconds(grant.expires_in_seconds)
-        if geolocation != self._geolocation:
-            self._geolocation = geolocation
-            if self._on_geolocation is not None:
-                self._on_geolocation(geolocation)
-        return grant.access_token
+        self._install(shared)
+        return shared.token
 
     def _grant(self, deadline: float) -> tuple[Grant, str]:
         """Run the right grant while holding the lock and store what it returned."""

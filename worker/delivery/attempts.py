@@ -293,31 +293,64 @@ class _Batch:
             return routes
         # Every registry company of the batch read in one pipelined round trip.
         known = parts.companies.get_many(list(groups))
+        going: dict[str, list[Attempt]] = {}
         for company, attempts in groups.items():
             found = known.get(company)
-            route = self._company_route(
+            gated = self._gated(
                 company,
                 attempts,
                 None if found is None else found.state,
                 None if found is None else found.state_ms,
-                None if found is None else found.geolocation,
                 verdicts,
             )
-            if route is not None:
-                routes.append(route)
+            if gated:
+                going[company] = gated
+        if not going:
+            return routes
+        # The batch's companies get their tokens together: the fleet's shared ones in one
+        # round trip, the rest fetched side by side (not one company after another).
+        tokens = parts.company_tokens.tokens(list(going))
+        # Imported here: a deployment of the default company alone never loads OAuth (nor the
+        # sealing it brings, several MB a process).
+        from worker.concur.oauth import api_base_for
+
+        for company, attempts in going.items():
+            got = tokens[company]
+            if isinstance(got, CompanyNeedsReconnect):
+                verdicts.extend(self._waiting(company, attempts))
+                continue
+            if isinstance(got, TokenUnavailable):
+                verdicts.extend(self._without_token(company, attempts, got))
+                continue
+            provider = parts.company_tokens.provider(company)
+            found = known.get(company)
+            # The geolocation its token came from (followed under the trust rules), else the
+            # one the registry holds (written under the same rules).
+            where = provider.geolocation or (None if found is None else found.geolocation)
+            base_url = None if where is None else api_base_for(where, parts.client.base_url)
+            routes.append(
+                _Route(
+                    company,
+                    provider,
+                    got,
+                    base_url,
+                    parts.breakers.for_geolocation(where),
+                    parts.company_rate_limiter(company),
+                    attempts,
+                )
+            )
         return routes
 
-    def _company_route(
+    def _gated(
         self,
         company: str,
         attempts: list[Attempt],
         state: CompanyState | None,
         state_ms: int | None,
-        geolocation: str | None,
         verdicts: list[str],
-    ) -> _Route | None:
-        """A registry company's route; its messages' ends when it is not connected or has no
-        token now (None then)."""
+    ) -> list[Attempt]:
+        """A registry company's attempts that may go out by its state; the others' ends are
+        recorded (a company not connected: waiting, or dead letters)."""
         parts = self.parts
         at = now_ms()
         going: list[Attempt] = []
@@ -329,34 +362,7 @@ class _Batch:
                 going.append(gated)
             else:
                 verdicts.append(self.record(gated))
-        if not going:
-            return None
-        try:
-            provider = parts.company_tokens.provider(company)
-            token = provider.token()
-        except CompanyNeedsReconnect:
-            verdicts.extend(self._waiting(company, going))
-            return None
-        except TokenUnavailable as error:
-            verdicts.extend(self._without_token(company, going, error))
-            return None
-        # Imported here: a deployment of the default company alone never loads OAuth (nor the
-        # sealing it brings, several MB a process).
-        from worker.concur.oauth import api_base_for
-
-        # The geolocation its token came from (followed under the trust rules), else the one
-        # the registry holds (written under the same rules).
-        where = provider.geolocation or geolocation
-        base_url = None if where is None else api_base_for(where, parts.client.base_url)
-        return _Route(
-            company,
-            provider,
-            token,
-            base_url,
-            parts.breakers.for_geolocation(where),
-            parts.company_rate_limiter(company),
-            going,
-        )
+        return going
 
     def _waiting(self, company: str, attempts: list[Attempt]) -> list[str]:
         """Concur just refused the company's refresh token: its messages wait from now on, as

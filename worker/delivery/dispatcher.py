@@ -54,6 +54,8 @@ SWEEP_SECONDS = 5.0
 QUANTUM = 1
 # Messages moved onto the schedule per script call when a company's lanes are swept.
 SWEEP_BATCH = 1000
+# Companies read from the registry per pipelined round trip when the lanes are swept.
+SWEEP_READ_CHUNK = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,10 +189,18 @@ class Dispatcher(Loop):
         now); how many messages moved."""
         moved = 0
         now = now_ms()
-        for company_id in self.store.laned_companies():
-            if company_id == DEFAULT_COMPANY or not is_company_id(company_id):
-                continue
-            company = self.registry.get(company_id)
+        laned = [
+            company_id
+            for company_id in self.store.laned_companies()
+            if company_id != DEFAULT_COMPANY and is_company_id(company_id)
+        ]
+        # Read in pipelines, not one round trip per company: a thousand companies with waiting
+        # messages cost this thread a thousand round trips every sweep.
+        known: dict[str, Company | None] = {}
+        for start in range(0, len(laned), SWEEP_READ_CHUNK):
+            known.update(self.registry.get_many(laned[start : start + SWEEP_READ_CHUNK]))
+        for company_id in laned:
+            company = known.get(company_id)
             if not lanes_to_sweep(
                 company, now=now, reconnect_grace_ms=self.policy.reconnect_grace_ms
             ):

@@ -60,7 +60,11 @@ _secrets: set[str] = set()
 MAX_RUNTIME_SECRETS = 32
 _runtime_secrets: deque[str] = deque(maxlen=MAX_RUNTIME_SECRETS)
 _secrets_lock = threading.Lock()
-_secret_pattern: re.Pattern[str] | None = None
+# Every secret value, longest first (so no partial leftovers), replaced one after another: a
+# substring search per value costs less than one regular expression of them all (measured 4x
+# less with 40 values), and a new value costs a sort of a few dozen instead of a compilation
+# (7 ms each, which a worker serving a thousand companies paid thousands of times).
+_ordered_secrets: tuple[str, ...] = ()
 
 
 def add_secret(*values: str | None) -> None:
@@ -91,9 +95,8 @@ def add_runtime_secret(*values: str | None) -> None:
 
 def _compile() -> None:
     # Called with the lock held; longest first, so no partial leftovers.
-    global _secret_pattern
-    ordered = sorted(_secrets | set(_runtime_secrets), key=len, reverse=True)
-    _secret_pattern = re.compile("|".join(re.escape(v) for v in ordered)) if ordered else None
+    global _ordered_secrets
+    _ordered_secrets = tuple(sorted(_secrets | set(_runtime_secrets), key=len, reverse=True))
 
 
 def settings_secrets(settings: Settings) -> list[str]:
@@ -121,9 +124,9 @@ def settings_secrets(settings: Settings) -> list[str]:
 
 def redact(text: str) -> str:
     """``text`` with bearer tokens, OAuth token fields, URL credentials and secrets replaced."""
-    pattern = _secret_pattern
-    if pattern is not None:
-        text = pattern.sub(REDACTED, text)
+    for secret in _ordered_secrets:
+        if secret in text:
+            text = text.replace(secret, REDACTED)
     if _SUSPECT.search(text) is None:
         return text
     text = _BEARER.sub(rf"\1\2{REDACTED}", text)

@@ -11,6 +11,12 @@ is a Redis hash (``keys.company``) and its id is in the set ``keys.COMPANIES``; 
 * ``connected_ms``, ``refreshed_ms``, ``state_ms``: when it was connected, when its refresh token
   last rotated, when its state last changed; ``reason``: why (never a secret).
 
+Beside the hash, ``keys.company_access`` holds the company's current access token (sealed like
+the refresh token, with its expiry and geolocation) for the fleet's worker processes to share
+(``share_access``, ``shared_access``): one token request per company across the fleet instead
+of one per process. It expires from Redis when the processes would renew it anyway, and a
+reconnection, a refused refresh token or a disconnection deletes it.
+
 Every change is one atomic step (a transaction, or a script that checks the state first): a
 worker storing a rotated token never brings back a company an operator disconnected meanwhile.
 The default company (the settings' ``NOTIFY_API_TOKEN`` or ``NOTIFY_OAUTH_*``) is not kept here;
@@ -19,6 +25,7 @@ The default company (the settings' ``NOTIFY_API_TOKEN`` or ``NOTIFY_OAUTH_*``) i
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -68,6 +75,43 @@ class Company:
             "reason": self.reason,
             "fromSettings": self.from_settings,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class SharedAccess:
+    """A company's access token as the fleet shares it (wall-clock times, ms)."""
+
+    token: str
+    expires_ms: int  # Concur refuses it from then on
+    renew_ms: int  # a new one is fetched from then on (the Redis copy expires then)
+    geolocation: str  # the base URL it came from: where its posts go
+
+    def to_json(self) -> str:
+        """The form sealed into Redis."""
+        return json.dumps(
+            {
+                "token": self.token,
+                "expires_ms": self.expires_ms,
+                "renew_ms": self.renew_ms,
+                "geolocation": self.geolocation,
+            },
+            separators=(",", ":"),
+        )
+
+
+def shared_access_of(text: str) -> SharedAccess | None:
+    """A sealed-and-opened ``SharedAccess`` back; None when it is not one (pure)."""
+    try:
+        document = json.loads(text)
+        found = SharedAccess(
+            str(document["token"]),
+            int(document["expires_ms"]),
+            int(document["renew_ms"]),
+            str(document["geolocation"]),
+        )
+    except (ValueError, KeyError, TypeError):
+        return None
+    return found if found.token and found.geolocation else None
 
 
 def checked_id(company_id: str) -> str:
@@ -150,6 +194,7 @@ class CompanyRegistry:
         self._needs_reconnect = redis.register_script(_NEEDS_RECONNECT)
         self._disconnect = redis.register_script(_DISCONNECT)
         self._reseal = redis.register_script(RESEAL_SCRIPT)
+        self._share = redis.register_script(_SHARE)
 
     @classmethod
     def from_settings(cls, redis: Redis, settings: Settings) -> CompanyRegistry:
@@ -234,6 +279,8 @@ class CompanyRegistry:
         if refresh_expires_ms is None:
             pipe.hdel(key, "refresh_expires_ms")
         pipe.sadd(keys.COMPANIES, company_id)
+        # An access token of the previous connection is not handed out again.
+        pipe.delete(keys.company_access(company_id))
         pipe.execute()
         company = self.get(company_id)
         assert company is not None
@@ -269,7 +316,8 @@ class CompanyRegistry:
         token); False when it was not connected. The sealed token is kept (see docs)."""
         return bool(
             self._needs_reconnect(
-                keys=[keys.company(checked_id(company_id))], args=[_reason(reason), now_ms]
+                keys=[keys.company(checked_id(company_id)), keys.company_access(company_id)],
+                args=[_reason(reason), now_ms],
             )
         )
 
@@ -282,7 +330,8 @@ class CompanyRegistry:
         company. Disconnecting a disconnected company changes nothing.
         """
         key = keys.company(checked_id(company_id))
-        if not self._disconnect(keys=[key], args=[_reason(reason), now_ms]):
+        access = keys.company_access(company_id)
+        if not self._disconnect(keys=[key, access], args=[_reason(reason), now_ms]):
             return None
         return self.get(company_id)
 
@@ -303,6 +352,45 @@ class CompanyRegistry:
             self._reseal(keys=[key], args=[stored, self.cipher.seal(token)])
         return token
 
+    def share_access(self, company_id: str, access: SharedAccess, now_ms: int) -> bool:
+        """Hand the company's new access token to the fleet (sealed, expiring from Redis at
+        ``access.renew_ms``); False, nothing stored, when the company is not connected or the
+        token is already due."""
+        ttl_ms = access.renew_ms - now_ms
+        if ttl_ms <= 0:
+            return False
+        key = keys.company(checked_id(company_id))
+        sealed = self.cipher.seal(access.to_json())
+        return bool(self._share(keys=[key, keys.company_access(company_id)], args=[sealed, ttl_ms]))
+
+    def shared_access(self, company_ids: list[str], now_ms: int) -> dict[str, SharedAccess]:
+        """The access tokens the fleet shares for ``company_ids`` and not yet due for renewal,
+        in one round trip (an unreadable one is skipped: its company fetches anew)."""
+        ids = [company_id for company_id in company_ids if is_company_id(company_id)]
+        if not ids:
+            return {}
+        found: dict[str, SharedAccess] = {}
+        raw = self.redis.mget([keys.company_access(company_id) for company_id in ids])
+        for company_id, stored in zip(ids, raw, strict=True):
+            if not stored:
+                continue
+            try:
+                access = shared_access_of(self.cipher.open(_text(stored)))
+            except ValueError:  # sealed under a key no longer configured
+                access = None
+            if access is not None and access.renew_ms > now_ms:
+                found[company_id] = access
+        return found
+
+
+_SHARE = """
+-- KEYS: the company, its shared access token ; ARGV: the sealed token, its time to live (ms)
+if redis.call('HGET', KEYS[1], 'state') ~= 'connected' then
+  return 0
+end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
 
 _REFRESHED = """
 -- KEYS: the company ; ARGV: sealed refresh token, its expiry ('' unknown), geolocation, now
@@ -317,16 +405,17 @@ return 1
 """
 
 _NEEDS_RECONNECT = """
--- KEYS: the company ; ARGV: reason, now
+-- KEYS: the company, its shared access token ; ARGV: reason, now
 if redis.call('HGET', KEYS[1], 'state') ~= 'connected' then
   return 0
 end
 redis.call('HSET', KEYS[1], 'state', 'needs_reconnect', 'state_ms', ARGV[2], 'reason', ARGV[1])
+redis.call('DEL', KEYS[2])
 return 1
 """
 
 _DISCONNECT = """
--- KEYS: the company ; ARGV: reason, now
+-- KEYS: the company, its shared access token ; ARGV: reason, now
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then
   return 0
@@ -335,5 +424,6 @@ if state ~= 'disconnected' then
   redis.call('HSET', KEYS[1], 'state', 'disconnected', 'state_ms', ARGV[2], 'reason', ARGV[1])
 end
 redis.call('HDEL', KEYS[1], 'refresh', 'refresh_expires_ms')
+redis.call('DEL', KEYS[2])
 return 1
 """

@@ -46,6 +46,9 @@
                                when it connected, last refreshed and changed state, and why
 ``notify:company:{id}:lock``   string: the one-refresh-at-a-time lock of that company's token
 ``notify:company:{id}:cooldown`` string: set for a moment after that company's refresh failed
+``notify:company:{id}:access`` string: that company's current access token, its expiry and
+                               geolocation, Fernet-sealed, shared by the fleet's processes; it
+                               expires (PX) when they would fetch a new one anyway
 ``notify:company:{id}:ratelimit`` string: that company's own pace (GCRA, µs), when
                                NOTIFY_COMPANY_RATE_LIMIT_PER_SECOND is set
 ``notify:console:session:{id}`` hash: one logged-in console session (its CSRF token, operator
@@ -183,6 +186,12 @@ def company_lock(company_id: str) -> str:
 def company_cooldown(company_id: str) -> str:
     """Present for a short while after a failed refresh of that company's token."""
     return f"{PREFIX}:company:{company_id}:cooldown"
+
+
+def company_access(company_id: str) -> str:
+    """One company's current access token, sealed, shared by every worker process until it is
+    due for renewal (``worker.store.companies.CompanyRegistry.share_access``)."""
+    return f"{PREFIX}:company:{company_id}:access"
 
 
 def company_ratelimit(company_id: str) -> str:
