@@ -537,6 +537,9 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=None, help="write the figures here too")
     args = parser.parse_args()
     seconds = args.minutes * 60
+    # SIGTERM (a test's timeout, Ctrl-C's cousin) unwinds through the finally below, which stops
+    # the servers, the workers and the namespace.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
 
     logs = Path(tempfile.mkdtemp(prefix="notify-chaos-"))
     why_not = namespaces_possible()
