@@ -540,6 +540,10 @@ def main() -> int:
     # SIGTERM (a test's timeout, Ctrl-C's cousin) unwinds through the finally below, which stops
     # the servers, the workers and the namespace.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    # The run's settings are its own: none inherited from the caller (a test session's turn the
+    # breaker off and time posts out after 1 s), the defaults but for _worker_env's.
+    for name in [name for name in os.environ if name.startswith("NOTIFY_")]:
+        del os.environ[name]
 
     logs = Path(tempfile.mkdtemp(prefix="notify-chaos-"))
     why_not = namespaces_possible()
