@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-unit test-fast lint format bench soak clean pins
+.PHONY: install run test test-unit test-fast lint format bench soak chaos clean pins
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,9 @@ bench: install
 
 soak: install
 	$(PY) bench/soak.py --minutes 10 --rate 20
+
+chaos: install
+	$(PY) bench/chaos.py --minutes 20
 
 # The Docker image's pins, resolved from pyproject.toml for the image's Python on Linux, with
 # hashes. Versions already pinned are kept; `make pins UPGRADE=1` moves them to the newest.

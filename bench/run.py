@@ -37,6 +37,11 @@ not blur them; "from start" counts from the moment the workers were started. Sce
   history     Redis bytes per delivered message held (--held N, extrapolated to 1 M), the drain
               with the PostgreSQL history off and on (--history-drain N), history rows written
               per second (--history-url, a database notify_bench is made there)
+  million     --million messages (1,000,000) queued with enqueue_many, drained by the Procfile
+              workers at 20 ms with the history on (a database --million-db on --history-url's
+              server), on a private redis-server: the rate per 100,000 by the sandbox's clock,
+              Redis memory and CPU, the schedule, the outbox and the workers' RSS at each
+              100,000, PostgreSQL bytes. Runs when named; an hour or more
 
 It prints figures; it asserts nothing (targets are read against the table, not enforced).
 """
@@ -45,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import itertools
 import json
 import os
 import shutil
@@ -382,6 +388,14 @@ def main() -> int:
     parser.add_argument("--fair-b-rate", type=int, default=20, help="fairness: B's messages/s")
     parser.add_argument("--fair-b-seconds", type=int, default=60, help="fairness: B's seconds")
     parser.add_argument("--companies", type=int, default=1000, help="companies: how many")
+    parser.add_argument("--million", type=int, default=1_000_000, help="million: how many")
+    parser.add_argument("--million-db", default="bench_million", help="million: its database")
+    parser.add_argument(
+        "--million-timeout", type=float, default=4 * 3600, help="million: the drain's seconds"
+    )
+    parser.add_argument(
+        "--million-keep", action="store_true", help="million: keep its database afterwards"
+    )
     parser.add_argument(
         "--in-flight-values",
         default="0,160,320,400,640",
@@ -409,7 +423,8 @@ def main() -> int:
     parser.add_argument(
         "--only",
         default="drain,before,baseline,slow-api,slow-steady,steady,gateway,backlog,history",
-        # fairness and companies run when named (fairness alone takes about 8 minutes)
+        # fairness, companies and million run when named (fairness alone takes about 8
+        # minutes, million an hour or more)
         help="comma-separated scenarios to run",
     )
     args = parser.parse_args()
@@ -567,6 +582,9 @@ def main() -> int:
             sandbox.latency(args.slow_latency_ms, args.slow_p99_ms)
             rows += companies_scenario(sandbox, ours, env, args)
             sandbox.latency(args.latency_ms)
+
+        if "million" in only:
+            rows.append(million_scenario(sandbox, celery, env, args))
     finally:
         sandbox.stop()
         if embedded is not None:
@@ -938,6 +956,166 @@ def history_scenario(
     admin.execute("DROP DATABASE IF EXISTS notify_bench WITH (FORCE)")
     admin.close()
     return rows
+
+
+def _crossings(per_second: dict[str, int], first: float, step: int, total: int) -> list[float]:
+    """When the sandbox's 2xx count reached step, 2 x step, ... total (epoch seconds), from its
+    own per-second counts, taken linearly within the second that crossed each mark."""
+    marks = list(range(step, total + 1, step))
+    found: list[float] = []
+    counted = 0
+    for second, n in sorted((int(s), int(n)) for s, n in per_second.items()):
+        while marks and counted + n >= marks[0]:
+            found.append(max(first, second + (marks[0] - counted) / n))
+            marks.pop(0)
+        counted += n
+    return found
+
+
+def million_scenario(sandbox: Sandbox, celery: list[str], env: dict[str, str], args: Any) -> Row:
+    """Issue 24's million: ``--million`` messages queued with ``enqueue_many``, then drained by
+    ``--processes`` Procfile workers with the PostgreSQL history on, against the sandbox at its
+    latency. A private redis-server (AOF on, as production runs it), so that ``used_memory`` is
+    this run's alone; a database of its own on ``--history-url``'s server (``--million-db``).
+
+    Every 100,000 2xx: the rate over that 100,000 by the sandbox's clock, and, as the marks are
+    passed, Redis used_memory and CPU, the schedule, the outbox and the workers' RSS."""
+    import psycopg
+    from redis import Redis
+
+    from worker.runtime import Runtime
+    from worker.settings import load_settings
+    from worker.store import history, keys
+
+    total, step = args.million, max(1, args.million // 10)
+    server = args.history_url
+    database = args.million_db
+    admin = psycopg.connect(server, autocommit=True, connect_timeout=5)
+    admin.execute(sql_identifier_drop(database))
+    admin.execute(f'CREATE DATABASE "{database}"')
+    url = server.rsplit("/", 1)[0] + f"/{database}"
+    history.upgrade(url)
+    private = EmbeddedRedis()
+    redis_url = private.start()
+    redis = Redis.from_url(redis_url, decode_responses=True)
+    run_env = {**env, "NOTIFY_REDIS_URL": redis_url, "NOTIFY_HISTORY_URL": url}
+    figures: dict[str, Any] = {}
+    samples: list[dict[str, Any]] = []
+
+    def redis_figures() -> dict[str, float]:
+        memory, cpu = redis.info("memory"), redis.info("cpu")
+        return {
+            "used": int(memory["used_memory"]),
+            "peak": int(memory["used_memory_peak"]),
+            "cpu": float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]),
+        }
+
+    fleet = Fleet(celery, run_env, args.processes)
+    try:
+        # 1. The backlog: enqueue_many in thousands, as a partner's bulk import would.
+        rt = Runtime.from_settings(load_settings(redis_url=redis_url, history_url=url))
+        run = uuid.uuid4().hex[:6]
+        started = time.perf_counter()
+        for start in range(0, total, 1000):
+            queue_for(
+                rt,
+                "default",
+                [f"m{run}-{i}" for i in range(start, min(total, start + 1000))],
+                TEMPLATE,
+            )
+        rt.publisher.flush(1800)
+        figures["enqueue/s"] = total / (time.perf_counter() - started)
+        rt.close()
+        queued = redis_figures()
+        figures["Redis MB queued"] = queued["used"] / 1e6
+        # 2. The drain, watched every 2 s.
+        sandbox.reset()
+        fleet.start()
+        deadline = time.monotonic() + args.million_timeout
+        rss_start: list[float] | None = None
+        while True:
+            stats = sandbox.stats()
+            delivered = int(stats["delivered"])
+            if rss_start is None and delivered > 0:
+                rss_start = [_proc_tree_memory_mb(c.pid, "VmRSS") for c in fleet.children]
+            if not samples or delivered // step > samples[-1]["delivered"] // step:
+                samples.append(
+                    {
+                        "delivered": delivered,
+                        **redis_figures(),
+                        "schedule": int(redis.zcard(keys.SCHEDULE)),
+                        "outbox": int(redis.xlen(keys.HISTORY_OUTBOX)),
+                        "rss": [_proc_tree_memory_mb(c.pid, "VmRSS") for c in fleet.children],
+                    }
+                )
+                print(f"million: {samples[-1]}", file=sys.stderr, flush=True)
+            if delivered >= total:
+                break
+            if time.monotonic() > deadline:
+                raise SystemExit(f"million: timed out at {delivered:,} of {total:,} 2xx")
+            time.sleep(2)
+        last = samples[-1]
+        figures["outbox left at the last 2xx"] = last["outbox"]
+        # The store's own count: 2xx the sandbox counted beyond it were posts made twice.
+        store_delivered = int(redis.hget(keys.STATS, "delivered") or 0)
+        figures["delivered (store)"] = store_delivered
+        figures["posted twice"] = delivered - store_delivered
+        # The writers go on after the last 2xx: how long until the outbox is empty.
+        written_at = time.monotonic()
+        while redis.xlen(keys.HISTORY_OUTBOX) and time.monotonic() - written_at < 1800:
+            time.sleep(1)
+        figures["outbox left at stop"] = int(redis.xlen(keys.HISTORY_OUTBOX))
+        figures["outbox emptied s after the last 2xx"] = time.monotonic() - written_at
+        rss_end = [_proc_tree_memory_mb(c.pid, "VmRSS") for c in fleet.children]
+        fleet.stop()
+        # 3. The rate per 100,000 by the sandbox's clock.
+        stats = sandbox.stats()
+        first = float(stats["firstDeliveredAt"])
+        marks = [first, *_crossings(stats["perSecond"], first, step, total)]
+        figures[f"delivered/s per {step:,}"] = " ".join(
+            f"{step / max(1e-9, b - a):,.0f}" for a, b in itertools.pairwise(marks)
+        )
+        figures["delivered/s api"] = total / max(1e-9, float(stats["lastDeliveredAt"]) - first)
+        after = redis_figures()
+        cpu_per = []
+        for a, b in itertools.pairwise(samples):
+            cpu_per.append(1000 * (b["cpu"] - a["cpu"]) / max(1, b["delivered"] - a["delivered"]))
+        figures[f"Redis CPU ms/msg per {step:,}"] = " ".join(f"{c:.3f}" for c in cpu_per)
+        figures["schedule at each mark"] = " ".join(f"{s['schedule']:,}" for s in samples)
+        figures["outbox at each mark"] = " ".join(f"{s['outbox']:,}" for s in samples)
+        figures["Redis MB peak"] = after["peak"] / 1e6
+        figures["Redis MB after (hot window)"] = after["used"] / 1e6
+        figures["Redis bytes/delivered held"] = after["used"] / total
+        figures["keys after"] = int(redis.dbsize())
+        figures["worker RSS MB start"] = " ".join(f"{r:.0f}" for r in rss_start or [])
+        figures["worker RSS MB at each mark"] = " | ".join(
+            " ".join(f"{r:.0f}" for r in s["rss"]) for s in samples
+        )
+        figures["worker RSS MB end"] = " ".join(f"{r:.0f}" for r in rss_end)
+        figures["worker peak RSS MB"] = " ".join(f"{r:.0f}" for r in fleet.peak_rss_mb)
+        with psycopg.connect(url) as conn:
+            row = conn.execute(
+                "SELECT pg_database_size(current_database()),"
+                " (SELECT count(*) FROM notify_outcomes), (SELECT count(*) FROM notify_attempts)"
+            ).fetchone()
+        assert row is not None
+        figures["PostgreSQL MB"] = int(row[0]) / 1e6
+        figures["PostgreSQL outcomes/attempts"] = f"{int(row[1]):,}/{int(row[2]):,}"
+        figures["PostgreSQL bytes/msg"] = int(row[0]) / total
+    finally:
+        fleet.stop()
+        private.stop()
+        if not args.million_keep:
+            admin.execute(sql_identifier_drop(database))
+        admin.close()
+    return Row(f"million {total:,}", figures)
+
+
+def sql_identifier_drop(database: str) -> str:
+    """``DROP DATABASE IF EXISTS`` for a database name of letters, digits and underscores."""
+    if not database.replace("_", "").isalnum():
+        raise SystemExit(f"--million-db: {database!r} is not a plain name")
+    return f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'
 
 
 COMPANY_A = "aaaaaaaa-0000-4000-8000-00000000000a"

@@ -331,6 +331,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--base-path", default="/notifications/v4")
     parser.add_argument(
+        "--max-records",
+        type=int,
+        default=200_000,
+        help="requests kept for /_sandbox/requests (the counters cover all of them)",
+    )
+    parser.add_argument(
         "--geolocation",
         action="append",
         dest="geolocations",
@@ -356,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
             latency_ms=args.latency_ms,
             latency_p99_ms=args.latency_p99_ms,
             base_path=args.base_path,
+            max_records=args.max_records,
             geolocations=names[:1],
         )
         for name in names[1:]:

@@ -524,3 +524,175 @@ class SentryRecorder:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+# -- Redis Sentinel and network partitions (tests/faults, bench/chaos.py) --------------------------
+
+
+class SentinelGroup:
+    """A Redis master, one replica and three sentinels, listening on ``host`` (and loopback).
+
+    ``host`` other than loopback (a :class:`Namespace`'s ``host_ip``) lets a process in a
+    network namespace follow the sentinels: they name the master by that address."""
+
+    MASTER = "notify-ha"
+
+    def __init__(self, directory: Path, host: str = "127.0.0.1") -> None:
+        self.directory = directory
+        self.host = host
+        bind = (
+            ["--bind", "127.0.0.1", host, "--protected-mode", "no"] if host != "127.0.0.1" else []
+        )
+        self.master = EmbeddedRedis(port=free_port(), extra_args=bind)
+        self.replica = EmbeddedRedis(
+            port=free_port(), extra_args=[*bind, "--replicaof", host, str(self.master.port)]
+        )
+        self.ports = [free_port() for _ in range(3)]
+        self.sentinels: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def addresses(self) -> str:
+        """The sentinels, as ``NOTIFY_REDIS_SENTINELS`` takes them."""
+        return ",".join(f"{self.host}:{port}" for port in self.ports)
+
+    def start(self) -> SentinelGroup:
+        """Start the master, the replica and the sentinels; return once they know each other."""
+        from sandbox.redisserver import find_redis_server
+
+        self.master.start()
+        self.replica.start()
+        binary = find_redis_server()
+        assert binary is not None
+        bind = "127.0.0.1" if self.host == "127.0.0.1" else f"127.0.0.1 {self.host}"
+        for port in self.ports:
+            conf = self.directory / f"sentinel-{port}.conf"
+            conf.write_text(
+                f"port {port}\nbind {bind}\nprotected-mode no\ndir {self.directory}\n"
+                f"logfile {self.directory}/sentinel-{port}.log\n"
+                f"sentinel monitor {self.MASTER} {self.host} {self.master.port} 2\n"
+                f"sentinel down-after-milliseconds {self.MASTER} 1000\n"
+                f"sentinel failover-timeout {self.MASTER} 5000\n"
+                f"sentinel parallel-syncs {self.MASTER} 1\n"
+            )
+            self.sentinels.append(
+                subprocess.Popen(
+                    [binary, str(conf), "--sentinel"],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        # Ready when every sentinel knows the replica and the two other sentinels.
+        wait_for(self._ready, timeout=30, interval=0.2, what="the sentinels to know each other")
+        wait_for(
+            lambda: self.replica_in_sync(), timeout=30, interval=0.2, what="the replica to sync"
+        )
+        return self
+
+    def _sentinel(self, port: int) -> Any:
+        from redis import Redis
+
+        return Redis(host="127.0.0.1", port=port, decode_responses=True, socket_timeout=1)
+
+    def _ready(self) -> bool:
+        try:
+            for port in self.ports:
+                sentinel = self._sentinel(port)
+                if len(sentinel.sentinel_slaves(self.MASTER)) < 1:
+                    return False
+                if len(sentinel.sentinel_sentinels(self.MASTER)) < 2:
+                    return False
+        except Exception:
+            return False
+        return True
+
+    def replica_in_sync(self) -> bool:
+        """Whether the replica's link to the master is up."""
+        from redis import Redis
+
+        info = Redis(port=self.replica.port, socket_timeout=1).info("replication")
+        return info.get("master_link_status") == "up"
+
+    def master_port(self) -> int | None:
+        """The master's port as the first sentinel that answers names it."""
+        for port in self.ports:
+            try:
+                address = self._sentinel(port).sentinel_get_master_addr_by_name(self.MASTER)
+            except Exception:
+                continue
+            if address:
+                return int(address[1])
+        return None
+
+    def stop(self) -> None:
+        """Stop the sentinels, then both servers."""
+        stop_processes(list(self.sentinels), grace_seconds=5)
+        self.master.stop()
+        self.replica.stop()
+
+    def logs(self) -> str:
+        """The sentinels' logs, for a failure message."""
+        return "\n".join(p.read_text(errors="replace") for p in self.directory.glob("*.log"))
+
+
+class Namespace:
+    """A network namespace joined to this one by a veth pair (``ip netns``; needs root)."""
+
+    def __init__(self) -> None:
+        tag = uuid.uuid4().hex[:6]
+        self.name = f"notify-{tag}"
+        self.outside, self.inside = f"nfa{tag}", f"nfb{tag}"
+        octet = int(tag[:2], 16) % 250 + 2
+        self.host_ip, self.ns_ip = f"10.231.{octet}.1", f"10.231.{octet}.2"
+
+    def _ip(self, *args: str, inside: bool = False) -> None:
+        prefix = ["ip", "netns", "exec", self.name] if inside else []
+        subprocess.run([*prefix, *args], check=True, capture_output=True, timeout=10)
+
+    @property
+    def prefix(self) -> list[str]:
+        """The command prefix that runs a process inside the namespace."""
+        return ["ip", "netns", "exec", self.name]
+
+    def create(self) -> Namespace:
+        """Make the namespace and its link, both ends up."""
+        self._ip("ip", "netns", "add", self.name)
+        self._ip("ip", "link", "add", self.outside, "type", "veth", "peer", "name", self.inside)
+        self._ip("ip", "link", "set", self.inside, "netns", self.name)
+        self._ip("ip", "addr", "add", f"{self.host_ip}/30", "dev", self.outside)
+        self._ip("ip", "link", "set", self.outside, "up")
+        self._ip("ip", "addr", "add", f"{self.ns_ip}/30", "dev", self.inside, inside=True)
+        self._ip("ip", "link", "set", self.inside, "up", inside=True)
+        self._ip("ip", "link", "set", "lo", "up", inside=True)
+        return self
+
+    def cut(self) -> None:
+        """Take the namespace's end of the link down: nothing passes either way (the kernel
+        has no netem or filter qdiscs here). Connections stay open on both sides, as in a
+        partition, and resume when the link comes back."""
+        self._ip("ip", "link", "set", self.inside, "down", inside=True)
+
+    def heal(self) -> None:
+        """Bring the link back up."""
+        self._ip("ip", "link", "set", self.inside, "up", inside=True)
+
+    def delete(self) -> None:
+        """Remove the namespace and its link."""
+        subprocess.run(["ip", "netns", "delete", self.name], capture_output=True, timeout=10)
+        subprocess.run(["ip", "link", "delete", self.outside], capture_output=True, timeout=10)
+
+
+def namespaces_possible() -> str | None:
+    """None when a namespace with a veth pair can be made here, else why not."""
+    import shutil
+
+    if shutil.which("ip") is None:
+        return "the ip command is not installed"
+    probe = Namespace()
+    try:
+        probe.create()
+    except (subprocess.CalledProcessError, OSError) as error:
+        detail = getattr(error, "stderr", b"") or b""
+        return f"network namespaces cannot be made here ({detail.decode(errors='replace').strip()})"
+    finally:
+        probe.delete()
+    return None

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -31,12 +30,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from redis import Redis
 
 from sandbox.concur import Sandbox
 from sandbox.processes import stop_processes
-from sandbox.redisserver import EmbeddedRedis, find_redis_server
-from tests.harness import ROOT, TEST_TOKEN, Isolated, WorkerProcess, free_port, wait_for
+from sandbox.redisserver import EmbeddedRedis
+from tests.harness import (
+    ROOT,
+    TEST_TOKEN,
+    Isolated,
+    Namespace,
+    SentinelGroup,
+    WorkerProcess,
+    free_port,
+    namespaces_possible,
+    wait_for,
+)
 from tests.reconcile import (
     FAST,
     ApiService,
@@ -222,91 +230,6 @@ def test_message_accepted_while_the_broker_is_away_reaches_a_worker_within_30s_o
 
 
 # -- issue 14 (1, 3a): Redis Sentinel, the master SIGKILLed ----------------------------------------
-
-
-class SentinelGroup:
-    """A Redis master, one replica and three sentinels on loopback ports."""
-
-    MASTER = "notify-ha"
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.master = EmbeddedRedis(port=free_port())
-        self.replica = EmbeddedRedis(
-            port=free_port(), extra_args=["--replicaof", "127.0.0.1", str(self.master.port)]
-        )
-        self.ports = [free_port() for _ in range(3)]
-        self.sentinels: list[subprocess.Popen[bytes]] = []
-
-    @property
-    def addresses(self) -> str:
-        return ",".join(f"127.0.0.1:{port}" for port in self.ports)
-
-    def start(self) -> SentinelGroup:
-        self.master.start()
-        self.replica.start()
-        binary = find_redis_server()
-        assert binary is not None
-        for port in self.ports:
-            conf = self.directory / f"sentinel-{port}.conf"
-            conf.write_text(
-                f"port {port}\nbind 127.0.0.1\ndir {self.directory}\n"
-                f"logfile {self.directory}/sentinel-{port}.log\n"
-                f"sentinel monitor {self.MASTER} 127.0.0.1 {self.master.port} 2\n"
-                f"sentinel down-after-milliseconds {self.MASTER} 1000\n"
-                f"sentinel failover-timeout {self.MASTER} 5000\n"
-                f"sentinel parallel-syncs {self.MASTER} 1\n"
-            )
-            self.sentinels.append(
-                subprocess.Popen(
-                    [binary, str(conf), "--sentinel"],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-            )
-        # Ready when every sentinel knows the replica and the two other sentinels.
-        wait_for(self._ready, timeout=30, interval=0.2, what="the sentinels to know each other")
-        wait_for(
-            lambda: self.replica_in_sync(), timeout=30, interval=0.2, what="the replica to sync"
-        )
-        return self
-
-    def _sentinel(self, port: int) -> Redis:
-        return Redis(host="127.0.0.1", port=port, decode_responses=True, socket_timeout=1)
-
-    def _ready(self) -> bool:
-        try:
-            for port in self.ports:
-                sentinel = self._sentinel(port)
-                if len(sentinel.sentinel_slaves(self.MASTER)) < 1:
-                    return False
-                if len(sentinel.sentinel_sentinels(self.MASTER)) < 2:
-                    return False
-        except Exception:
-            return False
-        return True
-
-    def replica_in_sync(self) -> bool:
-        info = Redis(port=self.replica.port, socket_timeout=1).info("replication")
-        return info.get("master_link_status") == "up"
-
-    def master_port(self) -> int | None:
-        for port in self.ports:
-            try:
-                address = self._sentinel(port).sentinel_get_master_addr_by_name(self.MASTER)
-            except Exception:
-                continue
-            if address:
-                return int(address[1])
-        return None
-
-    def stop(self) -> None:
-        stop_processes(list(self.sentinels), grace_seconds=5)
-        self.master.stop()
-        self.replica.stop()
-
-    def logs(self) -> str:
-        return "\n".join(p.read_text(errors="replace") for p in self.directory.glob("*.log"))
 
 
 @pytest.fixture
@@ -525,60 +448,6 @@ def test_compose_ha_adds_a_replica_and_three_sentinels_that_every_process_follow
 
 
 # -- issue 14 (3c): a worker cut off from Redis by a network partition -----------------------------
-
-
-class Namespace:
-    """A network namespace joined to this one by a veth pair (``ip netns``; needs root)."""
-
-    def __init__(self) -> None:
-        tag = uuid.uuid4().hex[:6]
-        self.name = f"notify-{tag}"
-        self.outside, self.inside = f"nfa{tag}", f"nfb{tag}"
-        octet = int(tag[:2], 16) % 250 + 2
-        self.host_ip, self.ns_ip = f"10.231.{octet}.1", f"10.231.{octet}.2"
-
-    def _ip(self, *args: str, inside: bool = False) -> None:
-        prefix = ["ip", "netns", "exec", self.name] if inside else []
-        subprocess.run([*prefix, *args], check=True, capture_output=True, timeout=10)
-
-    def create(self) -> Namespace:
-        self._ip("ip", "netns", "add", self.name)
-        self._ip("ip", "link", "add", self.outside, "type", "veth", "peer", "name", self.inside)
-        self._ip("ip", "link", "set", self.inside, "netns", self.name)
-        self._ip("ip", "addr", "add", f"{self.host_ip}/30", "dev", self.outside)
-        self._ip("ip", "link", "set", self.outside, "up")
-        self._ip("ip", "addr", "add", f"{self.ns_ip}/30", "dev", self.inside, inside=True)
-        self._ip("ip", "link", "set", self.inside, "up", inside=True)
-        self._ip("ip", "link", "set", "lo", "up", inside=True)
-        return self
-
-    def cut(self) -> None:
-        """Take the namespace's end of the link down: nothing passes either way (the kernel
-        has no netem or filter qdiscs here). Connections stay open on both sides, as in a
-        partition, and resume when the link comes back."""
-        self._ip("ip", "link", "set", self.inside, "down", inside=True)
-
-    def heal(self) -> None:
-        self._ip("ip", "link", "set", self.inside, "up", inside=True)
-
-    def delete(self) -> None:
-        subprocess.run(["ip", "netns", "delete", self.name], capture_output=True, timeout=10)
-        subprocess.run(["ip", "link", "delete", self.outside], capture_output=True, timeout=10)
-
-
-def namespaces_possible() -> str | None:
-    """None when a namespace with a veth pair can be made here, else why not."""
-    if shutil.which("ip") is None:
-        return "the ip command is not installed"
-    probe = Namespace()
-    try:
-        probe.create()
-    except (subprocess.CalledProcessError, OSError) as error:
-        detail = getattr(error, "stderr", b"") or b""
-        return f"network namespaces cannot be made here ({detail.decode(errors='replace').strip()})"
-    finally:
-        probe.delete()
-    return None
 
 
 @pytest.mark.slow
