@@ -16,6 +16,7 @@ from worker.delivery.dispatcher import Dispatcher, DispatchPolicy, OpenBreakers
 from worker.delivery.mover import Liveness, Mover
 from worker.ops.logs import configure_from_settings
 from worker.ops.monitoring import init_sentry
+from worker.ops.tracing import flush, instrument_celery
 from worker.queue.config import SEND_TASK, app_for
 from worker.runtime import get_runtime
 from worker.settings import SettingsError, get_settings
@@ -64,6 +65,13 @@ def _setup_logging(loglevel: int | str | None = None, **_: object) -> None:
 @signals.worker_init.connect
 def _init_sentry(**_: object) -> None:
     init_sentry(get_settings())
+
+
+@signals.worker_init.connect
+def _init_tracing(**_: object) -> None:
+    # On only when the OTEL_* variables name an exporter (worker/ops/tracing.py); a threads
+    # pool, so the main process's set-up serves every task (no fork after it).
+    instrument_celery()
 
 
 @signals.worker_init.connect
@@ -122,6 +130,12 @@ def _start_history_writer(**_: object) -> None:
         claim_idle_seconds=runtime.settings.history_claim_idle_seconds,
     )
     _history.start()
+
+
+@signals.worker_shutdown.connect
+def _flush_spans(**_: object) -> None:
+    # The spans of the last tasks, before the process exits (nothing when tracing is off).
+    flush()
 
 
 @signals.worker_shutdown.connect

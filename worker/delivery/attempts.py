@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import logging
 import queue
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -50,6 +51,7 @@ from worker.delivery.parts import DeliveryParts
 from worker.limits import breaker
 from worker.limits.breaker import Admission, Breaker, counts_as_failure
 from worker.limits.ratelimit import Permit, RateLimiter
+from worker.ops.tracing import BatchTrace, batch_trace
 from worker.queue.envelopes import Envelope, Malformed, parse_task
 from worker.rules import outcomes
 from worker.rules.outcomes import ApiResponse, TransportFailure
@@ -120,7 +122,10 @@ def deliver_task(
         parts.publisher.flush(HAND_BACK_FLUSH_SECONDS)
         verdicts.extend(["handed_back"] * len(envelopes))
     elif envelopes:
-        verdicts.extend(batch.run(envelopes))
+        try:
+            verdicts.extend(batch.run(envelopes))
+        finally:
+            batch.close_trace()
     if len(verdicts) == 1:
         return verdicts[0]
     counts: dict[str, int] = {}
@@ -204,6 +209,7 @@ class _Batch:
         self.parts = parts
         self.task_id = task_id
         self.stopping = stopping
+        self.trace: BatchTrace | None = None  # each message's spans, when tracing is on
 
     def run(self, envelopes: list[Envelope]) -> list[str]:
         """Claim, post and record every message of the task; their verdicts."""
@@ -216,7 +222,15 @@ class _Batch:
         # without that, a task that met a Redis restart would fail, be acknowledged, and leave
         # its messages to the schedule's grace period. A claim tried again is safe: a message
         # it had already claimed is refused as busy and comes back after its lease.
+        self.trace = batch_trace([(envelope.id, envelope.trace) for envelope in envelopes])
+        claiming = time.time_ns()
         claims = parts.store.claim_many(owned, worker=parts.worker_name, task_id=self.task_id)
+        if self.trace is not None:
+            self.trace.claimed(
+                claiming,
+                time.time_ns(),
+                [(e.id, c.verdict, c.attempt) for (e, _), c in zip(owned, claims, strict=True)],
+            )
         for (envelope, owner), claim in zip(owned, claims, strict=True):
             taken = ends.after_claim(
                 envelope.id,
@@ -237,14 +251,18 @@ class _Batch:
         again: list[_Route] = []
         for route in refused:
             # One refresh per company of the batch: every post it concerned goes out once more.
+            asking = time.time_ns()
             try:
                 route.token = route.tokens.refresh(route.token)
             except CompanyNeedsReconnect:
+                self._traced_token(route.company, route.attempts, asking, "needs_reconnect", True)
                 verdicts.extend(self._waiting(route.company, route.attempts))
                 continue
             except TokenUnavailable as error:
+                self._traced_token(route.company, route.attempts, asking, str(error), True)
                 verdicts.extend(self._without_token(route.company, route.attempts, error))
                 continue
+            self._traced_token(route.company, route.attempts, asking, None, True)
             again.append(route)
         if again:
             self._post(again, verdicts, token_refreshed=True)
@@ -257,11 +275,14 @@ class _Batch:
         routes: list[_Route] = []
         default = groups.pop(DEFAULT_COMPANY, None)
         if default:
+            asking = time.time_ns()
             try:
                 token = parts.tokens.token()
             except TokenUnavailable as error:
+                self._traced_token(DEFAULT_COMPANY, default, asking, str(error))
                 verdicts.extend(self._without_token(DEFAULT_COMPANY, default, error))
             else:
+                self._traced_token(DEFAULT_COMPANY, default, asking)
                 routes.append(
                     _Route(DEFAULT_COMPANY, parts.tokens, token, None, parts.breaker, None, default)
                 )
@@ -307,15 +328,19 @@ class _Batch:
                 verdicts.append(self.record(gated))
         if not going:
             return None
+        asking = time.time_ns()
         try:
             provider = parts.company_tokens.provider(company)
             token = provider.token()
         except CompanyNeedsReconnect:
+            self._traced_token(company, going, asking, "needs_reconnect")
             verdicts.extend(self._waiting(company, going))
             return None
         except TokenUnavailable as error:
+            self._traced_token(company, going, asking, str(error))
             verdicts.extend(self._without_token(company, going, error))
             return None
+        self._traced_token(company, going, asking)
         # Imported here: a deployment of the default company alone never loads OAuth (nor the
         # sealing it brings, several MB a process).
         from worker.concur.oauth import api_base_for
@@ -333,6 +358,23 @@ class _Batch:
             parts.company_rate_limiter(company),
             going,
         )
+
+    def _traced_token(
+        self,
+        company: str,
+        attempts: list[Attempt],
+        start_ns: int,
+        error: str | None = None,
+        refresh: bool = False,
+    ) -> None:
+        if self.trace is not None:
+            ids = [attempt.message_id for attempt in attempts]
+            self.trace.token(ids, company, start_ns, refresh=refresh, error=error)
+
+    def close_trace(self) -> None:
+        """End the spans of messages the task left without an outcome (an unexpected error)."""
+        if self.trace is not None:
+            self.trace.close()
 
     def _waiting(self, company: str, attempts: list[Attempt]) -> list[str]:
         """Concur just refused the company's refresh token: its messages wait from now on, as
@@ -408,6 +450,13 @@ class _Batch:
                     "the HTTP transport did not answer within its deadline"
                 ) from None
             tallies[route.breaker.name].count(result)
+            if self.trace is not None:
+                if isinstance(result, ApiResponse):
+                    self.trace.answered(
+                        attempt.message_id, result.status, result.correlation_id, None
+                    )
+                else:
+                    self.trace.answered(attempt.message_id, None, None, result.kind)
             outcome = outcomes.classify(
                 result,
                 attempt=attempt.claim.attempt,
@@ -449,6 +498,8 @@ class _Batch:
                 reply = functools.partial(_answered, answers, route, attempt)
                 if own is None and not limiter.policy.enabled:
                     together.append((attempt.message, reply))  # no pace to keep: all at once
+                    if self.trace is not None:
+                        self.trace.posting(attempt.message_id)
                     continue
                 permit = Permit(True, 0.0) if own is None else own.acquire(deadline)
                 if permit.granted:
@@ -465,6 +516,8 @@ class _Batch:
                         )
                     )
                     continue
+                if self.trace is not None:
+                    self.trace.posting(attempt.message_id)
                 client.start([(attempt.message, reply)], route.token, route.base_url)
                 started += 1
             if together:
@@ -476,7 +529,16 @@ class _Batch:
         """Write how a message's attempt ended (before the task is acknowledged) and log it.
 
         The one place an end reaches the store and the log; returns the message's verdict.
+        With tracing on, inside the message's ``notify.outcome`` span (its log line carries the
+        trace id), which ends the message's span.
         """
+        if self.trace is None:
+            return self._write(end)
+        with self.trace.outcome(end.message_id) as verdict:
+            verdict.append(self._write(end))
+        return verdict[0]
+
+    def _write(self, end: End) -> str:
         store = self.parts.store
         match end:
             case Delivered():

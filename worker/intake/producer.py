@@ -11,11 +11,13 @@ the HTTP service and the CLI call them from here, so nothing in ``worker`` impor
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from worker.intake.intake import Recorded
+from worker.ops.tracing import enqueue_span
 from worker.queue.envelopes import Envelope
 from worker.rules.grants import admission_problem
 from worker.rules.validation import InvalidRequest, Problem, validate
@@ -48,8 +50,11 @@ def submit(
     """
     rt = runtime or get_runtime()
     message = validate(user_id, body, rt.allowlist, partner=partner, company=company)
-    _refuse_unadmitted([message], rt)
-    [(created, state)] = record([message], runtime=rt)
+    with enqueue_span(1, message.id) as trace:
+        if trace is not None:  # tracing on: the message carries its producer's span
+            message = dataclasses.replace(message, trace=trace)
+        _refuse_unadmitted([message], rt)
+        [(created, state)] = record([message], runtime=rt)
     return Enqueued(message.id, not created, state)
 
 
@@ -102,7 +107,7 @@ def record(messages: Sequence[Message], *, runtime: Runtime | None = None) -> li
         return results
     rt.publish(
         [
-            Envelope(message.id, 1, message.to_wire())
+            Envelope(message.id, 1, message.to_wire(), message.trace)
             for message, (created, _state) in zip(messages, results, strict=True)
             if created
         ]
@@ -154,6 +159,9 @@ def enqueue_many(
     for user_id, session_id, template_id, url in requests:
         body = request_body(session_id, template_id, url)
         messages.append(validate(user_id, body, rt.allowlist, partner=partner, company=company))
-    _refuse_unadmitted(messages, rt)
-    record(messages, runtime=rt)
+    with enqueue_span(len(messages)) as trace:
+        if trace is not None:  # one span for the batch: each message carries it
+            messages = [dataclasses.replace(message, trace=trace) for message in messages]
+        _refuse_unadmitted(messages, rt)
+        record(messages, runtime=rt)
     return [message.id for message in messages]
