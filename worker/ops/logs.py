@@ -234,6 +234,14 @@ def add_log_filter(extra: logging.Filter) -> None:
             handler.addFilter(extra)
 
 
+def remove_log_filter(extra: logging.Filter) -> None:
+    """Undo ``add_log_filter``."""
+    if extra in _extra_filters:
+        _extra_filters.remove(extra)
+    for handler in logging.getLogger().handlers:
+        handler.removeFilter(extra)
+
+
 def configure_logging(
     level: str | int = "INFO", json: bool = True, settings: Settings | None = None
 ) -> logging.Handler:

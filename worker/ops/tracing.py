@@ -37,7 +37,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from worker.ops.logs import add_log_filter, add_secret
+from worker.ops.logs import add_log_filter, add_secret, remove_log_filter
 from worker.shapes.models import TRACEPARENT_PATTERN
 
 if TYPE_CHECKING:  # imported at run time only when tracing is on
@@ -129,6 +129,7 @@ class _Tracing:
         self.provider = provider
         self.tracer: Tracer = provider.get_tracer(TRACER_NAME)
         self.w3c = TraceContextTextMapPropagator()
+        self.log_filter = TraceIdFilter()
 
 
 _tracing: _Tracing | None = None
@@ -159,7 +160,7 @@ def setup(*, service_name: str = "notify", exporter: SpanExporter | None = None)
             log.error("tracing: %s", problem)
         if exporter is not None or choice.exporters:
             _tracing = _build(service_name, choice.exporters, exporter)
-            add_log_filter(TraceIdFilter())
+            add_log_filter(_tracing.log_filter)
             log.info(
                 "tracing on: exporting to %s",
                 "a test exporter" if exporter is not None else ", ".join(choice.exporters),
@@ -194,8 +195,8 @@ def _build(service_name: str, names: Sequence[str], exporter: SpanExporter | Non
         elif name == "console":
             provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
     # The global provider too, unless the process has one of its own (a partner's app calling
-    # tasks.enqueue): the instrumentations are given ours either way.
-    if type(trace.get_tracer_provider()).__name__ == "ProxyTracerProvider":
+    # tasks.enqueue) or this is a test's: the instrumentations are given ours either way.
+    if exporter is None and type(trace.get_tracer_provider()).__name__ == "ProxyTracerProvider":
         trace.set_tracer_provider(provider)
     return _Tracing(provider)
 
@@ -234,6 +235,17 @@ def flush(timeout_seconds: float = 5.0) -> None:
     """Export the spans ended so far (a process about to exit; tests)."""
     if _tracing is not None:
         _tracing.provider.force_flush(int(timeout_seconds * 1000))
+
+
+def shutdown() -> None:
+    """Export what is left and forget the set-up: the next ``active()`` reads the environment
+    again (a test that turned tracing on for itself)."""
+    global _tracing, _checked
+    with _lock:
+        if _tracing is not None:
+            _tracing.provider.shutdown()
+            remove_log_filter(_tracing.log_filter)
+        _tracing, _checked = None, False
 
 
 # -- logs --------------------------------------------------------------------------------------
