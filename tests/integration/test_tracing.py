@@ -9,12 +9,13 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
 from sandbox.otlp import OtlpReceiver, ReceivedSpan
-from tests.harness import Isolated, wait_for
+from tests.harness import Isolated, NotifyApi, wait_for
 from worker.ops import tracing
 from worker.queue.envelopes import Envelope
 from worker.shapes.models import Message
@@ -166,3 +167,54 @@ def test_one_task_of_messages_from_two_requests_keeps_each_in_its_own_trace(
         assert deliver.trace_id == trace_id  # its own request's trace, not the task's
         assert deliver.parent_span_id == enqueues[trace_id]
         assert deliver.links == [(run.trace_id, run.span_id)]
+
+
+def test_a_gateway_request_is_traced_through_the_worker_to_the_post(
+    start_worker, isolated: Isolated, receiver: OtlpReceiver, user_id, tmp_path
+):
+    """Three processes: the partner (this test, its span only named by the header it sends),
+    ``notify api`` and a worker, the last two exporting to the receiver."""
+    _traced_worker(start_worker, isolated, receiver)
+    key = f"partner-key-{uuid.uuid4().hex}"
+    api = NotifyApi(
+        tmp_path / "api.log",
+        {
+            **isolated.env,
+            "NOTIFY_GATEWAY_KEYS": f"acme:{key}",
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": receiver.endpoint,
+            "OTEL_BSP_SCHEDULE_DELAY": "100",
+        },
+    )
+    try:
+        trace_id, partner_span = uuid.uuid4().hex, uuid.uuid4().hex[:16]
+        answer = httpx.post(
+            f"{api.url}/messages/{user_id}/session",
+            json={"sessionId": f"s-{uuid.uuid4().hex[:8]}", "templateId": "welcome", "context": {}},
+            headers={
+                "Authorization": f"Bearer {key}",
+                "traceparent": f"00-{trace_id}-{partner_span}-01",
+            },
+            timeout=30,
+        )
+        assert answer.status_code == 202, answer.text
+        message_id = answer.json()["id"]
+        wait_for(lambda: isolated.state(message_id) == "delivered", timeout=30, what="delivery")
+        deliver = wait_for(
+            lambda: _delivered(receiver, [message_id]).get(message_id), timeout=30, what="spans"
+        )
+    finally:
+        api.stop()
+    assert deliver.trace_id == trace_id
+    spans = {s.span_id: s for s in receiver.received() if s.trace_id == trace_id}
+    chain, span_id = [], deliver.span_id
+    while span_id in spans:
+        chain.append((spans[span_id].service, spans[span_id].name))
+        span_id = spans[span_id].parent_span_id
+    assert span_id == partner_span, chain  # the partner's own span, in neither process
+    assert chain[0] == ("notify-worker", "notify.deliver")
+    assert ("notify-worker", "run/tasks.send_message") in chain
+    assert ("notify-api", "notify.enqueue") in chain
+    server = chain[-1]
+    assert server[0] == "notify-api" and server[1].startswith("POST /messages/")
+    post = [s for s in spans.values() if s.name == "notify.post"]
+    assert [s.attributes["http.response.status_code"] for s in post] == [200]
