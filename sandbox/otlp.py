@@ -3,7 +3,8 @@ send their spans (``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=<receiver.endpoint>``).
 
 It speaks what ``opentelemetry-exporter-otlp-proto-http`` posts (``POST /v1/traces``, an
 ``ExportTraceServiceRequest`` in protobuf, gzip or not), keeps each span as a ``ReceivedSpan``
-(``keep=False``: only counts them, for the bench) and answers 200 with an empty response.
+(``keep=False``: only counts the requests and bytes, for the bench) and answers 200 with an
+empty response. ``python -m sandbox.otlp --port 4318`` runs one in the foreground.
 """
 
 from __future__ import annotations
@@ -74,9 +75,9 @@ def decode(body: bytes) -> list[ReceivedSpan]:
 class OtlpReceiver:
     """An OTLP/HTTP receiver on a free loopback port, in a thread."""
 
-    def __init__(self, *, keep: bool = True) -> None:
+    def __init__(self, *, keep: bool = True, port: int = 0) -> None:
         self.spans: list[ReceivedSpan] = []
-        self.count = 0
+        self.requests = self.bytes = 0
         self._lock = threading.Lock()
         receiver = self
 
@@ -92,11 +93,11 @@ class OtlpReceiver:
                     self.send_response(404)
                     self.end_headers()
                     return
-                received = decode(raw)
+                received = decode(raw) if keep else []
                 with receiver._lock:
-                    receiver.count += len(received)
-                    if keep:
-                        receiver.spans.extend(received)
+                    receiver.requests += 1
+                    receiver.bytes += len(raw)
+                    receiver.spans.extend(received)
                 answer = ExportTraceServiceResponse().SerializeToString()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-protobuf")
@@ -107,7 +108,7 @@ class OtlpReceiver:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}/v1/traces"
@@ -121,3 +122,25 @@ class OtlpReceiver:
         """Stop serving."""
         self.server.shutdown()
         self.server.server_close()
+
+
+def main() -> None:
+    """Receive (and count, not keep) spans on loopback until interrupted."""
+    import argparse
+    import time
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=4318)
+    args = parser.parse_args()
+    receiver = OtlpReceiver(keep=False, port=args.port)
+    print(f"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT={receiver.endpoint}", flush=True)
+    try:
+        while True:
+            time.sleep(10)
+            print(f"{receiver.requests} requests, {receiver.bytes} bytes", flush=True)
+    except KeyboardInterrupt:
+        receiver.stop()
+
+
+if __name__ == "__main__":
+    main()
