@@ -3,8 +3,8 @@ send their spans (``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=<receiver.endpoint>``).
 
 It speaks what ``opentelemetry-exporter-otlp-proto-http`` posts (``POST /v1/traces``, an
 ``ExportTraceServiceRequest`` in protobuf, gzip or not), keeps each span as a ``ReceivedSpan``
-(``keep=False``: only counts the requests and bytes, for the bench) and answers 200 with an
-empty response. ``python -m sandbox.otlp --port 4318`` runs one in the foreground.
+(``keep=False``: only counts them, for the bench) and answers 200 with an empty response.
+``python -m sandbox.otlp --port 4318`` runs one in the foreground.
 """
 
 from __future__ import annotations
@@ -72,12 +72,21 @@ def decode(body: bytes) -> list[ReceivedSpan]:
     return spans
 
 
+def count(body: bytes) -> int:
+    """How many spans one ``ExportTraceServiceRequest`` body holds (no span is converted)."""
+    request = ExportTraceServiceRequest()
+    request.ParseFromString(body)
+    return sum(
+        len(scope.spans) for resource in request.resource_spans for scope in resource.scope_spans
+    )
+
+
 class OtlpReceiver:
     """An OTLP/HTTP receiver on a free loopback port, in a thread."""
 
     def __init__(self, *, keep: bool = True, port: int = 0) -> None:
         self.spans: list[ReceivedSpan] = []
-        self.requests = self.bytes = 0
+        self.requests = self.count = 0
         self._lock = threading.Lock()
         receiver = self
 
@@ -94,9 +103,10 @@ class OtlpReceiver:
                     self.end_headers()
                     return
                 received = decode(raw) if keep else []
+                counted = len(received) if keep else count(raw)
                 with receiver._lock:
                     receiver.requests += 1
-                    receiver.bytes += len(raw)
+                    receiver.count += counted
                     receiver.spans.extend(received)
                 answer = ExportTraceServiceResponse().SerializeToString()
                 self.send_response(200)
@@ -137,7 +147,7 @@ def main() -> None:
     try:
         while True:
             time.sleep(10)
-            print(f"{receiver.requests} requests, {receiver.bytes} bytes", flush=True)
+            print(f"{receiver.requests} requests, {receiver.count} spans", flush=True)
     except KeyboardInterrupt:
         receiver.stop()
 
