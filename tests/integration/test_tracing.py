@@ -218,3 +218,51 @@ def test_a_gateway_request_is_traced_through_the_worker_to_the_post(
     assert server[0] == "notify-api" and server[1].startswith("POST /messages/")
     post = [s for s in spans.values() if s.name == "notify.post"]
     assert [s.attributes["http.response.status_code"] for s in post] == [200]
+
+
+def test_a_retry_is_traced_from_the_movers_publish_in_the_worker(
+    start_worker,
+    isolated: Isolated,
+    receiver: OtlpReceiver,
+    memory: InMemorySpanExporter,
+    sandbox,
+    user_id,
+):
+    """The first attempt is in the producer's trace; the retry, published by the worker's mover
+    from the schedule (no traceparent kept there), in the trace of that publish."""
+    sandbox.script([{"status": 503}], user_id=user_id, then={"status": 200})
+    _traced_worker(start_worker, isolated, receiver)
+    import tasks
+
+    message_id = tasks.enqueue(
+        user_id, f"s-{uuid.uuid4().hex[:8]}", "welcome", URL, runtime=isolated.runtime
+    )
+    isolated.runtime.publisher.flush()
+    wait_for(lambda: isolated.state(message_id) == "delivered", timeout=30, what="delivery")
+    second = wait_for(
+        lambda: _delivered(receiver, [message_id]).get(message_id), timeout=30, what="spans"
+    )
+    [first] = [
+        s
+        for s in receiver.received()
+        if s.name == "notify.deliver" and s.attributes.get("notify.outcome") == "retry"
+    ]
+    [enqueue] = [s for s in memory.get_finished_spans() if s.name == "notify.enqueue"]
+    assert first.trace_id == _hex(enqueue.context.trace_id, 32)
+    posts = {
+        s.parent_span_id: s.attributes["http.response.status_code"]
+        for s in receiver.received()
+        if s.name == "notify.post"
+    }
+    assert posts[first.span_id] == 503 and posts[second.span_id] == 200
+    assert second.attributes["notify.attempt"] == 2
+    theirs = {s.span_id: s for s in receiver.received() if s.trace_id == second.trace_id}
+    span_id = second.span_id
+    while theirs[span_id].parent_span_id:
+        span_id = theirs[span_id].parent_span_id
+    root = theirs[span_id]  # the mover's publish, in the worker
+    assert (root.service, root.name) == (
+        "notify-worker",
+        f"send {isolated.env['NOTIFY_QUEUE_NAME']}",
+    )
+    assert second.trace_id != first.trace_id
