@@ -10,6 +10,8 @@ not blur them; "from start" counts from the moment the workers were started. Sce
 
   drain       N messages queued first, then the workers started (20 ms latency)
   before      the same drain with the workers of another git revision (--before REF)
+  traced      (when named) the same drain with tracing on: producer and workers export OTLP/HTTP
+              to a loopback receiver (sandbox/otlp.py) that counts the spans
   baseline    the same drain with bench/baseline.py (plain Celery task, shared httpx.Client,
               autoretry_for) on a --pool threads worker
   slow-api    the drain at a remote API's latency: median 250 ms, lognormal tail, p99 1.5 s;
@@ -495,6 +497,17 @@ def main() -> int:
             assert before is not None
             enqueue_with(before, env, n, "db")
             rows.append(drain_row(f"drain ({args.before})", sandbox, theirs(), n))
+        if "traced" in only:
+            from sandbox.otlp import OtlpReceiver
+
+            receiver = OtlpReceiver(keep=False)
+            traced = {**env, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": receiver.endpoint}
+            enqueue_with(ROOT, traced, n, "dt")
+            fleet = Fleet(celery, traced, args.processes)
+            rows.append(drain_row("drain (traced)", sandbox, fleet, n))
+            time.sleep(6)  # the workers' last spans (exported every 5 s, and at shutdown)
+            rows[-1].figures["spans/msg"] = receiver.count / n
+            receiver.stop()
 
         if "baseline" in only:
             sys.path.insert(0, str(ROOT / "bench"))
@@ -609,6 +622,7 @@ def main() -> int:
     for ours_name, theirs_name in (
         ("drain (ours)", "drain (plain Celery)"),
         ("drain (ours)", f"drain ({args.before})"),
+        ("drain (traced)", "drain (ours)"),
         ("slow-api (ours)", "slow-api (bare Dramatiq)"),
         ("slow-api (ours)", f"slow-api ({args.before})"),
     ):

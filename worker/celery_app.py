@@ -18,6 +18,7 @@ from worker.delivery.mover import Liveness, Mover
 from worker.limits.inflight import InFlightGauge
 from worker.ops.logs import configure_from_settings
 from worker.ops.monitoring import init_sentry
+from worker.ops.tracing import flush, instrument_celery
 from worker.queue import broker
 from worker.queue.config import SEND_TASK, WEBHOOK_TASK, app_for, webhook_queue
 from worker.runtime import get_runtime
@@ -103,6 +104,13 @@ def _init_sentry(**_: object) -> None:
 
 
 @signals.worker_init.connect
+def _init_tracing(**_: object) -> None:
+    # On only when the OTEL_* variables name an exporter (worker/ops/tracing.py); a threads
+    # pool, so the main process's set-up serves every task (no fork after it).
+    instrument_celery()
+
+
+@signals.worker_init.connect
 def _check_configuration(**_: object) -> None:
     # Fail at start-up, in one line, rather than on the first message. Building the provider
     # checks the credentials' settings; an OAuth token is fetched on first use, so a token
@@ -161,6 +169,12 @@ def _start_history_writer(**_: object) -> None:
         claim_idle_seconds=runtime.settings.history_claim_idle_seconds,
     )
     _history.start()
+
+
+@signals.worker_shutdown.connect
+def _flush_spans(**_: object) -> None:
+    # The spans of the last tasks, before the process exits (nothing when tracing is off).
+    flush()
 
 
 @signals.worker_shutdown.connect

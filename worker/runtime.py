@@ -23,6 +23,7 @@ from worker.concur.transport import CurlTransport
 from worker.limits.breaker import Breaker, BreakerPolicy, Breakers
 from worker.limits.inflight import InFlight
 from worker.limits.ratelimit import RateLimiter, RateLimitPolicy
+from worker.ops.tracing import publishing
 from worker.queue.config import SEND_TASK, app_for
 from worker.queue.envelopes import Envelope
 from worker.queue.publisher import Publisher
@@ -176,16 +177,21 @@ class Runtime:
         # One task for the batch the publisher made (up to NOTIFY_BATCH_SIZE messages): a
         # task's fixed cost in Celery (events, acknowledgement, tracing) is several times the
         # cost of a post, so messages published together travel together.
-        self.celery.send_task(
-            SEND_TASK,
-            args=[envelope.to_task() for envelope in batch],
-            queue=self.settings.queue_name,
-            # What Flower shows as the task's arguments: the message ids. Left to itself,
-            # Celery builds a safe repr of every request body, which cost a producer a tenth of
-            # its CPU (py-spy); the bodies are in Redis anyway.
-            argsrepr=f"[{', '.join(envelope.id for envelope in batch)}]",
-            kwargsrepr="{}",
-        )
+        # With tracing on, the task's headers carry the publish span's traceparent (None: off).
+        with publishing(
+            [envelope.trace for envelope in batch], self.settings.queue_name
+        ) as headers:
+            self.celery.send_task(
+                SEND_TASK,
+                args=[envelope.to_task() for envelope in batch],
+                queue=self.settings.queue_name,
+                # What Flower shows as the task's arguments: the message ids. Left to itself,
+                # Celery builds a safe repr of every request body, which cost a producer a tenth
+                # of its CPU (py-spy); the bodies are in Redis anyway.
+                argsrepr=f"[{', '.join(envelope.id for envelope in batch)}]",
+                kwargsrepr="{}",
+                headers=headers,
+            )
 
     @property
     def in_flight(self) -> InFlight:

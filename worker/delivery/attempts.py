@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import logging
 import queue
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -50,6 +51,7 @@ from worker.delivery.parts import DeliveryParts
 from worker.limits import breaker
 from worker.limits.breaker import Admission, Breaker, counts_as_failure
 from worker.limits.ratelimit import Permit, RateLimiter
+from worker.ops.tracing import BatchTrace, batch_trace
 from worker.queue.envelopes import Envelope, Malformed, parse_task
 from worker.rules import outcomes
 from worker.rules.outcomes import ApiResponse, TransportFailure
@@ -135,6 +137,7 @@ def deliver_task(
             verdicts.extend(batch.run(envelopes))
         finally:
             batch.keep(0)  # whatever an error left taken
+            batch.close_trace()
     if len(verdicts) == 1:
         return verdicts[0]
     counts: dict[str, int] = {}
@@ -219,6 +222,7 @@ class _Batch:
         self.task_id = task_id
         self.stopping = stopping
         self.slots = 0  # slots of the cap on posts in flight this batch holds
+        self.trace: BatchTrace | None = None  # each message's spans, when tracing is on
 
     def keep(self, count: int) -> None:
         """Give back the batch's slots beyond ``count`` (messages that will not be posted, or
@@ -239,7 +243,15 @@ class _Batch:
         # without that, a task that met a Redis restart would fail, be acknowledged, and leave
         # its messages to the schedule's grace period. A claim tried again is safe: a message
         # it had already claimed is refused as busy and comes back after its lease.
+        self.trace = batch_trace([(envelope.id, envelope.trace) for envelope in envelopes])
+        claiming = time.time_ns()
         claims = parts.store.claim_many(owned, worker=parts.worker_name, task_id=self.task_id)
+        if self.trace is not None:
+            self.trace.claimed(
+                claiming,
+                time.time_ns(),
+                [(e.id, c.verdict, c.attempt) for (e, _), c in zip(owned, claims, strict=True)],
+            )
         for (envelope, owner), claim in zip(owned, claims, strict=True):
             taken = ends.after_claim(
                 envelope.id,
@@ -261,14 +273,18 @@ class _Batch:
         again: list[_Route] = []
         for route in refused:
             # One refresh per company of the batch: every post it concerned goes out once more.
+            asking = time.time_ns()
             try:
                 route.token = route.tokens.refresh(route.token)
             except CompanyNeedsReconnect:
+                self._traced_token(route.company, route.attempts, asking, "needs_reconnect", True)
                 verdicts.extend(self._waiting(route.company, route.attempts))
                 continue
             except TokenUnavailable as error:
+                self._traced_token(route.company, route.attempts, asking, str(error), True)
                 verdicts.extend(self._without_token(route.company, route.attempts, error))
                 continue
+            self._traced_token(route.company, route.attempts, asking, None, True)
             again.append(route)
         if again:
             self._post(again, verdicts, token_refreshed=True)
@@ -281,11 +297,14 @@ class _Batch:
         routes: list[_Route] = []
         default = groups.pop(DEFAULT_COMPANY, None)
         if default:
+            asking = time.time_ns()
             try:
                 token = parts.tokens.token()
             except TokenUnavailable as error:
+                self._traced_token(DEFAULT_COMPANY, default, asking, str(error))
                 verdicts.extend(self._without_token(DEFAULT_COMPANY, default, error))
             else:
+                self._traced_token(DEFAULT_COMPANY, default, asking)
                 routes.append(
                     _Route(DEFAULT_COMPANY, parts.tokens, token, None, parts.breaker, None, default)
                 )
@@ -309,6 +328,7 @@ class _Batch:
             return routes
         # The batch's companies get their tokens together: the fleet's shared ones in one
         # round trip, the rest fetched side by side (not one company after another).
+        asking = time.time_ns()
         tokens = parts.company_tokens.tokens(list(going))
         # Imported here: a deployment of the default company alone never loads OAuth (nor the
         # sealing it brings, several MB a process).
@@ -317,11 +337,14 @@ class _Batch:
         for company, attempts in going.items():
             got = tokens[company]
             if isinstance(got, CompanyNeedsReconnect):
+                self._traced_token(company, attempts, asking, "needs_reconnect")
                 verdicts.extend(self._waiting(company, attempts))
                 continue
             if isinstance(got, TokenUnavailable):
+                self._traced_token(company, attempts, asking, str(got))
                 verdicts.extend(self._without_token(company, attempts, got))
                 continue
+            self._traced_token(company, attempts, asking)
             provider = parts.company_tokens.provider(company)
             found = known.get(company)
             # The geolocation its token came from (followed under the trust rules), else the
@@ -363,6 +386,23 @@ class _Batch:
             else:
                 verdicts.append(self.record(gated))
         return going
+
+    def _traced_token(
+        self,
+        company: str,
+        attempts: list[Attempt],
+        start_ns: int,
+        error: str | None = None,
+        refresh: bool = False,
+    ) -> None:
+        if self.trace is not None:
+            ids = [attempt.message_id for attempt in attempts]
+            self.trace.token(ids, company, start_ns, refresh=refresh, error=error)
+
+    def close_trace(self) -> None:
+        """End the spans of messages the task left without an outcome (an unexpected error)."""
+        if self.trace is not None:
+            self.trace.close()
 
     def _waiting(self, company: str, attempts: list[Attempt]) -> list[str]:
         """Concur just refused the company's refresh token: its messages wait from now on, as
@@ -439,6 +479,13 @@ class _Batch:
                     "the HTTP transport did not answer within its deadline"
                 ) from None
             tallies[route.breaker.name].count(result)
+            if self.trace is not None:
+                if isinstance(result, ApiResponse):
+                    self.trace.answered(
+                        attempt.message_id, result.status, result.correlation_id, None
+                    )
+                else:
+                    self.trace.answered(attempt.message_id, None, None, result.kind)
             outcome = outcomes.classify(
                 result,
                 attempt=attempt.claim.attempt,
@@ -485,6 +532,8 @@ class _Batch:
                 reply = functools.partial(_answered, answers, route, attempt)
                 if own is None and not limiter.policy.enabled:
                     together.append((attempt.message, reply))  # no pace to keep: all at once
+                    if self.trace is not None:
+                        self.trace.posting(attempt.message_id)
                     continue
                 permit = Permit(True, 0.0) if own is None else own.acquire(deadline)
                 if permit.granted:
@@ -505,6 +554,8 @@ class _Batch:
                 if late is not None:  # it waited for its permit past its deadline
                     verdicts.append(self.record(late))
                     continue
+                if self.trace is not None:
+                    self.trace.posting(attempt.message_id)
                 client.start([(attempt.message, reply)], route.token, route.base_url)
                 started += 1
             if together:
@@ -516,7 +567,16 @@ class _Batch:
         """Write how a message's attempt ended (before the task is acknowledged) and log it.
 
         The one place an end reaches the store and the log; returns the message's verdict.
+        With tracing on, inside the message's ``notify.outcome`` span (its log line carries the
+        trace id), which ends the message's span.
         """
+        if self.trace is None:
+            return self._write(end)
+        with self.trace.outcome(end.message_id) as verdict:
+            verdict.append(self._write(end))
+        return verdict[0]
+
+    def _write(self, end: End) -> str:
         store = self.parts.store
         match end:
             case Delivered():

@@ -66,6 +66,7 @@ from worker.intake.intake import Intake
 from worker.intake.producer import IdempotencyConflict, prepare, record_admitted, submit_many
 from worker.ops.logs import configure_from_settings
 from worker.ops.monitoring import init_sentry
+from worker.ops.tracing import enqueue_span, instrument_app
 from worker.rules import deadlines
 from worker.rules.grants import NO_GRANTS, CompanyGrants, not_granted
 from worker.rules.retries import ANSWERING
@@ -681,18 +682,22 @@ class Service:
             )
         except InvalidRequest as error:
             raise ApiError(400, "", "", problems=error.problems) from None
-        try:
-            created, state = await self.intake.record(message)
-        except InvalidRequest as error:  # its company is unknown or disconnected
-            raise ApiError(422, "", "", problems=error.problems) from None
-        except IdempotencyConflict as conflict:
-            raise ApiError(
-                409,
-                IDEMPOTENCY_KEY_REUSED,
-                f"{IDEMPOTENCY_HEADER} was used for another request within its window: "
-                f"message {conflict.existing_id}; nothing was queued",
-                headers={"Location": f"/messages/{conflict.existing_id}"},
-            ) from None
+        # Tracing on: a notify.enqueue span under the request's, which the message carries.
+        with enqueue_span(1, message.id) as trace:
+            if trace is not None:
+                message = dataclasses.replace(message, trace=trace)
+            try:
+                created, state = await self.intake.record(message)
+            except InvalidRequest as error:  # its company is unknown or disconnected
+                raise ApiError(422, "", "", problems=error.problems) from None
+            except IdempotencyConflict as conflict:
+                raise ApiError(
+                    409,
+                    IDEMPOTENCY_KEY_REUSED,
+                    f"{IDEMPOTENCY_HEADER} was used for another request within its window: "
+                    f"message {conflict.existing_id}; nothing was queued",
+                    headers={"Location": f"/messages/{conflict.existing_id}"},
+                ) from None
         status = "queued" if created else STATUS_OF_STATE.get(state, "queued")
         headers = {"Location": f"/messages/{message.id}"}
         if idempotency_key is not None and not created:
@@ -1299,6 +1304,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     )
     # A trailing slash is a 404 in the error schema, not a redirect a POST cannot follow.
     app.router.redirect_slashes = False
+    instrument_app(app)  # a server span per request, when OTEL_* turn tracing on
     return app
 
 

@@ -17,12 +17,14 @@ the HTTP service and the CLI call them from here, so nothing in ``worker`` impor
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from worker.intake.intake import Recorded
+from worker.ops.tracing import enqueue_span
 from worker.queue.envelopes import Envelope
 from worker.rules import deadlines
 from worker.rules.grants import admission_problem
@@ -135,8 +137,11 @@ def submit(
         expires_ms=deadline_ms(expires_at),
         idempotency_key=idempotency_key,
     )
-    _refuse_unadmitted([message], rt)
-    [(created, state)] = record([message], runtime=rt)
+    with enqueue_span(1, message.id) as trace:
+        if trace is not None:  # tracing on: the message carries its producer's span
+            message = dataclasses.replace(message, trace=trace)
+        _refuse_unadmitted([message], rt)
+        [(created, state)] = record([message], runtime=rt)
     return Enqueued(message.id, not created, state)
 
 
@@ -210,7 +215,7 @@ def record_each(
         return answers
     rt.publish(
         [
-            Envelope(message.id, 1, message.to_wire())
+            Envelope(message.id, 1, message.to_wire(), message.trace)
             for message, answer in zip(messages, answers, strict=True)
             if isinstance(answer, tuple) and answer[0]
         ]
@@ -263,8 +268,11 @@ def submit_many(
     valid = [outcome for outcome in outcomes if isinstance(outcome, Message)]
     recorded: list[Recorded] = []
     if valid:
-        _refuse_unadmitted(valid, rt)
-        recorded = record(valid, runtime=rt)
+        with enqueue_span(len(valid)) as trace:
+            if trace is not None:  # one span for the request: each message carries it
+                valid = [dataclasses.replace(message, trace=trace) for message in valid]
+            _refuse_unadmitted(valid, rt)
+            recorded = record(valid, runtime=rt)
     results = iter(recorded)
     answers: list[Enqueued | InvalidRequest] = []
     for outcome in outcomes:
@@ -341,6 +349,9 @@ def enqueue_many(
         body = request_body(session_id, template_id, url)
         message = validate(user_id, body, rt.allowlist, partner=partner, company=company)
         messages.append(prepare(message, runtime=rt, expires_ms=given, idempotency_key=key))
-    _refuse_unadmitted(messages, rt)
-    record(messages, runtime=rt)
+    with enqueue_span(len(messages)) as trace:
+        if trace is not None:  # one span for the batch: each message carries it
+            messages = [dataclasses.replace(message, trace=trace) for message in messages]
+        _refuse_unadmitted(messages, rt)
+        record(messages, runtime=rt)
     return [message.id for message in messages]

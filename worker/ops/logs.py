@@ -225,6 +225,24 @@ class TextFormatter(logging.Formatter):
 
 
 _HANDLER_NAME = "notify"
+# Filters every handler installed here also runs (tracing's trace ids: worker.ops.tracing).
+_extra_filters: list[logging.Filter] = []
+
+
+def add_log_filter(extra: logging.Filter) -> None:
+    """Run ``extra`` on every record the installed handler (and any later one) writes."""
+    _extra_filters.append(extra)
+    for handler in logging.getLogger().handlers:
+        if handler.get_name() == _HANDLER_NAME:
+            handler.addFilter(extra)
+
+
+def remove_log_filter(extra: logging.Filter) -> None:
+    """Undo ``add_log_filter``."""
+    if extra in _extra_filters:
+        _extra_filters.remove(extra)
+    for handler in logging.getLogger().handlers:
+        handler.removeFilter(extra)
 
 
 def configure_logging(
@@ -245,6 +263,8 @@ def configure_logging(
     handler.set_name(_HANDLER_NAME)
     handler.setFormatter(JsonFormatter() if json else TextFormatter())
     handler.addFilter(RedactingFilter())
+    for extra in _extra_filters:
+        handler.addFilter(extra)
     root.addHandler(handler)
     root.setLevel(level)
     # httpx logs every request at INFO ("HTTP Request: POST ..."), and Celery every task's

@@ -1,7 +1,9 @@
 """The queue's wire format: what a ``send_message`` task carries, and reading it back.
 
 A task's positional arguments are envelopes ``{"id", "gen", "req"}``: the message id, its
-generation (``claim`` fences off older copies) and the v4 request. Producers, the mover and
+generation (``claim`` fences off older copies) and the v4 request; with tracing on, ``tp``: the
+W3C traceparent of the request that queued it (``worker.ops.tracing``; a task carries messages
+of many requests, so each carries its own). Producers, the mover and
 replays write them (``Envelope.to_task``); a worker reads them with ``parse_task``, and anything
 that is not an envelope becomes ``Malformed`` (a ``malformed_message`` dead letter, never an
 error that loses the task). Pure: no I/O.
@@ -15,6 +17,7 @@ from typing import Any
 
 from worker.shapes.models import (
     MAX_RAW_EXCERPT,
+    TRACEPARENT_PATTERN,
     company_of,
     is_message_id,
     malformed_id,
@@ -34,10 +37,13 @@ class Envelope:
     id: str
     gen: int
     request: dict[str, Any]
+    trace: str | None = None  # the producer's W3C traceparent, when tracing is on
 
     def to_task(self) -> dict[str, Any]:
         """The task argument."""
-        return {"id": self.id, "gen": self.gen, "req": self.request}
+        if self.trace is None:
+            return {"id": self.id, "gen": self.gen, "req": self.request}
+        return {"id": self.id, "gen": self.gen, "req": self.request, "tp": self.trace}
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +92,12 @@ def parse_envelope(value: Any) -> Envelope | Malformed:
         return _malformed(value, "id is not a short URL-safe string")
     if not isinstance(gen, int) or isinstance(gen, bool) or gen < 1:
         return _malformed(value, "gen is not a positive integer")
-    return Envelope(ident, gen, request)
+    trace = value.get("tp")
+    # A traceparent is a hint for tracing, never a reason to refuse the message: one that is
+    # not well formed is dropped.
+    if trace is not None and not (isinstance(trace, str) and TRACEPARENT_PATTERN.fullmatch(trace)):
+        trace = None
+    return Envelope(ident, gen, request, trace)
 
 
 def parse_task(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Envelope | Malformed]:

@@ -13,7 +13,7 @@ import hashlib
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -42,6 +42,9 @@ TEXT_ID_PATTERN = re.compile(r"[^\u0000-\u001f\u007f-\u009f]*")
 # define (NOTIFY_API_TOKEN or the NOTIFY_OAUTH_* set) is ``default``: messages that name no
 # company go to it; it is not a registry entry.
 DEFAULT_COMPANY = "default"
+# A W3C traceparent (version 00, lower-case hex) as tracing writes one into a task
+# (worker.ops.tracing) and the worker accepts it (worker.queue.envelopes).
+TRACEPARENT_PATTERN = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 COMPANY_ID_PATTERN = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 # A registry company's states: connected (its refresh token works), needs_reconnect (Concur
 # refused its refresh token: connect it again with a new request token), disconnected (an
@@ -232,6 +235,9 @@ class Message:
     # The explicit idempotency key and the request's fingerprint under it (``keyed``).
     idempotency_key: str | None = None
     fingerprint: str | None = None
+    # The W3C traceparent of the producer's span (tracing on): it travels in the task envelope,
+    # never to Concur nor into the stored request.
+    trace: str | None = field(default=None, compare=False)
 
     @classmethod
     def create(
