@@ -1,6 +1,6 @@
 """The producer's bulk intake (``submit_many``, behind ``POST /messages/batch``) without Redis:
-each request validated on its own, the valid ones recorded in one ``create_many`` call (one
-round trip) and published once, nothing of an invalid one recorded."""
+each request validated on its own, the valid ones recorded in one ``create_each`` call (one
+round trip: ``create_each``) and published once, nothing of an invalid one recorded."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from worker.queue.envelopes import Envelope
 from worker.rules.allowlist import AllowList
 from worker.rules.validation import InvalidRequest
 from worker.runtime import Runtime
+from worker.settings import Settings, load_settings
 
 
 @dataclass
@@ -23,7 +24,9 @@ class _Store:
     calls: list[list[str]] = field(default_factory=list)
     known: set[str] = field(default_factory=set)
 
-    def create_many(self, items: list[tuple[str, Mapping[str, Any]]]) -> list[tuple[bool, str]]:
+    def create_each(
+        self, items: list[tuple[str, Mapping[str, Any]]], extras: list[Any] | None = None
+    ) -> list[tuple[bool, str]]:
         self.calls.append([ident for ident, _ in items])
         results = []
         for ident, _ in items:
@@ -35,6 +38,7 @@ class _Store:
 @dataclass
 class _Runtime:
     allowlist: AllowList
+    settings: Settings = field(default_factory=load_settings)
     store: _Store = field(default_factory=_Store)
     published: list[list[Envelope]] = field(default_factory=list)
 
@@ -75,7 +79,7 @@ def test_each_request_is_answered_in_order_and_only_the_valid_ones_are_recorded_
     assert isinstance(fourth, Enqueued)
     assert (first.duplicate, fourth.duplicate, again.duplicate) == (False, False, True)
     assert again.id == first.id
-    # One create_many for the whole request, of the valid ones only; each new one published.
+    # One create_each for the whole request, of the valid ones only; each new one published.
     assert rt.store.calls == [[first.id, fourth.id, first.id]]
     assert [[e.id for e in batch] for batch in rt.published] == [[first.id, fourth.id]]
 
