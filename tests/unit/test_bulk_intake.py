@@ -1,6 +1,6 @@
 """The producer's bulk intake (``submit_many``, behind ``POST /messages/batch``) without Redis:
 each request validated on its own, the valid ones recorded in one ``create_each`` call (one
-round trip: ``create_each``) and published once, nothing of an invalid one recorded."""
+round trip) and published once, nothing of an invalid one recorded."""
 
 from __future__ import annotations
 
