@@ -37,8 +37,9 @@ not blur them; "from start" counts from the moment the workers were started. Sce
   in-flight   the drain (--messages at --latency-ms) under each NOTIFY_MAX_IN_FLIGHT of
               --in-flight-values (0: no cap), --rounds times, the order reversed each round
   history     Redis bytes per delivered message held (--held N, extrapolated to 1 M), the drain
-              with the PostgreSQL history off and on (--history-drain N), history rows written
-              per second (--history-url, a database notify_bench is made there)
+              with the PostgreSQL history off and on (--history-drain N), --history-rounds
+              pairs interleaved (the order turned each round) and their median, history rows
+              written per second (--history-url, a database notify_bench is made there)
   million     --million messages (1,000,000) queued with enqueue_many, drained by the Procfile
               workers at 20 ms with the history on (a database --million-db on --history-url's
               server), on a private redis-server: the rate per 100,000 by the sandbox's clock,
@@ -56,6 +57,7 @@ import itertools
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -381,6 +383,9 @@ def main() -> int:
     parser.add_argument("--backlog", type=int, default=100_000)
     parser.add_argument("--held", type=int, default=100_000, help="history: delivered held")
     parser.add_argument("--history-drain", type=int, default=6_000, help="history: drain size")
+    parser.add_argument(
+        "--history-rounds", type=int, default=3, help="history: off/on drain pairs, interleaved"
+    )
     parser.add_argument(
         "--history-url",
         default="postgresql://postgres@127.0.0.1:5432/postgres",
@@ -917,21 +922,35 @@ def history_scenario(
     url = server.rsplit("/", 1)[0] + "/notify_bench"
     history.upgrade(url)
     n = args.history_drain
-    redis.flushdb()
-    enqueue_ours(n, "ho")
-    off = drain_row("drain, history off", sandbox, ours(), n)
-    rows.append(off)
-    redis.flushdb()
-    enqueue_ours(n, "hn")
     on_env = {**env, "NOTIFY_HISTORY_URL": url}
-    fleet = Fleet(ours().command, on_env, args.processes)
-    on = drain_row("drain, history on", sandbox, fleet, n)
-    rows.append(on)
-    off_rate = float(off.figures["delivered/s api"])
-    on.figures["vs off"] = f"{(float(on.figures['delivered/s api']) / off_rate - 1) * 100:+.1f} %"
-    # The workers stopped at the last 2xx; what their writers left is written below.
-    left = int(redis.xlen(keys.HISTORY_OUTBOX))
-    on.figures["outbox left at stop"] = left
+    # Off and on alternate, in turned order each round (off-on, on-off, ...), so a change in the
+    # machine's load during the run weighs on both sides alike; each round's pair gives a ratio.
+    ratios: list[float] = []
+    for round_ in range(args.history_rounds):
+        pair: dict[str, Row] = {}
+        for side in ("off", "on") if round_ % 2 == 0 else ("on", "off"):
+            redis.flushdb()
+            enqueue_ours(n, f"h{side}{round_}")
+            fleet = ours() if side == "off" else Fleet(ours().command, on_env, args.processes)
+            row = drain_row(f"drain, history {side} #{round_ + 1}", sandbox, fleet, n)
+            if side == "on":
+                # The workers stopped at the last 2xx; what their writers left at that moment.
+                row.figures["outbox left at stop"] = int(redis.xlen(keys.HISTORY_OUTBOX))
+            pair[side] = row
+        off_rate = float(pair["off"].figures["delivered/s api"])
+        ratio = float(pair["on"].figures["delivered/s api"]) / off_rate
+        pair["on"].figures["vs off"] = f"{(ratio - 1) * 100:+.1f} %"
+        ratios.append(ratio)
+        rows += [pair["off"], pair["on"]]
+    rows.append(
+        Row(
+            f"history on vs off, {len(ratios)} rounds",
+            {
+                "median": f"{(statistics.median(ratios) - 1) * 100:+.1f} %",
+                "each": " ".join(f"{(r - 1) * 100:+.1f}" for r in ratios),
+            },
+        )
+    )
     # 3. History rows per second: one writer draining an outbox of delivered messages.
     redis.flushdb()
     store = MessageStore(

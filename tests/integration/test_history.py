@@ -151,6 +151,8 @@ def test_history_rows_for_delivered_retried_and_dead_lettered_messages(
     )
     assert redis.xlen(keys.HISTORY_OUTBOX) == 4
     entries: Any = redis.xrange(keys.HISTORY_OUTBOX)
+    # One field an entry (a JSON object): the writer's client parses one value, not twenty-odd.
+    assert [sorted(fields) for _, fields in entries] == [["j"]] * 4
     writer = _writer(redis, pg_url)
     writer.drain()
     assert redis.xlen(keys.HISTORY_OUTBOX) == 0

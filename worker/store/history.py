@@ -4,7 +4,8 @@ Redis keeps what is live and a short window of recent outcomes (``NOTIFY_STATUS_
 the history keeps the rest for ``NOTIFY_HISTORY_DAYS``. Nothing here is on a post's path:
 
 * The outcome scripts (worker/store/lua/, run by records.py) add one entry per attempt and
-  outcome to the outbox stream ``keys.HISTORY_OUTBOX`` in the same atomic step as the record. A
+  outcome (one field, a JSON object) to the outbox stream ``keys.HISTORY_OUTBOX`` in the same
+  atomic step as the record. A
   worker that dies after a post loses nothing the history needs: it is in Redis.
 * ``HistoryWriter``, a thread in each worker, reads the outbox through the consumer group
   ``keys.HISTORY_GROUP`` in batches, inserts them (one multi-row ``INSERT ... SELECT FROM
@@ -246,8 +247,11 @@ class Rows:
 
     def add(self, fields: dict[str, str]) -> None:
         """One outbox entry (``outbox`` in worker/store/lua/gauges.lua): an attempt, an outcome, or
-        both.
+        both; its one field ``j`` (a JSON object), or the fields themselves (entries written
+        before the JSON form, still in an outbox after an upgrade).
         """
+        if "j" in fields:
+            fields = {str(k): str(v) for k, v in loads_object(fields["j"]).items()}
         message_id = fields.get("id", "")
         seq = _ms(fields.get("k")) or 0
         at = _ms(fields.get("at")) or 0
