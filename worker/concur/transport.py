@@ -117,26 +117,26 @@ def failure_kind(code: int) -> str:
 
 
 @dataclass(slots=True)
-class _Transfer:
-    """One exchange on its easy handle: what was asked, and what came back so far."""
+class AnswerReader:
+    """libcurl's write and header callbacks for one answer: at most ``MAX_RESPONSE_BYTES`` of
+    body, and the final answer's headers (names lower-cased)."""
 
-    exchange: Exchange
-    done: Done
-    started: float = field(default_factory=time.perf_counter)
-    body: list[bytes] = field(default_factory=list)
+    chunks: list[bytes] = field(default_factory=list)
     size: int = 0
     headers: dict[str, str] = field(default_factory=dict)
 
     def write(self, chunk: bytes) -> int | None:
+        """``CURLOPT_WRITEFUNCTION``: keep ``chunk``, or stop the transfer past the bound."""
         # Returning a count other than len(chunk) makes libcurl stop with CURLE_WRITE_ERROR: the
         # bound holds even for a body whose size was not announced.
         self.size += len(chunk)
         if self.size > MAX_RESPONSE_BYTES:
             return 0
-        self.body.append(chunk)
+        self.chunks.append(chunk)
         return None
 
     def header(self, line: bytes) -> None:
+        """``CURLOPT_HEADERFUNCTION``: keep one header line of the final answer."""
         # libcurl hands over each header line of each response it reads, interim 1xx answers
         # included; a status line starts a new set, so only the final answer's headers stay.
         if line.startswith(b"HTTP/"):
@@ -145,6 +145,20 @@ class _Transfer:
         name, colon, value = line.partition(b":")
         if colon:
             self.headers[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
+
+    def body(self) -> bytes:
+        """The body read so far, whole."""
+        return b"".join(self.chunks)
+
+
+@dataclass(slots=True)
+class _Transfer:
+    """One exchange on its easy handle: what was asked, and what came back so far."""
+
+    exchange: Exchange
+    done: Done
+    started: float = field(default_factory=time.perf_counter)
+    read: AnswerReader = field(default_factory=AnswerReader)
 
 
 def _ca_bundle() -> str:
@@ -305,8 +319,8 @@ class _Engine:
             curl.setopt(pycurl.POST, 1)
             curl.setopt(pycurl.READFUNCTION, io.BytesIO(exchange.body).read)
             curl.setopt(pycurl.POSTFIELDSIZE, len(exchange.body))
-            curl.setopt(pycurl.WRITEFUNCTION, transfer.write)
-            curl.setopt(pycurl.HEADERFUNCTION, transfer.header)
+            curl.setopt(pycurl.WRITEFUNCTION, transfer.read.write)
+            curl.setopt(pycurl.HEADERFUNCTION, transfer.read.header)
             curl.setopt(pycurl.TIMEOUT_MS, max(1, int(exchange.timeout_seconds * 1000)))
             curl.setopt(
                 pycurl.CONNECTTIMEOUT_MS, max(1, int(exchange.connect_timeout_seconds * 1000))
@@ -368,7 +382,9 @@ class _Engine:
                 ExchangeFailed(failure_kind(code), f"curl error {code}: {message}", elapsed),
             )
         else:
-            _call(transfer.done, Answer(status, transfer.headers, b"".join(transfer.body), elapsed))
+            _call(
+                transfer.done, Answer(status, transfer.read.headers, transfer.read.body(), elapsed)
+            )
 
     def close(self, leftover: list[_Transfer]) -> None:
         for curl, transfer in list(self.active.items()):

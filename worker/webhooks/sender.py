@@ -17,42 +17,25 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
 
 import certifi
 import pycurl
 
-from worker.concur.transport import MAX_RESPONSE_BYTES, Answer, ExchangeFailed, failure_kind
+from worker.concur.transport import (
+    MAX_RESPONSE_BYTES,
+    Answer,
+    AnswerReader,
+    ExchangeFailed,
+    failure_kind,
+)
 from worker.webhooks.guard import Target
-
-
-@dataclass(slots=True)
-class _Read:
-    body: bytearray
-    headers: dict[str, str]
-
-    def write(self, chunk: bytes) -> int | None:
-        # A count other than len(chunk) stops the transfer (CURLE_WRITE_ERROR): the bound holds
-        # for an answer whose size was not announced too.
-        if len(self.body) + len(chunk) > MAX_RESPONSE_BYTES:
-            return 0
-        self.body.extend(chunk)
-        return None
-
-    def header(self, line: bytes) -> None:
-        if line.startswith(b"HTTP/"):
-            self.headers.clear()
-            return
-        name, colon, value = line.partition(b":")
-        if colon:
-            self.headers[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
 
 
 def post(target: Target, headers: dict[str, str], body: bytes, *, timeout_seconds: float) -> Answer:
     """POST ``body`` to ``target``; the answer, or ``ExchangeFailed`` (timeout, connect,
     protocol: as ``worker.concur.transport``)."""
     endpoint = target.endpoint
-    read = _Read(bytearray(), {})
+    read = AnswerReader()
     curl = pycurl.Curl()
     started = time.perf_counter()
     try:
@@ -93,6 +76,6 @@ def post(target: Target, headers: dict[str, str], body: bytes, *, timeout_second
                 failure_kind(code), detail, time.perf_counter() - started
             ) from None
         status = int(curl.getinfo(pycurl.RESPONSE_CODE))
-        return Answer(status, read.headers, bytes(read.body), time.perf_counter() - started)
+        return Answer(status, read.headers, read.body(), time.perf_counter() - started)
     finally:
         curl.close()
