@@ -223,6 +223,14 @@ _PARTNER = _param(
 _BAD_PARTNER = {400: _error("partner is not a partner name")}
 _NO_WEBHOOK = {404: _error("The partner has no webhook")}
 _WEBHOOK = "/partners/{partner}/webhook"
+
+
+def _webhook_answers(status: int, answer: Answer) -> dict[int, Answer]:
+    # The routes on a partner's existing webhook: its answer first, then what each of them
+    # refuses (a bad partner name, no webhook, the operator key's errors), in one order.
+    return {status: answer, **_BAD_PARTNER, **_NO_WEBHOOK, **_OPERATOR_ERRORS}
+
+
 _IDEMPOTENCY_HEADER = _param(
     contract.IDEMPOTENCY_HEADER,
     "header",
@@ -503,12 +511,7 @@ OPERATIONS: tuple[Operation, ...] = (
         _WEBHOOK,
         "getWebhook",
         "A partner's outcome webhook: its URL, event types, endpoint breaker (never its secret)",
-        {
-            200: Answer("The webhook", contract.WebhookView),
-            **_BAD_PARTNER,
-            **_NO_WEBHOOK,
-            **_OPERATOR_ERRORS,
-        },
+        _webhook_answers(200, Answer("The webhook", contract.WebhookView)),
         security=(OPERATOR_KEY,),
         params=(_PARTNER,),
     ),
@@ -540,7 +543,7 @@ OPERATIONS: tuple[Operation, ...] = (
         _WEBHOOK,
         "removeWebhook",
         "Remove a partner's webhook (its events not yet sent become webhook dead letters)",
-        {204: Answer("Removed"), **_BAD_PARTNER, **_NO_WEBHOOK, **_OPERATOR_ERRORS},
+        _webhook_answers(204, Answer("Removed")),
         security=(OPERATOR_KEY,),
         params=(_PARTNER,),
     ),
@@ -549,12 +552,9 @@ OPERATIONS: tuple[Operation, ...] = (
         _WEBHOOK + "/rotate",
         "rotateWebhookSecret",
         "A new signing secret; the old one signs too for NOTIFY_WEBHOOK_ROTATION_GRACE_SECONDS",
-        {
-            200: Answer("The webhook and its new signing secret", contract.WebhookSecret),
-            **_BAD_PARTNER,
-            **_NO_WEBHOOK,
-            **_OPERATOR_ERRORS,
-        },
+        _webhook_answers(
+            200, Answer("The webhook and its new signing secret", contract.WebhookSecret)
+        ),
         security=(OPERATOR_KEY,),
         params=(_PARTNER,),
     ),
@@ -563,12 +563,7 @@ OPERATIONS: tuple[Operation, ...] = (
         _WEBHOOK + "/test",
         "testWebhook",
         "Queue a webhook.test event for the partner's endpoint (sent by a worker, signed)",
-        {
-            202: Answer("Queued", contract.WebhookTestQueued),
-            **_BAD_PARTNER,
-            **_NO_WEBHOOK,
-            **_OPERATOR_ERRORS,
-        },
+        _webhook_answers(202, Answer("Queued", contract.WebhookTestQueued)),
         security=(OPERATOR_KEY,),
         params=(_PARTNER,),
     ),
