@@ -391,6 +391,21 @@ def _worker_env(isolated: Isolated, api: Any, **extra: str) -> dict[str, str]:
     return {**isolated.env, "NOTIFY_API_BASE_URL": api.url, **extra}
 
 
+def _enqueue_expiring(isolated: Isolated, user_id: str, in_ms: int) -> tuple[str, int]:
+    """Queue a message through the Python producer with a deadline ``in_ms`` from now: its id,
+    and the deadline in epoch milliseconds."""
+    deadline = now_ms() + in_ms
+    ident = tasks.enqueue(
+        user_id,
+        "s-1",
+        "welcome",
+        URL,
+        runtime=isolated.runtime,
+        expires_at=datetime.fromtimestamp(deadline / 1000, UTC),
+    )
+    return ident, deadline
+
+
 def _dead_when(isolated: Isolated, ident: str) -> Any:
     letter = isolated.runtime.deadletters.get(ident)
     return letter if letter is not None else None
@@ -403,15 +418,7 @@ def test_a_message_behind_an_open_breaker_expires_on_time_and_is_never_posted(
     start_worker("expiry-breaker", **env)
     breaker = Breaker(isolated.runtime.redis, BreakerPolicy(enabled=True))
     breaker.force_open()  # an operator's stop: every post waits (re-checked every 5 s)
-    deadline = now_ms() + 4000
-    ident = tasks.enqueue(
-        user_id,
-        "s-1",
-        "welcome",
-        URL,
-        runtime=isolated.runtime,
-        expires_at=datetime.fromtimestamp(deadline / 1000, UTC),
-    )
+    ident, deadline = _enqueue_expiring(isolated, user_id, 4000)
     wait_for(lambda: _state(isolated.runtime, ident) == "retrying", timeout=20, what="paused")
     letter = wait_for(lambda: _dead_when(isolated, ident), timeout=30, what="the dead letter")
     assert letter.reason == "expired" and letter.attempts == 0
@@ -435,15 +442,7 @@ def test_a_message_waiting_out_its_backoff_expires_at_its_deadline(
         NOTIFY_MAX_ATTEMPTS="8",
     )
     start_worker("expiry-retry", **env)
-    deadline = now_ms() + 12_000
-    ident = tasks.enqueue(
-        user_id,
-        "s-1",
-        "welcome",
-        URL,
-        runtime=isolated.runtime,
-        expires_at=datetime.fromtimestamp(deadline / 1000, UTC),
-    )
+    ident, deadline = _enqueue_expiring(isolated, user_id, 12_000)
     wait_for(lambda: _state(isolated.runtime, ident) == "retrying", timeout=20, what="a retry")
     record = isolated.runtime.store.status(ident)
     assert int(record["next"]) == deadline  # not a minute away
