@@ -1289,14 +1289,24 @@ def _b_delivered_at(sandbox: Sandbox) -> list[float]:
     return [r["at"] for r in answer.json()["requests"] if r["status"] and r["status"] < 300]
 
 
-def _rate_between(sandbox: Sandbox, start: float, end: float, minus: list[float]) -> float:
+def _rate_between(
+    sandbox: Sandbox, start: float, end: float, minus: list[float]
+) -> tuple[float, int]:
     """2xx per second the sandbox decided in whole seconds within [start, end], less ``minus``
-    (the other company's 2xx times)."""
+    (the other company's 2xx times), and over how many seconds. The window ends early where the
+    backlog ran out (its last 2xx's second, partial, left out): a backlog that drains within B's
+    minute would otherwise be charged for the seconds it had nothing left to send."""
     first, last = int(start) + 1, int(end)  # whole seconds only
-    per_second = sandbox.stats()["perSecond"]
-    total = sum(int(per_second.get(str(second), 0)) for second in range(first, last))
-    others = sum(1 for at in minus if first <= at < last)
-    return (total - others) / max(1, last - first)
+    per_second = {int(k): int(v) for k, v in sandbox.stats()["perSecond"].items()}
+    others: dict[int, int] = {}
+    for at in minus:
+        others[int(at)] = others.get(int(at), 0) + 1
+    own = {second: count - others.get(second, 0) for second, count in per_second.items()}
+    busy = [second for second, count in own.items() if count > 0]
+    if busy:
+        last = min(last, max(busy))
+    total = sum(own.get(second, 0) for second in range(first, last))
+    return total / max(1, last - first), max(0, last - first)
 
 
 def _fleet(ours: Any, dispatch: str, companies: Companies | None = None) -> Fleet:
@@ -1428,7 +1438,7 @@ def fairness_scenario(sandbox: Sandbox, ours: Any, env: dict[str, str], args: An
         drained = wait_delivered(sandbox, a_count + b_count, timeout=1800)
         workers.stop()
         latencies = _latencies(rt, ids)
-        a_rate = _rate_between(sandbox, b_start, b_end, _b_delivered_at(sandbox))
+        a_rate, a_seconds = _rate_between(sandbox, b_start, b_end, _b_delivered_at(sandbox))
         rows.append(
             Row(
                 f"{dispatch}: A + B",
@@ -1437,6 +1447,7 @@ def fairness_scenario(sandbox: Sandbox, ours: Any, env: dict[str, str], args: An
                     "B p99 ms": percentile(latencies, 0.99),
                     "B p99 - idle ms": percentile(latencies, 0.99) - percentile(idle, 0.99),
                     "A/s in B's minute": a_rate,
+                    "A's seconds in it": a_seconds,
                     "vs A alone": f"{a_rate / a_alone * 100:.0f} %",
                     "total drain/s api": drained.rate(a_count + b_count),
                     "CPU ms/msg": 1000 * workers.cpu_seconds / (a_count + b_count),
