@@ -155,7 +155,7 @@ class Settings(BaseSettings):
     # one-company drain at 250 ms ran 13 % slower fair than fifo on this machine).
     dispatch: Literal["fair", "fifo"] = "fifo"
     # Messages dispatched and not yet claimed, per live worker process; 0: chosen from the batch
-    # size and concurrency (``dispatch_depth_per_worker``).
+    # size, concurrency and the cap on posts in flight (``dispatch_depth_per_worker``).
     dispatch_depth: int = Field(0, ge=0, le=100_000)
     # A dispatched message not claimed within this time is published again by the mover (the
     # copy that arrives second is fenced off). The fair queue is shallow, so a minute outlasts a
@@ -618,11 +618,19 @@ class Settings(BaseSettings):
 
     @property
     def dispatch_depth_per_worker(self) -> int:
-        """``NOTIFY_DISPATCH_DEPTH``, or when 0, enough to keep a worker process's threads busy:
-        half a batch per thread (docs/scaling.md, "Fair share")."""
+        """``NOTIFY_DISPATCH_DEPTH``, or when 0, enough to keep a worker process's posts going:
+        half a batch per thread, but no more than half the cap on posts in flight
+        (``NOTIFY_MAX_IN_FLIGHT``) when there is one (docs/scaling.md, "Fair share").
+
+        Past the cap a dispatched task only waits in the process for slots, and every message
+        of another company dispatched after it waits behind it: deeper posts no faster there.
+        """
         if self.dispatch_depth:
             return self.dispatch_depth
-        return max(self.batch_size, self.batch_size * self.worker_concurrency // 2)
+        depth = self.batch_size * self.worker_concurrency // 2
+        if self.max_in_flight:
+            depth = min(depth, self.max_in_flight // 2)
+        return max(self.batch_size, depth)
 
     @property
     def has_oauth_company(self) -> bool:

@@ -41,8 +41,27 @@ def test_fifo_is_the_default_until_fair_dispatch_meets_its_targets_and_fair_is_o
         load_settings(dispatch="lifo")
 
 
-def test_the_depth_is_half_a_batch_per_thread_unless_set():
-    assert load_settings(batch_size=20, worker_concurrency=64).dispatch_depth_per_worker == 640
+def test_the_depth_is_half_a_batch_per_thread_capped_at_half_the_posts_in_flight_unless_set():
+    # The defaults: 64 threads x 20 would be 640, but only 512 posts may be in flight, so
+    # dispatched tasks beyond half of that would only wait in the process.
+    assert (
+        load_settings(
+            batch_size=20, worker_concurrency=64, max_in_flight=512
+        ).dispatch_depth_per_worker
+        == 256
+    )
+    assert (
+        load_settings(
+            batch_size=20, worker_concurrency=64, max_in_flight=0
+        ).dispatch_depth_per_worker
+        == 640
+    )
+    assert (
+        load_settings(
+            batch_size=20, worker_concurrency=8, max_in_flight=512
+        ).dispatch_depth_per_worker
+        == 80
+    )
     # Never below one batch, so a process with one thread still gets a whole task.
     assert load_settings(batch_size=20, worker_concurrency=1).dispatch_depth_per_worker == 20
     assert load_settings(dispatch_depth=100).dispatch_depth_per_worker == 100
