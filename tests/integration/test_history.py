@@ -246,6 +246,57 @@ def test_a_message_whose_hot_record_expired_is_answered_from_history(
     assert json.loads(shown.stdout)["source"] == "history"
 
 
+def _batch(redis: Redis) -> history.Rows:
+    rows = history.Rows()
+    for _, fields in redis.xrange(keys.HISTORY_OUTBOX):
+        rows.add(fields)
+    return rows
+
+
+def _written(url: str, rows: history.Rows) -> int:
+    with history.connect(url) as conn:
+        history.ensure_partitions(conn, rows.days())
+        return rows.write(conn)
+
+
+def test_a_batch_written_twice_adds_nothing_the_second_time(pg_url: str, redis: Redis) -> None:
+    history.upgrade(pg_url)
+    store = _store(redis)
+    company = str(uuid.uuid4())  # a request of its own shape: its whole JSON in the row
+    first = [_message(), Message.create("u-co", str(uuid.uuid4()), "t", None, "acme", company)]
+    retried = _message()
+    for message in [*first, retried]:
+        store.create(message.id, message.to_wire())
+        _go(store, message, 1)
+    for message in first:
+        store.delivered(message.id, _attempt(1, "delivered", 202))
+    store.retry(retried.id, "o", now_ms(), _attempt(1, "retry", 503))
+    batch = _batch(redis)
+    assert _written(pg_url, batch) == 2 * len(first) + 1
+    seen = {m.id: history.lookup(pg_url, m.id) for m in first}
+    assert seen[first[1].id] is not None
+    assert json.loads(seen[first[1].id]["req"])["company"] == company  # type: ignore[index]
+    # The same batch again (its writer died before acknowledging it), then again with a new
+    # entry in it: only the new entry's row is added, and the answers do not change.
+    assert _written(pg_url, _batch(redis)) == 0
+    _go(store, retried, 2)
+    store.delivered(retried.id, _attempt(2, "delivered", 200))
+    assert _written(pg_url, _batch(redis)) == 2
+    assert {m.id: history.lookup(pg_url, m.id) for m in first} == seen
+    ids = [m.id for m in [*first, retried]]
+    [(attempts, outcomes)] = _rows(
+        pg_url,
+        "SELECT (SELECT count(*) FROM notify_attempts WHERE message_id = ANY(%s)),"
+        " (SELECT count(*) FROM notify_outcomes WHERE message_id = ANY(%s))",
+        ids,
+        ids,
+    )
+    assert (attempts, outcomes) == (4, 3)
+    view = history.lookup(pg_url, retried.id)
+    assert view is not None
+    assert [a["outcome"] for a in view["attempts"]] == ["retry", "delivered"]
+
+
 def test_old_partitions_are_dropped(pg_url: str) -> None:
     history.upgrade(pg_url)
     today = datetime.now(UTC).date()

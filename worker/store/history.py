@@ -25,7 +25,6 @@ upgrade`` (and by a writer that finds it missing).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import threading
 import time
@@ -35,6 +34,7 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.types.json import Jsonb
 from redis import Redis
 from redis.exceptions import RedisError, ResponseError
 
@@ -165,6 +165,8 @@ def prune(conn: psycopg.Connection[Any], keep_days: int, today: date | None = No
 
 
 def _ms(value: Any) -> int | None:
+    if value == "" or value is None:  # most of an entry's empty fields: no exception raised
+        return None
     try:
         return int(value)
     except (TypeError, ValueError):
@@ -176,7 +178,7 @@ def _time(ms: int) -> datetime:
 
 
 class Rows:
-    """One batch's rows, column by column (what ``unnest`` takes)."""
+    """One batch's rows, as ``COPY`` takes them (and, column by column, ``unnest``)."""
 
     ATTEMPT_COLUMNS = (
         "at",
@@ -245,13 +247,14 @@ class Rows:
         self.attempts: list[tuple[Any, ...]] = []
         self.outcomes: list[tuple[Any, ...]] = []
 
-    def add(self, fields: dict[str, str]) -> None:
+    def add(self, fields: dict[str, Any]) -> None:
         """One outbox entry (``outbox`` in worker/store/lua/gauges.lua): an attempt, an outcome, or
         both; its one field ``j`` (a JSON object), or the fields themselves (entries written
         before the JSON form, still in an outbox after an upgrade).
         """
         if "j" in fields:
-            fields = {str(k): str(v) for k, v in loads_object(fields["j"]).items()}
+            # Every value the Lua puts there is a string: taken as they come.
+            fields = loads_object(fields["j"])
         message_id = fields.get("id", "")
         seq = _ms(fields.get("k")) or 0
         at = _ms(fields.get("at")) or 0
@@ -300,7 +303,7 @@ class Rows:
                 _text(request.get("userId")),
                 _text(request.get("sessionId")),
                 _text(context.get("url")) if isinstance(context, dict) else None,
-                None if compact else json.dumps(request),
+                None if compact else Jsonb(request),
                 _ms(fields.get("na")) or (entry["n"] if entry else None),
                 _ms(fields.get("rp")) or 0,
                 status,
@@ -318,13 +321,50 @@ class Rows:
         self.attempts = [row for row in self.attempts if row[0].date() >= first_kept]
         self.outcomes = [row for row in self.outcomes if row[0].date() >= first_kept]
 
+    def _tables(self) -> list[tuple[str, tuple[str, ...], tuple[str, ...], list[tuple[Any, ...]]]]:
+        return [
+            ("notify_attempts", self.ATTEMPT_COLUMNS, self.ATTEMPT_TYPES, self.attempts),
+            ("notify_outcomes", self.OUTCOME_COLUMNS, self.OUTCOME_TYPES, self.outcomes),
+        ]
+
+    def write(self, conn: psycopg.Connection[Any]) -> int:
+        """Write every row in one transaction, skipping those written before; how many it added.
+
+        A batch is copied (binary ``COPY``: psycopg formats the rows in C, and PostgreSQL takes
+        them without parsing arrays or checking conflicts one by one). A row already there makes
+        the copy fail: the batch was written before (a writer died between its commit and its
+        acknowledgement, or its batch was taken over), and it is written again with ``insert``,
+        which skips those rows.
+        """
+        try:
+            with conn.transaction():
+                return self.copy(conn)
+        except psycopg.errors.UniqueViolation:
+            pass
+        with conn.transaction():
+            return self.insert(conn)
+
+    def copy(self, conn: psycopg.Connection[Any]) -> int:
+        """Copy every row (one ``COPY`` per table); raises ``UniqueViolation`` on a row there."""
+        written = 0
+        with conn.cursor() as cursor:
+            for table, columns, types, rows in self._tables():
+                if not rows:
+                    continue
+                statement = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
+                    sql.Identifier(table), sql.SQL(", ").join(sql.Identifier(c) for c in columns)
+                )
+                with cursor.copy(statement) as copy:
+                    copy.set_types(types)
+                    for row in rows:
+                        copy.write_row(row)
+                written += len(rows)
+        return written
+
     def insert(self, conn: psycopg.Connection[Any]) -> int:
         """Insert every row (one statement per table), skipping those written before."""
         written = 0
-        for table, columns, types, rows in (
-            ("notify_attempts", self.ATTEMPT_COLUMNS, self.ATTEMPT_TYPES, self.attempts),
-            ("notify_outcomes", self.OUTCOME_COLUMNS, self.OUTCOME_TYPES, self.outcomes),
-        ):
+        for table, columns, types, rows in self._tables():
             if not rows:
                 continue
             query = sql.SQL(
@@ -440,15 +480,14 @@ class HistoryWriter(Loop):
             return 0
         rows = Rows()
         for _, fields in entries:
-            rows.add({str(k): str(v) for k, v in fields.items()})
+            rows.add(fields)
         first_kept = datetime.now(UTC).date() - timedelta(days=self.keep_days - 1)
         rows.drop_before(first_kept)
         missing = rows.days() - self._days
         if missing:
             ensure_partitions(conn, missing)
             self._days |= missing
-        with conn.transaction():
-            self.written += rows.insert(conn)
+        self.written += rows.write(conn)
         ids = [entry_id for entry_id, _ in entries]
         pipe = self.redis.pipeline(transaction=True)
         pipe.xack(keys.HISTORY_OUTBOX, keys.HISTORY_GROUP, *ids)
