@@ -8,11 +8,12 @@ the history keeps the rest for ``NOTIFY_HISTORY_DAYS``. Nothing here is on a pos
   atomic step as the record. A
   worker that dies after a post loses nothing the history needs: it is in Redis.
 * ``HistoryWriter``, a thread in each worker, reads the outbox through the consumer group
-  ``keys.HISTORY_GROUP`` in batches, inserts them (one multi-row ``INSERT ... SELECT FROM
-  unnest(...)`` per table, ``ON CONFLICT DO NOTHING`` on each entry's unique key), commits, and
+  ``keys.HISTORY_GROUP`` in batches, copies them (one binary ``COPY`` per table), commits, and
   only then acknowledges and deletes the entries. A batch whose writer died before that is taken
   over by another writer (``XAUTOCLAIM``) after ``NOTIFY_HISTORY_CLAIM_IDLE_SECONDS`` and written
-  again, which adds nothing twice.
+  again: its copy fails on a row already there (each row's key is its entry's unique key), and
+  it is inserted instead (``INSERT ... SELECT FROM unnest(...) ON CONFLICT DO NOTHING``), which
+  adds nothing twice.
 * Tables are partitioned by day (UTC); the writer makes each day's partitions as it needs them
   and drops those older than ``NOTIFY_HISTORY_DAYS`` once an hour.
 * ``read_status`` is where ``MessageStore.lookup`` (``GET /messages/{id}``, ``notify status``,
