@@ -224,6 +224,8 @@ class Rows:
         "http_status",
         "correlation_id",
         "created_at",
+        "attempt_at",
+        "attempt_ms",
     )
     OUTCOME_TYPES = (
         "timestamptz",
@@ -242,6 +244,8 @@ class Rows:
         "int2",
         "text",
         "timestamptz",
+        "timestamptz",
+        "int4",
     )
 
     def __init__(self) -> None:
@@ -263,8 +267,18 @@ class Rows:
         partner = partner_of(request) if "rq" in fields else fields.get("p", DEFAULT_PARTNER)
         template = fields["t"] if "t" in fields else request.get("templateId")
         entry: dict[str, Any] | None = None
+        held = False  # the attempt is held in the outcome row (migration 0002)
         if "e" in fields:
             entry = attempt_entry(f"0{fields['e']}", at)
+            held = (
+                seq == 1
+                and entry["n"] == 1
+                and entry["outcome"] == "delivered"
+                and fields.get("st") == "delivered"
+                and entry["status"] is not None
+                and entry["cause"] == f"http_{entry['status']}"
+            )
+        if entry is not None and not held:
             self.attempts.append(
                 (
                     _time(at),
@@ -310,6 +324,8 @@ class Rows:
                 status,
                 cid,
                 _time(created) if created is not None else None,
+                _time(at) if held else None,
+                entry["ms"] if held and entry is not None else None,
             )
         )
 
@@ -582,7 +598,7 @@ def lookup(url: str, message_id: str) -> dict[str, Any] | None:
         return None
     attempts = conn.execute(
         "SELECT at, number, outcome, http_status, cause, duration_ms, correlation_id"
-        " FROM notify_attempts WHERE message_id = %s ORDER BY at, seq",
+        " FROM notify_attempt_log WHERE message_id = %s ORDER BY at, seq",
         (message_id,),
     ).fetchall()
     (finished, state, reason, partner, template, user, session, url_, request, count, replays) = (
