@@ -1129,7 +1129,7 @@ def million_scenario(sandbox: Sandbox, celery: list[str], env: dict[str, str], a
         with psycopg.connect(url) as conn:
             row = conn.execute(
                 "SELECT pg_database_size(current_database()),"
-                " (SELECT count(*) FROM notify_outcomes), (SELECT count(*) FROM notify_attempts)"
+                " (SELECT count(*) FROM notify_outcomes), (SELECT count(*) FROM notify_attempt_log)"
             ).fetchone()
         assert row is not None
         figures["PostgreSQL MB"] = int(row[0]) / 1e6

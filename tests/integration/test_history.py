@@ -115,9 +115,9 @@ def _rows(url: str, query: str, *args: Any) -> list[tuple[Any, ...]]:
 
 
 def test_notify_db_upgrade_makes_the_schema_once(pg_url: str) -> None:
-    assert history.upgrade(pg_url) in ([], ["0001_history.sql"])
+    assert history.upgrade(pg_url) in ([], ["0001_history.sql", "0002_first_attempt.sql"])
     assert history.upgrade(pg_url) == []
-    assert history.schema_version(pg_url) == 1
+    assert history.schema_version(pg_url) == 2
     env = {**os.environ, "NOTIFY_HISTORY_URL": pg_url}
     done = subprocess.run(
         [str(ROOT / ".venv/bin/notify"), "db", "upgrade"],
@@ -127,7 +127,7 @@ def test_notify_db_upgrade_makes_the_schema_once(pg_url: str) -> None:
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
-    assert "schema at version 1" in done.stdout
+    assert "schema at version 2" in done.stdout
 
 
 def test_history_rows_for_delivered_retried_and_dead_lettered_messages(
@@ -159,7 +159,7 @@ def test_history_rows_for_delivered_retried_and_dead_lettered_messages(
     attempts = _rows(
         pg_url,
         "SELECT message_id, seq, number, outcome, http_status, partner, template_id"
-        " FROM notify_attempts WHERE message_id = ANY(%s) ORDER BY message_id, seq",
+        " FROM notify_attempt_log WHERE message_id = ANY(%s) ORDER BY message_id, seq",
         [delivered.id, retried.id, dead.id],
     )
     assert sorted(attempts) == sorted(
@@ -183,6 +183,10 @@ def test_history_rows_for_delivered_retried_and_dead_lettered_messages(
             (dead.id, "failed", "http_400", 1, 400, dead.user_id, dead.url),
         ]
     )
+    # A delivery on the first attempt is one row: its outcome holds the attempt.
+    assert _rows(
+        pg_url, "SELECT count(*) FROM notify_attempts WHERE message_id = %s", delivered.id
+    ) == [(0,)]
     # The same entries written again (a writer that died before acknowledging) add nothing.
     rows = history.Rows()
     for _, fields in entries:
@@ -193,7 +197,7 @@ def test_history_rows_for_delivered_retried_and_dead_lettered_messages(
         len(
             _rows(
                 pg_url,
-                "SELECT 1 FROM notify_attempts WHERE message_id = ANY(%s)",
+                "SELECT 1 FROM notify_attempt_log WHERE message_id = ANY(%s)",
                 [delivered.id, retried.id, dead.id],
             )
         )
@@ -244,6 +248,142 @@ def test_a_message_whose_hot_record_expired_is_answered_from_history(
     )
     assert shown.returncode == 0, shown.stderr
     assert json.loads(shown.stdout)["source"] == "history"
+
+
+def _batch(redis: Redis) -> history.Rows:
+    rows = history.Rows()
+    for _, fields in redis.xrange(keys.HISTORY_OUTBOX):
+        rows.add(fields)
+    return rows
+
+
+def _written(url: str, rows: history.Rows) -> int:
+    with history.connect(url) as conn:
+        history.ensure_partitions(conn, rows.days())
+        return rows.write(conn)
+
+
+def test_a_batch_written_twice_adds_nothing_the_second_time(pg_url: str, redis: Redis) -> None:
+    history.upgrade(pg_url)
+    store = _store(redis)
+    company = str(uuid.uuid4())  # a request of its own shape: its whole JSON in the row
+    first = [_message(), Message.create("u-co", str(uuid.uuid4()), "t", None, "acme", company)]
+    retried = _message()
+    for message in [*first, retried]:
+        store.create(message.id, message.to_wire())
+        _go(store, message, 1)
+    for message in first:
+        store.delivered(message.id, _attempt(1, "delivered", 202))
+    store.retry(retried.id, "o", now_ms(), _attempt(1, "retry", 503))
+    batch = _batch(redis)
+    assert _written(pg_url, batch) == len(first) + 1  # first attempts held in their outcomes
+    seen = {m.id: history.lookup(pg_url, m.id) for m in first}
+    assert seen[first[1].id] is not None
+    assert json.loads(seen[first[1].id]["req"])["company"] == company  # type: ignore[index]
+    # The same batch again (its writer died before acknowledging it), then again with a new
+    # entry in it: only the new entry's row is added, and the answers do not change.
+    assert _written(pg_url, _batch(redis)) == 0
+    _go(store, retried, 2)
+    store.delivered(retried.id, _attempt(2, "delivered", 200))
+    assert _written(pg_url, _batch(redis)) == 2
+    assert {m.id: history.lookup(pg_url, m.id) for m in first} == seen
+    ids = [m.id for m in [*first, retried]]
+    [(attempts, outcomes)] = _rows(
+        pg_url,
+        "SELECT (SELECT count(*) FROM notify_attempt_log WHERE message_id = ANY(%s)),"
+        " (SELECT count(*) FROM notify_outcomes WHERE message_id = ANY(%s))",
+        ids,
+        ids,
+    )
+    assert (attempts, outcomes) == (4, 3)
+    view = history.lookup(pg_url, retried.id)
+    assert view is not None
+    assert [a["outcome"] for a in view["attempts"]] == ["retry", "delivered"]
+
+
+def test_upgrading_a_history_at_version_1_keeps_its_rows_readable(pg_url: str) -> None:
+    # A history made before migration 0002, in a schema of its own in the run's database, with
+    # a first-attempt delivery written as writers wrote it then: an attempt row and an outcome.
+    schema = f"v1_{uuid.uuid4().hex[:8]}"
+    url = f"{pg_url}?options=-csearch_path%3D{schema}"
+    [(version, name, text)] = history.migrations()[:1]
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        admin.execute(f'CREATE SCHEMA "{schema}"'.encode())
+    try:
+        with history.connect(url) as conn:
+            conn.execute(text.encode())
+            conn.execute(
+                "CREATE TABLE notify_schema (version integer PRIMARY KEY, name text NOT NULL,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            conn.execute("INSERT INTO notify_schema (version, name) VALUES (%s, %s)", (1, name))
+            conn.commit()
+            at = datetime.now(UTC).replace(microsecond=0)
+            history.ensure_partitions(conn, {at.date()})
+            conn.execute(
+                "INSERT INTO notify_attempts VALUES (%s, 'old', 1, 1, 'delivered', 202,"
+                " 'http_202', 20, 'cid-old', 'acme', 'expense-approved')",
+                (at,),
+            )
+            conn.execute(
+                "INSERT INTO notify_outcomes (finished_at, message_id, seq, state, partner,"
+                " template_id, user_id, attempts, http_status, correlation_id, created_at)"
+                " VALUES (%s, 'old', 1, 'delivered', 'acme', 'expense-approved', 'u', 1, 202,"
+                " 'cid-old', %s)",
+                (at + timedelta(milliseconds=25), at - timedelta(seconds=1)),
+            )
+            conn.commit()
+        assert history.schema_version(url) == version == 1
+        assert history.upgrade(url) == ["0002_first_attempt.sql"]
+        assert history.schema_version(url) == 2
+        view = history.lookup(url, "old")
+        assert view is not None and view["state"] == "delivered" and view["cid"] == "cid-old"
+        assert view["attempts"] == [  # its own row, not also one from the outcome
+            {
+                "n": 1,
+                "at": int(at.timestamp() * 1000),
+                "outcome": "delivered",
+                "status": 202,
+                "cause": "http_202",
+                "ms": 20,
+                "cid": "cid-old",
+            }
+        ]
+    finally:
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            admin.execute(f'DROP SCHEMA "{schema}" CASCADE'.encode())
+
+
+def test_a_first_attempt_delivery_reads_as_two_rows_did(pg_url: str, redis: Redis) -> None:
+    # What lookup answered when the attempt had a row of its own: the same attempt, field for
+    # field, from the outcome row that holds it now.
+    history.upgrade(pg_url)
+    store = _store(redis)
+    message = _message()
+    store.create(message.id, message.to_wire())
+    _go(store, message, 1)
+    attempt = _attempt(1, "delivered", 202)
+    store.delivered(message.id, attempt)
+    batch = _batch(redis)
+    [outcome] = batch.outcomes
+    assert batch.attempts == []
+    _written(pg_url, batch)
+    view = history.lookup(pg_url, message.id)
+    assert view is not None
+    held = dict(zip(history.Rows.OUTCOME_COLUMNS, outcome, strict=True))
+    assert held["attempt_ms"] == attempt.duration_ms
+    assert view["attempts"] == [
+        {
+            "n": 1,
+            "at": attempt.at_ms,
+            "outcome": "delivered",
+            "status": 202,
+            "cause": "http_202",
+            "ms": attempt.duration_ms,
+            "cid": attempt.correlation_id,
+        }
+    ]
+    assert view["status"] == "202" and view["cid"] == attempt.correlation_id
 
 
 def test_old_partitions_are_dropped(pg_url: str) -> None:

@@ -183,7 +183,7 @@ def test_the_history_keeps_a_companys_request_whole():
     for request in ({"userId": "u", **_body(), "company": ACME_1}, {"userId": "u", **_body()}):
         rows.add({"id": "m", "k": "1", "at": "1000", "st": "failed", "rq": json.dumps(request)})
     kept = [row[Rows.OUTCOME_COLUMNS.index("request")] for row in rows.outcomes]
-    assert kept[0] is not None and json.loads(kept[0])["company"] == ACME_1
+    assert kept[0] is not None and kept[0].obj["company"] == ACME_1  # jsonb, as written
     assert kept[1] is None  # the usual shape is kept in columns, as before
 
 

@@ -40,9 +40,11 @@ def test_a_json_entry_gives_the_rows_its_fields_give() -> None:
     by_json = _rows({"j": json.dumps(FIELDS)})
     assert by_json.attempts == by_fields.attempts
     assert by_json.outcomes == by_fields.outcomes
-    assert len(by_json.attempts) == 1
+    assert by_json.attempts == []  # a first-attempt delivery: its outcome row holds the attempt
     assert len(by_json.outcomes) == 1
     outcome = by_json.outcomes[0]
+    assert outcome[Rows.OUTCOME_COLUMNS.index("attempt_ms")] == 20
+    assert outcome[Rows.OUTCOME_COLUMNS.index("attempt_at")].timestamp() == 1700000000
     assert outcome[Rows.OUTCOME_COLUMNS.index("message_id")] == "m1"
     assert outcome[Rows.OUTCOME_COLUMNS.index("state")] == "delivered"
     assert outcome[Rows.OUTCOME_COLUMNS.index("user_id")] == "u1"
@@ -54,3 +56,12 @@ def test_an_attempt_alone_in_json_has_no_outcome() -> None:
     rows = _rows({"j": json.dumps(attempt)})
     assert rows.outcomes == []
     assert [row[Rows.ATTEMPT_COLUMNS.index("partner")] for row in rows.attempts] == ["acme"]
+
+
+def test_only_a_plain_first_attempt_delivery_is_held_in_its_outcome() -> None:
+    later = {**FIELDS, "k": "2", "e": "|2|delivered|202|http_202|20|cid-1"}
+    other_cause = {**FIELDS, "e": "|1|delivered|202|slow|20|cid-1"}
+    for fields in (later, other_cause):
+        rows = _rows({"j": json.dumps(fields)})
+        assert len(rows.attempts) == 1
+        assert rows.outcomes[0][Rows.OUTCOME_COLUMNS.index("attempt_at")] is None

@@ -42,6 +42,7 @@ from worker.shapes.times import int_or_none
 _OUTCOME_CODES = {"delivered": "d", "retry": "r", "dead": "x", "deferred": "w"}
 _OUTCOMES = {code: name for name, code in _OUTCOME_CODES.items()}
 _COMPACT_REQUEST = {"u": "userId", "s": "sessionId", "t": "templateId"}
+_USUAL_REQUEST_KEYS = frozenset({*_COMPACT_REQUEST.values(), "context", "partner", "company"})
 _ATTEMPT_FIELD = re.compile(r"a[0-9]+")
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
@@ -171,9 +172,15 @@ def long_cid(stored: str) -> str:
         return stored[1:]
     if stored.startswith("~") and len(stored) == 23:
         try:
-            return str(uuid.UUID(bytes=base64.urlsafe_b64decode(stored[1:] + "==")))
+            raw = base64.urlsafe_b64decode(stored[1:] + "==")
         except ValueError:
             return stored
+        if len(raw) != 16:
+            return stored
+        # What str(uuid.UUID(bytes=raw)) gives, without building the UUID (the history writer
+        # undoes one per attempt).
+        h = raw.hex()
+        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
     return stored
 
 
@@ -184,25 +191,14 @@ def request_fields(request: Mapping[str, Any]) -> list[str]:
     """A request as record field/value pairs: compact (``u``, ``s``, ``t``, ``url``, and
     ``company`` for a company other than the default) when it has the usual shape
     (``Message.to_wire``), else its JSON as ``req``. The partner is apart."""
-    context = request.get("context")
-    parts = [request.get(name) for name in _COMPACT_REQUEST.values()]
-    partner = request.get("partner")
-    company = request.get("company")
-    usual = (
-        set(request) <= {*_COMPACT_REQUEST.values(), "context", "partner", "company"}
-        and all(isinstance(part, str) for part in parts)
-        and isinstance(context, dict)
-        and set(context) <= {"url"}
-        and isinstance(context.get("url", ""), str)
-        and (partner is None or (is_partner_name(partner) and partner != DEFAULT_PARTNER))
-        and (company is None or is_company_id(company))
-    )
-    if not usual:
+    if not is_usual(request):
         return ["req", dumps(dict(request))]
+    parts = [request.get(name) for name in _COMPACT_REQUEST.values()]
     fields = [item for pair in zip(_COMPACT_REQUEST, parts, strict=True) for item in pair]
-    assert isinstance(context, dict)
+    context = request["context"]
     if "url" in context:
         fields += ["url", context["url"]]
+    company = request.get("company")
     if company is not None:
         fields += ["company", company]
     return [str(item) for item in fields]
@@ -210,7 +206,18 @@ def request_fields(request: Mapping[str, Any]) -> list[str]:
 
 def is_usual(request: Mapping[str, Any]) -> bool:
     """Whether ``request`` is kept compactly (``request_fields``), not as JSON."""
-    return request_fields(request)[:1] != ["req"]
+    context = request.get("context")
+    partner = request.get("partner")
+    company = request.get("company")
+    return (
+        request.keys() <= _USUAL_REQUEST_KEYS
+        and all(isinstance(request.get(name), str) for name in _COMPACT_REQUEST.values())
+        and isinstance(context, dict)
+        and context.keys() <= {"url"}
+        and isinstance(context.get("url", ""), str)
+        and (partner is None or (is_partner_name(partner) and partner != DEFAULT_PARTNER))
+        and (company is None or is_company_id(company))
+    )
 
 
 def request_of(record: Mapping[str, Any]) -> dict[str, Any]:

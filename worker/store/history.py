@@ -8,11 +8,12 @@ the history keeps the rest for ``NOTIFY_HISTORY_DAYS``. Nothing here is on a pos
   atomic step as the record. A
   worker that dies after a post loses nothing the history needs: it is in Redis.
 * ``HistoryWriter``, a thread in each worker, reads the outbox through the consumer group
-  ``keys.HISTORY_GROUP`` in batches, inserts them (one multi-row ``INSERT ... SELECT FROM
-  unnest(...)`` per table, ``ON CONFLICT DO NOTHING`` on each entry's unique key), commits, and
+  ``keys.HISTORY_GROUP`` in batches, copies them (one binary ``COPY`` per table), commits, and
   only then acknowledges and deletes the entries. A batch whose writer died before that is taken
   over by another writer (``XAUTOCLAIM``) after ``NOTIFY_HISTORY_CLAIM_IDLE_SECONDS`` and written
-  again, which adds nothing twice.
+  again: its copy fails on a row already there (each row's key is its entry's unique key), and
+  it is inserted instead (``INSERT ... SELECT FROM unnest(...) ON CONFLICT DO NOTHING``), which
+  adds nothing twice.
 * Tables are partitioned by day (UTC); the writer makes each day's partitions as it needs them
   and drops those older than ``NOTIFY_HISTORY_DAYS`` once an hour.
 * ``read_status`` is where ``MessageStore.lookup`` (``GET /messages/{id}``, ``notify status``,
@@ -25,7 +26,6 @@ upgrade`` (and by a writer that finds it missing).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import threading
 import time
@@ -35,6 +35,7 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.types.json import Jsonb
 from redis import Redis
 from redis.exceptions import RedisError, ResponseError
 
@@ -165,6 +166,8 @@ def prune(conn: psycopg.Connection[Any], keep_days: int, today: date | None = No
 
 
 def _ms(value: Any) -> int | None:
+    if value == "" or value is None:  # most of an entry's empty fields: no exception raised
+        return None
     try:
         return int(value)
     except (TypeError, ValueError):
@@ -176,7 +179,7 @@ def _time(ms: int) -> datetime:
 
 
 class Rows:
-    """One batch's rows, column by column (what ``unnest`` takes)."""
+    """One batch's rows, as ``COPY`` takes them (and, column by column, ``unnest``)."""
 
     ATTEMPT_COLUMNS = (
         "at",
@@ -221,6 +224,8 @@ class Rows:
         "http_status",
         "correlation_id",
         "created_at",
+        "attempt_at",
+        "attempt_ms",
     )
     OUTCOME_TYPES = (
         "timestamptz",
@@ -239,19 +244,22 @@ class Rows:
         "int2",
         "text",
         "timestamptz",
+        "timestamptz",
+        "int4",
     )
 
     def __init__(self) -> None:
         self.attempts: list[tuple[Any, ...]] = []
         self.outcomes: list[tuple[Any, ...]] = []
 
-    def add(self, fields: dict[str, str]) -> None:
+    def add(self, fields: dict[str, Any]) -> None:
         """One outbox entry (``outbox`` in worker/store/lua/gauges.lua): an attempt, an outcome, or
         both; its one field ``j`` (a JSON object), or the fields themselves (entries written
         before the JSON form, still in an outbox after an upgrade).
         """
         if "j" in fields:
-            fields = {str(k): str(v) for k, v in loads_object(fields["j"]).items()}
+            # Every value the Lua puts there is a string: taken as they come.
+            fields = loads_object(fields["j"])
         message_id = fields.get("id", "")
         seq = _ms(fields.get("k")) or 0
         at = _ms(fields.get("at")) or 0
@@ -259,8 +267,18 @@ class Rows:
         partner = partner_of(request) if "rq" in fields else fields.get("p", DEFAULT_PARTNER)
         template = fields["t"] if "t" in fields else request.get("templateId")
         entry: dict[str, Any] | None = None
+        held = False  # the attempt is held in the outcome row (migration 0002)
         if "e" in fields:
             entry = attempt_entry(f"0{fields['e']}", at)
+            held = (
+                seq == 1
+                and entry["n"] == 1
+                and entry["outcome"] == "delivered"
+                and fields.get("st") == "delivered"
+                and entry["status"] is not None
+                and entry["cause"] == f"http_{entry['status']}"
+            )
+        if entry is not None and not held:
             self.attempts.append(
                 (
                     _time(at),
@@ -300,12 +318,14 @@ class Rows:
                 _text(request.get("userId")),
                 _text(request.get("sessionId")),
                 _text(context.get("url")) if isinstance(context, dict) else None,
-                None if compact else json.dumps(request),
+                None if compact else Jsonb(request),
                 _ms(fields.get("na")) or (entry["n"] if entry else None),
                 _ms(fields.get("rp")) or 0,
                 status,
                 cid,
                 _time(created) if created is not None else None,
+                _time(at) if held else None,
+                entry["ms"] if held and entry is not None else None,
             )
         )
 
@@ -318,13 +338,50 @@ class Rows:
         self.attempts = [row for row in self.attempts if row[0].date() >= first_kept]
         self.outcomes = [row for row in self.outcomes if row[0].date() >= first_kept]
 
+    def _tables(self) -> list[tuple[str, tuple[str, ...], tuple[str, ...], list[tuple[Any, ...]]]]:
+        return [
+            ("notify_attempts", self.ATTEMPT_COLUMNS, self.ATTEMPT_TYPES, self.attempts),
+            ("notify_outcomes", self.OUTCOME_COLUMNS, self.OUTCOME_TYPES, self.outcomes),
+        ]
+
+    def write(self, conn: psycopg.Connection[Any]) -> int:
+        """Write every row in one transaction, skipping those written before; how many it added.
+
+        A batch is copied (binary ``COPY``: psycopg formats the rows in C, and PostgreSQL takes
+        them without parsing arrays or checking conflicts one by one). A row already there makes
+        the copy fail: the batch was written before (a writer died between its commit and its
+        acknowledgement, or its batch was taken over), and it is written again with ``insert``,
+        which skips those rows.
+        """
+        try:
+            with conn.transaction():
+                return self.copy(conn)
+        except psycopg.errors.UniqueViolation:
+            pass
+        with conn.transaction():
+            return self.insert(conn)
+
+    def copy(self, conn: psycopg.Connection[Any]) -> int:
+        """Copy every row (one ``COPY`` per table); raises ``UniqueViolation`` on a row there."""
+        written = 0
+        with conn.cursor() as cursor:
+            for table, columns, types, rows in self._tables():
+                if not rows:
+                    continue
+                statement = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
+                    sql.Identifier(table), sql.SQL(", ").join(sql.Identifier(c) for c in columns)
+                )
+                with cursor.copy(statement) as copy:
+                    copy.set_types(types)
+                    for row in rows:
+                        copy.write_row(row)
+                written += len(rows)
+        return written
+
     def insert(self, conn: psycopg.Connection[Any]) -> int:
         """Insert every row (one statement per table), skipping those written before."""
         written = 0
-        for table, columns, types, rows in (
-            ("notify_attempts", self.ATTEMPT_COLUMNS, self.ATTEMPT_TYPES, self.attempts),
-            ("notify_outcomes", self.OUTCOME_COLUMNS, self.OUTCOME_TYPES, self.outcomes),
-        ):
+        for table, columns, types, rows in self._tables():
             if not rows:
                 continue
             query = sql.SQL(
@@ -440,15 +497,14 @@ class HistoryWriter(Loop):
             return 0
         rows = Rows()
         for _, fields in entries:
-            rows.add({str(k): str(v) for k, v in fields.items()})
+            rows.add(fields)
         first_kept = datetime.now(UTC).date() - timedelta(days=self.keep_days - 1)
         rows.drop_before(first_kept)
         missing = rows.days() - self._days
         if missing:
             ensure_partitions(conn, missing)
             self._days |= missing
-        with conn.transaction():
-            self.written += rows.insert(conn)
+        self.written += rows.write(conn)
         ids = [entry_id for entry_id, _ in entries]
         pipe = self.redis.pipeline(transaction=True)
         pipe.xack(keys.HISTORY_OUTBOX, keys.HISTORY_GROUP, *ids)
@@ -542,7 +598,7 @@ def lookup(url: str, message_id: str) -> dict[str, Any] | None:
         return None
     attempts = conn.execute(
         "SELECT at, number, outcome, http_status, cause, duration_ms, correlation_id"
-        " FROM notify_attempts WHERE message_id = %s ORDER BY at, seq",
+        " FROM notify_attempt_log WHERE message_id = %s ORDER BY at, seq",
         (message_id,),
     ).fetchall()
     (finished, state, reason, partner, template, user, session, url_, request, count, replays) = (
