@@ -338,6 +338,29 @@ def test_a_token_sealed_under_a_retired_key_is_sealed_again_when_read(runtime):
     assert Cipher(new).open(stored) == "refresh-under-old-key"
 
 
+def test_the_one_round_trip_reads_say_what_get_and_refresh_token_say(runtime):
+    old, new = Fernet.generate_key().decode(), Fernet.generate_key().decode()
+    company_id, unknown = str(uuid.uuid4()), str(uuid.uuid4())
+    CompanyRegistry(runtime.redis, Cipher(old)).connected(
+        company_id, "refresh-under-old-key", 9_000, "https://us2.x", 1_000
+    )
+    rotating = CompanyRegistry(runtime.redis, Cipher(f"{new},{old}"))
+    assert rotating.needs_reconnect(company_id, "Concur code 108", 3_000)
+    company = rotating.get(company_id)
+    assert company is not None and company.refresh_expires_ms == 9_000
+    assert rotating.get_many([company_id, unknown, "not-a-company"]) == {
+        company_id: company,
+        unknown: None,
+        "not-a-company": None,
+    }
+    assert rotating.with_refresh_token(company_id) == (company, "refresh-under-old-key")
+    # Sealed again under the current key, as refresh_token does.
+    assert Cipher(new).open(_raw(runtime, company_id)["refresh"]) == "refresh-under-old-key"
+    assert rotating.with_refresh_token(unknown) == (None, None)
+    rotating.disconnect(company_id, 4_000)
+    assert rotating.with_refresh_token(company_id) == (rotating.get(company_id), None)
+
+
 # -- the metric ----------------------------------------------------------------------------------
 
 

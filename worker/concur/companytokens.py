@@ -79,10 +79,9 @@ class CompanyTokenState:
 
     def load(self) -> StoredState:
         """The company's refresh token (opened), its expiry and its geolocation."""
-        company = self.registry.get(self.company_id)
+        company, refresh = self.registry.with_refresh_token(self.company_id)
         if company is None:
             return StoredState()
-        refresh = self.registry.refresh_token(self.company_id)
         add_runtime_secret(refresh)
         return StoredState(refresh, company.refresh_expires_ms, company.geolocation)
 
@@ -221,6 +220,7 @@ class CompanyTokens:
                 found[company_id] = access.token
             else:
                 fetch.append(company_id)
+        # Their share was read just now: the fetches do not read it again before the lock.
         if len(fetch) == 1:
             found[fetch[0]] = _token_or_why(providers[fetch[0]])
         elif fetch:
@@ -283,8 +283,9 @@ class CompanyTokens:
 
 
 def _token_or_why(provider: OAuthTokens) -> str | TokenUnavailable:
-    """The provider's token, or the ``TokenUnavailable`` that says why it has none."""
+    """The provider's token (its share read by the caller just before), or the
+    ``TokenUnavailable`` that says why it has none."""
     try:
-        return provider.token()
+        return provider.token(share_read=True)
     except TokenUnavailable as error:
         return error

@@ -628,8 +628,12 @@ class OAuthTokens:
             self._install(shared)
         return True
 
-    def token(self) -> str:
-        """The access token to use now, fetching a new one when it is due."""
+    def token(self, *, share_read: bool = False) -> str:
+        """The access token to use now, fetching a new one when it is due.
+
+        ``share_read``: the caller has just read the fleet's share for this provider and found
+        nothing to adopt, so the fetch does not read it again before taking the lock (it still
+        does once it holds it)."""
         now = time.monotonic()
         current = self._access
         if current is not None and now < self._renew_at:
@@ -643,7 +647,7 @@ class OAuthTokens:
             if self._access is not None and time.monotonic() < self._renew_at:
                 return self._access
             try:
-                return self._fetch()
+                return self._fetch(look_first=not share_read)
             except TokenUnavailable:
                 if self._access is not None and time.monotonic() < self._expires_at:
                     return self._access
@@ -699,17 +703,17 @@ class OAuthTokens:
             return None
         return found
 
-    def _fetch(self, refused: str | None = None) -> str:
+    def _fetch(self, refused: str | None = None, *, look_first: bool = True) -> str:
         try:
-            return self._fetch_under_lock(refused)
+            return self._fetch_under_lock(refused, look_first)
         except _CoolingDown:
             raise  # the failure itself was reported when it happened
         except TokenUnavailable as error:
             log.error("Concur token refresh failed: %s", error, exc_info=True)
             raise
 
-    def _fetch_under_lock(self, refused: str | None) -> str:
-        shared = self._shared(refused)
+    def _fetch_under_lock(self, refused: str | None, look_first: bool) -> str:
+        shared = self._shared(refused) if look_first else None
         if shared is not None:
             self._install(shared)  # another process fetched it: no token request
             return shared.token

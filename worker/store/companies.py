@@ -340,9 +340,19 @@ class CompanyRegistry:
         with the configured keys: logged). Sealed again when under a retired key."""
         key = keys.company(checked_id(company_id))
         raw = self.redis.hget(key, "refresh")
-        if not raw:
+        return self._opened(company_id, None if raw is None else _text(raw))
+
+    def with_refresh_token(self, company_id: str) -> tuple[Company | None, str | None]:
+        """The company and its refresh token opened (as ``get`` and ``refresh_token``), read in
+        one round trip: a worker fetching a company's first token reads both under its lock."""
+        fields = _fields(self.redis.hgetall(keys.company(checked_id(company_id))))
+        return company_of(company_id, fields), self._opened(company_id, fields.get("refresh"))
+
+    def _opened(self, company_id: str, stored: str | None) -> str | None:
+        """A stored refresh token opened (see ``refresh_token``)."""
+        if not stored:
             return None
-        stored = _text(raw)
+        key = keys.company(company_id)
         try:
             token = self.cipher.open(stored)
         except ValueError as error:
