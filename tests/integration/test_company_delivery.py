@@ -154,7 +154,9 @@ def test_each_post_carries_its_companys_token_to_its_companys_geolocation(
 def test_a_revoked_company_waits_without_spending_attempts_while_another_is_delivered(
     start_worker: Callable[..., WorkerProcess], isolated: Isolated, fresh: Sandbox
 ) -> None:
-    grace = 8.0
+    # Long enough that globex's 400 are through well within it on a busy machine too (at load
+    # 17 on 2 cores they took more than 8 s): the test pins that they did not wait for acme.
+    grace = 20.0
     acme = connected_company(isolated, fresh, "us")
     globex = connected_company(isolated, fresh, "us")
     worker = start_worker(
@@ -272,11 +274,13 @@ def test_a_companys_own_pace_holds_it_while_the_default_company_goes_unpaced(
     free = send(isolated, None, 200, f"d{uuid.uuid4().hex[:6]}")
     wait_for(lambda: all_in(isolated, paced + free, "delivered"), timeout=60, what="deliveries")
     acme_stats = fresh.stats(company=acme)
-    # 10 a second with a burst of 1: no second sees more than 11 of acme's posts, and 30 take
-    # about three seconds; the default company's are not held by acme's pace.
-    assert acme_stats["maxPerSecond"] <= 11, acme_stats
+    # 10 a second with a burst of 1: 30 take about three seconds (unpaced, a fraction of one),
+    # and no second sees many more than 10 of acme's posts (posts paced 100 ms apart can reach
+    # the sandbox a little bunched on a busy machine: a margin of 5); the default company's are
+    # not held by acme's pace.
     assert acme_stats["lastDeliveredAt"] - acme_stats["firstDeliveredAt"] >= 2.0
-    assert fresh.stats(company="default")["maxPerSecond"] > 11
+    assert acme_stats["maxPerSecond"] <= 15, acme_stats
+    assert fresh.stats(company="default")["maxPerSecond"] > 15
 
 
 def _rss_kb(pid: int) -> int:
