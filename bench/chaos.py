@@ -37,7 +37,11 @@ attempts from 60 s up to 300 s, would leave the odd message dead after 8 failure
 SIGKILL took with it before the worker noted it as held waits that long on the schedule (seen:
 460 messages deferred by the open breaker, published as it closed, taken by a worker killed a
 second later). A queued message older than that is published again as well (the extra copy is
-refused by ``claim``). Everything else is at its default.
+refused by ``claim``). The breaker decides on 100 posts in its 60 s window
+(``NOTIFY_BREAKER_MIN_CALLS``, 20 by default: one task's posts, which at 30 % errors reach
+half failed often enough to open it with no fault) and stays open at most 120 s
+(``NOTIFY_BREAKER_MAX_OPEN_SECONDS``, 600 s by default; a failed probe doubles the time, and
+one probe in three fails here). Everything else is at its default.
 """
 
 from __future__ import annotations
@@ -234,6 +238,13 @@ def _worker_env(
         "NOTIFY_MAX_ATTEMPTS": "30",
         "NOTIFY_BACKOFF_BASE_SECONDS": "2",
         "NOTIFY_BACKOFF_MAX_SECONDS": "30",
+        # The breaker judged on 100 posts, not one task's 20: at a 30 % error rate a window
+        # decided by its first task opened it at 12 of 23 and 11 of 20 (a 4-minute run opened it
+        # four times before any fault); and open at most 120 s, not 600: each failed probe
+        # doubles the time, and one probe in three meets a 5xx here (that run's probes failed
+        # four times in a row and held every post for 480 s, past the settle time).
+        "NOTIFY_BREAKER_MIN_CALLS": "100",
+        "NOTIFY_BREAKER_MAX_OPEN_SECONDS": "120",
         # The publish grace: a message whose task a SIGKILL took with it, before the worker
         # noted it as held, waits this long on the schedule (default 3,600 s; reported below).
         "NOTIFY_VISIBILITY_TIMEOUT_SECONDS": str(PUBLISH_GRACE_SECONDS),
