@@ -15,12 +15,9 @@ turn with this tree's (before, now, before, now, ...). It prints figures and ass
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from types import ModuleType
@@ -31,7 +28,7 @@ from redis import Redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.run import _delivered_many  # noqa: E402
+from bench.run import _delivered_many, module_at  # noqa: E402
 from worker.store import history, keys  # noqa: E402
 from worker.store.records import MessageStore  # noqa: E402
 
@@ -42,23 +39,6 @@ TICKS = os.sysconf("SC_CLK_TCK")
 def _backend_cpu(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICKS
-
-
-def _module_at(ref: str) -> ModuleType:
-    text = subprocess.run(
-        ["git", "show", f"{ref}:worker/store/history.py"],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    path = Path(tempfile.mkdtemp()) / "history_before.py"
-    path.write_text(text)
-    spec = importlib.util.spec_from_file_location("history_before", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _run(module: ModuleType, redis: Redis, server: str, database: str) -> tuple[float, float, int]:
@@ -106,7 +86,8 @@ def main() -> None:
     redis.copy(keys.HISTORY_OUTBOX, SAVED)
     sides: list[tuple[str, ModuleType]] = [("now", history)]
     if args.before:
-        sides.insert(0, (args.before, _module_at(args.before)))
+        before = module_at(args.before, "worker/store/history.py", "history_before")
+        sides.insert(0, (args.before, before))
     figures: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in sides}
     try:
         for round_ in range(args.runs):

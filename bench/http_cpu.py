@@ -12,12 +12,10 @@ It prints figures and asserts nothing.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import queue
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +26,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.run import module_at  # noqa: E402
 from sandbox.redisserver import free_port  # noqa: E402
 from worker.concur.transport import Answer, CurlTransport, Exchange, ExchangeFailed  # noqa: E402
 
@@ -86,18 +85,7 @@ def httpx_transport(url: str, posts: int, transport: httpx.BaseTransport) -> flo
 
 def before_transport(ref: str) -> httpx.BaseTransport:
     """``PooledTransport`` from ``worker/concur/transport.py`` at ``ref``, loaded from git."""
-    source = subprocess.run(
-        ["git", "-C", str(ROOT), "show", f"{ref}:worker/concur/transport.py"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    path = Path(tempfile.mkdtemp()) / "before_transport.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("before_transport", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = module_at(ref, "worker/concur/transport.py", "before_transport")
     return module.PooledTransport(THREADS)  # type: ignore[no-any-return]
 
 

@@ -65,6 +65,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import httpx
@@ -363,6 +364,29 @@ def before_checkout(ref: str) -> Path:
         check=True,
     )
     return folder
+
+
+def module_at(ref: str, path: str, name: str) -> ModuleType:
+    """The module in file ``path`` (from the repository's root) as it was at ``ref``, loaded
+    from git under ``name``: one module of the "before" code beside this tree's."""
+    import importlib.util
+    import tempfile
+
+    source = subprocess.run(
+        ["git", "-C", str(ROOT), "show", f"{ref}:{path}"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    copy = Path(tempfile.mkdtemp()) / f"{name}.py"
+    copy.write_text(source)
+    spec = importlib.util.spec_from_file_location(name, copy)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    # Registered first, as importlib's recipe does: dataclasses look their module up by name.
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def main() -> int:
