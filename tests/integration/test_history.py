@@ -109,6 +109,17 @@ def _attempt(n: int, outcome: str, status: int | None) -> AttemptRecord:
     return AttemptRecord(n, now_ms(), outcome, status, f"http_{status}", 12, str(uuid.uuid4()))
 
 
+def _delivered_first_time(redis: Redis) -> tuple[MessageStore, Message, AttemptRecord]:
+    """A message recorded, claimed and delivered (202) on its first attempt."""
+    store = _store(redis)
+    message = _message()
+    store.create(message.id, message.to_wire())
+    _go(store, message, 1)
+    attempt = _attempt(1, "delivered", 202)
+    store.delivered(message.id, attempt)
+    return store, message, attempt
+
+
 def _rows(url: str, query: str, *args: Any) -> list[tuple[Any, ...]]:
     with psycopg.connect(url) as conn:
         return conn.execute(query.encode(), args).fetchall()
@@ -209,12 +220,7 @@ def test_a_message_whose_hot_record_expired_is_answered_from_history(
     pg_url: str, redis: Redis
 ) -> None:
     history.upgrade(pg_url)
-    store = _store(redis)
-    message = _message()
-    store.create(message.id, message.to_wire())
-    _go(store, message, 1)
-    attempt = _attempt(1, "delivered", 202)
-    store.delivered(message.id, attempt)
+    store, message, attempt = _delivered_first_time(redis)
     hot = store.status(message.id)
     _writer(redis, pg_url).drain()
     redis.pexpire(keys.message(message.id), 1)  # the hot window ends
@@ -358,12 +364,7 @@ def test_a_first_attempt_delivery_reads_as_two_rows_did(pg_url: str, redis: Redi
     # What lookup answered when the attempt had a row of its own: the same attempt, field for
     # field, from the outcome row that holds it now.
     history.upgrade(pg_url)
-    store = _store(redis)
-    message = _message()
-    store.create(message.id, message.to_wire())
-    _go(store, message, 1)
-    attempt = _attempt(1, "delivered", 202)
-    store.delivered(message.id, attempt)
+    _, message, attempt = _delivered_first_time(redis)
     batch = _batch(redis)
     [outcome] = batch.outcomes
     assert batch.attempts == []
