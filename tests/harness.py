@@ -442,14 +442,17 @@ class NotifyApi:
     """``notify api`` in a subprocess (as operators run it) on a port of its own, logging to a
     file; ``env`` on top of the test session's settings."""
 
-    def __init__(self, log_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, log_path: Path, env: dict[str, str] | None = None, *, workers: int = 1
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop)
         notify = Path(sys.executable).with_name("notify")
         self.process = subprocess.Popen(
-            [str(notify), "api", "--host", "127.0.0.1", "--port", str(self.port)],
+            [str(notify), "api", "--host", "127.0.0.1", "--port", str(self.port)]
+            + (["--workers", str(workers)] if workers > 1 else []),
             cwd=ROOT,
             env={**os.environ, **(env or {})},
             stdout=self._log,

@@ -217,6 +217,10 @@ class Settings(BaseSettings):
     service_keep_alive_seconds: int = Field(5, ge=1, le=300)
     service_max_header_bytes: int = Field(16 * 1024, ge=1024, le=1024 * 1024)
     service_max_connections: int = Field(512, ge=2, le=100_000)
+    # `notify api --workers N`: uvicorn's supervisor pings each child and kills one that does not
+    # answer (nor, at start, become ready) within this. uvicorn's 5 s killed every child of a
+    # loaded machine, whose pong thread waited for the GIL behind the event loop.
+    service_worker_healthcheck_seconds: int = Field(30, ge=1, le=600)
     # Proxies whose X-Forwarded-For / X-Forwarded-Proto are believed (uvicorn's
     # forwarded_allow_ips): the client address the failure limits count, and https for cookies.
     service_trusted_proxies: CommaList = ["127.0.0.1"]

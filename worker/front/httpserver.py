@@ -220,6 +220,8 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         # X-Forwarded-For / X-Forwarded-Proto are believed from these addresses only.
         "proxy_headers": True,
         "forwarded_allow_ips": list(settings.service_trusted_proxies),
+        # With --workers N: how long a child may take to answer the supervisor's ping.
+        "timeout_worker_healthcheck": settings.service_worker_healthcheck_seconds,
     }
 
 
