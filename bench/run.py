@@ -1320,6 +1320,32 @@ def _latencies(rt: Any, ids: list[str]) -> list[int]:
     return [int(r["updated"]) - int(r["created"]) for r in records if r]
 
 
+def _b_phases(rt: Any, sandbox: Sandbox, ids: list[str]) -> dict[str, int]:
+    """Where B's messages spent their time, p50 and p99 of each part: before their post reached
+    the API (the sandbox's arrival stamp of the 2xx less the message's creation: the lane, the
+    queue, a slot) and after it (the record's last update less that stamp: the API's own
+    latency, then the answer waiting for the process and its outcome written)."""
+    answer = sandbox.http.get(
+        f"{sandbox.root}/_sandbox/requests", params={"templateId": TEMPLATE_B}
+    )
+    arrived = {
+        r["userId"]: r["at"] for r in answer.json()["requests"] if r["status"] and r["status"] < 300
+    }
+    before: list[int] = []
+    after: list[int] = []
+    for message_id in ids:
+        record = rt.store.status(message_id)
+        at = None if not record else arrived.get(json.loads(record["req"])["userId"])
+        if at is None:
+            continue
+        before.append(int(at * 1000) - int(record["created"]))
+        after.append(int(record["updated"]) - int(at * 1000))
+    return {
+        "B to API p50/p99 ms": f"{percentile(before, 0.5)}/{percentile(before, 0.99)}",
+        "B after API p50/p99 ms": f"{percentile(after, 0.5)}/{percentile(after, 0.99)}",
+    }
+
+
 def _b_delivered_at(sandbox: Sandbox) -> list[float]:
     answer = sandbox.http.get(
         f"{sandbox.root}/_sandbox/requests", params={"templateId": TEMPLATE_B}
@@ -1453,7 +1479,12 @@ def fairness_scenario(sandbox: Sandbox, ours: Any, env: dict[str, str], args: An
     idle = _latencies(rt, ids)
     rows.append(
         Row(
-            "fair: B alone", {"B p50 ms": percentile(idle, 0.5), "B p99 ms": percentile(idle, 0.99)}
+            "fair: B alone",
+            {
+                "B p50 ms": percentile(idle, 0.5),
+                "B p99 ms": percentile(idle, 0.99),
+                **_b_phases(rt, sandbox, ids),
+            },
         )
     )
     # 2. A alone.
@@ -1484,6 +1515,7 @@ def fairness_scenario(sandbox: Sandbox, ours: Any, env: dict[str, str], args: An
                     "B p50 ms": percentile(latencies, 0.5),
                     "B p99 ms": percentile(latencies, 0.99),
                     "B p99 - idle ms": percentile(latencies, 0.99) - percentile(idle, 0.99),
+                    **_b_phases(rt, sandbox, ids),
                     "A/s in B's minute": a_rate,
                     "A's seconds in it": a_seconds,
                     "vs A alone": f"{a_rate / a_alone * 100:.0f} %",
