@@ -418,6 +418,9 @@ def main() -> int:
     parser.add_argument("--fair-a", type=int, default=100_000, help="fairness: A's backlog")
     parser.add_argument("--fair-b-rate", type=int, default=20, help="fairness: B's messages/s")
     parser.add_argument("--fair-b-seconds", type=int, default=60, help="fairness: B's seconds")
+    parser.add_argument(
+        "--fair-rounds", type=int, default=1, help="fairness: rounds of A alone, fair and fifo"
+    )
     parser.add_argument("--companies", type=int, default=1000, help="companies: how many")
     parser.add_argument("--million", type=int, default=1_000_000, help="million: how many")
     parser.add_argument("--million-db", default="bench_million", help="million: its database")
@@ -1487,30 +1490,39 @@ def fairness_scenario(sandbox: Sandbox, ours: Any, env: dict[str, str], args: An
             },
         )
     )
-    # 2. A alone.
-    _backlog(rt, COMPANY_A, a_count, f"ai{run}")
-    alone = drain_row("fair: A alone", sandbox, fleet("fair"), a_count)
-    rows.append(alone)
-    a_alone = float(alone.figures["delivered/s api"])
-    # 3. A's backlog, then B's trickle: fair, then FIFO.
-    for dispatch in ("fair", "fifo"):
+    # 2. and 3., once a round: A alone, then A's backlog with B's trickle under each dispatch,
+    # the order turned each round (fair-fifo, fifo-fair, ...) so that drifting load weighs on
+    # both; single drains vary by 10 % here, more than the 5 % the targets ask about.
+    rt.close()
+    medians: dict[str, list[float]] = {"B p99 - idle ms": [], "vs A alone": [], "vs fifo": []}
+    for n in range(args.fair_rounds):
+        tag = f" #{n + 1}" if args.fair_rounds > 1 else ""
         redis.flushdb()
         companies.connect([COMPANY_A, COMPANY_B])
-        rt = _producer(dispatch)
-        _backlog(rt, COMPANY_A, a_count, f"a{dispatch}{run}")
-        sandbox.reset()
-        workers = fleet(dispatch)
-        workers.start()
-        wait_delivered(sandbox, 1, timeout=60)
-        time.sleep(2)  # A is flowing
-        ids, b_start, b_end = _pace_b(rt, rate, seconds, f"b{dispatch}{run}")
-        drained = wait_delivered(sandbox, a_count + b_count, timeout=1800)
-        workers.stop()
-        latencies = _latencies(rt, ids)
-        a_rate, a_seconds = _rate_between(sandbox, b_start, b_end, _b_delivered_at(sandbox))
-        rows.append(
-            Row(
-                f"{dispatch}: A + B",
+        rt = _producer("fair")
+        _backlog(rt, COMPANY_A, a_count, f"ai{n}{run}")
+        rt.close()
+        alone = drain_row(f"fair: A alone{tag}", sandbox, fleet("fair"), a_count)
+        rows.append(alone)
+        a_alone = float(alone.figures["delivered/s api"])
+        pair: dict[str, Row] = {}
+        for dispatch in ("fair", "fifo") if n % 2 == 0 else ("fifo", "fair"):
+            redis.flushdb()
+            companies.connect([COMPANY_A, COMPANY_B])
+            rt = _producer(dispatch)
+            _backlog(rt, COMPANY_A, a_count, f"a{dispatch}{n}{run}")
+            sandbox.reset()
+            workers = fleet(dispatch)
+            workers.start()
+            wait_delivered(sandbox, 1, timeout=60)
+            time.sleep(2)  # A is flowing
+            ids, b_start, b_end = _pace_b(rt, rate, seconds, f"b{dispatch}{n}{run}")
+            drained = wait_delivered(sandbox, a_count + b_count, timeout=1800)
+            workers.stop()
+            latencies = _latencies(rt, ids)
+            a_rate, a_seconds = _rate_between(sandbox, b_start, b_end, _b_delivered_at(sandbox))
+            pair[dispatch] = Row(
+                f"{dispatch}: A + B{tag}",
                 {
                     "B p50 ms": percentile(latencies, 0.5),
                     "B p99 ms": percentile(latencies, 0.99),
@@ -1523,11 +1535,26 @@ def fairness_scenario(sandbox: Sandbox, ours: Any, env: dict[str, str], args: An
                     "CPU ms/msg": 1000 * workers.cpu_seconds / (a_count + b_count),
                 },
             )
+            rt.close()
+            if dispatch == "fair":
+                medians["B p99 - idle ms"].append(pair[dispatch].figures["B p99 - idle ms"])
+                medians["vs A alone"].append(a_rate / a_alone * 100)
+        fair_rate = float(pair["fair"].figures["total drain/s api"])
+        fifo_rate = float(pair["fifo"].figures["total drain/s api"])
+        pair["fair"].figures["vs fifo"] = f"{(fair_rate / fifo_rate - 1) * 100:+.1f} %"
+        medians["vs fifo"].append((fair_rate / fifo_rate - 1) * 100)
+        rows += [pair["fair"], pair["fifo"]]
+    if args.fair_rounds > 1:
+        rows.append(
+            Row(
+                f"fair: median of {args.fair_rounds}",
+                {
+                    "B p99 - idle ms": statistics.median(medians["B p99 - idle ms"]),
+                    "A vs alone": f"{statistics.median(medians['vs A alone']):.0f} %",
+                    "total vs fifo": f"{statistics.median(medians['vs fifo']):+.1f} %",
+                },
+            )
         )
-        rt.close()
-    fair_rate = float(rows[-2].figures["total drain/s api"])
-    fifo_rate = float(rows[-1].figures["total drain/s api"])
-    rows[-2].figures["vs fifo"] = f"{(fair_rate / fifo_rate - 1) * 100:+.1f} %"
     redis.flushdb()
     return rows
 
