@@ -1318,27 +1318,33 @@ def _pace_b(rt: Any, rate: int, seconds: int, tag: str) -> tuple[list[str], floa
     return ids, started, time.time()
 
 
-def _latencies(rt: Any, ids: list[str]) -> list[int]:
-    records = [rt.store.status(message_id) for message_id in ids]
-    return [int(r["updated"]) - int(r["created"]) for r in records if r]
+def _records(rt: Any, ids: list[str]) -> list[dict[str, Any]]:
+    """The status records of ``ids`` that Redis still holds, read once for every figure."""
+    return [r for r in (rt.store.status(message_id) for message_id in ids) if r]
 
 
-def _b_phases(rt: Any, sandbox: Sandbox, ids: list[str]) -> dict[str, int]:
+def _latencies(records: list[dict[str, Any]]) -> list[int]:
+    return [int(r["updated"]) - int(r["created"]) for r in records]
+
+
+def _b_answered(sandbox: Sandbox) -> list[dict[str, Any]]:
+    """The posts of B's messages the sandbox answered 2xx (its request log)."""
+    answer = sandbox.http.get(
+        f"{sandbox.root}/_sandbox/requests", params={"templateId": TEMPLATE_B}
+    )
+    return [r for r in answer.json()["requests"] if r["status"] and r["status"] < 300]
+
+
+def _b_phases(records: list[dict[str, Any]], answered: list[dict[str, Any]]) -> dict[str, str]:
     """Where B's messages spent their time, p50 and p99 of each part: before their post reached
     the API (the sandbox's arrival stamp of the 2xx less the message's creation: the lane, the
     queue, a slot) and after it (the record's last update less that stamp: the API's own
     latency, then the answer waiting for the process and its outcome written)."""
-    answer = sandbox.http.get(
-        f"{sandbox.root}/_sandbox/requests", params={"templateId": TEMPLATE_B}
-    )
-    arrived = {
-        r["userId"]: r["at"] for r in answer.json()["requests"] if r["status"] and r["status"] < 300
-    }
+    arrived = {r["userId"]: r["at"] for r in answered}
     before: list[int] = []
     after: list[int] = []
-    for message_id in ids:
-        record = rt.store.status(message_id)
-        at = None if not record else arrived.get(json.loads(record["req"])["userId"])
+    for record in records:
+        at = arrived.get(json.loads(record["req"])["userId"])
         if at is None:
             continue
         before.append(int(at * 1000) - int(record["created"]))
@@ -1347,13 +1353,6 @@ def _b_phases(rt: Any, sandbox: Sandbox, ids: list[str]) -> dict[str, int]:
         "B to API p50/p99 ms": f"{percentile(before, 0.5)}/{percentile(before, 0.99)}",
         "B after API p50/p99 ms": f"{percentile(after, 0.5)}/{percentile(after, 0.99)}",
     }
-
-
-def _b_delivered_at(sandbox: Sandbox) -> list[float]:
-    answer = sandbox.http.get(
-        f"{sandbox.root}/_sandbox/requests", params={"templateId": TEMPLATE_B}
-    )
-    return [r["at"] for r in answer.json()["requests"] if r["status"] and r["status"] < 300]
 
 
 def _rate_between(
@@ -1479,14 +1478,15 @@ def fairness_scenario(sandbox: Sandbox, ours: Any, env: dict[str, str], args: An
     ids, _, _ = _pace_b(rt, rate, seconds, f"bi{run}")
     wait_delivered(sandbox, b_count, timeout=300)
     workers.stop()
-    idle = _latencies(rt, ids)
+    records = _records(rt, ids)
+    idle = _latencies(records)
     rows.append(
         Row(
             "fair: B alone",
             {
                 "B p50 ms": percentile(idle, 0.5),
                 "B p99 ms": percentile(idle, 0.99),
-                **_b_phases(rt, sandbox, ids),
+                **_b_phases(records, _b_answered(sandbox)),
             },
         )
     )
@@ -1519,15 +1519,17 @@ def fairness_scenario(sandbox: Sandbox, ours: Any, env: dict[str, str], args: An
             ids, b_start, b_end = _pace_b(rt, rate, seconds, f"b{dispatch}{n}{run}")
             drained = wait_delivered(sandbox, a_count + b_count, timeout=1800)
             workers.stop()
-            latencies = _latencies(rt, ids)
-            a_rate, a_seconds = _rate_between(sandbox, b_start, b_end, _b_delivered_at(sandbox))
+            records = _records(rt, ids)
+            latencies = _latencies(records)
+            answered = _b_answered(sandbox)
+            a_rate, a_seconds = _rate_between(sandbox, b_start, b_end, [r["at"] for r in answered])
             pair[dispatch] = Row(
                 f"{dispatch}: A + B{tag}",
                 {
                     "B p50 ms": percentile(latencies, 0.5),
                     "B p99 ms": percentile(latencies, 0.99),
                     "B p99 - idle ms": percentile(latencies, 0.99) - percentile(idle, 0.99),
-                    **_b_phases(rt, sandbox, ids),
+                    **_b_phases(records, answered),
                     "A/s in B's minute": a_rate,
                     "A's seconds in it": a_seconds,
                     "vs A alone": f"{a_rate / a_alone * 100:.0f} %",
