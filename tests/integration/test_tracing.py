@@ -63,6 +63,22 @@ def _delivered(receiver: OtlpReceiver, message_ids: list[str]) -> dict[str, Rece
     return {mid: spans[mid] for mid in message_ids if mid in spans}
 
 
+def _ancestry(receiver: OtlpReceiver, leaf: ReceivedSpan, end: str) -> list[ReceivedSpan]:
+    """``leaf`` and its ancestors as the receiver holds them, once the walk up reaches ``end``
+    (the first parent the worker does not export; "" past a root). Waits for them: a parent ends
+    after its child, so the exporter may send it in a later batch than the child."""
+
+    def walk() -> list[ReceivedSpan] | None:
+        spans = {s.span_id: s for s in receiver.received() if s.trace_id == leaf.trace_id}
+        chain, span_id = [], leaf.span_id
+        while span_id in spans:
+            chain.append(spans[span_id])
+            span_id = spans[span_id].parent_span_id
+        return chain if span_id == end else None
+
+    return wait_for(walk, timeout=30, what=f"the ancestors of {leaf.name} up to {end!r}")
+
+
 def test_a_message_enqueued_here_is_posted_by_a_worker_in_the_same_trace(
     start_worker, isolated: Isolated, receiver: OtlpReceiver, memory: InMemorySpanExporter, user_id
 ):
@@ -92,13 +108,9 @@ def test_a_message_enqueued_here_is_posted_by_a_worker_in_the_same_trace(
 
     # The worker's spans: the same trace, and their parents lead back to this process's.
     assert deliver.trace_id == trace_id
-    theirs = {s.span_id: s for s in receiver.received() if s.trace_id == trace_id}
-    chain, span_id = [], deliver.span_id
-    while span_id in theirs:
-        chain.append(theirs[span_id].name)
-        span_id = theirs[span_id].parent_span_id
-    assert span_id == _hex(send.context.span_id, 16), chain
+    chain = [s.name for s in _ancestry(receiver, deliver, _hex(send.context.span_id, 16))]
     assert chain[0] == "notify.deliver" and chain[-1] == "run/tasks.send_message", chain
+    theirs = {s.span_id: s for s in receiver.received() if s.trace_id == trace_id}
     assert all(s.service == "notify-worker" for s in theirs.values())
 
     children = {s.name: s for s in theirs.values() if s.parent_span_id == deliver.span_id}
@@ -202,21 +214,18 @@ def test_a_gateway_request_is_traced_through_the_worker_to_the_post(
         deliver = wait_for(
             lambda: _delivered(receiver, [message_id]).get(message_id), timeout=30, what="spans"
         )
+        assert deliver.trace_id == trace_id
+        # It ends at the partner's own span, in neither process.
+        ancestry = _ancestry(receiver, deliver, partner_span)
     finally:
         api.stop()
-    assert deliver.trace_id == trace_id
-    spans = {s.span_id: s for s in receiver.received() if s.trace_id == trace_id}
-    chain, span_id = [], deliver.span_id
-    while span_id in spans:
-        chain.append((spans[span_id].service, spans[span_id].name))
-        span_id = spans[span_id].parent_span_id
-    assert span_id == partner_span, chain  # the partner's own span, in neither process
+    chain = [(s.service, s.name) for s in ancestry]
     assert chain[0] == ("notify-worker", "notify.deliver")
     assert ("notify-worker", "run/tasks.send_message") in chain
     assert ("notify-api", "notify.enqueue") in chain
     server = chain[-1]
     assert server[0] == "notify-api" and server[1].startswith("POST /messages/")
-    post = [s for s in spans.values() if s.name == "notify.post"]
+    post = [s for s in receiver.received() if s.trace_id == trace_id and s.name == "notify.post"]
     assert [s.attributes["http.response.status_code"] for s in post] == [200]
 
 
@@ -256,11 +265,7 @@ def test_a_retry_is_traced_from_the_movers_publish_in_the_worker(
     }
     assert posts[first.span_id] == 503 and posts[second.span_id] == 200
     assert second.attributes["notify.attempt"] == 2
-    theirs = {s.span_id: s for s in receiver.received() if s.trace_id == second.trace_id}
-    span_id = second.span_id
-    while theirs[span_id].parent_span_id:
-        span_id = theirs[span_id].parent_span_id
-    root = theirs[span_id]  # the mover's publish, in the worker
+    root = _ancestry(receiver, second, "")[-1]  # the mover's publish, in the worker
     assert (root.service, root.name) == (
         "notify-worker",
         f"send {isolated.env['NOTIFY_QUEUE_NAME']}",
