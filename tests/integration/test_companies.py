@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -147,8 +148,18 @@ def test_connect_with_a_request_token_stores_the_company_with_its_refresh_token_
     assert all(case.request_token not in value for value in raw.values())
     assert registry.refresh_token(case.company_id) == issued_refresh
     assert case.company_id in runtime.redis.smembers(keys.COMPANIES)
+    # The grant's access token is shared with the workers as their own fetch would be: sealed,
+    # expiring from Redis when it is due for renewal, posted to the company's geolocation.
+    sealed = runtime.redis.get(keys.company_access(case.company_id))
+    assert sealed.startswith("f1:")
+    assert all(token not in sealed for token in case.sandbox.issued_tokens())
+    assert 0 < runtime.redis.pttl(keys.company_access(case.company_id)) <= 3600 * 1000
+    access = registry.shared_access([case.company_id], int(time.time() * 1000))[case.company_id]
+    assert access.token in case.sandbox.issued_tokens() and access.token != issued_refresh
+    assert access.geolocation == shown["geolocation"]
     for text in (result.stdout, result.stderr):
         assert case.request_token not in text and issued_refresh not in text
+        assert access.token not in text
 
 
 def test_connect_with_a_refresh_token_stores_the_rotated_one(case, registry, runtime):
@@ -192,8 +203,19 @@ def test_concur_refusing_the_request_token_stores_nothing_and_exits_1(case, regi
 def test_a_refused_reconnection_keeps_what_the_company_had(case, registry, runtime):
     assert _connect(case).returncode == 0
     before = _raw(runtime, case.company_id)
+    shared = runtime.redis.get(keys.company_access(case.company_id))
     assert _connect(case, f"request-{uuid.uuid4().hex}").returncode == 1
     assert _raw(runtime, case.company_id) == before
+    assert runtime.redis.get(keys.company_access(case.company_id)) == shared
+
+
+def test_a_reconnection_shares_its_own_access_token_in_place_of_the_last(case, registry, runtime):
+    assert _connect(case).returncode == 0
+    now_ms = int(time.time() * 1000)
+    first = registry.shared_access([case.company_id], now_ms)[case.company_id].token
+    assert _connect(case).returncode == 0
+    second = registry.shared_access([case.company_id], now_ms)[case.company_id].token
+    assert second != first and second in case.sandbox.issued_tokens()
 
 
 def test_list_show_and_disconnect(case, registry, runtime):

@@ -8,7 +8,9 @@ Company Request Token tool's; 24 hours, usable more than once) through the passw
 ``TokenEndpoint`` with the app's client id and secret (``NOTIFY_OAUTH_CLIENT_ID`` / ``_SECRET``):
 the same HTTP path, the same code-16 geolocation move and the same trust rules
 (``trusted_geolocation``) as the default company's tokens. The access token the grant returns is
-dropped (Concur asks that access tokens not be stored; workers fetch their own).
+shared with the fleet as a worker's own fetch would be (``CompanyAccessShare``: sealed, until it
+is due for renewal), so the company's first messages cost the workers a Redis read, not a second
+token request.
 
 Concur refusing the grant, or not answering, raises ``ConnectError`` with Concur's error text and
 nothing is stored: a company already in the registry keeps what it had. No secret enters the
@@ -27,6 +29,7 @@ from collections.abc import Callable
 from redis import Redis
 from redis.exceptions import LockError
 
+from worker.concur.companytokens import CompanyAccessShare
 from worker.concur.oauth import (
     LOCK_POLL_SECONDS,
     OAuthConfig,
@@ -35,6 +38,7 @@ from worker.concur.oauth import (
     geolocation_of,
     grant_form,
     report_untrusted_geolocation,
+    shared_token_of,
     token_url_for,
     trusted_geolocation,
 )
@@ -149,14 +153,22 @@ def connect(
             if geolocation is not None and not trusted_geolocation(geolocation, config):
                 untrusted(geolocation, "a token answer")
                 geolocation = None
-            return registry.connected(
+            followed = geolocation or geolocation_of(answered)
+            now_ms = int(clock() * 1000)
+            company = registry.connected(
                 company_id,
                 latest,
                 grant.refresh_expires_at_ms,
-                geolocation or geolocation_of(answered),
-                int(clock() * 1000),
+                followed,
+                now_ms,
                 reason=f"connected with a {what}",
             )
+            # Under the company's lock, as a worker shares what it fetched: a worker waiting for
+            # the lock finds it there and asks Concur nothing.
+            CompanyAccessShare(registry, company_id, clock).save(
+                shared_token_of(grant, followed, now_ms)
+            )
+            return company
         finally:
             with contextlib.suppress(LockError):  # expired and taken by another: theirs now
                 lock.release()

@@ -542,6 +542,17 @@ class SharedToken:
     geolocation: str
 
 
+def shared_token_of(grant: Grant, geolocation: str, wall_ms: int) -> SharedToken:
+    """A grant's access token as the fleet shares it, from ``wall_ms`` (when it was answered):
+    used until ``refresh_delay_seconds`` of its lifetime, posted to ``geolocation`` (pure)."""
+    return SharedToken(
+        grant.access_token,
+        wall_ms + int(grant.expires_in_seconds * 1000),
+        wall_ms + int(refresh_delay_seconds(grant.expires_in_seconds) * 1000),
+        geolocation,
+    )
+
+
 class AccessShare(Protocol):
     """Where a provider's fresh access tokens are shared with the fleet's other processes."""
 
@@ -736,13 +747,7 @@ class OAuthTokens:
             shared = self._shared(refused)
             if shared is None:
                 grant, geolocation = self._grant(deadline)
-                wall_ms = int(time.time() * 1000)
-                shared = SharedToken(
-                    grant.access_token,
-                    wall_ms + int(grant.expires_in_seconds * 1000),
-                    wall_ms + int(refresh_delay_seconds(grant.expires_in_seconds) * 1000),
-                    geolocation,
-                )
+                shared = shared_token_of(grant, geolocation, int(time.time() * 1000))
                 if self.share is not None:
                     # Before the lock is let go, so the processes waiting for it find it.
                     self.share.save(shared)
