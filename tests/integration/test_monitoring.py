@@ -35,11 +35,22 @@ def test_a_worker_logs_one_json_line_per_attempt_with_the_message_fields(
     [message_id] = isolated.enqueue_many([(user_id, _session(), "welcome", URL)])
     wait_for(lambda: isolated.state(message_id) == "delivered", timeout=20, what="delivery")
 
-    attempts = [
-        line
-        for line in _json_lines(worker.log())
-        if line.get("message_id") == message_id and line["logger"] == "notify.delivery"
-    ]
+    def logged() -> list[dict[str, Any]]:
+        text = worker.log()
+        complete = text[: text.rfind("\n") + 1]  # not a line still being written
+        return [
+            line
+            for line in _json_lines(complete)
+            if line.get("message_id") == message_id and line["logger"] == "notify.delivery"
+        ]
+
+    # The worker records the outcome in Redis, then logs it: the delivered line may come a
+    # moment after the state the wait above saw.
+    attempts = wait_for(
+        lambda: (found := logged()) and found[-1]["outcome"] == "delivered" and found,
+        timeout=20,
+        what="the delivered attempt's log line",
+    )
     seen = sandbox.requests(user_id=user_id)
     assert [(a["outcome"], a["attempt"], a["status"]) for a in attempts] == [
         ("retry", 1, 503),
