@@ -166,7 +166,12 @@ def test_one_task_of_messages_from_two_requests_keeps_each_in_its_own_trace(
     assert {link.context.trace_id for link in send.links} == {
         p.get_span_context().trace_id for p in producers
     }
-    [run] = [s for s in receiver.received() if s.name == "run/tasks.send_message"]
+    # The task's span ends after the deliveries in it: the exporter may send it in a later batch.
+    [run] = wait_for(
+        lambda: [s for s in receiver.received() if s.name == "run/tasks.send_message"],
+        timeout=30,
+        what="the task's run span",
+    )
     assert run.trace_id == _hex(send.context.trace_id, 32)
     enqueues = {
         _hex(s.context.trace_id, 32): _hex(s.context.span_id, 16)
