@@ -93,13 +93,16 @@ def test_readme_first_example_works_verbatim_in_a_second_shell_after_make_run(
             start_new_session=True,
         )
     try:
+        # Up to the Flower line, printed after the commands to try: "ready." comes first, each
+        # line printed on its own, and the commands may not be there yet when it is.
         wait_for(
-            lambda: dev.poll() is not None or b"ready. In another shell" in log_path.read_bytes(),
+            lambda: dev.poll() is not None or b"[notify dev] Flower:" in log_path.read_bytes(),
             timeout=60,
             what="notify dev to be ready",
         )
         printed = log_path.read_text(errors="replace")
         assert dev.poll() is None, printed
+        assert "[notify dev] ready. In another shell" in printed, printed
         # It printed the README's lines, as they are written there.
         for line in lines:
             assert f"[notify dev]   {line}\n" in printed, (line, printed)
