@@ -151,8 +151,9 @@ class Settings(BaseSettings):
     # Fair share (worker/delivery/dispatcher.py): "fair" keeps new messages in lanes per
     # (company, partner) that each worker's dispatcher feeds round-robin into a shallow queue;
     # "fifo" publishes them at intake, in arrival order (as before issue 21).
-    # fifo is the default until fair dispatch meets its speed targets (docs/performance.md: a
-    # one-company drain at 250 ms ran 13 % slower fair than fifo on this machine).
+    # fifo is the default: under fair dispatch the workers publish what the producer published
+    # before, so a one-company drain runs 8-16 % slower (docs/performance.md), which a
+    # deployment with one company pays for nothing.
     dispatch: Literal["fair", "fifo"] = "fifo"
     # Messages dispatched and not yet claimed, per live worker process; 0: chosen from the batch
     # size, concurrency and the cap on posts in flight (``dispatch_depth_per_worker``).
