@@ -76,6 +76,13 @@ def redis() -> Iterator[Redis]:
     client.delete(keys.HISTORY_OUTBOX)
 
 
+def _later_ms() -> int:
+    """A retry's due time no mover reaches during the test: the session worker's mover shares
+    this database and, given a retry due now, published it and its worker delivered it before
+    the test claimed its second attempt."""
+    return now_ms() + 3_600_000
+
+
 def _store(redis: Redis) -> MessageStore:
     return MessageStore(
         redis, publish_grace_seconds=3600, lease_seconds=60, status_ttl_seconds=86400, history=True
@@ -152,7 +159,7 @@ def test_history_rows_for_delivered_retried_and_dead_lettered_messages(
     _go(store, delivered, 1)
     store.delivered(delivered.id, _attempt(1, "delivered", 202))
     _go(store, retried, 1)
-    store.retry(retried.id, "o", now_ms(), _attempt(1, "retry", 503))
+    store.retry(retried.id, "o", _later_ms(), _attempt(1, "retry", 503))
     _go(store, retried, 2)
     store.delivered(retried.id, _attempt(2, "delivered", 200))
     _go(store, dead, 1)
@@ -280,7 +287,7 @@ def test_a_batch_written_twice_adds_nothing_the_second_time(pg_url: str, redis: 
         _go(store, message, 1)
     for message in first:
         store.delivered(message.id, _attempt(1, "delivered", 202))
-    store.retry(retried.id, "o", now_ms(), _attempt(1, "retry", 503))
+    store.retry(retried.id, "o", _later_ms(), _attempt(1, "retry", 503))
     batch = _batch(redis)
     assert _written(pg_url, batch) == len(first) + 1  # first attempts held in their outcomes
     seen = {m.id: history.lookup(pg_url, m.id) for m in first}
@@ -427,7 +434,7 @@ def test_a_writer_killed_mid_batch_loses_no_row_and_writes_none_twice(
         ids.append(message.id)
         store.create(message.id, message.to_wire())
         _go(store, message, 1)
-        store.retry(message.id, "o", now_ms(), _attempt(1, "retry", 503))
+        store.retry(message.id, "o", _later_ms(), _attempt(1, "retry", 503))
         _go(store, message, 2)
         store.delivered(message.id, _attempt(2, "delivered", 200))
     assert redis.xlen(keys.HISTORY_OUTBOX) == total
