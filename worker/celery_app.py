@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from celery import signals
@@ -21,11 +22,13 @@ from worker.ops.monitoring import init_sentry
 from worker.ops.tracing import flush, instrument_celery
 from worker.queue import broker
 from worker.queue.config import SEND_TASK, WEBHOOK_TASK, app_for, webhook_queue
-from worker.runtime import get_runtime
+from worker.rules.retries import RedisPatience
+from worker.runtime import Runtime, get_runtime
 from worker.settings import SettingsError, get_settings
 from worker.store import keys
 from worker.store.companies import CompanyRegistry
 from worker.store.history import HistoryWriter, settings_url
+from worker.store.redisclient import make_redis
 from worker.store.webhooks import WebhookStore
 from worker.webhooks.delivery import WebhookMover
 
@@ -47,9 +50,27 @@ def liveness() -> Liveness:
     if _liveness is None:
         runtime = get_runtime()
         _liveness = Liveness(
-            runtime.redis, runtime.worker_name, grace_ms=runtime.store.publish_grace_ms
+            runtime.redis,
+            runtime.worker_name,
+            grace_ms=runtime.store.publish_grace_ms,
+            store=runtime.store,
+            oldest_task=_oldest_task_reader(runtime),
         )
     return _liveness
+
+
+def _oldest_task_reader(runtime: Runtime) -> Callable[[], str | bytes | None] | None:
+    # kombu's Redis transport keeps a queue's tasks in a list of the queue's name, pushed on the
+    # left and popped on the right: the oldest is the last. RabbitMQ has no such list (nor the
+    # window the reader serves: it hands a dead consumer's tasks to another itself).
+    settings = runtime.settings
+    if settings.broker_is_amqp:
+        return None
+    broker = runtime.redis
+    if settings.broker_url is not None:  # a Redis of its own for the broker
+        broker = make_redis(settings.broker_url, patience=RedisPatience.from_settings(settings))
+    queue = settings.queue_name
+    return lambda: broker.lindex(queue, -1)
 
 
 def _message_ids(args: Any) -> list[str]:

@@ -25,12 +25,13 @@ from worker.limits.inflight import InFlight
 from worker.limits.ratelimit import RateLimiter, RateLimitPolicy
 from worker.ops.tracing import publishing
 from worker.queue.config import SEND_TASK, app_for
-from worker.queue.envelopes import Envelope
+from worker.queue.envelopes import PUBLISHED_MS_HEADER, Envelope
 from worker.queue.publisher import Publisher
 from worker.rules.allowlist import AllowList
 from worker.rules.retries import CompanyPolicy, RedisPatience, RetryPolicy
 from worker.settings import Settings, SettingsError, get_settings
 from worker.store import keys
+from worker.store.codec import now_ms
 from worker.store.deadletters import DeadLetterStore
 from worker.store.history import settings_url
 from worker.store.records import MessageStore, ReplicaWait
@@ -190,7 +191,9 @@ class Runtime:
                 # of its CPU (py-spy); the bodies are in Redis anyway.
                 argsrepr=f"[{', '.join(envelope.id for envelope in batch)}]",
                 kwargsrepr="{}",
-                headers=headers,
+                # When it was published: a dead worker's takeover reads it from the oldest task
+                # on the queue (worker.delivery.mover.Liveness, kombu's window).
+                headers={**(headers or {}), PUBLISHED_MS_HEADER: now_ms()},
             )
 
     @property

@@ -9,6 +9,7 @@ from typing import Any
 
 from worker import celery_app
 from worker.queue.config import SEND_TASK
+from worker.queue.envelopes import PUBLISHED_MS_HEADER, published_ms_of
 from worker.runtime import get_runtime
 from worker.store import keys
 
@@ -42,3 +43,22 @@ def test_other_tasks_and_bodies_that_are_no_task_note_nothing() -> None:
     celery_app._note_received(pipe, _message(json.dumps([["not an envelope"], {}, {}])))
     celery_app._note_received(pipe, SimpleNamespace(headers=None, body=b"[]"))
     assert pipe.calls == []
+
+
+def test_when_a_task_was_published_is_read_from_its_header_on_the_broker_list() -> None:
+    stored = {"body": "W10=", "headers": {"task": SEND_TASK, PUBLISHED_MS_HEADER: 1_700_000}}
+    assert published_ms_of(json.dumps(stored)) == 1_700_000
+    assert published_ms_of(json.dumps(stored).encode()) == 1_700_000
+
+
+def test_a_task_that_does_not_say_when_it_was_published_gives_none() -> None:
+    for raw in (
+        json.dumps({"body": "W10=", "headers": {"task": SEND_TASK}}),
+        json.dumps({"headers": {PUBLISHED_MS_HEADER: "1700000"}}),
+        json.dumps({"headers": {PUBLISHED_MS_HEADER: True}}),
+        json.dumps({"headers": {PUBLISHED_MS_HEADER: -5}}),
+        json.dumps([1, 2]),
+        "not json",
+        b"\xff\xfe",
+    ):
+        assert published_ms_of(raw) is None, raw

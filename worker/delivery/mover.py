@@ -18,6 +18,15 @@ Each worker process also runs a ``Liveness`` thread, which keeps these promises:
   A worker that is alive but cut off from Redis keeps its connections open on the server's side,
   so its in-flight messages wait for their lease as before: a post it may still be making is not
   made twice. Extra copies of a message are fenced off by ``claim`` (generation, lease, state).
+* **Nor does a task it popped and had not yet noted.** kombu's Redis transport pops a task
+  (``BRPOP``) and notes it as unacknowledged in a second round trip; a worker killed between the
+  two leaves the task's messages in no list and no held set, and only the publish grace (an hour)
+  would bring them back. A takeover therefore opens an audit (``keys.ORPHAN_AUDIT``): every
+  heartbeat, while it is open, the messages waiting but published before the oldest task still on
+  the queue (its ``PUBLISHED_MS_HEADER``, less ``ORPHAN_MARGIN_SECONDS``) and held by no live
+  worker are put at the head of the schedule (``MessageStore.publish_orphans``); the audit ends
+  once the queue has moved past the takeover. Redis brokers only: RabbitMQ hands a dead
+  consumer's unacknowledged messages to another itself.
 * **A dead worker's figure of posts in flight goes with it** (``keys.POSTS_IN_FLIGHT``, written
   by ``worker.limits.inflight.InFlightGauge``), so ``/metrics`` sums the live ones.
 * **Only a worker that has itself been heartbeating for ``DEAD_AFTER_SECONDS`` judges others**, so
@@ -34,7 +43,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -42,6 +51,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker.ops.background import Loop
+from worker.queue.envelopes import published_ms_of
 from worker.queue.publisher import Publisher
 from worker.store import keys
 from worker.store.codec import now_ms
@@ -68,15 +78,26 @@ HEARTBEAT_SECONDS = 2.0
 DEAD_AFTER_SECONDS = 15.0
 # How far before the last sighting of the old Redis a failover's lost writes may reach.
 RESCUE_MARGIN_SECONDS = 10.0
+# How much older than the oldest task on the queue a message must be to count as passed by it:
+# publishers' clocks differ, and a publisher may put a batch on the queue after a newer one.
+ORPHAN_MARGIN_SECONDS = 5.0
 
 _REAP = """
--- KEYS: workers, held set, schedule, posts in flight
--- ARGV: worker, dead before ms, now ms, record key prefix, in-flight too ('1' or '0')
+-- KEYS: workers, held set, schedule, posts in flight, orphan audit
+-- ARGV: worker, dead before ms, now ms, record key prefix, in-flight too ('1' or '0'),
+--       open the orphan audit ('1' or '0')
 local seen = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if seen and tonumber(seen) >= tonumber(ARGV[2]) then return -1 end
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('HDEL', KEYS[4], ARGV[1])
 local now = tonumber(ARGV[3])
+if ARGV[6] == '1' then
+  -- Looked at again from the start, until the queue has moved past now.
+  redis.call('HSET', KEYS[5], 'from', 0)
+  if now > tonumber(redis.call('HGET', KEYS[5], 'until') or 0) then
+    redis.call('HSET', KEYS[5], 'until', now)
+  end
+end
 local taken = 0
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[2])) do
   local record = ARGV[4] .. id
@@ -172,12 +193,20 @@ class Liveness(Loop):
         worker: str,
         *,
         grace_ms: int,
+        store: MessageStore | None = None,
+        oldest_task: Callable[[], str | bytes | None] | None = None,
         heartbeat_seconds: float = HEARTBEAT_SECONDS,
         dead_after_seconds: float = DEAD_AFTER_SECONDS,
+        orphan_margin_seconds: float = ORPHAN_MARGIN_SECONDS,
     ) -> None:
         self.redis = redis
         self.worker = worker
         self.grace_ms = grace_ms
+        # The orphan audit's store, and what reads the oldest send task on the broker's Redis
+        # list as stored there (None: no audit, as on RabbitMQ).
+        self.store = store
+        self.oldest_task = oldest_task
+        self.orphan_margin_ms = int(orphan_margin_seconds * 1000)
         self.heartbeat_seconds = heartbeat_seconds
         self.dead_after_ms = int(dead_after_seconds * 1000)
         self._reap = redis.register_script(_REAP)
@@ -246,8 +275,21 @@ class Liveness(Loop):
             connected = self._connected(name)
             count = int(
                 self._reap(
-                    keys=[keys.WORKERS, keys.held(name), keys.SCHEDULE, keys.POSTS_IN_FLIGHT],
-                    args=[name, dead_before, now, keys.message(""), "0" if connected else "1"],
+                    keys=[
+                        keys.WORKERS,
+                        keys.held(name),
+                        keys.SCHEDULE,
+                        keys.POSTS_IN_FLIGHT,
+                        keys.ORPHAN_AUDIT,
+                    ],
+                    args=[
+                        name,
+                        dead_before,
+                        now,
+                        keys.message(""),
+                        "0" if connected else "1",
+                        "1" if self._audits else "0",
+                    ],
                 )
             )
             if count >= 0:
@@ -262,7 +304,41 @@ class Liveness(Loop):
                     if connected
                     else "",
                 )
+        if self._audits:
+            taken += self.audit_orphans(live_since_ms=dead_before)
         return taken
+
+    @property
+    def _audits(self) -> bool:
+        return self.store is not None and self.oldest_task is not None
+
+    def audit_orphans(self, *, live_since_ms: int) -> int:
+        """If a takeover opened the orphan audit, publish again the messages the queue has moved
+        past that no live worker holds; returns how many (0 when no audit is open, or when the
+        oldest task on the queue does not say when it was published).
+        """
+        if self.store is None or self.oldest_task is None:
+            return 0
+        if not self.redis.exists(keys.ORPHAN_AUDIT):
+            return 0
+        oldest = self.oldest_task()
+        if oldest is None:
+            passed = now_ms()  # an empty queue has moved past everything published
+        else:
+            published = published_ms_of(oldest)
+            if published is None:
+                return 0
+            passed = published
+        found = self.store.publish_orphans(
+            cutoff_ms=passed - self.orphan_margin_ms, live_since_ms=live_since_ms
+        )
+        if found > 0:
+            log.warning(
+                "%d messages a dead worker had taken off the queue without noting them are "
+                "published again (extra copies are refused by claim)",
+                found,
+            )
+        return max(found, 0)
 
     def _connected(self, worker: str) -> bool:
         name = f"notify:{worker}"

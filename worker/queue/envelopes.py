@@ -6,7 +6,9 @@ W3C traceparent of the request that queued it (``worker.ops.tracing``; a task ca
 of many requests, so each carries its own). Producers, the mover and
 replays write them (``Envelope.to_task``); a worker reads them with ``parse_task``, and anything
 that is not an envelope becomes ``Malformed`` (a ``malformed_message`` dead letter, never an
-error that loses the task). Pure: no I/O.
+error that loses the task). Each task also carries, in its headers, when it was published
+(``PUBLISHED_MS_HEADER``): the takeover of a dead worker reads it from the oldest task still on the
+queue to know which messages the queue has moved past (``published_ms_of``). Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ from worker.shapes.models import (
 # A valid request is a few kilobytes at most (ids and a URL within models' limits); anything far
 # larger is refused before it is stored anywhere.
 MAX_REQUEST_BYTES = 16 * 1024
+
+# The task header saying when the task was published (ms since the epoch, the records' clock).
+PUBLISHED_MS_HEADER = "notify_published_ms"
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,3 +115,19 @@ def parse_task(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Envelope |
             )
         ]
     return [parse_envelope(value) for value in args]
+
+
+def published_ms_of(raw: bytes | str) -> int | None:
+    """When a task on the broker's Redis list was published, read from kombu's message as stored
+    there (JSON, the task's headers in ``headers``); None for a task without the header (a
+    hand-made one, or one published before it existed) or anything unreadable.
+    """
+    try:
+        message = json.loads(raw)
+    except (TypeError, ValueError, RecursionError):
+        return None
+    headers = message.get("headers") if isinstance(message, dict) else None
+    value = headers.get(PUBLISHED_MS_HEADER) if isinstance(headers, dict) else None
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    return None

@@ -75,6 +75,9 @@
 ``notify:inflight:posts``      hash: worker (``host:pid``) -> the most posts it had in flight since
                                its previous heartbeat (written with the heartbeat; a dead
                                worker's field goes when it is taken over)
+``notify:orphans``             hash: an open audit for tasks a dead worker popped off the queue
+                               and never noted (``from``: what was published until then has been
+                               looked at; ``until``: the latest takeover, when it ends)
 ``notify:server``              hash: the run id of the Redis the schedule is on and when a mover
                                last saw it (a new run id means a failover or a restart)
 
@@ -109,6 +112,7 @@ RATE_LIMIT = f"{PREFIX}:ratelimit"
 RATE_LIMIT_PENALTY = f"{PREFIX}:ratelimit:penalty"
 WORKERS = f"{PREFIX}:workers"
 POSTS_IN_FLIGHT = f"{PREFIX}:inflight:posts"
+ORPHAN_AUDIT = f"{PREFIX}:orphans"
 SERVER = f"{PREFIX}:server"
 BREAKER = f"{PREFIX}:breaker"
 BREAKER_WINDOW = f"{PREFIX}:breaker:window"

@@ -90,6 +90,7 @@ SCRIPTS: dict[str, tuple[str, ...]] = {
     "dispatch": ("request",),
     "unlane": ("request",),
     "cancel": ("request", "gauges"),
+    "orphans": ("request",),
 }
 
 
@@ -230,6 +231,7 @@ class MessageStore:
         self._dispatch = scripts["dispatch"]
         self._unlane = scripts["unlane"]
         self._cancel = scripts["cancel"]
+        self._orphans = scripts["orphans"]
         self._local = threading.local()
 
     def _run(self, script: Any, *, keys: list[str], args: list[Any]) -> Any:
@@ -570,6 +572,27 @@ class MessageStore:
             Envelope(str(flat[i]), int(flat[i + 1]), loads_object(flat[i + 2]))
             for i in range(0, len(flat), 3)
         ]
+
+    def publish_orphans(self, *, cutoff_ms: int, live_since_ms: int) -> int:
+        """Put at the head of the schedule the messages a dead worker popped off the queue and
+        died before noting (orphans.lua), if a takeover opened an audit; ``cutoff_ms``: the
+        queue has moved past what was published then. Returns how many, or -1 with no audit
+        open.
+        """
+        return int(
+            self._orphans(
+                keys=[keys.ORPHAN_AUDIT, keys.SCHEDULE, keys.WORKERS],
+                args=[
+                    cutoff_ms,
+                    now_ms(),
+                    self.publish_grace_ms,
+                    self.dispatch_grace_ms,
+                    keys.message(""),
+                    keys.held(""),
+                    live_since_ms,
+                ],
+            )
+        )
 
     def dispatch(
         self,
