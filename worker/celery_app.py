@@ -8,6 +8,7 @@ threads, the history writer, and the held-message bookkeeping for each received 
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -25,9 +26,9 @@ from worker.queue.config import SEND_TASK, WEBHOOK_TASK, app_for, webhook_queue
 from worker.rules.retries import RedisPatience
 from worker.runtime import Runtime, get_runtime
 from worker.settings import SettingsError, get_settings
-from worker.store import keys
+from worker.store import history_process, keys
 from worker.store.companies import CompanyRegistry
-from worker.store.history import HistoryWriter, settings_url
+from worker.store.history import settings_url
 from worker.store.redisclient import make_redis
 from worker.store.webhooks import WebhookStore
 from worker.webhooks.delivery import WebhookMover
@@ -170,26 +171,18 @@ def _start_dispatcher(**_: object) -> None:
     _dispatcher.start()
 
 
-_history: HistoryWriter | None = None
+_history: subprocess.Popen[bytes] | None = None
 
 
 @signals.worker_ready.connect
 def _start_history_writer(**_: object) -> None:
-    # NOTIFY_HISTORY_URL set: this worker also drains the history outbox into PostgreSQL.
+    # NOTIFY_HISTORY_URL set: a process beside this worker drains the history outbox into
+    # PostgreSQL (worker/store/history_process.py: why not a thread of this one).
     global _history
     runtime = get_runtime()
-    url = settings_url(runtime.settings)
-    if url is None:
+    if settings_url(runtime.settings) is None:
         return
-    _history = HistoryWriter(
-        runtime.redis,
-        url,
-        consumer=runtime.worker_name,
-        keep_days=runtime.settings.history_days,
-        batch_size=runtime.settings.history_batch_size,
-        claim_idle_seconds=runtime.settings.history_claim_idle_seconds,
-    )
-    _history.start()
+    _history = history_process.spawn(runtime.settings, consumer=runtime.worker_name)
 
 
 @signals.worker_shutdown.connect
@@ -202,7 +195,7 @@ def _flush_spans(**_: object) -> None:
 def _stop_history_writer(**_: object) -> None:
     global _history
     if _history is not None:
-        _history.stop()
+        history_process.stop(_history)
         _history = None
 
 

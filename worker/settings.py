@@ -171,6 +171,10 @@ class Settings(BaseSettings):
     history_batch_size: int = Field(1000, ge=1, le=50_000)
     # An outbox batch a writer read and did not acknowledge (it died) is taken over after this.
     history_claim_idle_seconds: float = Field(60.0, gt=0, le=86400)
+    # Each worker's writer is a process of its own at this niceness (worker/store/
+    # history_process.py): under a burst that uses up the CPU, the deliveries come first and the
+    # outbox waits in Redis.
+    history_writer_nice: int = Field(10, ge=0, le=19)
 
     # The global rate limit (worker/limits/ratelimit.py), shared by every worker through Redis.
     rate_limit_per_second: float = Field(0.0, ge=0, le=100_000)  # 0: off

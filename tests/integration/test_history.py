@@ -488,3 +488,69 @@ def test_without_a_history_url_nothing_goes_to_the_outbox(redis: Redis) -> None:
     store.delivered(message.id, _attempt(1, "delivered", 200))
     assert redis.xlen(keys.HISTORY_OUTBOX) == 0
     assert store.lookup("nosuchmessage") is None
+
+
+def _children(pid: int) -> list[int]:
+    path = f"/proc/{pid}/task/{pid}/children"
+    with open(path, encoding="ascii") as children:
+        return [int(child) for child in children.read().split()]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            return cmdline.read().replace(b"\0", b" ").decode()
+    except FileNotFoundError:
+        return ""
+
+
+def test_a_worker_writes_its_history_from_a_lower_priority_process_that_ends_with_it(
+    start_worker, isolated, api, pg_url: str
+):
+    """The writer is a process beside the worker (worker/store/history_process.py): it writes
+    what the worker delivers, runs at NOTIFY_HISTORY_WRITER_NICE more than the worker, and
+    stops once the worker is SIGKILLed (nothing else would stop it)."""
+    from tests.harness import wait_for
+    from tests.reconcile import requests_for
+
+    env = {**isolated.env, "NOTIFY_API_BASE_URL": api.url, "NOTIFY_HISTORY_URL": pg_url}
+    worker = start_worker("history-writer", **env)
+    assert worker.process is not None
+    pid = worker.process.pid
+    wait_for(
+        lambda: any("worker.store.history_process" in _cmdline(c) for c in _children(pid)),
+        timeout=30,
+        what="the worker's history writer",
+    )
+    (writer,) = [c for c in _children(pid) if "worker.store.history_process" in _cmdline(c)]
+    # It lowers its own priority as it starts.
+    wait_for(
+        lambda: (
+            os.getpriority(os.PRIO_PROCESS, writer) == os.getpriority(os.PRIO_PROCESS, pid) + 10
+        ),
+        timeout=30,
+        what="the writer at NOTIFY_HISTORY_WRITER_NICE (10) more than its worker",
+    )
+
+    ids = isolated.enqueue_many(requests_for(30, users=3))
+    wait_for(
+        lambda: (
+            _rows(
+                pg_url,
+                "SELECT count(*) FROM notify_outcomes WHERE message_id = ANY(%s)"
+                " AND state = 'delivered'",
+                ids,
+            )[0][0]
+            == len(ids)
+        ),
+        timeout=60,
+        what="30 delivered outcomes in PostgreSQL",
+    )
+
+    worker.process.kill()
+    worker.process.wait(10)
+    wait_for(
+        lambda: not os.path.exists(f"/proc/{writer}") or _cmdline(writer) == "",
+        timeout=10,
+        what="the writer to stop with its worker",
+    )
