@@ -16,6 +16,7 @@ writer after ``NOTIFY_HISTORY_CLAIM_IDLE_SECONDS``, as before.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -37,8 +38,9 @@ PARENT_CHECK_SECONDS = 1.0
 
 
 def spawn(settings: Settings, consumer: str) -> subprocess.Popen[bytes]:
-    """Start the writer for this worker process; ``consumer``: its name in the outbox's group."""
-    return subprocess.Popen(
+    """Start the writer for this worker process, ``NOTIFY_HISTORY_WRITER_NICE`` below it;
+    ``consumer``: its name in the outbox's group."""
+    process = subprocess.Popen(
         [
             sys.executable,
             "-m",
@@ -47,11 +49,15 @@ def spawn(settings: Settings, consumer: str) -> subprocess.Popen[bytes]:
             consumer,
             "--parent",
             str(os.getpid()),
-            "--nice",
-            str(settings.history_writer_nice),
         ],
         stdin=subprocess.DEVNULL,
     )
+    # Reniced from here, at once, rather than by itself once its imports are done: they take a
+    # CPU for half a second, which a worker starting on a backlog needs.
+    niceness = min(19, os.getpriority(os.PRIO_PROCESS, 0) + settings.history_writer_nice)
+    with contextlib.suppress(ProcessLookupError):
+        os.setpriority(os.PRIO_PROCESS, process.pid, niceness)
+    return process
 
 
 def stop(process: subprocess.Popen[bytes], timeout_seconds: float = 10.0) -> None:
@@ -99,10 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--consumer", required=True, help="its name in the outbox's group")
     parser.add_argument("--parent", type=int, help="the worker's pid: stop when it is gone")
-    parser.add_argument("--nice", type=int, default=0, help="added to the process's niceness")
     args = parser.parse_args(argv)
-    if args.nice:
-        os.nice(args.nice)
     settings = get_settings()
     configure_from_settings(settings)
     init_sentry(settings)
