@@ -124,7 +124,10 @@ def test_without_a_takeover_nothing_is_audited(isolated: Isolated):
     liveness = _liveness(isolated)
 
     assert liveness.tick() == 0
-    assert isolated.runtime.store.publish_orphans(cutoff_ms=now_ms(), live_since_ms=0) == -1
+    assert isolated.runtime.store.publish_orphans(cutoff_ms=now_ms(), live_since_ms=0) == (
+        -1,
+        False,
+    )
     assert _due_now(isolated, ids) == set()
 
 
@@ -145,4 +148,34 @@ def test_a_task_without_the_published_header_at_the_head_holds_the_audit(isolate
     assert _due_now(isolated, lost) == set()
     redis.delete(queue)
     assert liveness.tick() == 20
+    assert _due_now(isolated, lost) == set(lost)
+
+
+def test_a_pass_goes_through_the_schedule_in_chunks_and_finds_every_orphan(isolated: Isolated):
+    # Redis runs nothing else while a script runs: a large schedule is looked at a chunk a call.
+    redis = isolated.runtime.redis
+    queue = isolated.env["NOTIFY_QUEUE_NAME"]
+    # Three batches, each created together (one score on the schedule for its 20 messages).
+    lost = [i for _ in range(3) for i in _publish(isolated, 20)]
+    while redis.rpop(queue):  # three tasks, each popped by a worker that died before noting it
+        pass
+    # A task that does not say when it was published keeps the takeover's audit from its pass.
+    redis.lpush(queue, json.dumps({"body": "", "headers": {"task": "x"}, "properties": {}}))
+    time.sleep(MARGIN_SECONDS + 0.5)
+    liveness = _liveness(isolated)
+    _a_worker_died(isolated)
+    assert liveness.tick() == 0
+    assert redis.exists(keys.ORPHAN_AUDIT)
+    redis.delete(queue)
+
+    calls: list[int] = []
+    more = True
+    while more:
+        found, more = isolated.runtime.store.publish_orphans(
+            cutoff_ms=now_ms() - int(MARGIN_SECONDS * 1000), live_since_ms=0, chunk=7
+        )
+        calls.append(found)
+        assert len(calls) < 50
+    # A chunk of 7 entries, and the rest of its last score: one batch a call, whole.
+    assert [found for found in calls if found] == [20, 20, 20]
     assert _due_now(isolated, lost) == set(lost)

@@ -81,6 +81,8 @@ RESCUE_MARGIN_SECONDS = 10.0
 # How much older than the oldest task on the queue a message must be to count as passed by it:
 # publishers' clocks differ, and a publisher may put a batch on the queue after a newer one.
 ORPHAN_MARGIN_SECONDS = 5.0
+# How long one heartbeat spends on an orphan audit's pass, in chunks, before leaving the rest.
+ORPHAN_PASS_SECONDS = 0.5
 
 _REAP = """
 -- KEYS: workers, held set, schedule, posts in flight, orphan audit
@@ -92,8 +94,10 @@ redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('HDEL', KEYS[4], ARGV[1])
 local now = tonumber(ARGV[3])
 if ARGV[6] == '1' then
-  -- Looked at again from the start, until the queue has moved past now.
+  -- Looked at again from the start (a pass under way starts over), until the queue has moved
+  -- past now.
   redis.call('HSET', KEYS[5], 'from', 0)
+  redis.call('HDEL', KEYS[5], 'to', 'at')
   if now > tonumber(redis.call('HGET', KEYS[5], 'until') or 0) then
     redis.call('HSET', KEYS[5], 'until', now)
   end
@@ -329,16 +333,24 @@ class Liveness(Loop):
             if published is None:
                 return 0
             passed = published
-        found = self.store.publish_orphans(
-            cutoff_ms=passed - self.orphan_margin_ms, live_since_ms=live_since_ms
-        )
+        # A pass over a large schedule goes in chunks (Redis does nothing else while a script
+        # runs); as many as fit in half a second now, the rest at the next heartbeat.
+        found = 0
+        started = time.monotonic()
+        while True:
+            chunk_found, more = self.store.publish_orphans(
+                cutoff_ms=passed - self.orphan_margin_ms, live_since_ms=live_since_ms
+            )
+            found += max(chunk_found, 0)
+            if not more or time.monotonic() - started > ORPHAN_PASS_SECONDS:
+                break
         if found > 0:
             log.warning(
                 "%d messages a dead worker had taken off the queue without noting them are "
                 "published again (extra copies are refused by claim)",
                 found,
             )
-        return max(found, 0)
+        return found
 
     def _connected(self, worker: str) -> bool:
         name = f"notify:{worker}"

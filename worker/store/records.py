@@ -74,6 +74,8 @@ DELIVERED_COUNTER_TTL_SECONDS = 2 * 3600
 log = logging.getLogger("notify.records")
 
 _LUA = resources.files("worker.store") / "lua"
+# The schedule entries one call of orphans.lua looks at (a few milliseconds of Redis's time).
+ORPHAN_CHUNK = 2000
 # The helpers a script may call, prepended to it: ``request`` (the stored request as JSON, field
 # pairs onto a record) and ``gauges`` (which keeps the ``keys.LIVE`` gauges in step and adds
 # attempts and history outbox entries), which needs ``request``.
@@ -573,26 +575,29 @@ class MessageStore:
             for i in range(0, len(flat), 3)
         ]
 
-    def publish_orphans(self, *, cutoff_ms: int, live_since_ms: int) -> int:
+    def publish_orphans(
+        self, *, cutoff_ms: int, live_since_ms: int, chunk: int = ORPHAN_CHUNK
+    ) -> tuple[int, bool]:
         """Put at the head of the schedule the messages a dead worker popped off the queue and
         died before noting (orphans.lua), if a takeover opened an audit; ``cutoff_ms``: the
-        queue has moved past what was published then. Returns how many, or -1 with no audit
-        open.
+        queue has moved past what was published then (read when a pass starts). Looks at up
+        to ``chunk`` schedule entries a call; returns how many it found (-1 with no audit
+        open) and whether the pass goes on.
         """
-        return int(
-            self._orphans(
-                keys=[keys.ORPHAN_AUDIT, keys.SCHEDULE, keys.WORKERS],
-                args=[
-                    cutoff_ms,
-                    now_ms(),
-                    self.publish_grace_ms,
-                    self.dispatch_grace_ms,
-                    keys.message(""),
-                    keys.held(""),
-                    live_since_ms,
-                ],
-            )
+        found, more = self._orphans(
+            keys=[keys.ORPHAN_AUDIT, keys.SCHEDULE, keys.WORKERS],
+            args=[
+                cutoff_ms,
+                now_ms(),
+                self.publish_grace_ms,
+                self.dispatch_grace_ms,
+                keys.message(""),
+                keys.held(""),
+                live_since_ms,
+                chunk,
+            ],
         )
+        return int(found), bool(int(more))
 
     def dispatch(
         self,
