@@ -41,8 +41,16 @@ def _backend_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
-def _run(module: ModuleType, redis: Redis, server: str, database: str) -> tuple[float, float, int]:
-    """(writer ms/msg, backend ms/msg, messages) of one run of ``module``'s writer."""
+def _redis_cpu(redis: Redis) -> float:
+    info = redis.info("cpu")
+    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+
+
+def _run(
+    module: ModuleType, redis: Redis, server: str, database: str, batch_size: int
+) -> tuple[float, float, float, int]:
+    """(writer ms/msg, backend ms/msg, Redis ms/msg, messages) of one run of ``module``'s
+    writer taking ``batch_size`` entries a read."""
     with psycopg.connect(server, autocommit=True) as admin:
         admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
         admin.execute(f'CREATE DATABASE "{database}"')
@@ -51,20 +59,21 @@ def _run(module: ModuleType, redis: Redis, server: str, database: str) -> tuple[
     redis.delete(keys.HISTORY_OUTBOX)
     redis.copy(SAVED, keys.HISTORY_OUTBOX)
     entries = int(redis.xlen(keys.HISTORY_OUTBOX))
-    writer = module.HistoryWriter(redis, url, consumer="cpu", batch_size=1000, block_ms=10)
+    writer = module.HistoryWriter(redis, url, consumer="cpu", batch_size=batch_size, block_ms=10)
     writer._group()
     conn = writer._connection()
     writer._maybe_prune(conn)
     [(pid,)] = conn.execute("SELECT pg_backend_pid()").fetchall()
     conn.commit()
-    backend, thread = _backend_cpu(pid), time.thread_time()
+    backend, thread, served = _backend_cpu(pid), time.thread_time(), _redis_cpu(redis)
     writer.drain(timeout=600)
     thread, backend = time.thread_time() - thread, _backend_cpu(pid) - backend
+    served = _redis_cpu(redis) - served
     writer._close()
     with psycopg.connect(url) as check:
         [(outcomes,)] = check.execute("SELECT count(*) FROM notify_outcomes").fetchall()
     assert outcomes == entries, (outcomes, entries)
-    return thread * 1000 / entries, backend * 1000 / entries, entries
+    return thread * 1000 / entries, backend * 1000 / entries, served * 1000 / entries, entries
 
 
 def main() -> None:
@@ -76,6 +85,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--before", default=None)
     parser.add_argument("--database", default="hist_cpu_probe")
+    parser.add_argument(
+        "--batch-sizes",
+        default="1000",
+        help="entries a read (NOTIFY_HISTORY_BATCH_SIZE), comma-separated: each is a side",
+    )
     args = parser.parse_args()
     redis = Redis.from_url(args.redis, decode_responses=True)
     redis.flushdb()
@@ -84,21 +98,26 @@ def main() -> None:
     )
     _delivered_many(store, args.entries, "c")
     redis.copy(keys.HISTORY_OUTBOX, SAVED)
-    sides: list[tuple[str, ModuleType]] = [("now", history)]
+    sizes = [int(size) for size in args.batch_sizes.split(",")]
+    sides: list[tuple[str, ModuleType, int]] = [
+        (f"now/{size}" if len(sizes) > 1 else "now", history, size) for size in sizes
+    ]
     if args.before:
         before = module_at(args.before, "worker/store/history.py", "history_before")
-        sides.insert(0, (args.before, before))
-    figures: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in sides}
+        sides.insert(0, (args.before, before, sizes[-1]))
+    figures: dict[str, list[tuple[float, float, float]]] = {name: [] for name, _, _ in sides}
     try:
         for round_ in range(args.runs):
-            for name, module in sides if round_ % 2 == 0 else reversed(sides):
-                writer_ms, backend_ms, n = _run(module, redis, args.postgres, args.database)
-                figures[name].append((writer_ms, backend_ms))
+            for name, module, size in sides if round_ % 2 == 0 else reversed(sides):
+                writer_ms, backend_ms, redis_ms, n = _run(
+                    module, redis, args.postgres, args.database, size
+                )
+                figures[name].append((writer_ms, backend_ms, redis_ms))
                 load = os.getloadavg()[0]
                 print(
                     f"{name:>10} run {round_ + 1}: writer {writer_ms:.4f} ms/msg, backend"
-                    f" {backend_ms:.4f} ms/msg, total {writer_ms + backend_ms:.4f}"
-                    f" ({n} messages, load {load:.1f})",
+                    f" {backend_ms:.4f} ms/msg, Redis {redis_ms:.4f} ms/msg, total"
+                    f" {writer_ms + backend_ms + redis_ms:.4f} ({n} messages, load {load:.1f})",
                     flush=True,
                 )
     finally:
@@ -106,11 +125,12 @@ def main() -> None:
             admin.execute(f'DROP DATABASE IF EXISTS "{args.database}" WITH (FORCE)')
         redis.flushdb()
     for name, runs in figures.items():
-        writer = statistics.median(w for w, _ in runs)
-        backend = statistics.median(b for _, b in runs)
+        writer = statistics.median(w for w, _, _ in runs)
+        backend = statistics.median(b for _, b, _ in runs)
+        served = statistics.median(r for _, _, r in runs)
         print(
-            f"{name:>10} median: writer {writer:.4f}, backend {backend:.4f}, total"
-            f" {writer + backend:.4f} ms/msg"
+            f"{name:>10} median: writer {writer:.4f}, backend {backend:.4f}, Redis {served:.4f},"
+            f" total {writer + backend + served:.4f} ms/msg"
         )
 
 
