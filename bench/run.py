@@ -43,6 +43,9 @@ not blur them; "from start" counts from the moment the workers were started. Sce
               with the PostgreSQL history off and on (--history-drain N), --history-rounds
               pairs interleaved (the order turned each round) and their median, history rows
               written per second (--history-url, a database notify_bench is made there)
+  schedule    the drain (--messages at --latency-ms) with and without --schedule-pad (1,000,000)
+              far-future entries in the schedule, --rounds pairs interleaved: does a big
+              schedule slow each message's scripts? (run when named: --only schedule)
   million     --million messages (1,000,000) queued with enqueue_many, drained by the Procfile
               workers at 20 ms with the history on (a database --million-db on --history-url's
               server), on a private redis-server: the rate per 100,000 by the sandbox's clock,
@@ -477,6 +480,9 @@ def main() -> int:
         help="database number on a Redis at 127.0.0.1:6379 (flushed); default: one claimed as "
         "the tests claim theirs",
     )
+    parser.add_argument(
+        "--schedule-pad", type=int, default=1_000_000, help="schedule: far-future entries added"
+    )
     parser.add_argument("--api-workers", type=int, default=2, help="`notify api --workers`")
     parser.add_argument("--connections", type=int, default=32, help="gateway load connections")
     parser.add_argument("--bulk-size", type=int, default=500, help="bulk: messages a request")
@@ -652,6 +658,9 @@ def main() -> int:
             sandbox.latency(args.slow_latency_ms, args.slow_p99_ms)
             rows += in_flight_rows(sandbox, ours, env, args)
             sandbox.latency(args.latency_ms)
+
+        if "schedule" in only:
+            rows += schedule_rows(sandbox, ours, env, args)
 
         if "fair-drain" in only:
             rows += fair_drain_rows(sandbox, ours, env, args)
@@ -1488,6 +1497,42 @@ def in_flight_rows(sandbox: Sandbox, ours: Any, env: dict[str, str], args: Any) 
                 f"{(middle / statistics.fmean(middles[0]) - 1) * 100:+.1f} %"
             )
         rows.append(Row(f"cap {value or 'none'} mean", figures))
+    return rows
+
+
+def schedule_rows(sandbox: Sandbox, ours: Any, env: dict[str, str], args: Any) -> list[Row]:
+    """Issue 24: the million drained faster as its schedule emptied. The same drain with and
+    without ``--schedule-pad`` entries due in an hour (ids with no record: nothing claims them),
+    in turned order each round, so the schedule's size is the only difference."""
+    from redis import Redis
+
+    from worker.store import keys
+
+    redis = Redis.from_url(env["NOTIFY_REDIS_URL"])
+    rows: list[Row] = []
+    middles: dict[bool, list[float]] = {False: [], True: []}
+    for number in range(args.rounds):
+        for padded in (False, True) if number % 2 == 0 else (True, False):
+            redis.flushdb()
+            if padded:
+                later = int(time.time() * 1000) + 3_600_000
+                for start in range(0, args.schedule_pad, 10_000):
+                    stop = min(args.schedule_pad, start + 10_000)
+                    redis.zadd(keys.SCHEDULE, {f"pad{i}": later + i for i in range(start, stop)})
+            enqueue_ours(args.messages, f"sp{int(padded)}r{number}")
+            size = args.schedule_pad if padded else 0
+            row = drain_row(
+                f"schedule +{size:,} round {number + 1}", sandbox, ours(), args.messages, redis
+            )
+            middles[padded].append(float(row.figures["10-90 %/s"]))
+            rows.append(row)
+    plain, padded_ = statistics.median(middles[False]), statistics.median(middles[True])
+    rows.append(
+        Row(
+            f"schedule +{args.schedule_pad:,} vs none, {args.rounds} rounds",
+            {"10-90 % median": f"{(padded_ / plain - 1) * 100:+.1f} %"},
+        )
+    )
     return rows
 
 
