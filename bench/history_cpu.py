@@ -28,7 +28,7 @@ from redis import Redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.run import _delivered_many, module_at  # noqa: E402
+from bench.run import _delivered_many, _redis_cpu_seconds, module_at  # noqa: E402
 from worker.store import history, keys  # noqa: E402
 from worker.store.records import MessageStore  # noqa: E402
 
@@ -39,11 +39,6 @@ TICKS = os.sysconf("SC_CLK_TCK")
 def _backend_cpu(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICKS
-
-
-def _redis_cpu(redis: Redis) -> float:
-    info = redis.info("cpu")
-    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
 
 
 def _run(
@@ -65,10 +60,10 @@ def _run(
     writer._maybe_prune(conn)
     [(pid,)] = conn.execute("SELECT pg_backend_pid()").fetchall()
     conn.commit()
-    backend, thread, served = _backend_cpu(pid), time.thread_time(), _redis_cpu(redis)
+    backend, thread, served = _backend_cpu(pid), time.thread_time(), _redis_cpu_seconds(redis)
     writer.drain(timeout=600)
     thread, backend = time.thread_time() - thread, _backend_cpu(pid) - backend
-    served = _redis_cpu(redis) - served
+    served = _redis_cpu_seconds(redis) - served
     writer._close()
     with psycopg.connect(url) as check:
         [(outcomes,)] = check.execute("SELECT count(*) FROM notify_outcomes").fetchall()

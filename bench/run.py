@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import itertools
 import json
 import os
@@ -68,7 +69,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -226,6 +227,16 @@ class Sandbox:
         self.http.post(
             f"{self.root}/_sandbox/config", json={"latencyMs": median_ms, "latencyP99Ms": p99_ms}
         )
+
+    @contextlib.contextmanager
+    def slow(self, args: Any) -> Iterator[None]:
+        """The slow API (``--slow-latency-ms``, ``--slow-p99-ms``) for a block, then
+        ``--latency-ms`` again."""
+        self.latency(args.slow_latency_ms, args.slow_p99_ms)
+        try:
+            yield
+        finally:
+            self.latency(args.latency_ms)
 
     def stop(self) -> None:
         self.process.terminate()
@@ -604,29 +615,27 @@ def main() -> int:
             )
 
         if "slow-api" in only:
-            sandbox.latency(args.slow_latency_ms, args.slow_p99_ms)
-            enqueue_ours(slow_n, "sa")
-            rows.append(drain_row("slow-api (ours)", sandbox, ours(), slow_n))
-            if before is not None:
-                enqueue_with(before, env, slow_n, "sb")
-                rows.append(drain_row(f"slow-api ({args.before})", sandbox, theirs(), slow_n))
-            rows.append(dramatiq_row(sandbox, env, slow_n))
-            sandbox.latency(args.latency_ms)
+            with sandbox.slow(args):
+                enqueue_ours(slow_n, "sa")
+                rows.append(drain_row("slow-api (ours)", sandbox, ours(), slow_n))
+                if before is not None:
+                    enqueue_with(before, env, slow_n, "sb")
+                    rows.append(drain_row(f"slow-api ({args.before})", sandbox, theirs(), slow_n))
+                rows.append(dramatiq_row(sandbox, env, slow_n))
 
         if "slow-steady" in only:
-            sandbox.latency(args.slow_latency_ms, args.slow_p99_ms)
-            rows.append(
-                steady_row(
-                    f"slow-steady {args.steady_rate}/s",
-                    sandbox,
-                    ours(),
-                    args.steady_rate,
-                    args.steady_seconds,
-                    runtime,
+            with sandbox.slow(args):
+                rows.append(
+                    steady_row(
+                        f"slow-steady {args.steady_rate}/s",
+                        sandbox,
+                        ours(),
+                        args.steady_rate,
+                        args.steady_seconds,
+                        runtime,
+                    )
                 )
-            )
             rows[-1].figures["API p99 ms"] = args.slow_p99_ms
-            sandbox.latency(args.latency_ms)
 
         if "steady" in only:
             rows.append(
@@ -655,25 +664,22 @@ def main() -> int:
         if "in-flight" in only:
             # The cap is sized for the slow API (Little's law: rate x latency), so it is
             # judged there, tail included.
-            sandbox.latency(args.slow_latency_ms, args.slow_p99_ms)
-            rows += in_flight_rows(sandbox, ours, env, args)
-            sandbox.latency(args.latency_ms)
+            with sandbox.slow(args):
+                rows += in_flight_rows(sandbox, ours, env, redis, args)
 
         if "schedule" in only:
-            rows += schedule_rows(sandbox, ours, env, args)
+            rows += schedule_rows(sandbox, ours, redis, args)
 
         if "fair-drain" in only:
             rows += fair_drain_rows(sandbox, ours, env, args)
 
         if "fairness" in only:
-            sandbox.latency(args.slow_latency_ms, args.slow_p99_ms)
-            rows += fairness_scenario(sandbox, ours, env, args)
-            sandbox.latency(args.latency_ms)
+            with sandbox.slow(args):
+                rows += fairness_scenario(sandbox, ours, env, args)
 
         if "companies" in only:
-            sandbox.latency(args.slow_latency_ms, args.slow_p99_ms)
-            rows += companies_scenario(sandbox, ours, env, args)
-            sandbox.latency(args.latency_ms)
+            with sandbox.slow(args):
+                rows += companies_scenario(sandbox, ours, env, args)
 
         if "million" in only:
             rows.append(million_scenario(sandbox, celery, env, args))
@@ -1463,13 +1469,12 @@ def _fleet(ours: Any, dispatch: str, companies: Companies | None = None) -> Flee
     return made
 
 
-def in_flight_rows(sandbox: Sandbox, ours: Any, env: dict[str, str], args: Any) -> list[Row]:
+def in_flight_rows(
+    sandbox: Sandbox, ours: Any, env: dict[str, str], redis: Any, args: Any
+) -> list[Row]:
     """Issue 24: the drain (--slow-messages at the sandbox's latency, the slow API's) under each
     NOTIFY_MAX_IN_FLIGHT value, interleaved: every value once per round, the order reversed
     each round."""
-    from redis import Redis
-
-    redis = Redis.from_url(env["NOTIFY_REDIS_URL"])
     values = [int(v) for v in args.in_flight_values.split(",")]
     rates: dict[int, list[float]] = {v: [] for v in values}
     middles: dict[int, list[float]] = {v: [] for v in values}
@@ -1500,15 +1505,12 @@ def in_flight_rows(sandbox: Sandbox, ours: Any, env: dict[str, str], args: Any) 
     return rows
 
 
-def schedule_rows(sandbox: Sandbox, ours: Any, env: dict[str, str], args: Any) -> list[Row]:
+def schedule_rows(sandbox: Sandbox, ours: Any, redis: Any, args: Any) -> list[Row]:
     """Issue 24: the million drained faster as its schedule emptied. The same drain with and
     without ``--schedule-pad`` entries due in an hour (ids with no record: nothing claims them),
     in turned order each round, so the schedule's size is the only difference."""
-    from redis import Redis
-
     from worker.store import keys
 
-    redis = Redis.from_url(env["NOTIFY_REDIS_URL"])
     rows: list[Row] = []
     middles: dict[bool, list[float]] = {False: [], True: []}
     for number in range(args.rounds):
